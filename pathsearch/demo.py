@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from timm.optim import create_optimizer_v2
@@ -20,7 +21,9 @@ from pathsearch.model import PathAnalysis, PathEnsembleViT, analyze_paths, creat
 from pathsearch.paths import PathConfig
 
 # A depth-6 ViT on the raw 8x8 digits (patch 2 -> 16 tokens + class token); FIELD-NOTES.md measured it.
-DIGITS_VIT = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=6, num_heads=2, num_classes=10)
+DIGITS_VIT: dict[str, Any] = dict(
+    img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=6, num_heads=2, num_classes=10
+)
 
 
 @dataclass
@@ -35,12 +38,19 @@ def build_digits_vit(path_config: PathConfig | None = None, seed: int = 0) -> Pa
     """The demo's tiny ViT; position embeddings start at std 1.0 (timm's 0.02 trains far slower on digits)."""
     torch.manual_seed(seed)
     model = create_path_vit("vit_tiny_patch16_224", path_config=path_config, **DIGITS_VIT)
+    assert model.vit.pos_embed is not None
     nn.init.normal_(model.vit.pos_embed, std=1.0)
     return model
 
 
-def run_demo(out_dir: str | Path = "runs/demo", epochs: int = 15, seed: int = 0, threads: int | None = None) -> DemoResult:
+def run_demo(
+    out_dir: str | Path = "runs/demo", epochs: int = 15, seed: int = 0, threads: int | None = None
+) -> DemoResult:
     """Trains the demo ViT on an 80/20 digits split, analyses its paths and writes JSON, PNG and YAML."""
+    if epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {epochs}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()

@@ -44,6 +44,8 @@ class PathEnsembleViT(nn.Module):
             scalar EnsembleScale fixed at init 1.0 (learnable), no distillation; then logits equal timm's.
     """
 
+    keep: Tensor  # (P,) bool buffer: the path mask, saved in state_dict
+
     def __init__(self, vit: nn.Module, path_config: PathConfig | None = None) -> None:
         super().__init__()
         check_vit(vit)
@@ -158,12 +160,14 @@ class PathEnsembleViT(nn.Module):
             if isinstance(blk, ResPostBlock):
                 a = blk.drop_path1(blk.norm1(blk.attn(x, **kwargs)))
             else:
+                assert isinstance(blk, Block)
                 a = blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x), **kwargs)))
             yield self._pool(a)
             x = x + (a * scales[2 * layer - 1] if both else a)
             if isinstance(blk, ResPostBlock):
                 f = blk.drop_path2(blk.norm2(blk.mlp(x)))
             else:
+                assert isinstance(blk, Block)
                 f = blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
             yield self._pool(f)
             x = x + (f * scales[2 * layer] if both else f)
@@ -331,7 +335,9 @@ class PathFeatures:
 
 
 @torch.no_grad()
-def cache_path_features(model: PathEnsembleViT, loader: Iterable[Any], device: str | torch.device = "cpu") -> PathFeatures:
+def cache_path_features(
+    model: PathEnsembleViT, loader: Iterable[Any], device: str | torch.device = "cpu"
+) -> PathFeatures:
     """One trunk forward per batch; keeps every path's pooled output (design note, section 4)."""
     was_training = model.training
     model.eval()
@@ -397,7 +403,8 @@ def evaluate_masks(
         scales: optional EnsembleScale values (P, 1|D) to score instead of the model's (scope `ensemble`).
     """
     if isinstance(features, PathFeatures):
-        features, labels = features.features, features.labels if labels is None else labels
+        labels = features.labels if labels is None else labels
+        features = features.features
     if labels is None or masks is None:
         raise ValueError("evaluate_masks needs features, labels and masks")
     masks = torch.as_tensor(masks, dtype=torch.bool)
@@ -409,7 +416,9 @@ def evaluate_masks(
     if scales is not None:
         scales = scales.detach().reshape(model.num_paths, -1)
         if scales.shape[1] not in (1, model.embed_dim) or not torch.isfinite(scales).all():
-            raise ValueError(f"scales must be finite with shape (P, 1) or (P, {model.embed_dim}), got {tuple(scales.shape)}")
+            raise ValueError(
+                f"scales must be finite with shape (P, 1) or (P, {model.embed_dim}), got {tuple(scales.shape)}"
+            )
     labels = labels.to(features.device)
     acc = torch.empty(masks.shape[0], dtype=torch.float64)
     for chunk, preds in mask_predictions(model, features, masks, scales):
@@ -516,7 +525,9 @@ class PathAnalysis:
 
         lines = [f"{'path':<9} {'kept':<5} {'single':>6} {'loo':>6} {'prefix':>6}   (accuracy, %)"]
         for r in self.rows:
-            lines.append(f"{r.path:<9} {'yes' if r.kept else 'no':<5} {pct(r.single_acc)} {pct(r.loo_acc)} {pct(r.prefix_acc)}")
+            lines.append(
+                f"{r.path:<9} {'yes' if r.kept else 'no':<5} {pct(r.single_acc)} {pct(r.loo_acc)} {pct(r.prefix_acc)}"
+            )
         lines.append(f"ensemble as configured: {100 * self.full_acc:.2f}% on {self.num_images} images")
         return "\n".join(lines)
 
@@ -531,7 +542,11 @@ class PathAnalysis:
         names = [r.path for r in self.rows]
         x = np.arange(len(names))
         fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names)), 3.6))
-        for offset, key, label in ((-0.27, "single_acc", "single path"), (0.0, "loo_acc", "leave one out"), (0.27, "prefix_acc", "prefix ensemble")):
+        for offset, key, label in (
+            (-0.27, "single_acc", "single path"),
+            (0.0, "loo_acc", "leave one out"),
+            (0.27, "prefix_acc", "prefix ensemble"),
+        ):
             values = [getattr(r, key) for r in self.rows]
             ax.bar(x + offset, [math.nan if v is None else 100 * v for v in values], width=0.27, label=label)
         ax.axhline(100 * self.full_acc, color="black", linewidth=1, linestyle="--", label="ensemble")
@@ -587,7 +602,9 @@ def analyze_paths(model: PathEnsembleViT, loader: Iterable[Any], device: str | t
         model.train(was_training)
     if total == 0:
         raise ValueError("analyze_paths got an empty loader")
-    acc = {label: (float(c / total) if ok else None) for label, c, ok in zip(labels, correct, valid.tolist(), strict=True)}
+    acc = {
+        label: (float(c / total) if ok else None) for label, c, ok in zip(labels, correct, valid.tolist(), strict=True)
+    }
     rows = [
         PathStats(
             path=name,

@@ -77,7 +77,9 @@ def parse_mask(keep: Mapping[str, Any] | Sequence[Any], depth: int) -> list[bool
         mask = [True] * len(names)
         for name, value in keep.items():
             if name not in names:
-                raise ValueError(f"unknown path name {name!r} for depth {depth}; valid names: {names[0]} .. {names[-1]}")
+                raise ValueError(
+                    f"unknown path name {name!r} for depth {depth}; valid names: {names[0]} .. {names[-1]}"
+                )
             mask[names.index(name)] = _as_bool(value, name)
     else:
         values = list(keep)
@@ -163,13 +165,12 @@ class EnsembleScaleConfig:
         if depth is not None:
             resolve_scale_init(self.init, depth)
         if self.values is not None:
-            for name, value in self.values.items():
-                flat = value if isinstance(value, list) else [value]
-                for v in flat:
+            for name, learned in self.values.items():
+                for v in learned if isinstance(learned, list) else [learned]:
                     _finite_init(v, f"ensemble_scale.values[{name!r}]")
-                if self.kind == "scalar" and isinstance(value, list):
+                if self.kind == "scalar" and isinstance(learned, list):
                     raise ValueError(f"ensemble_scale.values[{name!r}]: kind 'scalar' takes one number per path")
-                if self.kind == "vector" and not isinstance(value, list):
+                if self.kind == "vector" and not isinstance(learned, list):
                     raise ValueError(f"ensemble_scale.values[{name!r}]: kind 'vector' takes a list per path")
             if depth is not None and sorted(self.values) != sorted(path_names(depth)):
                 raise ValueError(
@@ -215,7 +216,9 @@ def student_indices(student: int | str, depth: int) -> list[int]:
     num_paths = 2 * depth + 1
     if isinstance(student, int):
         if not 1 <= student < num_paths:
-            raise ValueError(f"distill.students prefix length {student} must be in 1..{num_paths - 1} for depth {depth}")
+            raise ValueError(
+                f"distill.students prefix length {student} must be in 1..{num_paths - 1} for depth {depth}"
+            )
         return list(range(student))
     return select_paths(student, depth)
 

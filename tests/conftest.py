@@ -1,0 +1,34 @@
+"""Shared helpers: tiny timm ViTs (depth 2-4, dim 32-64) so the suite stays fast on 2 CPU cores."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+TINY = dict(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=3, num_heads=2, num_classes=5)
+
+
+def tiny_timm_vit(seed: int = 0, **overrides):
+    """A tiny timm VisionTransformer with random (seeded) weights."""
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", **{**TINY, **overrides})
+
+
+def randomize_norms(module: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial LayerNorm affine params, so head algebra is exercised beyond gamma=1, beta=0."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
+            with torch.no_grad():
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=gen))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=gen))
+
+
+@pytest.fixture
+def image_loader():
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(40, 3, 16, 16, generator=gen)
+    labels = torch.randint(0, 5, (40,), generator=gen)
+    return DataLoader(TensorDataset(images, labels), batch_size=16)
