@@ -1,0 +1,35 @@
+"""The benchmark scripts run and their built-in correctness checks pass (timings are not asserted)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(name: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_mask_eval_benchmark_agrees_with_the_model():
+    out = run_benchmark("mask_eval.py", "--masks", "500", "--images", "120")
+    assert "spot-check mismatches: 0/5" in out
+    assert re.search(r"[\d,]+ masks/s", out)
+
+
+def test_path_analysis_benchmark_agrees_with_naive_loop():
+    out = run_benchmark("path_analysis.py", "--images", "24", "--img-size", "16", "--patch-size", "8")
+    assert "mismatching entries: 0" in out
+    assert re.search(r"speedup [\d.]+x", out)
+
+
+def test_model_overhead_benchmark_prints_ratios():
+    out = run_benchmark("model_overhead.py", "--rounds", "1")
+    assert len(re.findall(r"ratio \d+\.\d{3}", out)) == 3
