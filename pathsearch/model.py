@@ -555,7 +555,7 @@ class PathAnalysis:
         ax.set_xticks(x, names, rotation=60, fontsize=7)
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 100)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
         fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
