@@ -253,6 +253,10 @@ class PathConfig:
             raise ValueError(f"pruned lists path names more than once: {duplicates}")
         if depth is not None:
             self.keep_mask(depth)
+        else:  # depth unknown until the timm model is built: check the form of each name
+            for name in self.pruned:
+                if name != "embed" and not re.fullmatch(r"(attn|mlp)\.[1-9]\d*", name):
+                    raise ValueError(f"unknown path name {name!r}: expected 'embed', 'attn.K' or 'mlp.K'")
         self.ensemble_scale.validate(depth)
         self.distill.validate(depth)
 
