@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -22,6 +23,40 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from pathsearch.config import load_trial_config
+
+    cfg = load_trial_config(args.file, args.set)  # ConfigError (a ValueError): exit 2 before any work
+    from pathsearch.train import NonFiniteLossError, fit
+
+    out = Path(args.out or f"runs/train/{Path(args.file).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        std = f" ± {100 * metrics['val_acc_std']:.2f}" if "val_acc_std" in metrics else ""
+        print(
+            f"epoch {metrics['epoch']:>3}/{cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  "
+            f"val_loss {metrics['val_loss']:.4f}  val_acc {100 * metrics['val_acc']:.2f}%{std}  "
+            f"val_acc_full {100 * metrics['val_acc_full']:.2f}%  {metrics['images_per_s']:.0f} img/s",
+            flush=True,
+        )
+
+    try:
+        result = fit(cfg, report, checkpoint_dir=args.resume, work_dir=out, progress=not args.no_progress)
+    except NonFiniteLossError as err:
+        print(f"pathsearch train: trial failed: {err}", file=sys.stderr)
+        return 1
+    print("final metrics:")
+    for key, value in result.metrics.items():
+        print(f"  {key}: {value:.6g}" if isinstance(value, float) else f"  {key}: {value}")
+    print(f"checkpoint: {result.checkpoint_dir}")
+    for label, path in result.files.items():
+        print(f"{label}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pathsearch", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -31,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     demo.set_defaults(func=_demo)
+    train = verbs.add_parser("train", help="run one trial of a search file's base configuration (no Ray)")
+    train.add_argument("file", help="search file (YAML) whose model/data/train sections define the trial")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=3")
+    train.add_argument("--out", default=None, help="folder for checkpoints and results (default runs/train/...)")
+    train.add_argument("--resume", default=None, metavar="CHECKPOINT_DIR", help="continue from a checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
+    train.set_defaults(func=_train)
     return parser
 
 

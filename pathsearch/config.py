@@ -19,6 +19,8 @@ import yaml
 
 from pathsearch.paths import DistillConfig, EnsembleScaleConfig, PathConfig
 
+# Top-level sections of a search file; the search-only ones (search, space, tracking) are read by the search.
+SECTIONS = {"model", "data", "train", "search", "space", "tracking"}
 DatasetName = Literal["digits", "synthetic", "cifar10", "cifar100", "imagefolder"]
 
 
@@ -99,6 +101,7 @@ class TrainConfig:
     grad_clip: float | None = None
     seed: int = 0
     seeds: int = 1
+    eval_every: int = 1  # epochs between evaluations (= reports and checkpoints); the last epoch always reports
     amp: bool = True  # used on CUDA only
     channels_last: bool = True  # used on CUDA only
     threads: int | None = None  # torch threads; default: the CPUs given to the trial
@@ -123,6 +126,7 @@ class TrialConfig:
         t, d = self.train, self.data
         need(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
         need(t.seeds >= 1, "train.seeds", t.seeds, "must be >= 1")
+        need(t.eval_every >= 1, "train.eval_every", t.eval_every, "must be >= 1")
         need(t.lr > 0 and math.isfinite(t.lr), "train.lr", t.lr, "must be a finite number > 0")
         need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
         need(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "must be >= 0")
@@ -174,14 +178,22 @@ def load_trial_config(
         raw = loaded or {}
     if data is not None:
         raw = {**raw, **data}
+    unknown = sorted(set(raw) - SECTIONS)
+    if unknown:
+        raise ConfigError(
+            [f"{source}: {key}: unknown section (known: {', '.join(sorted(SECTIONS))})" for key in unknown]
+        )
     raw = apply_overrides(raw, overrides, source)
     sections = {k: raw.get(k) or {} for k in ("model", "data", "train")}
     problems: list[str] = []
     cfg = from_dict(TrialConfig, sections, source, "", problems)
+    assert isinstance(cfg, TrialConfig)
+    try:
+        cfg.validate(source)
+    except ConfigError as err:
+        problems += err.problems
     if problems:
         raise ConfigError(problems)
-    assert isinstance(cfg, TrialConfig)
-    cfg.validate(source)
     return cfg
 
 
@@ -233,7 +245,9 @@ def from_dict(cls: type, data: Any, source: str, prefix: str, problems: list[str
             problems.append(f"{source}: {prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
     values = {}
     for name in names & set(data):
-        values[name] = _convert(hints[name], data[name], source, prefix + name, problems)
+        value = _convert(hints[name], data[name], source, prefix + name, problems)
+        if value is not _MISSING:  # a bad value keeps the default, so range checks can still run on the rest
+            values[name] = value
     return cls(**values)
 
 
@@ -247,7 +261,6 @@ def _convert(tp: Any, value: Any, source: str, key: str, problems: list[str]) ->
     result = _try_convert(tp, value)
     if result is _MISSING:
         problems.append(f"{source}: {key}: expected {_describe(tp)}, got {value!r}")
-        return None
     return result
 
 

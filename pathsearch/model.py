@@ -198,6 +198,11 @@ class PathEnsembleViT(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         return self.forward_head(self.forward_ensemble(x, attn_mask))
 
+    def forward_masks(self, features: Tensor, masks: Tensor) -> Tensor:
+        """Logits for K masks from one set of raw path features: (P, B, ...) and (K, P) bool -> (K, B, C)."""
+        z = _combine(self._weights(masks.to(features.device)), features)  # (K, B, [N,] D)
+        return self.forward_head(z.flatten(0, 1)).unflatten(0, tuple(z.shape[:2]))
+
     def forward_with_students(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Logits of the ensemble and of each self-distillation student, from one trunk pass.
 

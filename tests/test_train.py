@@ -1,0 +1,194 @@
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.flop_counter import FlopCounterMode
+
+from pathsearch.config import load_trial_config
+from pathsearch.model import create_path_vit
+from pathsearch.paths import PathConfig
+from pathsearch.train import NonFiniteLossError, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.name=synthetic",
+    "model.kwargs.depth=2",
+    "model.kwargs.embed_dim=32",
+    "model.kwargs.num_heads=2",
+    "model.kwargs.patch_size=2",
+    "train.warmup_epochs=0",
+]
+METRICS = {"train_loss", "val_loss", "val_acc", "val_acc_full", "kept_paths", "params", "images_per_s", "epoch"}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[dict, str | None]] = []
+
+    def __call__(self, metrics, checkpoint_dir) -> None:
+        self.calls.append((dict(metrics), checkpoint_dir))
+
+
+def test_fit_reports_every_epoch_with_finite_metrics_and_a_checkpoint(tmp_path):
+    cfg = load_trial_config(None, [*TINY, "train.epochs=2"])
+    rec = Recorder()
+    result = fit(cfg, rec, work_dir=tmp_path)
+    assert [m["epoch"] for m, _ in rec.calls] == [1, 2]
+    for metrics, _ in rec.calls:
+        assert set(metrics) >= METRICS
+        assert all(math.isfinite(v) for v in metrics.values())
+        assert 0.0 <= metrics["val_acc"] <= 1.0 and metrics["kept_paths"] == 5
+    last = Path(rec.calls[-1][1])
+    assert last == result.checkpoint_dir
+    assert {p.name for p in last.iterdir()} >= {
+        "model_0.safetensors", "optimizer_0.safetensors", "rng.safetensors", "state.json",
+        "path_analysis.json", "path_analysis.png", "path_config.yaml",
+    }  # fmt: skip
+    assert not Path(rec.calls[0][1]).exists()  # the earlier checkpoint is removed once the next is reported
+    assert not any(p.suffix == ".pkl" or p.suffix == ".pt" for p in last.iterdir())  # no pickle
+    exported = PathConfig.load(last / "path_config.yaml")
+    assert exported.ensemble_scale.values is not None and exported.depth == 2
+
+
+def test_resume_continues_exactly(tmp_path):
+    # drop-path (torch RNG), Mixup/CutMix (numpy RNG), shuffling (loader generator), 2 seeds, vector scales
+    overrides = [
+        *TINY,
+        "train.epochs=2",
+        "train.seeds=2",
+        "train.warmup_epochs=1",
+        "model.kwargs.drop_path_rate=0.2",
+        "data.mixup=0.4",
+        "data.cutmix=0.5",
+        "model.ensemble_scale.kind=vector",
+    ]
+    cfg = load_trial_config(None, overrides)
+    straight = fit(cfg, Recorder(), work_dir=tmp_path / "straight")
+
+    class Interrupt(Exception):
+        pass
+
+    first: list[str] = []
+
+    def stop_after_first_epoch(metrics, checkpoint_dir):
+        first.append(checkpoint_dir)
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(cfg, stop_after_first_epoch, work_dir=tmp_path / "part")
+    resumed_reports = Recorder()
+    resumed = fit(cfg, resumed_reports, checkpoint_dir=first[0], work_dir=tmp_path / "resumed")
+    assert [m["epoch"] for m, _ in resumed_reports.calls] == [2]
+    for k in range(2):
+        for name in ("model", "optimizer"):
+            a = load_file(str(straight.checkpoint_dir / f"{name}_{k}.safetensors"))
+            b = load_file(str(resumed.checkpoint_dir / f"{name}_{k}.safetensors"))
+            assert a.keys() == b.keys()
+            for key in a:
+                assert torch.equal(a[key], b[key]), (name, k, key)
+    timing = {"images_per_s", "images_per_s_std"}
+    same = {k: v for k, v in straight.metrics.items() if k not in timing}
+    assert {k: v for k, v in resumed.metrics.items() if k not in timing} == pytest.approx(same, rel=1e-6)
+
+
+def test_pruned_trial_changes_val_acc_but_not_trunk_compute(tmp_path):
+    base = load_trial_config(None, [*TINY, "train.epochs=2"])
+    pruned = load_trial_config(None, [*TINY, "train.epochs=2", "model.pruned=[mlp.2, attn.2]"])
+    full_metrics = fit(base, Recorder(), work_dir=tmp_path / "a").metrics
+    pruned_metrics = fit(pruned, Recorder(), work_dir=tmp_path / "b").metrics
+    assert pruned_metrics["kept_paths"] == 3 and full_metrics["kept_paths"] == 5
+    assert pruned_metrics["params"] == full_metrics["params"]
+    assert pruned_metrics["val_acc"] != full_metrics["val_acc"]
+    # Same trunk: identical FLOPs for one forward pass (the pruned paths are still computed for later layers).
+    x = torch.randn(4, 1, 8, 8)
+    flops = []
+    for cfg in (PathConfig(), PathConfig(pruned=["mlp.2", "attn.2"])):
+        model = create_path_vit(
+            "vit_tiny_patch16_224", path_config=cfg, img_size=8, patch_size=2, in_chans=1, depth=2, embed_dim=32,
+            num_heads=2, num_classes=4,
+        )  # fmt: skip
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+        flops.append(counter.get_total_flops())
+    assert flops[0] == flops[1] > 0
+
+
+def test_several_seeds_report_mean_and_spread(tmp_path):
+    cfg = load_trial_config(None, [*TINY, "train.epochs=1", "train.seeds=3"])
+    rec = Recorder()
+    fit(cfg, rec, work_dir=tmp_path)
+    metrics = rec.calls[-1][0]
+    assert metrics["seeds"] == 3
+    assert metrics["val_acc_std"] >= 0 and metrics["train_loss_std"] > 0
+    assert (Path(rec.calls[-1][1]) / "path_config_seed2.yaml").is_file()
+
+
+def test_nan_loss_fails_the_trial_at_once(tmp_path):
+    cfg = load_trial_config(None, [*TINY, "train.epochs=3", "train.lr=1.0e6"])
+    rec = Recorder()
+    with pytest.raises(NonFiniteLossError, match="training loss became"):
+        fit(cfg, rec, work_dir=tmp_path)
+    assert all(math.isfinite(m["train_loss"]) for m, _ in rec.calls)
+
+
+def test_threads_are_set_from_the_cpus_given(tmp_path):
+    torch.set_num_threads(1)
+    fit(load_trial_config(None, [*TINY, "train.epochs=1"]), Recorder(), work_dir=tmp_path / "a", cpus=2)
+    assert torch.get_num_threads() == 2
+    fit(
+        load_trial_config(None, [*TINY, "train.epochs=1", "train.threads=1"]),
+        Recorder(),
+        work_dir=tmp_path / "b",
+        cpus=2,
+    )
+    assert torch.get_num_threads() == 1
+
+
+def test_depth6_vit_reaches_90_percent_on_digits_within_the_demo_budget(tmp_path):
+    # Budget (the README demo's): depth-6 dim-64 ViT of digits_tiny.yaml, trained 15 epochs on the 80/20 split
+    # (1437 training images, batch 64), scored on the 360 held-out images; about 20 s on 2 cores.
+    overrides = ["data.train_size=null", "data.batch_size=64", "train.epochs=15", "train.warmup_epochs=1"]
+    cfg = load_trial_config(ROOT / "search_spaces" / "digits_tiny.yaml", [*overrides, "train.eval_every=15"])
+    assert cfg.model.kwargs["depth"] == 6 and cfg.data.train_size is None
+    rec = Recorder()
+    fit(cfg, rec, work_dir=tmp_path)
+    assert len(rec.calls) == 1  # eval_every=15: one evaluation, after the last epoch
+    assert rec.calls[-1][0]["val_acc"] >= 0.90
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pathsearch.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_train_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    sets = [a for o in [*TINY, "train.epochs=2"] for a in ("--set", o)]
+    result = run_cli("train", str(ROOT / "search_spaces" / "digits_tiny.yaml"), *sets, "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "final metrics:" in result.stdout and "val_acc_full" in result.stdout
+    assert f"path_config: {out}/checkpoint_0002/path_config.yaml" in result.stdout
+    assert (out / "checkpoint_0002" / "path_analysis.png").is_file()
+
+
+def test_cli_train_bad_input_exits_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    spec = str(ROOT / "search_spaces" / "digits_tiny.yaml")
+    result = run_cli("train", spec, "--set", "train.epochs=0", "--set", "data.nmae=x", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "digits_tiny.yaml: train.epochs: must be >= 1, got 0" in result.stderr
+    assert "data.nmae: unknown key" in result.stderr
+    assert not out.exists()
+
+
+def test_cli_train_nan_exits_1_with_a_clear_message(tmp_path):
+    sets = [a for o in [*TINY, "train.lr=1.0e6"] for a in ("--set", o)]
+    spec = str(ROOT / "search_spaces" / "digits_tiny.yaml")
+    result = run_cli("train", spec, *sets, "--out", str(tmp_path / "r"), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "trial failed: training loss became" in result.stderr
