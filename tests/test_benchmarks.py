@@ -33,3 +33,8 @@ def test_path_analysis_benchmark_agrees_with_naive_loop():
 def test_model_overhead_benchmark_prints_ratios():
     out = run_benchmark("model_overhead.py", "--rounds", "1")
     assert len(re.findall(r"ratio \d+\.\d{3}", out)) == 3
+
+
+def test_train_throughput_benchmark_prints_ratios():
+    out = run_benchmark("train_throughput.py", "--rounds", "1", "--epochs", "1")
+    assert re.search(r"fit \(training\) +\d+ img/s +ratio \d+\.\d{3}", out)
