@@ -57,6 +57,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate(args: argparse.Namespace) -> int:
+    from pathsearch.config import load_search_file
+    from pathsearch.model import model_depth
+
+    spec = load_search_file(args.file, args.set, model_depth=model_depth)
+    print(f"# {args.file}: valid; resolved with defaults and overrides:")
+    print(spec.to_yaml(), end="")
+    names = spec.space.param_names()
+    print(f"# {len(names)} searched parameter(s) over {spec.space.num_paths} paths: {', '.join(names) or 'none'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pathsearch", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -73,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", default=None, metavar="CHECKPOINT_DIR", help="continue from a checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
     train.set_defaults(func=_train)
+    validate = verbs.add_parser("validate", help="check a search file and print it resolved (exit 2 if invalid)")
+    validate.add_argument("file")
+    validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
+    validate.set_defaults(func=_validate)
     return parser
 
 
@@ -80,8 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ValueError as err:
-        print(f"pathsearch {args.verb}: error: {err}", file=sys.stderr)
+    except ValueError as err:  # bad input (ConfigError included): one line per problem, exit code 2
+        for line in str(err).splitlines():
+            print(f"pathsearch {args.verb}: error: {line}", file=sys.stderr)
         return 2
 
 

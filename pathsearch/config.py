@@ -141,6 +141,12 @@ class TrialConfig:
             need(getattr(d, key) >= 0, f"data.{key}", getattr(d, key), "must be >= 0")
         need(0 <= d.label_smoothing < 1, "data.label_smoothing", d.label_smoothing, "must be in [0, 1)")
         need(d.name not in ("cifar10", "cifar100", "imagefolder") or bool(d.root), "data.root", d.root, "is required")
+        if d.root and d.name == "imagefolder":
+            for split in ("train", "val"):
+                folder = Path(d.root).expanduser() / split
+                need(folder.is_dir(), "data.root", d.root, f"needs a {split}/ folder ({folder} does not exist)")
+        if d.root and d.name in ("cifar10", "cifar100") and not d.download:
+            need(Path(d.root).expanduser().is_dir(), "data.root", d.root, "does not exist (or set data.download)")
         need(
             self.model.pos_embed_std is None or self.model.pos_embed_std > 0,
             "model.pos_embed_std",
@@ -156,26 +162,200 @@ class TrialConfig:
             raise ConfigError(problems)
 
 
+METRICS = ("val_acc", "val_loss", "val_acc_full", "train_loss", "kept_paths", "params", "images_per_s")
+
+
+@dataclass
+class SearchConfig:
+    """How to search: Ray Tune's words for the run, Optuna's sampler, caps checked before training."""
+
+    metric: str | list[str] = "val_acc"
+    mode: Literal["max", "min"] | list[Literal["max", "min"]] = "max"
+    num_samples: int = 16
+    max_concurrent_trials: int | None = None
+    sampler: Literal["tpe", "nsga2", "random", "gp", "qmc"] = "tpe"
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = 1  # ASHA: reports before a trial can be stopped
+    reduction_factor: float = 2.0
+    seed: int = 0
+    resources_per_trial: dict[str, float] = field(default_factory=lambda: {"cpu": 1.0})
+    max_failures: int = 2
+    time_budget_s: float | None = None
+    max_kept_paths: int | None = None
+    max_params: int | None = None
+    enqueue: list[dict[str, Any]] = field(default_factory=list)  # configurations to train first (param values)
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def modes(self) -> list[str]:
+        return [self.mode] if isinstance(self.mode, str) else list(self.mode)
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str | None = None  # default: an SQLite file in the working directory
+    experiment: str = "pathsearch"
+
+
+@dataclass
+class SearchFile:
+    """A whole search file, validated: the base trial, the search settings, the space and tracking."""
+
+    source: str
+    trial: TrialConfig
+    search: SearchConfig
+    tracking: TrackingConfig
+    space: Any  # pathsearch.space.SearchSpace
+    raw: dict[str, Any]  # the file with overrides applied, as plain data
+
+    def to_yaml(self) -> str:
+        resolved = {
+            **to_dict(self.trial),
+            "search": to_dict(self.search),
+            "space": self.raw.get("space") or {},
+            "tracking": to_dict(self.tracking),
+        }
+        return yaml.safe_dump(resolved, sort_keys=False)
+
+
+def load_search_file(path: str | Path, overrides: Sequence[str] = (), model_depth: Any = None) -> SearchFile:
+    """Loads and checks a whole search file; raises ConfigError listing every problem (file, key, what).
+
+    `model_depth(name, kwargs) -> int` resolves the timm model's depth (and refuses unknown or non-ViT models);
+    the CLI passes `pathsearch.model.model_depth` so that this module stays free of torch.
+    """
+    from pathsearch.space import parse_space
+
+    source = str(path)
+    raw = apply_overrides(_read_yaml(path), overrides, source)
+    problems: list[str] = []
+    unknown = sorted(set(raw) - SECTIONS)
+    problems += [f"{source}: {key}: unknown section (known: {', '.join(sorted(SECTIONS))})" for key in unknown]
+    trial = TrialConfig()
+    try:
+        trial = load_trial_config(None, data=_trial_sections(raw), source=source)
+    except ConfigError as err:
+        problems += err.problems
+    search = from_dict(SearchConfig, raw.get("search") or {}, source, "search.", problems)
+    tracking = from_dict(TrackingConfig, raw.get("tracking") or {}, source, "tracking.", problems)
+    _check_search(search, source, problems)
+    depth = trial.model.kwargs.get("depth")
+    if model_depth is not None:
+        try:
+            depth = model_depth(trial.model.name, trial.model.kwargs)
+        except ValueError as err:
+            problems.append(f"{source}: model.name: {err}")
+    space = parse_space(raw.get("space"), depth if isinstance(depth, int) else 12, source, problems)
+    if not problems:
+        problems += _probe_space(raw, space, source)
+    if problems:
+        raise ConfigError(problems)
+    return SearchFile(source, trial, search, tracking, space, raw)
+
+
+def _trial_sections(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: raw[k] for k in ("model", "data", "train") if k in raw}
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"{path}: no such file"])
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{path}: not valid YAML: {err}"]) from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError([f"{path}: expected a mapping at the top level, got {type(loaded).__name__}"])
+    return loaded or {}
+
+
+def _check_search(s: SearchConfig, source: str, problems: list[str]) -> None:
+    def need(ok: bool, key: str, value: Any, what: str) -> None:
+        if not ok:
+            problems.append(f"{source}: search.{key}: {what}, got {value!r}")
+
+    for metric in s.metrics:
+        need(metric in METRICS, "metric", metric, f"unknown metric (known: {', '.join(METRICS)})")
+    need(len(s.metrics) == len(s.modes), "mode", s.mode, f"needs one mode per metric ({len(s.metrics)})")
+    need(len(set(s.metrics)) == len(s.metrics), "metric", s.metric, "lists a metric twice")
+    need(s.num_samples >= 1, "num_samples", s.num_samples, "must be >= 1")
+    need(s.max_concurrent_trials is None or s.max_concurrent_trials >= 1, "max_concurrent_trials",
+         s.max_concurrent_trials, "must be >= 1")  # fmt: skip
+    need(s.grace_period >= 1, "grace_period", s.grace_period, "must be >= 1")
+    need(s.reduction_factor > 1, "reduction_factor", s.reduction_factor, "must be > 1")
+    need(s.max_failures >= 0, "max_failures", s.max_failures, "must be >= 0")
+    need(s.time_budget_s is None or s.time_budget_s > 0, "time_budget_s", s.time_budget_s, "must be > 0")
+    need(s.max_kept_paths is None or s.max_kept_paths >= 1, "max_kept_paths", s.max_kept_paths, "must be >= 1")
+    need(s.max_params is None or s.max_params >= 1, "max_params", s.max_params, "must be >= 1")
+    need(all(v > 0 for v in s.resources_per_trial.values()), "resources_per_trial", s.resources_per_trial,
+         "needs positive amounts")  # fmt: skip
+    need(len(s.metrics) == 1 or s.scheduler == "none", "scheduler", s.scheduler,
+         "ASHA needs a single metric; use scheduler: none with several")  # fmt: skip
+    need(len(s.metrics) > 1 or s.sampler != "nsga2", "sampler", s.sampler, "nsga2 is for several metrics")
+
+
+def _probe_space(raw: dict[str, Any], space: Any, source: str) -> list[str]:
+    """Checks each space entry's key and extreme values against the trial config's types and ranges."""
+    problems: list[str] = []
+    for entry in space.entries:
+        if entry.key in ("model.pruned", "model.ensemble_scale.init"):
+            continue
+        if not _key_exists(entry.key):
+            problems.append(f"{source}: space.{entry.key}: no such key in the model/data/train sections")
+            continue
+        for value in entry.dist.extremes():
+            probe = _deep_copy(raw)
+            set_dotted(probe, entry.key, value)
+            try:
+                load_trial_config(None, data=_trial_sections(probe), source=source)
+            except ConfigError as err:
+                why = "; ".join(p.split(": ", 1)[1] for p in err.problems)
+                problems.append(f"{source}: space.{entry.key}: value {value!r} is invalid ({why})")
+                break
+    return problems
+
+
+def _key_exists(key: str) -> bool:
+    node: Any = TrialConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node):
+            return False
+        hints = get_type_hints(node)
+        if part not in hints:
+            return False
+        node = hints[part]
+        if parts[0] == "model" and i == 1 and part == "kwargs":
+            return len(parts) == 3  # timm kwargs are free-form: model.kwargs.<name>
+    return not dataclasses.is_dataclass(node)
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """raw[a][b][c] = value for key 'a.b.c', creating sections as needed."""
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+
+
 def load_trial_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
     data: Mapping[str, Any] | None = None,
+    source: str | None = None,
 ) -> TrialConfig:
     """Reads the model/data/train sections of a YAML file (other top-level sections are left to the search),
     applies `key=value` overrides and validates. Raises ConfigError with every problem found."""
-    source = str(path) if path is not None else "config"
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError([f"{source}: no such file"])
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError([f"{source}: not valid YAML: {err}"]) from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError([f"{source}: expected a mapping at the top level, got {type(loaded).__name__}"])
-        raw = loaded or {}
+    source = source or (str(path) if path is not None else "config")
+    raw: dict[str, Any] = _read_yaml(path) if path is not None else {}
     if data is not None:
         raw = {**raw, **data}
     unknown = sorted(set(raw) - SECTIONS)

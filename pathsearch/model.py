@@ -325,6 +325,24 @@ def create_path_vit(
     return PathEnsembleViT(vit, cfg)
 
 
+def model_depth(model_name: str, timm_kwargs: Mapping[str, Any] | None = None) -> int:
+    """Depth of a timm ViT by name, built on the meta device (no memory, no weights); refuses non-ViTs."""
+    if not timm.is_model(model_name):
+        raise ValueError(f"unknown timm model {model_name!r}")
+    kwargs = dict(timm_kwargs or {})
+    try:
+        with torch.device("meta"):
+            vit = timm.create_model(model_name, pretrained=False, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"timm model {model_name!r} does not accept these arguments {kwargs}: {err}") from None
+    try:
+        check_vit(vit)
+    except ValueError as err:
+        raise ValueError(f"timm model {model_name!r}: {err}") from None
+    assert isinstance(vit, VisionTransformer)
+    return len(vit.blocks)
+
+
 def _refresh_keep(module: nn.Module, incompatible_keys: Any) -> None:
     assert isinstance(module, PathEnsembleViT)
     module._keep = [bool(k) for k in module.keep.tolist()]

@@ -18,6 +18,7 @@ ORCHESTRATION = {"ray", "optuna", "mlflow"}
 FORBIDDEN = {
     "config": HEAVY_TENSOR | ORCHESTRATION | {"numpy"},
     "paths": HEAVY_TENSOR | ORCHESTRATION,
+    "space": HEAVY_TENSOR | ORCHESTRATION,
     "model": ORCHESTRATION,
     "data": ORCHESTRATION,
     "train": ORCHESTRATION,

@@ -1,0 +1,213 @@
+"""The search space: parsing, validation (`pathsearch validate`) and define-by-run sampling with real Optuna."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from pathsearch import cli
+from pathsearch.config import ConfigError, load_search_file
+from pathsearch.model import model_depth
+from pathsearch.paths import path_names
+from pathsearch.space import sample_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "search_spaces" / "digits_tiny.yaml"
+BASE = yaml.safe_load(DIGITS.read_text())
+
+
+def write(tmp_path: Path, data: dict, name: str = "s.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def sample_many(spec, n=60, sampler=None):
+    study = optuna.create_study(sampler=sampler or optuna.samplers.RandomSampler(seed=0))
+    base = {k: spec.raw.get(k) for k in ("model", "data", "train")}
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        out.append(sample_overrides(trial, spec.space, base))
+        study.tell(trial, 0.0)
+    return out
+
+
+@pytest.mark.parametrize("by", ["path", "layer", "group", "shortest"])
+def test_mask_parametrisations_sample_valid_masks(tmp_path, by):
+    data = {**BASE, "space": {"model.pruned": {"by": by} if by != "shortest" else {"by": by, "low": 0, "high": 12}}}
+    spec = load_search_file(write(tmp_path, data), model_depth=model_depth)
+    names = path_names(6)
+    seen = set()
+    for overrides in sample_many(spec):
+        pruned = overrides["model.pruned"]
+        assert set(pruned) <= set(names) and pruned == sorted(pruned, key=names.index)
+        seen.add(tuple(pruned))
+        if by == "layer":  # both paths of a layer go together
+            for layer in range(1, 7):
+                assert (f"attn.{layer}" in pruned) == (f"mlp.{layer}" in pruned)
+        if by == "group":
+            assert {n.split(".")[0] for n in pruned} <= {"embed", "attn", "mlp"}
+            attn = [n for n in pruned if n.startswith("attn")]
+            assert len(attn) in (0, 6)
+        if by == "shortest":
+            assert pruned == names[: len(pruned)]
+    assert len(seen) > 3
+    expected = {"path": 13, "layer": 7, "group": 3, "shortest": 1}[by]
+    assert len(spec.space.param_names()) == expected
+
+
+@pytest.mark.parametrize("by,count", [("one", 1), ("group", 3), ("path", 13)])
+def test_scale_init_parametrisations(tmp_path, by, count):
+    data = {**BASE, "space": {"model.ensemble_scale.init": {"by": by, "low": 0.01, "high": 1.0, "log": True}}}
+    spec = load_search_file(write(tmp_path, data), model_depth=model_depth)
+    for overrides in sample_many(spec, n=10):
+        init = overrides["model.ensemble_scale.init"]
+        values = [init] if by == "one" else list(init.values())
+        assert len(values) == count and all(0.01 <= v <= 1.0 for v in values)
+
+
+def test_conditional_entry_is_sampled_only_when_its_condition_holds(tmp_path):
+    spec = load_search_file(DIGITS, model_depth=model_depth)
+    samples = sample_many(spec, n=40)
+    for overrides in samples:
+        has_t = "model.distill.temperature" in overrides
+        assert has_t == (overrides["model.distill.alpha"] == 0.5)
+    assert any("model.distill.temperature" in o for o in samples)
+    assert any("model.distill.temperature" not in o for o in samples)
+
+
+def test_tpe_runs_define_by_run_over_the_shipped_space():
+    spec = load_search_file(DIGITS, model_depth=model_depth)
+    assert len(sample_many(spec, n=15, sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=5))) == 15
+
+
+# ----- validation: a table of malformed files, each must name its key and exit 2 ------------------------------
+def patched(**sections):
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BASE.items()}
+    for key, value in sections.items():
+        section, _, sub = key.partition("__")
+        if sub:
+            data[section] = {**(data.get(section) or {}), sub.replace("__", "."): value}
+        else:
+            data[section] = value
+    return data
+
+
+MALFORMED = [
+    ("unknown top-level section", patched(serach={"num_samples": 3}), "serach: unknown section"),
+    ("unknown train key", patched(train__epoch=3), "train.epoch: unknown key"),
+    ("wrong type", patched(train__epochs="ten"), "train.epochs: expected int"),
+    ("negative lr", patched(train__lr=-0.1), "train.lr: must be a finite number > 0"),
+    ("unknown dataset", patched(data__name="mnist"), "data.name: expected one of"),
+    ("missing dataset root", patched(data={"name": "imagefolder", "root": "/nonexistent/x"}), "data.root"),
+    ("unknown timm model", patched(model__name="vit_nope_patch1"), "model.name: unknown timm model"),
+    ("non-ViT timm model", patched(model__name="resnet18"), "model.name: timm model 'resnet18'"),
+    ("unknown metric", patched(search__metric="accuracy"), "search.metric: unknown metric"),
+    ("mode mismatch", patched(search__metric=["val_acc", "kept_paths"], search__scheduler="none"), "search.mode"),
+    ("bad sampler", patched(search__sampler="annealing"), "search.sampler: expected one of"),
+    ("zero samples", patched(search__num_samples=0), "search.num_samples: must be >= 1"),
+    (
+        "asha with two metrics",
+        patched(search__metric=["val_acc", "params"], search__mode=["max", "min"]),
+        "search.scheduler",
+    ),
+    ("low > high", patched(space={"train.lr": {"low": 0.1, "high": 0.01}}), "space.train.lr: low 0.1 > high 0.01"),
+    (
+        "empty choices",
+        patched(space={"train.opt": {"choices": []}}),
+        "space.train.opt.choices: expected a non-empty list",
+    ),
+    (
+        "unknown space key",
+        patched(space={"train.learning_rate": {"low": 0.1, "high": 1.0}}),
+        "space.train.learning_rate: no such key",
+    ),
+    (
+        "space value of wrong type",
+        patched(space={"train.epochs": {"low": 0.5, "high": 2.5}}),
+        "space.train.epochs: value 0.5 is invalid",
+    ),
+    (
+        "space value out of range",
+        patched(space={"train.lr": {"low": 0.0, "high": 1.0}}),
+        "space.train.lr: value 0.0 is invalid",
+    ),
+    (
+        "every point prunes all",
+        patched(space={"model.pruned": {"by": "shortest", "low": 13, "high": 20}}),
+        "every point prunes all 13 paths",
+    ),
+    (
+        "k prunes all",
+        patched(space={"model.pruned": {"by": "shortest", "low": 0, "high": 13}}),
+        "would prune all 13 paths",
+    ),
+    ("bad mask parametrisation", patched(space={"model.pruned": {"by": "random"}}), "space.model.pruned.by"),
+    (
+        "log with low 0",
+        patched(space={"train.weight_decay": {"low": 0.0, "high": 0.1, "log": True}}),
+        "log scale needs low > 0",
+    ),
+    (
+        "nan scale init",
+        patched(space={"model.ensemble_scale.init": {"choices": [0.1, ".nan"]}}),
+        "space.model.ensemble_scale.init",
+    ),
+    (
+        "unknown distribution field",
+        patched(space={"train.lr": {"low": 0.001, "hi": 0.01}}),
+        "space.train.lr: unknown field",
+    ),
+    ("unknown pruned path", patched(model__pruned=["attn.9"]), "'attn.9'"),
+    ("nan ensemble scale init", patched(model__ensemble_scale={"init": ".nan"}), "model.ensemble_scale.init"),
+    ("tracking typo", patched(tracking={"experimnt": "x"}), "tracking.experimnt: unknown key"),
+    ("list choices", patched(space={"model.distill.students": {"choices": [[3], [5]]}}), "entries must be numbers"),
+]
+
+
+@pytest.mark.parametrize("data,needle", [(d, n) for _, d, n in MALFORMED], ids=[m[0] for m in MALFORMED])
+def test_malformed_search_file_exits_2_naming_the_key(tmp_path, data, needle, capsys, monkeypatch):
+    path = write(tmp_path, data)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = cli.main(["validate", str(path)])  # the CLI's entry point, in process (the suite stays fast)
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines and all(str(path) in line for line in lines), err
+    assert any(needle in line for line in lines), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_malformed_file_exit_code_through_the_console_script(tmp_path):
+    path = write(tmp_path, patched(train__epochs=0))
+    script = Path(sys.executable).parent / "pathsearch"
+    result = subprocess.run([str(script), "validate", str(path)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"{path}: train.epochs: must be >= 1, got 0" in result.stderr
+
+
+def test_validate_lists_every_problem_at_once(tmp_path):
+    data = patched(train__epochs=0, data__batch_size=0, search__metric="acc", space={"train.lr": {"low": 2, "high": 1}})
+    with pytest.raises(ConfigError) as info:
+        load_search_file(write(tmp_path, data), model_depth=model_depth)
+    keys = ["train.epochs", "data.batch_size", "search.metric", "space.train.lr"]
+    assert all(any(k in p for p in info.value.problems) for k in keys), info.value.problems
+
+
+def test_validate_prints_the_resolved_file():
+    result = subprocess.run(
+        [sys.executable, "-m", "pathsearch.cli", "validate", str(DIGITS), "--set", "search.num_samples=4"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["search"]["num_samples"] == 4 and resolved["train"]["epochs"] == 60
+    assert "prune.shortest" in result.stdout
