@@ -20,7 +20,7 @@ fi
 verb=${1:-run}
 [ $# -gt 0 ] && shift
 case "$verb" in
-    run)  exec .venv/bin/pathsearch demo "$@" ;;
+    run)  exec .venv/bin/pathsearch search search_spaces/digits_tiny.yaml "$@" ;;
     test) exec .venv/bin/python -m pytest "$@" ;;
     *)    echo "usage: ./dev.sh run|test [args...]" >&2; exit 2 ;;
 esac

@@ -69,6 +69,69 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace) -> int:
+    from pathsearch.config import load_search_file
+    from pathsearch.model import model_depth
+
+    spec = load_search_file(args.file, args.set, model_depth=model_depth)  # nothing is written when invalid
+    from pathsearch.search import run_search
+
+    result = run_search(
+        spec, storage_path=args.storage_path, tracking_uri=args.tracking_uri, name=args.name, address=args.address
+    )
+    metric = spec.search.metrics[0]
+    print(f"\ntrials: {', '.join(f'{k} {v}' for k, v in result.counts.items())}")
+    print(f"{'':<10} {metric:>10} {'val_acc':>16} {'kept_paths':>10}  configuration")
+    for label, row in (("baseline", result.baseline), ("best", result.best)):
+        if row is None:
+            print(f"{label:<10} (none finished)")
+            continue
+        std = f" ± {100 * row['val_acc_std']:.2f}" if row.get("val_acc_std") is not None else ""
+        acc = f"{100 * row['val_acc']:.2f}%{std}"
+        print(f"{label:<10} {row[metric]:>10.4f} {acc:>16} {row['kept_paths']:>10}  {row['overrides']}")
+    for label, path in result.files.items():
+        print(f"{label}: {path}")
+    print(f"run directory: {result.run_dir}")
+    print(f"MLflow experiment {result.experiment!r}, parent run {result.parent_run_id}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathsearch.export import export_best, export_pareto
+
+    if args.pareto:
+        metrics = args.metric or ["val_acc", "kept_paths"]
+        modes = args.mode or ["max", "min"][: len(metrics)]
+        if len(modes) != len(metrics):
+            raise ValueError(f"--pareto needs one --mode per --metric, got {metrics} and {modes}")
+        front = export_pareto(args.experiment, args.out, metrics, modes, tracking_uri=args.tracking_uri)
+        for item in front:
+            print(f"run {item.run_id}  {item.metrics}  -> {item.files['path_config']}")
+        print(f"Pareto front of {len(front)} configuration(s): {args.out}")
+        return 0
+    metric, mode = (args.metric or ["val_acc"])[0], (args.mode or ["max"])[0]
+    result = export_best(
+        args.experiment, args.out, args.tracking_uri, metric=metric, mode=mode, with_weights=args.with_weights
+    )
+    print(f"best run {result.run_id}: {metric} {result.metrics.get(metric)}")
+    for label, path in result.files.items():
+        print(f"{label}: {path}")
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from pathsearch.export import ui_command
+
+    cmd, env = ui_command(args.tracking_uri, args.port)
+    print(f"MLflow UI at http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pathsearch", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -89,6 +152,27 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("file")
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
     validate.set_defaults(func=_validate)
+    search = verbs.add_parser("search", help="run the search of a search file (Ray Tune + Optuna + MLflow)")
+    search.add_argument("file")
+    search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
+    search.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    search.add_argument("--storage-path", default="runs/search", help="where Ray Tune keeps trials and checkpoints")
+    search.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    search.add_argument("--name", default=None, help="run name (default: file name + time)")
+    search.set_defaults(func=_search)
+    export = verbs.add_parser("export", help="write the best trial's PathConfig (read from MLflow)")
+    export.add_argument("--experiment", required=True)
+    export.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    export.add_argument("--metric", action="append", default=None, help="metric to rank by (default val_acc)")
+    export.add_argument("--mode", action="append", choices=["max", "min"], default=None)
+    export.add_argument("--pareto", action="store_true", help="export every Pareto-front configuration")
+    export.add_argument("--with-weights", action="store_true", help="also write the weights (.safetensors)")
+    export.add_argument("--out", required=True, help="output PathConfig file (.yaml or .json)")
+    export.set_defaults(func=_export)
+    ui = verbs.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a tracking store")
+    ui.add_argument("--tracking-uri", default=None)
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=_ui)
     return parser
 
 

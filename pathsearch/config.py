@@ -390,8 +390,20 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str], source: st
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
-        node = out
         parts = key.split(".")
+        if parts[0] == "space" and len(parts) > 1:  # space keys are dotted themselves: space.<key>[.<field>]
+            fields = {"low", "high", "log", "step", "choices", "when", "by"}
+            space = out.setdefault("space", {}) or {}
+            out["space"] = space
+            if parts[-1] in fields and len(parts) > 2:
+                entry = space.setdefault(".".join(parts[1:-1]), {})
+                if isinstance(entry, dict):
+                    entry[parts[-1]] = value
+                    continue
+            else:
+                space[".".join(parts[1:])] = value
+                continue
+        node = out
         for part in parts[:-1]:
             child = node.get(part)
             if child is None:

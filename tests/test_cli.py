@@ -14,10 +14,24 @@ from pathsearch.paths import PathConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_main_command_runs_the_path_analysis_demo(tmp_path):
+def test_readme_main_command_runs_the_search(tmp_path):
+    # `./dev.sh run` exactly as the README gives it, made small with overrides and kept inside tmp_path.
+    small = ["train.epochs=2", "train.eval_every=1", "data.train_size=100", "model.kwargs.depth=2",
+             "search.num_samples=2", "space.model.pruned.high=2"]  # fmt: skip
+    args = [a for s in small for a in ("--set", s)]
+    args += ["--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    result = subprocess.run([str(ROOT / "dev.sh"), "run", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "baseline" in result.stdout and "best " in result.stdout
+    assert (tmp_path / "mlruns").is_dir()  # artifacts live beside the SQLite store
+    best = next((tmp_path / "runs").glob("digits_tiny-*/best_path_config.yaml"))
+    assert PathConfig.load(best).depth == 2
+
+
+def test_demo_verb_trains_and_analyses_paths(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run(
-        [str(ROOT / "dev.sh"), "run", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "pathsearch.cli", "demo", "--out", str(out)], capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr
     assert "ensemble as configured" in result.stdout
@@ -43,4 +57,5 @@ def test_bad_cli_input_exits_2_with_a_message(tmp_path):
 def test_help_lists_every_verb():
     result = subprocess.run([sys.executable, "-m", "pathsearch.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    assert "demo" in result.stdout
+    for verb in ("demo", "train", "validate", "search", "export", "ui"):
+        assert verb in result.stdout

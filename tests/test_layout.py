@@ -26,7 +26,9 @@ FORBIDDEN = {
     "search": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
     "tracking": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
     "export": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
-    "cli": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
+    "cli": HEAVY_TENSOR
+    | ORCHESTRATION
+    | {"pathsearch.model", "pathsearch.train", "pathsearch.data", "pathsearch.search"},
 }
 
 
