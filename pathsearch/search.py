@@ -26,7 +26,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from pathsearch.config import SearchFile, set_dotted
-from pathsearch.space import SearchSpace, sample_overrides
+from pathsearch.space import SearchSpace, lookup_value, sample_overrides
 
 INFEASIBLE = "pathsearch.infeasible"
 
@@ -187,23 +187,14 @@ def baseline_point(space: SearchSpace, base: Mapping[str, Any]) -> dict[str, Any
             for name in _flag_names(space, entry):
                 point[name] = 1.0
         else:
-            value = _lookup(base, entry.key)
-            if value is not None and all(_lookup(base, k) == v for k, v in entry.when.items()):
+            value = lookup_value({}, base, entry.key)
+            if value is not None and all(lookup_value({}, base, k) == v for k, v in entry.when.items()):
                 point[entry.key] = value
     return point
 
 
 def _flag_names(space: SearchSpace, entry: Any) -> list[str]:
     return SearchSpace([entry], space.depth).param_names()
-
-
-def _lookup(base: Mapping[str, Any], key: str) -> Any:
-    node: Any = base
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 # ----- the driver ---------------------------------------------------------------------------------------------

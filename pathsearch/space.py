@@ -261,7 +261,7 @@ def sample_overrides(trial: TrialLike, space: SearchSpace, base: Mapping[str, An
     """
     chosen: dict[str, Any] = {}
     for entry in space.entries:
-        if not all(_lookup(chosen, base, key) == value for key, value in entry.when.items()):
+        if not all(lookup_value(chosen, base, key) == value for key, value in entry.when.items()):
             continue
         if entry.key == "model.pruned":
             chosen[entry.key] = _sample_mask(trial, entry, space.depth)
@@ -288,7 +288,8 @@ def _sample_mask(trial: TrialLike, entry: SpaceEntry, depth: int) -> list[str]:
     return [names[i] for i in sorted(pruned)]
 
 
-def _lookup(chosen: Mapping[str, Any], base: Mapping[str, Any], key: str) -> Any:
+def lookup_value(chosen: Mapping[str, Any], base: Mapping[str, Any], key: str) -> Any:
+    """A sampled value by key, else the base config's value at that dotted key (None when absent)."""
     if key in chosen:
         return chosen[key]
     node: Any = base
