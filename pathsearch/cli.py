@@ -79,21 +79,39 @@ def _search(args: argparse.Namespace) -> int:
     result = run_search(
         spec, storage_path=args.storage_path, tracking_uri=args.tracking_uri, name=args.name, address=args.address
     )
-    metric = spec.search.metrics[0]
+    _print_result(result, spec.search.metrics, spec.search.modes)
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from pathsearch.config import load_search_file
+    from pathsearch.search import resume_search
+
+    result = resume_search(args.run_dir, address=args.address)
+    spec = load_search_file(result.run_dir / "search.yaml")
+    _print_result(result, spec.search.metrics, spec.search.modes)
+    return 0
+
+
+def _print_result(result: Any, metrics: list[str], modes: list[str]) -> None:
+    metric = metrics[0]
     print(f"\ntrials: {', '.join(f'{k} {v}' for k, v in result.counts.items())}")
     print(f"{'':<10} {metric:>10} {'val_acc':>16} {'kept_paths':>10}  configuration")
-    for label, row in (("baseline", result.baseline), ("best", result.best)):
+    rows = [("baseline", result.baseline), ("best", result.best)]
+    rows += [(f"pareto {k}", row) for k, row in enumerate(result.pareto)]
+    for label, row in rows:
         if row is None:
             print(f"{label:<10} (none finished)")
             continue
         std = f" ± {100 * row['val_acc_std']:.2f}" if row.get("val_acc_std") is not None else ""
         acc = f"{100 * row['val_acc']:.2f}%{std}"
         print(f"{label:<10} {row[metric]:>10.4f} {acc:>16} {row['kept_paths']:>10}  {row['overrides']}")
+    if result.pareto:
+        print(f"Pareto front over {', '.join(f'{m} ({o})' for m, o in zip(metrics, modes, strict=True))}")
     for label, path in result.files.items():
         print(f"{label}: {path}")
-    print(f"run directory: {result.run_dir}")
+    print(f"run directory: {result.run_dir}   (resume: pathsearch resume {result.run_dir})")
     print(f"MLflow experiment {result.experiment!r}, parent run {result.parent_run_id}")
-    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -160,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     search.add_argument("--name", default=None, help="run name (default: file name + time)")
     search.set_defaults(func=_search)
+    resume = verbs.add_parser("resume", help="continue an interrupted search from its run directory")
+    resume.add_argument("run_dir")
+    resume.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    resume.set_defaults(func=_resume)
     export = verbs.add_parser("export", help="write the best trial's PathConfig (read from MLflow)")
     export.add_argument("--experiment", required=True)
     export.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search import Searcher
@@ -207,6 +208,7 @@ class SearchResult:
     baseline: dict[str, Any] | None
     counts: dict[str, int] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
+    pareto: list[dict[str, Any]] = field(default_factory=list)
 
 
 def run_search(
@@ -222,39 +224,37 @@ def run_search(
 
     `trainable(config, base)` defaults to `train_trial`; tests pass a torch-free toy with the same contract.
     """
-    import ray
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from pathsearch.tracking import MlflowTrialLogger, default_tracking_uri, end_parent_run, start_parent_run
+    from pathsearch.tracking import MlflowTrialLogger, default_tracking_uri, start_parent_run
 
     s, t = spec.search, spec.trial.train
     name = name or f"{Path(spec.source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = Path(storage_path).expanduser().resolve()
-    run_dir = storage / name
+    run_dir = Path(storage_path).expanduser().resolve() / name
+    if run_dir.exists():
+        raise ValueError(f"{run_dir} already exists: choose another --name, or `pathsearch resume {run_dir}`")
     uri = tracking_uri or spec.tracking.tracking_uri or default_tracking_uri()
     reports = math.ceil(t.epochs / t.eval_every)  # Tune's training_iteration counts reports
-    base: dict[str, Any] = {k: spec.raw[k] for k in ("model", "data", "train") if k in spec.raw}
+    base = _base(spec)
     experiment_id, parent = start_parent_run(
         uri, spec.tracking.experiment, name, {"search_file": spec.source, **_flat("search", s.__dict__)}
     )
-    # Tune snapshots the experiment whenever a trial replaces its kept checkpoint; that is what we want.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps a local Ray on 127.0.0.1
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    run_dir.mkdir(parents=True)
+    (run_dir / "search.yaml").write_text(spec.to_yaml())
+    state = {"name": name, "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent}
+    (run_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
+    _init_ray(address)
     multi = len(s.metrics) > 1
     metric: Any = s.metrics if multi else s.metrics[0]
     mode: Any = s.modes if multi else s.modes[0]
-    points = [baseline_point(spec.space, base), *s.enqueue]
     searcher = PathOptunaSearch(
         space=partial(define_space, space=spec.space, base=base),
         metric=metric,
         mode=mode,
         sampler=make_sampler(s.sampler, s.seed),
-        points_to_evaluate=points,
+        points_to_evaluate=[baseline_point(spec.space, base), *s.enqueue],
+        storage=_journal(run_dir),  # on disk: the Optuna history survives a driver crash
+        study_name=name,
         final_epoch=t.epochs,
         num_paths=spec.space.num_paths,
         max_kept_paths=s.max_kept_paths,
@@ -268,12 +268,8 @@ def run_search(
             grace_period=min(s.grace_period, reports),
             reduction_factor=s.reduction_factor,
         )
-    logger = MlflowTrialLogger(uri, experiment_id, parent, final_epoch=t.epochs)
-    progress = ProgressLine(s.num_samples, s.metrics[0], s.modes[0], t.epochs, verbose)
-    resources = {k.upper() if k in ("cpu", "gpu") else k: v for k, v in s.resources_per_trial.items()}
-    runnable = tune.with_resources(tune.with_parameters(trainable or train_trial, base=base), resources)
     tuner = tune.Tuner(
-        runnable,
+        _runnable(spec, trainable),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,
@@ -286,42 +282,115 @@ def run_search(
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=str(storage),
-            callbacks=[logger, progress],
+            storage_path=str(run_dir.parent),
+            callbacks=[
+                MlflowTrialLogger(uri, experiment_id, parent, final_epoch=t.epochs),
+                ProgressLine(s.num_samples, s.metrics[0], s.modes[0], t.epochs, verbose),
+            ],
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=0,
         ),
     )
-    status, grid = "FAILED", None
-    files: dict[str, Path] = {}
+    return _fit_and_finish(tuner, spec, run_dir, state)
+
+
+def resume_search(run_dir: str | Path, address: str | None = None, trainable: Any = None) -> SearchResult:
+    """Continues an interrupted search: Tune restores its trials (errored ones too) and the searcher, the Optuna
+    history continues from its journal, finished trials are not trained again and keep their MLflow runs."""
+    from mlflow.tracking import MlflowClient
+
+    from pathsearch.config import load_search_file
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    state_file = run_dir / STATE_FILE
+    if not state_file.is_file() or not tune.Tuner.can_restore(str(run_dir)):
+        raise ValueError(f"{run_dir} is not a pathsearch run directory (no {STATE_FILE} or Tune state)")
+    state = json.loads(state_file.read_text())
+    spec = load_search_file(run_dir / "search.yaml")
+    MlflowClient(state["tracking_uri"]).update_run(state["parent_run_id"], status="RUNNING")
+    _init_ray(address)
+    tuner = tune.Tuner.restore(str(run_dir), trainable=_runnable(spec, trainable), resume_errored=True)
+    return _fit_and_finish(tuner, spec, run_dir, state)
+
+
+def _fit_and_finish(tuner: Any, spec: SearchFile, run_dir: Path, state: dict[str, Any]) -> SearchResult:
+    from pathsearch.tracking import close_orphan_runs, end_parent_run
+
+    s, t = spec.search, spec.trial.train
+    status = "FAILED"
+    files: dict[str, Path] = {"search_file": run_dir / "search.yaml"}
     best = baseline = None
+    front: list[dict[str, Any]] = []
     try:
         grid = tuner.fit()
         status = "FINISHED"
-        best, baseline = _best_and_baseline(grid, s.metrics[0], s.modes[0], t.epochs)
+        rows = _final_rows(grid, t.epochs)
+        best, baseline = _best_and_baseline(rows, s.metrics[0], s.modes[0])
+        if len(s.metrics) > 1:
+            front = pareto_rows(rows, s.metrics, s.modes)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        counts = _study_counts(searcher.study(), searcher)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        files["search_file"] = run_dir / "search.yaml"
-        files["search_file"].write_text(spec.to_yaml())
+        study = optuna.load_study(study_name=state["name"], storage=_journal(run_dir))
+        if status != "KILLED":  # the search is over: nothing may stay RUNNING
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                study.set_user_attr(f"lost_trial_{trial.number}", True)
+                study.tell(trial.number, state=TrialState.FAIL)
+            close_orphan_runs(state["tracking_uri"], state["experiment_id"], state["parent_run_id"])
+        counts = _study_counts(study)
         files["optuna_trials"] = run_dir / "optuna_trials.json"
-        files["optuna_trials"].write_text(json.dumps(study_table(searcher.study()), indent=1))
-        files.update(_plot_study(searcher.study(), run_dir))
+        files["optuna_trials"].write_text(json.dumps(study_table(study), indent=1))
+        files.update(_plot_study(study, run_dir))
         if best is not None and best.get("checkpoint"):
             src = Path(best["checkpoint"]) / "path_config.yaml"
             if src.is_file():
                 files["best_path_config"] = Path(shutil.copy(src, run_dir / "best_path_config.yaml"))
+        if front:
+            files["pareto_front"] = run_dir / "pareto_front.yaml"
+            files["pareto_front"].write_text(yaml.safe_dump(front, sort_keys=False))
         summary: dict[str, float] = {f"trials_{k}": v for k, v in counts.items()}
-        if best is not None:
-            summary[f"best_{s.metrics[0]}"] = best[s.metrics[0]]
-        if baseline is not None:
-            summary[f"baseline_{s.metrics[0]}"] = baseline[s.metrics[0]]
-        end_parent_run(uri, parent, summary, list(files.values()), status)
-    return SearchResult(run_dir, spec.tracking.experiment, parent, best, baseline, counts, files)
+        for label, row in (("best", best), ("baseline", baseline)):
+            if row is not None:
+                summary[f"{label}_{s.metrics[0]}"] = row[s.metrics[0]]
+        end_parent_run(state["tracking_uri"], state["parent_run_id"], summary, list(files.values()), status)
+    result = SearchResult(run_dir, spec.tracking.experiment, state["parent_run_id"], best, baseline, counts, files)
+    result.pareto = front
+    return result
+
+
+STATE_FILE = "pathsearch_state.json"
+
+
+def _base(spec: SearchFile) -> dict[str, Any]:
+    return {k: spec.raw[k] for k in ("model", "data", "train") if k in spec.raw}
+
+
+def _runnable(spec: SearchFile, trainable: Any) -> Any:
+    resources = {k.upper() if k in ("cpu", "gpu") else k: v for k, v in spec.search.resources_per_trial.items()}
+    return tune.with_resources(tune.with_parameters(trainable or train_trial, base=_base(spec)), resources)
+
+
+def _journal(run_dir: Path) -> Any:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(run_dir / "optuna_journal.log")))
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    # Tune snapshots the experiment whenever a trial replaces its kept checkpoint; that is what we want.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps a local Ray on 127.0.0.1
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
 
 
 def _plot_study(study: optuna.Study, run_dir: Path) -> dict[str, Path]:
@@ -366,43 +435,59 @@ def study_table(study: optuna.Study) -> list[dict[str, Any]]:
     ]
 
 
-def _study_counts(study: optuna.Study, searcher: PathOptunaSearch) -> dict[str, int]:
-    states = [tr.state for tr in study.trials]
+def _study_counts(study: optuna.Study) -> dict[str, int]:
+    trials = study.get_trials(deepcopy=False)
+    reused = sum(bool(tr.user_attrs.get("pathsearch.reused")) for tr in trials)
+    infeasible = sum(INFEASIBLE in tr.user_attrs for tr in trials)
     return {
-        "complete": sum(st == TrialState.COMPLETE for st in states) - searcher.reused,
-        "pruned": sum(st == TrialState.PRUNED for st in states),
-        "failed": sum(st == TrialState.FAIL for st in states) - searcher.infeasible,
-        "reused": searcher.reused,
-        "infeasible": searcher.infeasible,
+        "complete": sum(tr.state == TrialState.COMPLETE for tr in trials) - reused,
+        "pruned": sum(tr.state == TrialState.PRUNED for tr in trials),
+        "failed": sum(tr.state == TrialState.FAIL for tr in trials) - infeasible,
+        "reused": reused,
+        "infeasible": infeasible,
     }
 
 
-def _best_and_baseline(grid: Any, metric: str, mode: str, final_epoch: int) -> tuple[dict | None, dict | None]:
+def _final_rows(grid: Any, final_epoch: int) -> list[dict[str, Any]]:
+    """The last result of every trial that trained to the end, with its config and checkpoint."""
     rows = []
     for result in grid:
-        if result.error is not None or not result.metrics:
+        m, config = result.metrics or {}, result.config or {}
+        if result.error is not None or m.get("epoch") != final_epoch:
             continue
-        m = result.metrics
-        config = result.config or {}
         rows.append(
             {
+                **{k: v for k, v in m.items() if k in METRIC_KEYS},
                 "trial_id": m.get("trial_id"),
-                "epoch": m.get("epoch"),
-                metric: m.get(metric),
-                "val_acc": m.get("val_acc"),
-                "val_acc_std": m.get("val_acc_std"),
-                "kept_paths": m.get("kept_paths"),
-                "overrides": config.get("overrides", {}),
                 "optuna_trial": config.get("optuna_trial"),
+                "overrides": config.get("overrides", {}),
                 "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
             }
         )
-    complete = [r for r in rows if r["epoch"] == final_epoch and r[metric] is not None]
-    baseline = next((r for r in complete if r["optuna_trial"] == 0), None)
-    if not complete:
+    return rows
+
+
+METRIC_KEYS = ("val_acc", "val_acc_std", "val_loss", "val_acc_full", "train_loss", "kept_paths", "params", "epoch")
+
+
+def _best_and_baseline(rows: list[dict[str, Any]], metric: str, mode: str) -> tuple[dict | None, dict | None]:
+    scored = [r for r in rows if r.get(metric) is not None]
+    baseline = next((r for r in scored if r["optuna_trial"] == 0), None)  # enqueued first
+    if not scored:
         return None, baseline
-    best = (max if mode == "max" else min)(complete, key=lambda r: r[metric])
-    return best, baseline
+    return (max if mode == "max" else min)(scored, key=lambda r: r[metric]), baseline
+
+
+def pareto_rows(rows: list[dict[str, Any]], metrics: list[str], modes: list[str]) -> list[dict[str, Any]]:
+    """Rows no other row matches or beats on every metric (and beats on one)."""
+    signs = [1 if mode == "max" else -1 for mode in modes]
+    scored = [
+        (r, [s * r[m] for s, m in zip(signs, metrics, strict=True)]) for r in rows if all(m in r for m in metrics)
+    ]
+    front = [
+        r for r, v in scored if not any(all(a >= b for a, b in zip(w, v, strict=True)) and w != v for _, w in scored)
+    ]
+    return sorted(front, key=lambda r: -signs[0] * r[metrics[0]])
 
 
 def _flat(prefix: str, data: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,35 +14,17 @@ import pytest
 import ray
 import yaml
 from mlflow.tracking import MlflowClient
-from ray import tune
 
 from pathsearch.config import load_search_file
 from pathsearch.paths import PathConfig, path_names
 from pathsearch.search import run_search
 
 ROOT = Path(__file__).resolve().parents[1]
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this test module
+sys.path.insert(0, str(Path(__file__).parent))
+import toy_search  # noqa: E402  (tests/toy_search.py)
 
-
-def toy_trial(config: dict, base: dict) -> None:
-    """fit's contract without torch: per-epoch metrics and a checkpoint holding a real PathConfig YAML."""
-    overrides = config["overrides"]
-    pruned = overrides.get("model.pruned", [])
-    marker_dir = Path(base["train"]["marker_dir"]) if "marker_dir" in base["train"] else None
-    if marker_dir is not None:  # count attempts per configuration (retries)
-        marker = marker_dir / f"{len(pruned)}-{os.getpid()}-{len(list(marker_dir.iterdir()))}"
-        marker.write_text("attempt")
-        if len(pruned) == int(base["train"].get("fail_k", -1)):
-            raise RuntimeError(f"toy failure for k={len(pruned)}")
-    epochs = base["train"]["epochs"]
-    level = 0.5 + 0.04 * len(pruned)
-    ckpt_root = Path(os.getcwd()) / "toy"
-    for epoch in range(1, epochs + 1):
-        folder = ckpt_root / f"c{epoch}"
-        folder.mkdir(parents=True, exist_ok=True)
-        PathConfig(model_name="toy", depth=2, pruned=list(pruned)).save(folder / "path_config.yaml")
-        metrics = {"val_acc": level * epoch / epochs, "epoch": epoch, "kept_paths": 5 - len(pruned), "train_loss": 1.0}
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+ray.cloudpickle.register_pickle_by_value(toy_search)  # workers need not import the tests folder
+toy_trial = toy_search.toy_trial
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +56,8 @@ def toy_spec(tmp_path: Path, space: dict, search: dict, train: dict | None = Non
     }
     path = tmp_path / "toy.yaml"
     path.write_text(yaml.safe_dump(data))
-    # `marker_dir`/`fail_k` are toy-only knobs: add them after validation
     spec = load_search_file(path)
-    spec.raw["train"].update({k: v for k, v in (train or {}).items() if k in ("marker_dir", "fail_k")})
+    spec.raw["train"]["toy"] = dict(train or {})  # toy-only knobs (marker_dir, fail_k, sleep), after validation
     return spec
 
 
@@ -95,7 +76,6 @@ def study(result):
 
 def test_each_trial_gets_one_nested_run_with_params_metrics_artifacts(tmp_path, local_ray):
     spec = toy_spec(tmp_path, {"model.pruned": {"by": "path"}}, {"num_samples": 4})
-    spec.raw["train"].pop("marker_dir", None)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_search(spec, tmp_path / "runs", uri, name="t1", verbose=False, trainable=toy_trial)
     client, parents, children = child_runs(uri)
@@ -170,7 +150,7 @@ def test_failing_trial_is_retried_then_recorded_as_failed(tmp_path, local_ray):
     spec.search.enqueue = [{"prune.shortest": 1}]  # make sure the failing configuration is tried
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_search(spec, tmp_path / "runs", uri, name="t4", verbose=False, trainable=toy_trial)
-    attempts = [m.name.split("-")[0] for m in markers.iterdir()]
+    attempts = [m.name.split(".")[1] for m in markers.iterdir()]
     assert attempts.count("1") == 2  # first try + one retry (max_failures: 1)
     states = {tuple(t["params"].items()): t["state"] for t in study(result)}
     assert states[(("prune.shortest", 1),)] == "FAIL"
@@ -228,3 +208,73 @@ def test_readme_flow_search_then_export_reproduces_the_trial(tmp_path):
         for x, y in DataLoader(split.val, batch_size=256):
             correct += (model(x).argmax(-1) == y).sum().item()
     assert correct / len(split.val) == pytest.approx(best_run.data.metrics["val_acc"], abs=1e-9)
+
+
+def test_driver_killed_then_resumed_keeps_one_run_per_trial(tmp_path):
+    """kill -9 the search driver (its whole process group) mid-search, then resume: the search completes, every
+    trial has exactly one MLflow run, none is left RUNNING, and trials finished before the kill are not rerun."""
+    import subprocess
+    import time
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    toy_spec(tmp_path, {"model.pruned": {"by": "path"}}, {"num_samples": 6})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = {
+        "file": str(tmp_path / "toy.yaml"), "storage": str(tmp_path / "runs"), "uri": uri, "name": "crash",
+    }  # fmt: skip
+    driver = [sys.executable, str(Path(__file__).parent / "toy_search.py")]
+    knobs = json.dumps({"marker_dir": str(markers), "sleep": 1.5})  # Ray workers inherit the driver's environment
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATHSEARCH_TOY": knobs}
+    proc = subprocess.Popen(
+        [*driver, "search", json.dumps(args)], env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    state = tmp_path / "runs" / "crash" / "pathsearch_state.json"  # written once the MLflow store exists
+    finished_before: set[str] = set()
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1.0)
+            if state.exists():
+                _, _, children = child_runs(uri)
+                finished_before = {c.data.tags["pathsearch.trial_id"] for c in children if c.info.status == "FINISHED"}
+                if len(finished_before) >= 2:
+                    break
+        assert proc.poll() is None, "the search ended before it could be killed"
+        assert len(finished_before) >= 2
+    finally:
+        # kill -9 the driver and every process of its session (its local Ray included), nothing else
+        subprocess.run(["pkill", "-9", "-s", str(proc.pid)], check=False)
+        proc.wait()
+    time.sleep(2)
+    resume = subprocess.Popen(
+        [*driver, "resume", json.dumps({"run_dir": str(tmp_path / "runs" / "crash")})],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _, err = resume.communicate(timeout=600)
+    finally:
+        subprocess.run(["pkill", "-9", "-s", str(resume.pid)], check=False)  # Ray agents it may leave behind
+    assert resume.returncode == 0, err[-3000:]
+    _, parents, children = child_runs(uri)
+    trial_ids = [c.data.tags["pathsearch.trial_id"] for c in children]
+    study = json.loads((tmp_path / "runs" / "crash" / "optuna_trials.json").read_text())
+    reused = sum(bool(t["user_attrs"].get("pathsearch.reused")) for t in study)
+    assert len(trial_ids) == len(set(trial_ids))  # one run per trial, none duplicated
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in [*parents, *children])  # none left RUNNING
+    assert parents[0].info.status == "FINISHED"
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    # A trial that was running but not yet in Tune's last snapshot is lost with the driver: its run is closed
+    # as KILLED/LOST and Tune trains that sample again as a new trial (at most max_concurrent_trials of them).
+    lost = [c for c in children if c.data.tags.get("pathsearch.state") == "LOST"]
+    assert len(lost) <= 1 and len(children) == len(finished) + len(lost)
+    assert len(finished) + reused == 6 and len(finished) > len(finished_before)
+    assert all(t["state"] != "RUNNING" for t in study)
+    starts: dict[str, list[int]] = {}  # trial id -> epoch each attempt started from
+    for marker in markers.iterdir():
+        trial_id, _, start, _ = marker.name.split(".")
+        starts.setdefault(trial_id, []).append(int(start))
+    for trial_id in finished_before:  # trained once: a restore after the kill may only resume past the end
+        assert sorted(starts[trial_id])[0] == 0 and all(s == 4 for s in sorted(starts[trial_id])[1:]), starts
+    assert set(starts) == set(trial_ids)  # the others were started (or restored) after the kill

@@ -1,0 +1,61 @@
+"""A torch-free toy trainable with fit's contract, and a driver that runs a search with it (tests start it as a
+separate process so they can kill -9 it). Usage: python tests/toy_search.py search|resume ARGS_JSON"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ray import tune
+
+from pathsearch.paths import PathConfig
+
+
+def toy_trial(config: dict, base: dict) -> None:
+    """Per-epoch metrics and a checkpoint with a real PathConfig YAML. Knobs (marker_dir, fail_k, sleep) come from
+    base["train"]["toy"] (in-process tests) or the PATHSEARCH_TOY environment variable (driver processes)."""
+    toy = base["train"].get("toy") or json.loads(os.environ.get("PATHSEARCH_TOY", "{}"))
+    pruned = config["overrides"].get("model.pruned", [])
+    start = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            start = json.loads((Path(folder) / "toy.json").read_text())["epoch"]
+    if toy.get("marker_dir"):  # one file per attempt: retries and restores are countable
+        trial_id = tune.get_context().get_trial_id()
+        marker = Path(toy["marker_dir"]) / f"{trial_id}.{len(pruned)}.{start}.{time.monotonic_ns()}"
+        marker.write_text(str(os.getpid()))
+        if len(pruned) == toy.get("fail_k", -1):
+            raise RuntimeError(f"toy failure for k={len(pruned)}")
+    epochs = base["train"]["epochs"]
+    level = 0.5 + 0.04 * len(pruned)
+    for epoch in range(start + 1, epochs + 1):
+        time.sleep(toy.get("sleep", 0.0))
+        folder = Path(os.getcwd()) / "toy" / f"c{epoch}"
+        folder.mkdir(parents=True, exist_ok=True)
+        PathConfig(model_name="toy", depth=2, pruned=list(pruned)).save(folder / "path_config.yaml")
+        (folder / "toy.json").write_text(json.dumps({"epoch": epoch}))
+        metrics = {"val_acc": level * epoch / epochs, "epoch": epoch, "kept_paths": 5 - len(pruned), "train_loss": 1.0}
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+
+
+def main() -> None:
+    import ray
+
+    from pathsearch.config import load_search_file
+    from pathsearch.search import resume_search, run_search
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    verb, args = sys.argv[1], json.loads(sys.argv[2])
+    if verb == "search":
+        spec = load_search_file(args["file"])
+        run_search(spec, args["storage"], args["uri"], name=args["name"], verbose=False, trainable=toy_trial)
+    else:
+        resume_search(args["run_dir"], trainable=toy_trial)
+
+
+if __name__ == "__main__":
+    main()
