@@ -325,6 +325,14 @@ def create_path_vit(
     return PathEnsembleViT(vit, cfg)
 
 
+def model_params(model_name: str, timm_kwargs: Mapping[str, Any] | None = None) -> int:
+    """Parameter count of the path-ensemble model (pruning changes none), built on the meta device."""
+    model_depth(model_name, timm_kwargs)
+    with torch.device("meta"):
+        model = PathEnsembleViT(timm.create_model(model_name, pretrained=False, **dict(timm_kwargs or {})))
+    return sum(p.numel() for p in model.parameters())
+
+
 def model_depth(model_name: str, timm_kwargs: Mapping[str, Any] | None = None) -> int:
     """Depth of a timm ViT by name, built on the meta device (no memory, no weights); refuses non-ViTs."""
     if not timm.is_model(model_name):

@@ -85,9 +85,14 @@ class PathOptunaSearch(OptunaSearch):
         num_paths: int,
         max_kept_paths: int | None,
         num_samples: int | None = None,
+        max_params: int | None = None,
+        base: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        self.max_params = max_params
+        self.base = base or {"model": {}}
+        self._param_cache: dict[str, int] = {}
         self.num_samples = num_samples
         self.started = 0
         self.final_epoch = final_epoch
@@ -129,12 +134,32 @@ class PathOptunaSearch(OptunaSearch):
         return Searcher.FINISHED
 
     def _infeasible(self, overrides: Mapping[str, Any]) -> str | None:
-        kept = self.num_paths - len(overrides.get("model.pruned", []))
-        if "model.pruned" in overrides and kept < 1:
+        kept = self.num_paths - len(overrides.get("model.pruned", self.base["model"].get("pruned", [])))
+        if kept < 1:
             return "prunes every path"
-        if self.max_kept_paths is not None and "model.pruned" in overrides and kept > self.max_kept_paths:
+        if self.max_kept_paths is not None and kept > self.max_kept_paths:
             return f"keeps {kept} paths > max_kept_paths {self.max_kept_paths}"
+        if self.max_params is not None:
+            params = self._params(overrides)
+            if params > self.max_params:
+                return f"{params} parameters > max_params {self.max_params}"
         return None
+
+    def _params(self, overrides: Mapping[str, Any]) -> int:
+        """Parameter count for the sampled model settings (meta device, cached per distinct setting)."""
+        from pathsearch.model import model_params  # lazily: the driver needs torch only for this cap
+
+        model, data = self.base["model"], self.base.get("data", {})
+        kwargs = {
+            **DATA_SHAPES.get(data.get("name", ""), {}),  # what `fit` takes from the dataset, unless set
+            **model.get("kwargs", {}),
+            **{k[len("model.kwargs.") :]: v for k, v in overrides.items() if k.startswith("model.kwargs.")},
+        }
+        name = overrides.get("model.name", model.get("name", "vit_tiny_patch16_224"))
+        key = json.dumps([name, kwargs], sort_keys=True, default=str)
+        if key not in self._param_cache:
+            self._param_cache[key] = model_params(name, kwargs)
+        return self._param_cache[key]
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -162,6 +187,15 @@ class PathOptunaSearch(OptunaSearch):
     def study(self) -> optuna.Study:
         assert self._ot_study is not None, "the study is created when Tune sets the search properties"
         return self._ot_study
+
+
+# num_classes / in_chans / img_size that fit() takes from the built-in datasets (imagefolder: counted at run time)
+DATA_SHAPES: dict[str, dict[str, int]] = {
+    "digits": {"num_classes": 10, "in_chans": 1, "img_size": 8},
+    "synthetic": {"num_classes": 4, "in_chans": 1, "img_size": 8},
+    "cifar10": {"num_classes": 10, "img_size": 32},
+    "cifar100": {"num_classes": 100, "img_size": 32},
+}
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -258,7 +292,9 @@ def run_search(
         final_epoch=t.epochs,
         num_paths=spec.space.num_paths,
         max_kept_paths=s.max_kept_paths,
+        max_params=s.max_params,
         num_samples=s.num_samples,
+        base=base,
     )
     scheduler: Any = FIFOScheduler()
     if s.scheduler == "asha" and reports > 1:

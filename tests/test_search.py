@@ -278,3 +278,49 @@ def test_driver_killed_then_resumed_keeps_one_run_per_trial(tmp_path):
     for trial_id in finished_before:  # trained once: a restore after the kill may only resume past the end
         assert sorted(starts[trial_id])[0] == 0 and all(s == 4 for s in sorted(starts[trial_id])[1:]), starts
     assert set(starts) == set(trial_ids)  # the others were started (or restored) after the kill
+
+
+def test_caps_reject_configurations_before_training(tmp_path, local_ray):
+    # depth-2 digits ViT: 5 paths. Keep at most 3, so k < 2 shortest pruned is refused before any training.
+    spec = toy_spec(tmp_path, {"model.pruned": {"by": "shortest", "low": 0, "high": 4}}, {"num_samples": 3})
+    spec.search.max_kept_paths = 3
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_search(spec, tmp_path / "runs", uri, name="caps", verbose=False, trainable=toy_trial)
+    _, _, children = child_runs(uri)
+    assert children and all(c.data.metrics["kept_paths"] <= 3 for c in children)
+    infeasible = [t for t in study(result) if "pathsearch.infeasible" in t["user_attrs"]]
+    assert infeasible and all(t["state"] == "FAIL" for t in infeasible)
+    assert result.counts["infeasible"] == len(infeasible)
+    # the baseline keeps all 5 paths: it is refused too, and said so
+    assert any("keeps 5 paths" in t["user_attrs"]["pathsearch.infeasible"] for t in infeasible)
+
+
+def test_max_params_cap_counts_the_model_before_training(tmp_path, local_ray):
+    spec = toy_spec(tmp_path, {"model.kwargs.embed_dim": {"choices": [32, 256]}}, {"num_samples": 3})
+    spec.search.max_params = 200_000  # dim 32 fits, dim 256 does not
+    spec.raw["model"]["kwargs"].update(num_heads=2)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_search(spec, tmp_path / "runs", uri, name="params", verbose=False, trainable=toy_trial)
+    _, _, children = child_runs(uri)
+    assert children and all(c.data.params["config.model.kwargs.embed_dim"] == "32" for c in children)
+    refused = [t for t in study(result) if "pathsearch.infeasible" in t["user_attrs"]]
+    assert refused and all("max_params 200000" in t["user_attrs"]["pathsearch.infeasible"] for t in refused)
+
+
+def test_multi_objective_search_keeps_and_exports_the_pareto_front(tmp_path, local_ray):
+    from pathsearch.export import export_pareto
+
+    spec = toy_spec(
+        tmp_path,
+        {"model.pruned": {"by": "shortest", "low": 0, "high": 4}},
+        {"metric": ["val_acc", "kept_paths"], "mode": ["max", "min"], "sampler": "nsga2", "num_samples": 5},
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_search(spec, tmp_path / "runs", uri, name="pareto", verbose=False, trainable=toy_trial)
+    # toy: pruning more paths raises val_acc and lowers kept_paths, so the most-pruned trial dominates all
+    assert result.pareto and len(result.pareto) == 1
+    front = yaml.safe_load((result.run_dir / "pareto_front.yaml").read_text())
+    assert front[0]["kept_paths"] == min(r["kept_paths"] for r in [result.pareto[0]])
+    exported = export_pareto("toy", tmp_path / "front.yaml", ["val_acc", "kept_paths"], ["max", "min"], uri)
+    assert len(exported) == 1
+    assert PathConfig.load(exported[0].files["path_config"]).pruned == result.pareto[0]["overrides"]["model.pruned"]
