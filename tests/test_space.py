@@ -211,3 +211,14 @@ def test_validate_prints_the_resolved_file():
     resolved = yaml.safe_load(result.stdout)
     assert resolved["search"]["num_samples"] == 4 and resolved["train"]["epochs"] == 60
     assert "prune.shortest" in result.stdout
+
+
+def test_search_on_an_invalid_file_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    path = write(tmp_path, patched(search__metric="accuracy", train__lr=-1.0))
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = cli.main(["search", str(path), "--storage-path", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "search.metric: unknown metric" in err and "train.lr" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run folder, no MLflow store
