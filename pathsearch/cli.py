@@ -110,7 +110,9 @@ def _print_result(result: Any, metrics: list[str], modes: list[str]) -> None:
         print(f"Pareto front over {', '.join(f'{m} ({o})' for m, o in zip(metrics, modes, strict=True))}")
     for label, path in result.files.items():
         print(f"{label}: {path}")
-    print(f"run directory: {result.run_dir}   (resume: pathsearch resume {result.run_dir})")
+    if result.interrupted:
+        print(f"the search was interrupted; continue it with: pathsearch resume {result.run_dir}")
+    print(f"run directory: {result.run_dir}")
     print(f"MLflow experiment {result.experiment!r}, parent run {result.parent_run_id}")
 
 

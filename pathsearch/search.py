@@ -243,6 +243,7 @@ class SearchResult:
     counts: dict[str, int] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
     pareto: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
 
 
 def run_search(
@@ -360,7 +361,12 @@ def _fit_and_finish(tuner: Any, spec: SearchFile, run_dir: Path, state: dict[str
     front: list[dict[str, Any]] = []
     try:
         grid = tuner.fit()
-        status = "FINISHED"
+        # Tune ends a run on SIGINT (Ctrl-C) by returning, with the unfinished trials saved for a resume.
+        status = (
+            "KILLED"
+            if _interrupted(grid, optuna.load_study(study_name=state["name"], storage=_journal(run_dir)))
+            else "FINISHED"
+        )
         rows = _final_rows(grid, t.epochs)
         best, baseline = _best_and_baseline(rows, s.metrics[0], s.modes[0])
         if len(s.metrics) > 1:
@@ -375,6 +381,8 @@ def _fit_and_finish(tuner: Any, spec: SearchFile, run_dir: Path, state: dict[str
                 study.set_user_attr(f"lost_trial_{trial.number}", True)
                 study.tell(trial.number, state=TrialState.FAIL)
             close_orphan_runs(state["tracking_uri"], state["experiment_id"], state["parent_run_id"])
+        else:  # interrupted: runs of unfinished trials end KILLED; `resume` reopens and continues them
+            close_orphan_runs(state["tracking_uri"], state["experiment_id"], state["parent_run_id"], "INTERRUPTED")
         counts = _study_counts(study)
         files["optuna_trials"] = run_dir / "optuna_trials.json"
         files["optuna_trials"].write_text(json.dumps(study_table(study), indent=1))
@@ -393,6 +401,7 @@ def _fit_and_finish(tuner: Any, spec: SearchFile, run_dir: Path, state: dict[str
         end_parent_run(state["tracking_uri"], state["parent_run_id"], summary, list(files.values()), status)
     result = SearchResult(run_dir, spec.tracking.experiment, state["parent_run_id"], best, baseline, counts, files)
     result.pareto = front
+    result.interrupted = status == "KILLED"
     return result
 
 
@@ -482,6 +491,14 @@ def _study_counts(study: optuna.Study) -> dict[str, int]:
         "reused": reused,
         "infeasible": infeasible,
     }
+
+
+def _interrupted(grid: Any, study: optuna.Study) -> bool:
+    """True when a trial Tune knows is still RUNNING in Optuna: Tune returned early on SIGINT without telling
+    the searcher. (RUNNING Optuna trials that no Tune trial knows were lost in a driver crash instead.)"""
+    live = {(result.config or {}).get("optuna_trial") for result in grid}
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    return bool(live & running)
 
 
 def _final_rows(grid: Any, final_epoch: int) -> list[dict[str, Any]]:

@@ -140,14 +140,15 @@ REPORTED = {
 }  # fmt: skip
 
 
-def close_orphan_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> int:
-    """Ends trial runs left RUNNING under a finished search: trials lost in a driver crash that Tune's last
-    snapshot did not know (Tune trains them again as new trials). They become KILLED, state LOST."""
+def close_orphan_runs(tracking_uri: str, experiment_id: str, parent_run_id: str, state: str = "LOST") -> int:
+    """Ends trial runs left RUNNING under a search. After a finished search these are trials lost in a driver
+    crash that Tune's last snapshot did not know (Tune trains them again as new trials): KILLED, state LOST.
+    After an interrupted one they are the unfinished trials: KILLED, state INTERRUPTED, until `resume`."""
     client = MlflowClient(tracking_uri)
     query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
     orphans = client.search_runs([experiment_id], filter_string=query, max_results=10000)
     for run in orphans:
-        client.log_batch(run.info.run_id, tags=[RunTag("pathsearch.state", "LOST")])
+        client.log_batch(run.info.run_id, tags=[RunTag("pathsearch.state", state)])
         client.set_terminated(run.info.run_id, status="KILLED")
     return len(orphans)
 

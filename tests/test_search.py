@@ -324,3 +324,51 @@ def test_multi_objective_search_keeps_and_exports_the_pareto_front(tmp_path, loc
     exported = export_pareto("toy", tmp_path / "front.yaml", ["val_acc", "kept_paths"], ["max", "min"], uri)
     assert len(exported) == 1
     assert PathConfig.load(exported[0].files["path_config"]).pruned == result.pareto[0]["overrides"]["model.pruned"]
+
+
+def test_ctrl_c_interrupts_cleanly_and_resume_finishes(tmp_path):
+    """SIGINT to the driver mid-search: Tune stops, the parent and unfinished trial runs end KILLED (none left
+    RUNNING); `resume` then reopens those runs and completes the search with one run per trial."""
+    import signal
+    import subprocess
+    import time
+
+    toy_spec(tmp_path, {"model.pruned": {"by": "path"}}, {"num_samples": 5})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = {"file": str(tmp_path / "toy.yaml"), "storage": str(tmp_path / "runs"), "uri": uri, "name": "sigint"}
+    driver = [sys.executable, str(Path(__file__).parent / "toy_search.py")]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATHSEARCH_TOY": json.dumps({"sleep": 1.5})}
+    proc = subprocess.Popen([*driver, "search", json.dumps(args)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    state = tmp_path / "runs" / "sigint" / "pathsearch_state.json"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1.0)
+            if state.exists():
+                _, _, children = child_runs(uri)
+                if any(c.info.status == "FINISHED" for c in children):
+                    break
+        assert proc.poll() is None, "the search ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        subprocess.run(["pkill", "-9", "-s", str(proc.pid)], check=False)
+    _, parents, children = child_runs(uri)
+    assert parents[0].info.status == "KILLED"
+    assert all(c.info.status != "RUNNING" for c in children)
+    assert len(children) < 5
+    resume = subprocess.Popen(
+        [*driver, "resume", json.dumps({"run_dir": str(state.parent)})],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _, err = resume.communicate(timeout=600)
+    finally:
+        subprocess.run(["pkill", "-9", "-s", str(resume.pid)], check=False)
+    assert resume.returncode == 0, err[-3000:]
+    _, parents, children = child_runs(uri)
+    trial_ids = [c.data.tags["pathsearch.trial_id"] for c in children]
+    assert len(trial_ids) == len(set(trial_ids))
+    assert parents[0].info.status == "FINISHED"
+    assert all(c.info.status == "FINISHED" for c in children)
