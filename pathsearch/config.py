@@ -487,19 +487,25 @@ def _try_convert(tp: Any, value: Any) -> Any:
     if tp is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else _MISSING
     if tp is float:
-        if isinstance(value, bool):
-            return _MISSING
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                return _MISSING
-        return _MISSING
+        number = parse_number(value)
+        return _MISSING if number is None else float(number)
     if tp is str:
         return value if isinstance(value, str) else _MISSING
     return value if isinstance(value, tp) else _MISSING
+
+
+def parse_number(value: Any) -> int | float | None:
+    """A YAML number, or None. PyYAML reads `1e-4` (no dot) as a string, so numeric strings count too."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _describe(tp: Any) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pathsearch.config import parse_number
 from pathsearch.paths import path_names
 
 MASK_BY = ("path", "layer", "group", "shortest")
@@ -151,7 +152,7 @@ def _parse_dist(spec: Mapping[str, Any], where: str, problems: list[str]) -> Dis
     if "low" not in spec or "high" not in spec:
         problems.append(f"{where}: expected low and high (or choices), got {dict(spec)!r}")
         return None
-    low, high = _number(spec["low"]), _number(spec["high"])
+    low, high = parse_number(spec["low"]), parse_number(spec["high"])
     log, step = spec.get("log", False), spec.get("step")
     bad = False
     for name, value in (("low", low), ("high", high)):
@@ -161,7 +162,7 @@ def _parse_dist(spec: Mapping[str, Any], where: str, problems: list[str]) -> Dis
     if not isinstance(log, bool):
         problems.append(f"{where}.log: expected true or false, got {log!r}")
         bad = True
-    if step is not None and (_number(step) is None or _number(step) <= 0):  # type: ignore[operator]
+    if step is not None and (parse_number(step) is None or parse_number(step) <= 0):  # type: ignore[operator]
         problems.append(f"{where}.step: expected a number > 0, got {step!r}")
         bad = True
     if bad:
@@ -176,7 +177,7 @@ def _parse_dist(spec: Mapping[str, Any], where: str, problems: list[str]) -> Dis
     if log and step is not None:
         problems.append(f"{where}: Optuna does not combine log with step")
         return None
-    return Dist(low=low, high=high, log=log, step=_number(step) if step is not None else None)
+    return Dist(low=low, high=high, log=log, step=parse_number(step) if step is not None else None)
 
 
 def _parse_mask(spec: Mapping[str, Any], depth: int, where: str, problems: list[str]) -> SpaceEntry | None:
@@ -207,19 +208,6 @@ def _parse_mask(spec: Mapping[str, Any], depth: int, where: str, problems: list[
         problems.append(f"{where}: k up to {max(values)} would prune all {num_paths} paths; use k <= {num_paths - 1}")
         return None
     return SpaceEntry("model.pruned", dist, by=by)
-
-
-def _number(value: Any) -> int | float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return value
-    if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
 
 
 def _mask_flags(by: str, depth: int) -> list[tuple[str, list[int]]]:

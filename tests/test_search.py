@@ -70,6 +70,23 @@ def child_runs(uri: str, experiment: str = "toy"):
     return client, parents, children
 
 
+def wait_for_finished_runs(proc, state: Path, uri: str, count: int, timeout: float = 240) -> set[str]:
+    """Polls MLflow (once the driver has created its store) until `count` trial runs are FINISHED."""
+    import time
+
+    finished: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(1.0)
+        if state.exists():
+            _, _, children = child_runs(uri)
+            finished = {c.data.tags["pathsearch.trial_id"] for c in children if c.info.status == "FINISHED"}
+            if len(finished) >= count:
+                break
+    assert proc.poll() is None, "the search ended before it could be stopped"
+    return finished
+
+
 def study(result):
     return json.loads((result.run_dir / "optuna_trials.json").read_text())
 
@@ -231,17 +248,8 @@ def test_driver_killed_then_resumed_keeps_one_run_per_trial(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     state = tmp_path / "runs" / "crash" / "pathsearch_state.json"  # written once the MLflow store exists
-    finished_before: set[str] = set()
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(1.0)
-            if state.exists():
-                _, _, children = child_runs(uri)
-                finished_before = {c.data.tags["pathsearch.trial_id"] for c in children if c.info.status == "FINISHED"}
-                if len(finished_before) >= 2:
-                    break
-        assert proc.poll() is None, "the search ended before it could be killed"
+        finished_before = wait_for_finished_runs(proc, state, uri, 2)
         assert len(finished_before) >= 2
     finally:
         # kill -9 the driver and every process of its session (its local Ray included), nothing else
@@ -331,7 +339,6 @@ def test_ctrl_c_interrupts_cleanly_and_resume_finishes(tmp_path):
     RUNNING); `resume` then reopens those runs and completes the search with one run per trial."""
     import signal
     import subprocess
-    import time
 
     toy_spec(tmp_path, {"model.pruned": {"by": "path"}}, {"num_samples": 5})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -342,14 +349,7 @@ def test_ctrl_c_interrupts_cleanly_and_resume_finishes(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     state = tmp_path / "runs" / "sigint" / "pathsearch_state.json"
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(1.0)
-            if state.exists():
-                _, _, children = child_runs(uri)
-                if any(c.info.status == "FINISHED" for c in children):
-                    break
-        assert proc.poll() is None, "the search ended before it could be interrupted"
+        wait_for_finished_runs(proc, state, uri, 1)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0
     finally:
