@@ -142,7 +142,7 @@ def _export(args: argparse.Namespace) -> int:
 def _ui(args: argparse.Namespace) -> int:
     import subprocess
 
-    from pathsearch.export import ui_command
+    from pathsearch.tracking import ui_command
 
     cmd, env = ui_command(args.tracking_uri, args.port)
     print(f"MLflow UI at http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)

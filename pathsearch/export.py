@@ -8,7 +8,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 from mlflow.entities import Run
@@ -107,15 +106,3 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
-
-
-def ui_command(tracking_uri: str | None, port: int) -> tuple[list[str], dict[str, Any]]:
-    """`mlflow server` for one store on 127.0.0.1 with lean settings (one worker, no job execution)."""
-    import os
-    import sys
-
-    uri = tracking_uri or default_tracking_uri()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    return cmd, env

@@ -208,17 +208,13 @@ class PathEnsembleViT(nn.Module):
 
         A student is the sum of its paths that the mask keeps; a student left with no kept path is skipped.
         """
-        features = self.forward_paths(x)  # (P, B, ...)
-        weights = self._weights(torch.tensor(self._keep, device=features.device)[None])  # (1, P, 1|D)
-        logits = self.forward_head(_combine(weights, features)[0])
-        students = []
+        masks = [self._keep]
         for indices in self._students:
-            member = torch.zeros(self.num_paths, dtype=torch.bool, device=features.device)
-            member[indices] = True
-            member &= torch.tensor(self._keep, device=features.device)
-            if member.any():
-                students.append(self.forward_head(_combine(self._weights(member[None]), features)[0]))
-        return logits, students
+            member = [keep and i in indices for i, keep in enumerate(self._keep)]
+            if any(member):
+                masks.append(member)
+        logits = self.forward_masks(self.forward_paths(x), torch.tensor(masks))  # (1 + students, B, C)
+        return logits[0], list(logits[1:])
 
     def distillation_loss(self, logits: Tensor, student_logits: Sequence[Tensor]) -> Tensor:
         """alpha * sum_k T^2 KL(softmax(teacher / T) || softmax(student_k / T)) with this model's settings."""

@@ -29,7 +29,8 @@ from ray.tune.search.optuna import OptunaSearch
 from pathsearch.config import SearchFile, set_dotted
 from pathsearch.space import SearchSpace, lookup_value, sample_overrides
 
-INFEASIBLE = "pathsearch.infeasible"
+INFEASIBLE = "pathsearch.infeasible"  # Optuna user attrs
+REUSED = "pathsearch.reused"
 
 
 # ----- what each Ray trial runs ----------------------------------------------------------------------------
@@ -100,9 +101,7 @@ class PathOptunaSearch(OptunaSearch):
         self.max_kept_paths = max_kept_paths
         self.finished: dict[str, list[float]] = {}  # config key -> objective values of a COMPLETE trial
         self.trial_keys: dict[str, str] = {}
-        self.reused = 0
-        self.infeasible = 0
-        self.pruned = 0
+        self.reused = 0  # counts towards num_samples
 
     # Ray documents Searcher.FINISHED (a str) as a valid return, but its annotation says dict | None.
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
@@ -119,10 +118,9 @@ class PathOptunaSearch(OptunaSearch):
             if reason is not None:
                 ot_trial.set_user_attr(INFEASIBLE, reason)
                 study.tell(ot_trial, state=TrialState.FAIL)
-                self.infeasible += 1
                 continue
             if key in self.finished:  # trained before: reuse its result, don't train again
-                ot_trial.set_user_attr("pathsearch.reused", True)
+                ot_trial.set_user_attr(REUSED, True)
                 values = self.finished[key]
                 study.tell(ot_trial, values if len(values) > 1 else values[0])
                 self.reused += 1
@@ -175,7 +173,6 @@ class PathOptunaSearch(OptunaSearch):
         if stopped_early:  # the trial is PRUNED, not COMPLETE
             self.study().tell(ot_trial, state=TrialState.PRUNED)
             self._completed_trials.add(trial_id)
-            self.pruned += 1
             return
         super().on_trial_complete(trial_id, result=result, error=error)
         if not error and result is not None and trial_id in self.trial_keys:
@@ -214,22 +211,16 @@ def baseline_point(space: SearchSpace, base: Mapping[str, Any]) -> dict[str, Any
     """Optuna params of the baseline: no path pruned, EnsembleScale init 1.0, everything else as in the base."""
     point: dict[str, Any] = {}
     for entry in space.entries:
-        if entry.key == "model.pruned":
-            names = ["prune.shortest"] if entry.by == "shortest" else None
-            for name in names or _flag_names(space, entry):
-                point[name] = 0 if name == "prune.shortest" else False
+        names = SearchSpace([entry], space.depth).param_names()
+        if entry.key == "model.pruned":  # prune nothing: k = 0, or every flag off
+            point.update({name: 0 if name == "prune.shortest" else False for name in names})
         elif entry.key == "model.ensemble_scale.init":
-            for name in _flag_names(space, entry):
-                point[name] = 1.0
+            point.update(dict.fromkeys(names, 1.0))
         else:
             value = lookup_value({}, base, entry.key)
             if value is not None and all(lookup_value({}, base, k) == v for k, v in entry.when.items()):
                 point[entry.key] = value
     return point
-
-
-def _flag_names(space: SearchSpace, entry: Any) -> list[str]:
-    return SearchSpace([entry], space.depth).param_names()
 
 
 # ----- the driver ---------------------------------------------------------------------------------------------
@@ -482,7 +473,7 @@ def study_table(study: optuna.Study) -> list[dict[str, Any]]:
 
 def _study_counts(study: optuna.Study) -> dict[str, int]:
     trials = study.get_trials(deepcopy=False)
-    reused = sum(bool(tr.user_attrs.get("pathsearch.reused")) for tr in trials)
+    reused = sum(bool(tr.user_attrs.get(REUSED)) for tr in trials)
     infeasible = sum(INFEASIBLE in tr.user_attrs for tr in trials)
     return {
         "complete": sum(tr.state == TrialState.COMPLETE for tr in trials) - reused,

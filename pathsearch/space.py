@@ -125,12 +125,12 @@ def parse_space(raw: Any, depth: int, source: str, problems: list[str]) -> Searc
         if entry is not None:
             entry.when = dict(when)
             entries.append(entry)
-    known = {e.key for e in entries}
+    order = {e.key: i for i, e in enumerate(entries)}
     for entry in entries:
         for cond in entry.when:
             if cond == entry.key:
                 problems.append(f"{source}: space.{entry.key}.when: an entry cannot depend on itself")
-            elif cond in known and [e.key for e in entries].index(cond) > [e.key for e in entries].index(entry.key):
+            elif order.get(cond, -1) > order[entry.key]:
                 problems.append(f"{source}: space.{entry.key}.when: {cond!r} must come before it in the file")
     return SearchSpace(entries, depth)
 

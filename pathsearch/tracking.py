@@ -7,7 +7,9 @@ with its real status (FINISHED, FAILED, or KILLED for pruned/stopped trials). Ru
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,12 +54,13 @@ class MlflowTrialLogger(Callback):
         self.parent_run_id = parent_run_id
         self.final_epoch = final_epoch
         self._runs: dict[str, str] = {}
-        self.requests = 0  # MLflow requests made for trial results (benchmarks/logging count them)
-        self.results = 0
+        self._client: MlflowClient | None = None
 
     @property
     def client(self) -> MlflowClient:
-        return MlflowClient(self.tracking_uri)
+        if self._client is None:  # made once per process (the callback is pickled without it)
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
 
     def run_id_for(self, trial: Any) -> str:
         """The trial's run: created once, found again by tag after a restore."""
@@ -82,7 +85,6 @@ class MlflowTrialLogger(Callback):
             params = [Param(k, _short(v)) for k, v in sorted(config.items()) if k not in ("overrides",)]
             params += [Param(f"config.{k}", _short(v)) for k, v in sorted(config.get("overrides", {}).items())]
             client.log_batch(run_id, params=params)
-            self.requests += 1
         self._runs[trial_id] = run_id
         return run_id
 
@@ -101,8 +103,6 @@ class MlflowTrialLogger(Callback):
             if k in REPORTED and isinstance(v, int | float) and not isinstance(v, bool)
         ]
         self.client.log_batch(run_id, metrics=metrics)  # one request per result
-        self.requests += 1
-        self.results += 1
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
@@ -131,6 +131,7 @@ class MlflowTrialLogger(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_runs"] = {}  # looked up again by tag after a restore
+        state["_client"] = None
         return state
 
 
@@ -168,3 +169,12 @@ def end_parent_run(
 def _short(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def ui_command(tracking_uri: str | None, port: int) -> tuple[list[str], dict[str, Any]]:
+    """`mlflow server` for one store on 127.0.0.1 with lean settings (one worker, no job execution)."""
+    uri = tracking_uri or default_tracking_uri()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return cmd, env
