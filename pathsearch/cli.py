@@ -139,6 +139,62 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from pathsearch.config import load_search_file
+    from pathsearch.model import model_depth
+
+    load_search_file(args.file, args.set, model_depth=model_depth)  # invalid: exit 2, nothing submitted
+    from pathsearch.cluster import submit_search
+
+    job = submit_search(
+        args.file, args.address, args.tracking_uri, args.storage_path, args.set, name=args.name, check=not args.no_check
+    )
+    print(f"submitted job {job.job_id} to {job.address}", flush=True)
+    print(f"  follow it:  pathsearch logs {job.job_id} --address {job.address} --follow")
+    print(f"  results:    MLflow at {job.tracking_uri}, trials under {job.storage_path}/{job.name}")
+    if not args.wait:
+        return 0
+    return _follow(job.address, job.job_id)
+
+
+def _follow(address: str, job_id: str) -> int:
+    from pathsearch.cluster import TERMINAL_EXIT, job_logs
+
+    try:
+        status = job_logs(address, job_id, follow=True)
+    except KeyboardInterrupt:
+        print(f"\nthe job goes on; stop it with: pathsearch stop {job_id} --address {address}", file=sys.stderr)
+        return 130
+    print(f"job {job_id}: {status}")
+    return TERMINAL_EXIT.get(status, 1)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pathsearch.cluster import job_status
+
+    info = job_status(args.address, args.job)
+    print(f"job {info['job_id']}: {info['status']}")
+    if info["message"]:
+        print(f"  {info['message']}")
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from pathsearch.cluster import dashboard_address, job_logs
+
+    if args.follow:
+        return _follow(dashboard_address(args.address), args.job)
+    job_logs(args.address, args.job)
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from pathsearch.cluster import stop_job
+
+    print(f"job {args.job}: {stop_job(args.address, args.job)}")
+    return 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -193,6 +249,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--with-weights", action="store_true", help="also write the weights (.safetensors)")
     export.add_argument("--out", required=True, help="output PathConfig file (.yaml or .json)")
     export.set_defaults(func=_export)
+    submit = verbs.add_parser("submit", help="run a search on a Ray cluster as a Ray job (Jobs API)")
+    submit.add_argument("file")
+    submit.add_argument("--address", default=None, help="Ray dashboard http://HEAD:8265 (default: $RAY_ADDRESS)")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
+    submit.add_argument("--tracking-uri", default=None, help="MLflow server every node can reach (required)")
+    submit.add_argument("--storage-path", default=None, help="shared folder or s3://... for trials (required)")
+    submit.add_argument("--name", default=None, help="job id and run name (default: file name + time)")
+    submit.add_argument("--wait", action="store_true", help="follow the logs; exit 0 succeeded, 1 failed, 3 stopped")
+    submit.add_argument("--no-check", action="store_true", help="skip the check from every node before submitting")
+    submit.set_defaults(func=_submit)
+    for verb, func, help_text in (
+        ("status", _status, "a submitted search's status"),
+        ("logs", _logs, "a submitted search's output"),
+        ("stop", _stop, "stop a submitted search (Ray interrupts its driver, which ends unfinished runs)"),
+    ):
+        sub = verbs.add_parser(verb, help=help_text)
+        sub.add_argument("job", help="job id printed by submit")
+        sub.add_argument("--address", default=None, help="Ray dashboard http://HEAD:8265 (default: $RAY_ADDRESS)")
+        if verb == "logs":
+            sub.add_argument("--follow", action="store_true", help="stream until the job ends; exit as --wait does")
+        sub.set_defaults(func=func)
     ui = verbs.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a tracking store")
     ui.add_argument("--tracking-uri", default=None)
     ui.add_argument("--port", type=int, default=5000)

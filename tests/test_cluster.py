@@ -1,0 +1,300 @@
+"""A real multi-node Ray cluster on this machine: cluster/local.sh starts a head, two worker nodes and an MLflow
+server inside a network namespace that has only `lo`, so every address is 127.0.0.1 and no traffic leaves it
+(FIELD-NOTES.md). Searches go through `pathsearch submit` (Ray's Jobs API, token auth on); MLflow is read with
+the real client from inside the namespace (tests/cluster_probe.py). Needs root for `ip netns`; skips otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pathsearch.cluster import check_reachable_by_form, read_ray_token
+from pathsearch.paths import PathConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+NODES = [{"node_ip": "10.0.0.1"}, {"node_ip": "10.0.0.2"}]
+# a small real search: depth-2 ViTs on digits, 4 trials, 2 at a time (one per worker node)
+SMALL = [
+    "--set", "model.kwargs.depth=2", "--set", "model.pruned=[]", "--set", "space.model.pruned.high=2",
+    "--set", "train.epochs=6", "--set", "train.eval_every=1", "--set", "train.warmup_epochs=1",
+    "--set", "data.train_size=200", "--set", "search.num_samples=4", "--set", "search.scheduler=none",
+]  # fmt: skip
+
+needs_netns = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None,
+    reason="a multi-node cluster on loopback needs a network namespace (`ip netns`, root)",
+)
+
+
+# ----- checks made before anything is submitted (no cluster needed) ------------------------------------------
+def test_local_store_or_relative_path_is_refused_on_a_multinode_cluster():
+    problems = check_reachable_by_form("sqlite:///mlflow.db", "runs", NODES)
+    assert len(problems) == 2
+    assert "--tracking-uri sqlite:///mlflow.db: a local MLflow store" in problems[0]
+    assert "--storage-path runs: a relative path" in problems[1]
+    loopback = check_reachable_by_form("http://127.0.0.1:5000", "/shared/runs", NODES)
+    assert loopback == [loopback[0]] and "spans 2 hosts" in loopback[0]
+
+
+def test_server_and_shared_path_pass_the_form_checks():
+    assert check_reachable_by_form("http://mlflow.internal:5000", "/nfs/runs", NODES) == []
+    one_host = [{"node_ip": "127.0.0.1"}] * 3  # cluster/local.sh: nodes share this machine's loopback and disk
+    assert check_reachable_by_form("http://127.0.0.1:5000", "/tmp/runs", one_host) == []
+    assert "s3:// is not supported" in check_reachable_by_form("http://m:5000", "s3://bucket/runs", one_host)[0]
+
+
+def test_token_is_read_the_way_the_ray_cli_reads_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert read_ray_token() == (None, str(tmp_path / ".ray" / "auth_token"))
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    assert read_ray_token()[0] == "from-home"
+    (tmp_path / "t").write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "t"))
+    assert read_ray_token() == ("from-path", f"RAY_AUTH_TOKEN_PATH={tmp_path / 't'}")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert read_ray_token() == ("from-env", "RAY_AUTH_TOKEN")
+
+
+def test_submit_without_cluster_or_tracking_uri_exits_2():
+    cmd = [PY, "-m", "pathsearch.cli", "submit", str(ROOT / "search_spaces/digits_tiny.yaml")]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "no cluster given: pass --address" in proc.stderr
+    proc = subprocess.run([*cmd, "--address", "http://127.0.0.1:1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--tracking-uri is required" in proc.stderr
+
+
+# ----- the cluster --------------------------------------------------------------------------------------------
+class Namespace:
+    """Runs commands inside the test's network namespace, with the cluster's token."""
+
+    def __init__(self, name: str, env: dict[str, str]) -> None:
+        self.name, self.env = name, env
+
+    def run(self, args: list[str], timeout: float = 300, env: dict[str, str] | None = None, check: bool = False):
+        proc = subprocess.run(
+            ["ip", "netns", "exec", self.name, *args],
+            capture_output=True, text=True, timeout=timeout, env={**self.env, **(env or {})}, cwd=ROOT,
+        )  # fmt: skip
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+    def popen(self, args: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(
+            ["ip", "netns", "exec", self.name, *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env, cwd=ROOT,
+        )  # fmt: skip
+
+    def runs(self, uri: str, experiment: str) -> list[dict]:
+        proc = self.run([PY, str(ROOT / "tests/cluster_probe.py"), uri, experiment], timeout=120, check=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head (0 CPUs) + 2 worker nodes (1 CPU each) + MLflow server on SQLite, in a fresh network namespace."""
+    name = f"pstest{os.getpid()}"
+    folder = Path(tempfile.mkdtemp(prefix="pscluster-", dir="/tmp"))
+    token = folder / "auth_token"
+    token.write_text(os.urandom(32).hex())
+    token.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_AUTH_TOKEN_PATH"] = str(token)
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    ns = Namespace(name, env)
+    try:
+        ns.run([str(ROOT / "cluster/local.sh"), "up", "--dir", str(folder), "--workers", "2"], timeout=240, check=True)
+        state = json.loads((folder / "cluster.json").read_text())
+        yield ns, state
+    finally:
+        down = ns.run([str(ROOT / "cluster/local.sh"), "down", "--dir", str(folder)], timeout=120)
+        subprocess.run(["ip", "netns", "delete", name])
+        shutil.rmtree(folder, ignore_errors=True)
+        assert down.returncode == 0, down.stderr
+
+
+def submit(ns: Namespace, state: dict, experiment: str, *extra: str, uri: str | None = None, background=False):
+    """`pathsearch submit --wait` of the small search; in the background, the test watches it meanwhile."""
+    args = [PY, "-m", "pathsearch.cli", "submit", str(ROOT / "search_spaces/digits_tiny.yaml"), "--wait"]
+    args += ["--address", state["dashboard"], "--tracking-uri", uri or state["tracking_uri"]]
+    args += ["--storage-path", state["storage_path"], "--name", experiment, *SMALL]
+    args += ["--set", f"tracking.experiment={experiment}", *extra]
+    return ns.popen(args) if background else ns.run(args, timeout=600)
+
+
+def check_search_runs(runs: list[dict], trials: int) -> list[dict]:
+    """One FINISHED parent; exactly one finished run per trial with its whole metric history."""
+    parents = [r for r in runs if r["kind"] == "search"]
+    children = [r for r in runs if r["parent"]]
+    assert len(parents) == 1 and parents[0]["status"] == "FINISHED"
+    assert len(children) == trials
+    assert len({r["trial_id"] for r in children}) == trials  # no trial has two runs
+    assert all(r["parent"] == parents[0]["run_id"] for r in children)
+    assert {r["status"] for r in children} == {"FINISHED"}
+    for run in children:
+        assert run["val_acc_steps"] == [1, 2, 3, 4, 5, 6], run  # each epoch once: nothing lost or repeated
+    return children
+
+
+@needs_netns
+def test_local_cluster_has_a_head_two_workers_and_mlflow(cluster):
+    ns, state = cluster
+    proc = ns.run([str(ROOT / "cluster/local.sh"), "status", "--dir", state["dir"]], check=True)
+    assert "Ray: 3 alive node(s)" in proc.stdout and "healthy" in proc.stdout
+    assert [p["name"] for p in state["processes"]] == ["head", "mlflow", "worker-1", "worker-2"]
+
+
+@needs_netns
+@pytest.mark.parametrize("token", ["wrong", None])
+def test_wrong_or_missing_token_is_a_clear_error(cluster, token, tmp_path):
+    ns, state = cluster
+    missing = {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "none"), "HOME": "/nonexistent"}
+    env = {"RAY_AUTH_TOKEN": token} if token else missing
+    proc = ns.run(
+        [PY, "-m", "pathsearch.cli", "status", "no-such-job", "--address", state["dashboard"]], env=env, timeout=60
+    )
+    assert proc.returncode == 2, proc.stderr
+    expected = "refused the token from RAY_AUTH_TOKEN" if token else "asks for a token and none was found"
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+
+
+@needs_netns
+def test_preflight_finds_what_the_nodes_cannot_reach(cluster):
+    ns, state = cluster
+    proc = submit(ns, state, "unreachable", uri="http://127.0.0.1:5999")  # nothing listens there
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    unreachable = [line for line in proc.stderr.splitlines() if "cannot reach --tracking-uri" in line]
+    assert len(unreachable) == 3, proc.stderr  # the head and both workers said so
+    jobs = ns.run([PY, "-m", "pathsearch.cli", "status", "unreachable", "--address", state["dashboard"]])
+    assert jobs.returncode == 2 and "no job 'unreachable'" in jobs.stderr  # the search itself was not submitted
+
+
+@pytest.fixture
+def postgres_mlflow(cluster):
+    """An MLflow server backed by Debian's PostgreSQL, both inside the namespace; stopped after the test."""
+    ns, _ = cluster
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    if not bins or shutil.which("runuser") is None:
+        pytest.skip("PostgreSQL server binaries not installed (Debian package postgresql)")
+    bindir = bins[-1]
+    folder = Path(tempfile.mkdtemp(prefix="pspg-", dir="/tmp"))
+    shutil.chown(folder, "postgres")
+    as_pg = ["runuser", "-u", "postgres", "--"]
+    ns.run([*as_pg, str(bindir / "initdb"), "-D", str(folder / "data"), "--auth=trust", "-U", "postgres"], check=True)
+    data = str(folder / "data")
+    postgres = ns.popen([*as_pg, str(bindir / "postgres"), "-D", data, "-k", str(folder), "-p", "5432",
+                         "-c", "listen_addresses=127.0.0.1"])  # fmt: skip
+    server = None
+    try:
+        for _ in range(60):
+            if ns.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", "5432"]).returncode == 0:
+                break
+            time.sleep(0.5)
+        ns.run([*as_pg, str(bindir / "createdb"), "-h", "127.0.0.1", "mlflow"], check=True)
+        store = "postgresql://postgres@127.0.0.1:5432/mlflow"
+        server = ns.popen(
+            [PY, "-m", "mlflow", "server", "--backend-store-uri", store, "--artifacts-destination",
+             str(folder / "artifacts"), "--host", "127.0.0.1", "--port", "5001", "--workers", "1"]
+        )  # fmt: skip
+        health = [PY, "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:5001/health', timeout=2)"]
+        for _ in range(120):
+            if ns.run(health, timeout=30).returncode == 0:
+                break
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            time.sleep(0.5)
+        yield "http://127.0.0.1:5001"
+    finally:
+        for proc in (server, postgres):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@needs_netns
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_multinode_search_logs_one_run_per_trial_and_exports(cluster, backend, request):
+    ns, state = cluster
+    uri = request.getfixturevalue("postgres_mlflow") if backend == "postgresql" else state["tracking_uri"]
+    experiment = f"multinode_{backend}"
+    proc = submit(ns, state, experiment, uri=uri)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert f"job {experiment}: SUCCEEDED" in proc.stdout
+    children = check_search_runs(ns.runs(uri, experiment), trials=4)
+    assert len({r["node_id"] for r in children}) == 2  # the trials ran on both worker nodes
+    out = Path(state["dir"]) / f"best-{backend}.yaml"
+    ns.run(
+        [PY, "-m", "pathsearch.cli", "export", "--experiment", experiment, "--tracking-uri", uri, "--out", str(out)],
+        check=True,
+    )
+    assert PathConfig.load(out).depth == 2
+
+
+def wait_for_running_trials(ns: Namespace, uri: str, experiment: str, job, count: int, steps: int) -> list[dict]:
+    """Polls MLflow until `count` trial runs are RUNNING with at least `steps` evaluations each."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        running = [r for r in ns.runs(uri, experiment) if r["parent"] and r["status"] == "RUNNING"]
+        if len(running) >= count and all(len(r["val_acc_steps"]) >= steps for r in running):
+            return running
+        assert job.poll() is None, job.stdout.read()[-4000:]
+        time.sleep(1)
+    raise AssertionError(f"{count} trial(s) never ran at once")
+
+
+@needs_netns
+def test_stop_interrupts_the_driver_which_closes_its_runs(cluster):
+    ns, state = cluster
+    experiment = "stopped"
+    job = submit(ns, state, experiment, "--set", "train.epochs=40", background=True)
+    wait_for_running_trials(ns, state["tracking_uri"], experiment, job, count=1, steps=1)
+    stop = ns.run([PY, "-m", "pathsearch.cli", "stop", experiment, "--address", state["dashboard"]], check=True)
+    assert f"job {experiment}: STOPPED" in stop.stdout
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == 3, output[-3000:]  # --wait exits 3 for a stopped job
+    runs = ns.runs(state["tracking_uri"], experiment)
+    assert runs and not [r for r in runs if r["status"] == "RUNNING"]  # nothing left RUNNING
+    interrupted = [r for r in runs if r["parent"] and r["state"] == "INTERRUPTED"]
+    assert interrupted and {r["status"] for r in interrupted} == {"KILLED"}
+
+
+@needs_netns
+def test_killed_worker_node_trials_resume_from_checkpoints(cluster):
+    """Runs last: it takes a worker node away. Its raylet is killed by pid while both nodes train."""
+    ns, state = cluster
+    experiment = "node_failure"
+    job = submit(ns, state, experiment, "--set", "train.epochs=6", "--set", "data.train_size=600", background=True)
+    worker = next(p for p in state["processes"] if p["name"] == "worker-1")
+    # two trials past their first checkpoints: both worker nodes are busy (the head has no CPU)
+    wait_for_running_trials(ns, state["tracking_uri"], experiment, job, count=2, steps=2)
+    raylets = [pid for pid in session_pids(worker["pid"]) if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet"]
+    assert len(raylets) == 1
+    os.kill(raylets[0], 9)
+    output, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, output[-5000:]
+    children = check_search_runs(ns.runs(state["tracking_uri"], experiment), trials=4)
+    retried = [r for r in children if r["retries"] > 0]
+    assert retried, "no trial was retried: the kill did not hit a running trial"
+    status = ns.run([str(ROOT / "cluster/local.sh"), "status", "--dir", state["dir"]])
+    assert status.returncode == 1 and "worker-1   DOWN" in status.stdout
+
+
+def session_pids(sid: int) -> list[int]:
+    from pathsearch.localcluster import _session_pids
+
+    return _session_pids(sid)
