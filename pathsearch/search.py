@@ -49,11 +49,13 @@ def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     for key, value in config.get("overrides", {}).items():
         set_dotted(raw, key, value)
     cfg = load_trial_config(None, data=raw, source="trial config")
-    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
+    context = ray.get_runtime_context()
+    cpus = int(context.get_assigned_resources().get("CPU", 1)) or 1
+    node_id = context.get_node_id()  # MLflow tags the run with it: which node trained (and retrained) a trial
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=checkpoint)
+        tune.report({**metrics, "node_id": node_id}, checkpoint=checkpoint)
 
     work_dir = Path(os.getcwd()) / "checkpoints"
     checkpoint = tune.get_checkpoint()
@@ -312,7 +314,7 @@ def run_search(
             name=name,
             storage_path=str(run_dir.parent),
             callbacks=[
-                MlflowTrialLogger(uri, experiment_id, parent, final_epoch=t.epochs),
+                MlflowTrialLogger(uri, experiment_id, parent, final_epoch=t.epochs, run_dir=run_dir),
                 ProgressLine(s.num_samples, s.metrics[0], s.modes[0], t.epochs, verbose),
             ],
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
@@ -422,10 +424,10 @@ def _init_ray(address: str | None) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps a local Ray on 127.0.0.1
-    if address:
+    if address:  # an existing cluster (`auto` inside a Ray job): its nodes keep the addresses they registered
         ray.init(address=address)
     else:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps a local Ray on 127.0.0.1
         ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
 
 

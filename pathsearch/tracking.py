@@ -1,30 +1,131 @@
 """MLflow, written by the driver: one parent run per search, exactly one nested child run per trial.
 
-A Ray Tune callback (driver side) batches each reported result into one `log_batch` request and ends every run
-with its real status (FINISHED, FAILED, or KILLED for pruned/stopped trials). Runs are found again by the
-`pathsearch.trial_id` tag, so a resumed trial continues its own run. No tensors, no torch.
+A Ray Tune callback (driver side) turns each trial event into a plain-data operation on an ordered queue (run
+creation with params, one `log_batch` per reported result, artifacts + state tag + terminal status at the end) and
+sends the queue in order. While the MLflow server is unreachable the operations stay queued, are retried every few
+seconds, travel in Tune's experiment checkpoint, and are flushed (or saved to a JSON file) when the search ends.
+Runs are found again by the `pathsearch.trial_id` tag, so a resumed trial continues its own run. No tensors, no torch.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import requests
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 TRIAL_TAG = "pathsearch.trial_id"
+NODE_TAG = "pathsearch.node_id"  # the Ray node a trial last ran on
+RETRIES_TAG = "pathsearch.retries"  # how often Tune retried the trial from its checkpoint
 TRIAL_ARTIFACTS = ("path_config.yaml", "path_analysis.json", "path_analysis.png", "model_0.safetensors")
+PENDING_FILE = "mlflow_pending.json"  # in the run directory: operations a flush could not send before its deadline
+RETRY_EVERY_S = 3.0  # between attempts to send the queue while the server is down
+FLUSH_TIMEOUT_S = 300.0  # default deadline for the end-of-search flush; env PATHSEARCH_MLFLOW_FLUSH_TIMEOUT_S
+# MLflow's HTTP client reads these at request time. Its defaults (7 retries, backoff factor 2, 120 s timeout)
+# block one request against a dead server for about 4 minutes (sleeps 0, 4, 8, ... 120 s), and with it the Tune
+# loop. No retry inside the client: the queue retries instead, and safely, since urllib3 would resend any method
+# (a create_run whose answer was lost would create a second run; the queue looks the run up by tag first).
+# A keep-alive connection that a restarted server closed is noticed by urllib3 before reuse, without a retry.
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+T = TypeVar("T")
+Op = dict[str, Any]  # plain data only (str, float, int, lists, dicts): pickled with Tune's state, dumped as JSON
 
 
 def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def flush_timeout_s() -> float:
+    return float(os.environ.get("PATHSEARCH_MLFLOW_FLUSH_TIMEOUT_S", FLUSH_TIMEOUT_S))
+
+
+@contextmanager
+def fail_fast() -> Iterator[None]:
+    """MLflow requests inside fail within seconds when the server is down; a setting the user made wins."""
+    added = {k: v for k, v in FAIL_FAST.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def is_retryable(err: BaseException) -> bool:
+    """True for a server that is down, restarting or overloaded: connection errors, timeouts, HTTP 5xx/429/408.
+
+    MLflow wraps a failed request in an MlflowException (INTERNAL_ERROR, i.e. 500) whose context is the requests
+    error; a 4xx answer (invalid parameter, unknown run) is final, and so is any other error.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, requests.ConnectionError | requests.Timeout | ConnectionError | TimeoutError):
+            return True
+        if isinstance(cause, requests.HTTPError) and cause.response is not None:
+            return _transient(cause.response.status_code)
+        if isinstance(cause, MlflowException):
+            return _transient(cause.get_http_status_code())
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _transient(status: int) -> bool:
+    return status >= 500 or status in (408, 429)
+
+
+# URIs whose server a deadline already ran out on in this process: later end-of-search calls try once, so a
+# server that stays down costs one deadline, not one per call.
+_GAVE_UP: set[str] = set()
+
+
+def _deadline_s(tracking_uri: str, timeout_s: float | None) -> float:
+    if timeout_s is not None:
+        return timeout_s
+    return 0.0 if tracking_uri in _GAVE_UP else flush_timeout_s()
+
+
+def retry_until(tracking_uri: str, what: str, call: Callable[[], T], timeout_s: float | None = None) -> T | None:
+    """`call()` with fail-fast requests, retried every few seconds while the server is unreachable, until a
+    deadline (default: the flush timeout). Returns None, with a warning, when the deadline passes; raises what
+    is not retryable."""
+    timeout = _deadline_s(tracking_uri, timeout_s)
+    started = time.monotonic()
+    warned = False
+    while True:
+        try:
+            with fail_fast():
+                result = call()
+        except Exception as err:
+            if not is_retryable(err):
+                raise
+            left = started + timeout - time.monotonic()
+            if left <= 0:
+                _GAVE_UP.add(tracking_uri)
+                _say(f"MLflow at {tracking_uri} still unreachable: gave up {what} ({_reason(err)})")
+                return None
+            if not warned:
+                _say(f"MLflow at {tracking_uri} unreachable while {what}: retrying for up to {left:.0f}s")
+                warned = True
+            time.sleep(min(RETRY_EVERY_S, left))
+        else:
+            _GAVE_UP.discard(tracking_uri)
+            if warned:
+                _say(f"MLflow at {tracking_uri} reachable again after {time.monotonic() - started:.0f}s: {what} done")
+            return result
 
 
 def start_parent_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any]) -> tuple[str, str]:
@@ -46,15 +147,33 @@ def start_parent_run(tracking_uri: str, experiment: str, run_name: str, params: 
 
 class MlflowTrialLogger(Callback):
     """Logs each Tune trial to a nested MLflow run: params once, one batched request per result, artifacts and
-    status at the end. Holds only strings, so Tune can checkpoint it with the experiment."""
+    status at the end, all through an ordered queue of operations that survives an MLflow outage.
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, final_epoch: int) -> None:
+    Every operation can be sent twice without harm, because a send that failed mid-flight is sent again: run
+    creation looks the run up by tag first, params are re-logged with the same values, a metric batch carries the
+    timestamp of its report (MLflow's SQL store keeps one row per key, timestamp, step and value, so a resent
+    batch adds no history entry), artifacts are overwritten, tags and status are set.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        final_epoch: int,
+        run_dir: str | Path | None = None,
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.final_epoch = final_epoch
-        self._runs: dict[str, str] = {}
+        self.run_dir = str(run_dir) if run_dir is not None else None  # where a flush that times out saves the queue
+        self._pending: list[Op] = []  # oldest first; kept in the pickled state
+        self._runs: dict[str, str] = {}  # trial id -> run id, of the runs this process has open
+        self._nodes: dict[str, str] = {}  # trial id -> the node it last reported from (tagged when it changes)
         self._client: MlflowClient | None = None
+        self._next_try = 0.0  # monotonic time before which the queue is not sent again (set while down)
+        self._down_since: float | None = None  # start of the current outage, for its two log lines
 
     @property
     def client(self) -> MlflowClient:
@@ -62,47 +181,44 @@ class MlflowTrialLogger(Callback):
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
-    def run_id_for(self, trial: Any) -> str:
-        """The trial's run: created once, found again by tag after a restore."""
-        trial_id = trial.trial_id
-        if trial_id in self._runs:
-            return self._runs[trial_id]
-        client = self.client
-        query = f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
-        existing = client.search_runs([self.experiment_id], filter_string=query, max_results=1)
-        if existing:
-            run_id = existing[0].info.run_id
-            client.update_run(run_id, status="RUNNING")
-        else:
-            config = trial.config
-            tags = {
-                "mlflow.parentRunId": self.parent_run_id,
-                TRIAL_TAG: trial_id,
-                "pathsearch.optuna_trial": str(config.get("optuna_trial", "")),
-            }
-            run = client.create_run(self.experiment_id, run_name=f"trial {trial_id}", tags=tags)
-            run_id = run.info.run_id
-            params = [Param(k, _short(v)) for k, v in sorted(config.items()) if k not in ("overrides",)]
-            params += [Param(f"config.{k}", _short(v)) for k, v in sorted(config.get("overrides", {}).items())]
-            client.log_batch(run_id, params=params)
-        self._runs[trial_id] = run_id
-        return run_id
+    @property
+    def pending(self) -> list[Op]:
+        """The operations not yet sent, oldest first."""
+        return list(self._pending)
 
+    # ----- Tune events -> operations ------------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.run_id_for(trial)
+        config = trial.config
+        params = [[k, _short(v)] for k, v in sorted(config.items()) if k not in ("overrides",)]
+        params += [[f"config.{k}", _short(v)] for k, v in sorted(config.get("overrides", {}).items())]
+        tags = {
+            "mlflow.parentRunId": self.parent_run_id,
+            TRIAL_TAG: trial.trial_id,
+            "pathsearch.optuna_trial": str(config.get("optuna_trial", "")),
+        }
+        self._send({"op": "start", "trial": trial.trial_id, "tags": tags, "params": params})
 
     def on_trial_result(
         self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
     ) -> None:
-        run_id = self.run_id_for(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000)  # fixed at the report, so a resent batch matches its stored rows exactly
         metrics = [
-            Metric(k, float(v), now, step)
+            [k, float(v), now, step]
             for k, v in result.items()
             if k in REPORTED and isinstance(v, int | float) and not isinstance(v, bool)
         ]
-        self.client.log_batch(run_id, metrics=metrics)  # one request per result
+        tags = []
+        node = result.get("node_id")  # train_trial reports it: where the trial runs, after a retry too
+        if isinstance(node, str) and self._nodes.get(trial.trial_id) != node:
+            self._nodes[trial.trial_id] = node
+            tags.append([NODE_TAG, node])
+        if metrics or tags:  # one request per result
+            self._send({"op": "metrics", "trial": trial.trial_id, "metrics": metrics, "tags": tags})
+
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        """A failed trial that Tune retries from its last checkpoint (search.max_failures) keeps its run."""
+        self._send({"op": "tags", "trial": trial.trial_id, "tags": [[RETRIES_TAG, str(trial.num_failures)]]})
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
@@ -113,26 +229,175 @@ class MlflowTrialLogger(Callback):
         self._finish(trial, "FAILED", "FAIL")
 
     def _finish(self, trial: Any, status: str, state: str) -> None:
-        run_id = self.run_id_for(trial)
-        client = self.client
         checkpoint = getattr(trial, "checkpoint", None)
         folder = Path(checkpoint.path) if checkpoint is not None else None
-        if folder is not None and folder.is_dir():
-            files = [folder / name for name in TRIAL_ARTIFACTS if (folder / name).is_file()]
-            if files:
-                with tempfile.TemporaryDirectory() as tmp:
-                    for f in files:
+        if folder is not None and folder.is_dir():  # Tune keeps a finished trial's last checkpoint: paths suffice
+            files = [str(folder / name) for name in TRIAL_ARTIFACTS if (folder / name).is_file()]
+            if files:  # its own operation: files MLflow refuses must not cost the run its final status
+                self._send({"op": "artifacts", "trial": trial.trial_id, "files": files})
+        self._send({"op": "end", "trial": trial.trial_id, "state": state, "status": status})
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if self._pending and time.monotonic() >= self._next_try:  # Tune calls this every loop: the retry clock
+            self._drain()
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        self.flush()
+
+    # ----- the queue ---------------------------------------------------------------------------------------------
+    def _send(self, op: Op) -> None:
+        self._pending.append(op)
+        if time.monotonic() >= self._next_try:
+            self._drain()
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Sends the queue, retrying every few seconds until it is empty or `timeout_s` (default: env
+        PATHSEARCH_MLFLOW_FLUSH_TIMEOUT_S, else 300 s) has passed. Then saves what is left to the run directory's
+        `mlflow_pending.json` (see `send_pending`) and says so. Returns True when everything was sent."""
+        timeout = _deadline_s(self.tracking_uri, timeout_s)
+        deadline = time.monotonic() + timeout
+        try:
+            while not self._drain():
+                wait = min(RETRY_EVERY_S, deadline - time.monotonic())
+                if wait <= 0:
+                    self._give_up(f"still unreachable after {timeout:.0f}s")
+                    return False
+                time.sleep(wait)
+        except KeyboardInterrupt:  # a second Ctrl-C while waiting (Tune takes the first): keep the queue, stop
+            self._give_up("not waited for (interrupted)")
+            raise
+        _GAVE_UP.discard(self.tracking_uri)
+        return True
+
+    def _give_up(self, why: str) -> None:
+        _GAVE_UP.add(self.tracking_uri)
+        if self._pending:
+            path = self.save_pending()
+            _say(
+                f"MLflow at {self.tracking_uri} {why}: {len(self._pending)} operation(s) not sent, saved to {path} "
+                f"(send them later with pathsearch.tracking.send_pending('{path}'))"
+            )
+
+    def save_pending(self) -> Path:
+        """Writes the queue (with where it goes) as JSON to the run directory, or the working directory."""
+        path = Path(self.run_dir or Path.cwd()) / PENDING_FILE
+        data = {
+            "tracking_uri": self.tracking_uri,
+            "experiment_id": self.experiment_id,
+            "parent_run_id": self.parent_run_id,
+            "ops": self._pending,
+        }
+        path.write_text(json.dumps(data, indent=1))
+        return path
+
+    def _drain(self) -> bool:
+        """Sends queued operations in order until the queue is empty (True) or the server is unreachable (False:
+        the failed operation stays first in line). An operation MLflow refuses for good is dropped, with a warning.
+        """
+        sent = 0
+        while self._pending:
+            op = self._pending[0]
+            try:
+                with fail_fast():
+                    self._apply(op)
+            except Exception as err:
+                if is_retryable(err):
+                    self._next_try = time.monotonic() + RETRY_EVERY_S
+                    if sent:
+                        self._recovered(sent)
+                    if self._down_since is None:
+                        self._down_since = time.monotonic()
+                        _say(
+                            f"MLflow at {self.tracking_uri} unreachable: {len(self._pending)} operation(s) buffered, "
+                            f"retrying every {RETRY_EVERY_S:.0f}s ({_reason(err)})"
+                        )
+                    return False
+                _say(f"MLflow refused the {op['op']} operation of trial {op['trial']}, dropped: {_reason(err)}")
+            else:
+                sent += 1
+            self._pending.pop(0)
+        self._next_try = 0.0
+        if sent:
+            self._recovered(sent)
+        return True
+
+    def _recovered(self, sent: int) -> None:
+        if self._down_since is not None:
+            left = f", {len(self._pending)} still queued" if self._pending else ""
+            _say(
+                f"MLflow at {self.tracking_uri} reachable again after {time.monotonic() - self._down_since:.0f}s: "
+                f"sent {sent} buffered operation(s){left}"
+            )
+            self._down_since = None
+
+    def _apply(self, op: Op) -> None:
+        client, trial_id = self.client, op["trial"]
+        if op["op"] == "start":
+            run_id = self._runs.get(trial_id)
+            if run_id is None:
+                run_id = self._find_run(trial_id)
+                if run_id is not None:  # a restored trial (or a create whose answer was lost): reopen it
+                    client.update_run(run_id, status="RUNNING")
+                else:
+                    run = client.create_run(self.experiment_id, run_name=f"trial {trial_id}", tags=op["tags"])
+                    run_id = run.info.run_id
+                self._runs[trial_id] = run_id
+            client.log_batch(run_id, params=[Param(k, v) for k, v in op["params"]])  # same values: a no-op
+        elif op["op"] == "metrics":
+            metrics = [Metric(k, v, t, s) for k, v, t, s in op["metrics"]]
+            tags = [RunTag(k, v) for k, v in op.get("tags", [])]
+            client.log_batch(self._run_id(trial_id), metrics=metrics, tags=tags)
+        elif op["op"] == "tags":
+            client.log_batch(self._run_id(trial_id), tags=[RunTag(k, v) for k, v in op["tags"]])
+        elif op["op"] == "artifacts":
+            run_id = self._run_id(trial_id)
+            with tempfile.TemporaryDirectory() as tmp:  # the chosen files only, not the whole checkpoint
+                for f in op["files"]:
+                    if Path(f).is_file():
                         shutil.copy(f, tmp)
-                    client.log_artifacts(run_id, tmp)
-        client.log_batch(run_id, tags=[RunTag("pathsearch.state", state)])
-        client.set_terminated(run_id, status=status)
-        self._runs.pop(trial.trial_id, None)
+                client.log_artifacts(run_id, tmp)
+        elif op["op"] == "end":
+            run_id = self._run_id(trial_id)
+            client.log_batch(run_id, tags=[RunTag("pathsearch.state", op["state"])])
+            client.set_terminated(run_id, status=op["status"])
+            self._runs.pop(trial_id, None)
+        else:
+            raise ValueError(f"unknown operation {op['op']!r}")
+
+    def _find_run(self, trial_id: str) -> str | None:
+        query = f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
+        existing = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
+        return existing[0].info.run_id if existing else None
+
+    def _run_id(self, trial_id: str) -> str:
+        """The trial's run; after a restore (`_runs` is not pickled) found by tag."""
+        if trial_id not in self._runs:
+            run_id = self._find_run(trial_id)
+            if run_id is None:  # its start operation was refused: nothing to log to
+                raise LookupError(f"no MLflow run for trial {trial_id}")
+            self._runs[trial_id] = run_id
+        return self._runs[trial_id]
+
+    # ----- state: Tune pickles the callback with the Tuner, and checkpoints get_state() with the experiment -------
+    def get_state(self) -> dict[str, Any]:
+        # never empty: an empty dict would make Tune skip the save and a restore replay an older queue
+        return {"pending": list(self._pending)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._pending = list(state.get("pending", []))  # replayed in order after `pathsearch resume`
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_runs"] = {}  # looked up again by tag after a restore
         state["_client"] = None
+        state["_next_try"], state["_down_since"] = 0.0, None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a logger pickled before the queue existed (a search started with an older pathsearch) still restores
+        defaults: dict[str, Any] = {"run_dir": None, "_pending": [], "_nodes": {}, "_next_try": 0.0}
+        defaults["_down_since"] = None
+        self.__dict__.update({**defaults, **state})
 
 
 REPORTED = {
@@ -141,34 +406,73 @@ REPORTED = {
 }  # fmt: skip
 
 
+def send_pending(path: str | Path, timeout_s: float | None = None) -> int:
+    """Sends the operations a flush saved to `path` (a `mlflow_pending.json`); removes the file once all are
+    sent. Sending them twice does no harm. Returns how many are still not sent."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    logger = MlflowTrialLogger(
+        data["tracking_uri"], data["experiment_id"], data["parent_run_id"], final_epoch=0, run_dir=path.parent
+    )
+    logger.set_state({"pending": data["ops"]})
+    if logger.flush(flush_timeout_s() if timeout_s is None else timeout_s):  # asked for: wait the full deadline
+        path.unlink()
+    return len(logger.pending)
+
+
 def close_orphan_runs(tracking_uri: str, experiment_id: str, parent_run_id: str, state: str = "LOST") -> int:
     """Ends trial runs left RUNNING under a search. After a finished search these are trials lost in a driver
     crash that Tune's last snapshot did not know (Tune trains them again as new trials): KILLED, state LOST.
-    After an interrupted one they are the unfinished trials: KILLED, state INTERRUPTED, until `resume`."""
-    client = MlflowClient(tracking_uri)
-    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
-    orphans = client.search_runs([experiment_id], filter_string=query, max_results=10000)
-    for run in orphans:
-        client.log_batch(run.info.run_id, tags=[RunTag("pathsearch.state", state)])
-        client.set_terminated(run.info.run_id, status="KILLED")
-    return len(orphans)
+    After an interrupted one they are the unfinished trials: KILLED, state INTERRUPTED, until `resume`.
+    Waits out an MLflow outage up to the flush timeout; returns how many runs it closed."""
+
+    def close() -> int:
+        client = MlflowClient(tracking_uri)
+        query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+        orphans = client.search_runs([experiment_id], filter_string=query, max_results=10000)
+        for run in orphans:
+            client.log_batch(run.info.run_id, tags=[RunTag("pathsearch.state", state)])
+            client.set_terminated(run.info.run_id, status="KILLED")
+        return len(orphans)
+
+    return retry_until(tracking_uri, "closing orphaned trial runs", close) or 0
 
 
 def end_parent_run(
     tracking_uri: str, run_id: str, metrics: dict[str, float], artifacts: list[Path], status: str
 ) -> None:
-    client = MlflowClient(tracking_uri)
+    """Logs the search's summary metrics and files to its parent run and ends it; waits out an MLflow outage up
+    to the flush timeout (a retry after a partial send repeats it harmlessly: same metric timestamps)."""
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-    for path in artifacts:
-        if path.exists():
-            client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id, status=status)
+
+    def end() -> None:
+        client = MlflowClient(tracking_uri)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        for path in artifacts:
+            if path.exists():
+                client.log_artifact(run_id, str(path))
+        client.set_terminated(run_id, status=status)
+
+    retry_until(tracking_uri, f"ending the parent run {run_id} (left RUNNING if this fails)", end)
 
 
 def _short(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause of a failed request, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'."""
+    for _ in range(20):  # bounded: a chain can loop
+        inner = err.__cause__ or err.__context__
+        if inner is None:
+            break
+        err = inner
+    return f"{type(err).__name__}: {err}"[:300]
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def ui_command(tracking_uri: str | None, port: int) -> tuple[list[str], dict[str, Any]]:
