@@ -32,6 +32,7 @@ RETRIES_TAG = "pathsearch.retries"  # how often Tune retried the trial from its 
 TRIAL_ARTIFACTS = ("path_config.yaml", "path_analysis.json", "path_analysis.png", "model_0.safetensors")
 PENDING_FILE = "mlflow_pending.json"  # in the run directory: operations a flush could not send before its deadline
 RETRY_EVERY_S = 3.0  # between attempts to send the queue while the server is down
+START_TIMEOUT_S = 30.0  # how long a new search waits for its tracking server
 FLUSH_TIMEOUT_S = 300.0  # default deadline for the end-of-search flush; env PATHSEARCH_MLFLOW_FLUSH_TIMEOUT_S
 # MLflow's HTTP client reads these at request time. Its defaults (7 retries, backoff factor 2, 120 s timeout)
 # block one request against a dead server for about 4 minutes (sleeps 0, 4, 8, ... 120 s), and with it the Tune
@@ -130,8 +131,13 @@ def retry_until(tracking_uri: str, what: str, call: Callable[[], T], timeout_s: 
 
 def start_parent_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any]) -> tuple[str, str]:
     """Creates the store, the experiment and the search's parent run in the driver, before any trial starts
-    (two trials creating a fresh SQLite store at once raced here). Returns (experiment_id, run_id)."""
+    (two trials creating a fresh SQLite store at once raced here). Returns (experiment_id, run_id).
+
+    A server that does not answer within START_TIMEOUT_S is a clear error before anything else happens, not a
+    four-minute hang in MLflow's own retries."""
     client = MlflowClient(tracking_uri)
+    if retry_until(tracking_uri, "starting the search", client.search_experiments, START_TIMEOUT_S) is None:
+        raise ValueError(f"no MLflow tracking server answers at {tracking_uri}: start it, or check --tracking-uri")
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         experiment_id = found.experiment_id

@@ -129,8 +129,10 @@ def cluster():
 
 
 def submit(ns: Namespace, state: dict, experiment: str, *extra: str, uri: str | None = None, background=False):
-    """`pathsearch submit --wait` of the small search; in the background, the test watches it meanwhile."""
+    """`pathsearch submit --wait` of the small search; in the background (skipping the preflight job, which the
+    foreground submissions run), the test watches it meanwhile."""
     args = [PY, "-m", "pathsearch.cli", "submit", str(ROOT / "search_spaces/digits_tiny.yaml"), "--wait"]
+    args += ["--no-check"] if background else []
     args += ["--address", state["dashboard"], "--tracking-uri", uri or state["tracking_uri"]]
     args += ["--storage-path", state["storage_path"], "--name", experiment, *SMALL]
     args += ["--set", f"tracking.experiment={experiment}", *extra]

@@ -192,3 +192,12 @@ def test_logger_buffers_while_server_is_down_then_flush_sends_everything(tmp_pat
     assert send_pending(tmp_path / PENDING_FILE, timeout_s=30) == 0  # the same 12 operations, sent a second time
     assert not (tmp_path / PENDING_FILE).exists()
     check()  # still one run per trial and one history entry per report
+
+
+def test_search_start_without_server_is_a_clear_error(monkeypatch):
+    from pathsearch import tracking
+
+    monkeypatch.setattr(tracking, "START_TIMEOUT_S", 1.0)  # the default waits 30 s for a server still starting
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(ValueError, match=f"no MLflow tracking server answers at {uri}"):
+        tracking.start_parent_run(uri, "toy", "search", {})
