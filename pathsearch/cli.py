@@ -140,15 +140,19 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from pathsearch.cluster import submit_resume, submit_search
     from pathsearch.config import load_search_file
     from pathsearch.model import model_depth
 
-    load_search_file(args.file, args.set, model_depth=model_depth)  # invalid: exit 2, nothing submitted
-    from pathsearch.cluster import submit_search
-
-    job = submit_search(
-        args.file, args.address, args.tracking_uri, args.storage_path, args.set, name=args.name, check=not args.no_check
-    )
+    if (args.file is None) == (args.resume is None):
+        raise ValueError("give a search file to submit, or --resume RUN_DIR (not both)")
+    if args.resume:
+        job = submit_resume(args.resume, args.address, name=args.name)
+    else:
+        load_search_file(args.file, args.set, model_depth=model_depth)  # invalid: exit 2, nothing submitted
+        job = submit_search(
+            args.file, args.address, args.tracking_uri, args.storage_path, args.set, args.name, not args.no_check
+        )
     print(f"submitted job {job.job_id} to {job.address}", flush=True)
     print(f"  follow it:  pathsearch logs {job.job_id} --address {job.address} --follow")
     print(f"  results:    MLflow at {job.tracking_uri}, trials under {job.storage_path}/{job.name}")
@@ -250,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output PathConfig file (.yaml or .json)")
     export.set_defaults(func=_export)
     submit = verbs.add_parser("submit", help="run a search on a Ray cluster as a Ray job (Jobs API)")
-    submit.add_argument("file")
+    submit.add_argument("file", nargs="?", help="search file (or --resume RUN_DIR)")
+    submit.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped search on the cluster")
     submit.add_argument("--address", default=None, help="Ray dashboard http://HEAD:8265 (default: $RAY_ADDRESS)")
     submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
     submit.add_argument("--tracking-uri", default=None, help="MLflow server every node can reach (required)")

@@ -306,6 +306,29 @@ def submit_search(
     return Submission(job_id, address, name, tracking_uri, storage_path)
 
 
+def submit_resume(run_dir: str, address: str | None, name: str | None = None) -> Submission:
+    """Submits `pathsearch resume RUN_DIR` as a Ray job: a stopped or crashed cluster search continues where it
+    was (RUN_DIR is on the shared storage path, as the search's driver wrote it)."""
+    address = dashboard_address(address)
+    if not Path(run_dir).is_absolute():
+        raise ValueError(f"--resume {run_dir}: give the run directory's absolute path on the shared storage")
+    list_nodes(address)  # proves the address and the token
+    client = job_client(address)
+    name = name or f"{Path(run_dir).name}-resumed-{time.strftime('%H%M%S')}"
+    env, folder = _runtime_env(None)
+    with folder:
+        job_id = client.submit_job(
+            entrypoint=" ".join([_python(), "-m", "pathsearch.cli", "resume", _quote(run_dir), "--address", "auto"]),
+            runtime_env=env,
+            submission_id=name,
+            metadata={"pathsearch.resume": run_dir},
+            entrypoint_num_cpus=0,
+        )
+    state = Path(run_dir) / "pathsearch_state.json"  # readable here when this machine mounts the storage too
+    uri = json.loads(state.read_text())["tracking_uri"] if state.is_file() else "(the run's own)"
+    return Submission(job_id, address, Path(run_dir).name, uri, str(Path(run_dir).parent))
+
+
 def _known_job(client: Any, job_id: str, address: str) -> None:
     try:
         client.get_job_info(job_id)

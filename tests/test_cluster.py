@@ -260,10 +260,10 @@ def wait_for_running_trials(ns: Namespace, uri: str, experiment: str, job, count
 
 
 @needs_netns
-def test_stop_interrupts_the_driver_which_closes_its_runs(cluster):
+def test_stopped_search_closes_its_runs_and_resumes_on_the_cluster(cluster):
     ns, state = cluster
     experiment = "stopped"
-    job = submit(ns, state, experiment, "--set", "train.epochs=40", background=True)
+    job = submit(ns, state, experiment, "--set", "train.epochs=12", "--set", "data.train_size=600", background=True)
     wait_for_running_trials(ns, state["tracking_uri"], experiment, job, count=1, steps=1)
     stop = ns.run([PY, "-m", "pathsearch.cli", "stop", experiment, "--address", state["dashboard"]], check=True)
     assert f"job {experiment}: STOPPED" in stop.stdout
@@ -273,6 +273,14 @@ def test_stop_interrupts_the_driver_which_closes_its_runs(cluster):
     assert runs and not [r for r in runs if r["status"] == "RUNNING"]  # nothing left RUNNING
     interrupted = [r for r in runs if r["parent"] and r["state"] == "INTERRUPTED"]
     assert interrupted and {r["status"] for r in interrupted} == {"KILLED"}
+    run_dir = f"{state['storage_path']}/{experiment}"
+    resume = [PY, "-m", "pathsearch.cli", "submit", "--resume", run_dir, "--address", state["dashboard"], "--wait"]
+    proc = ns.run(resume, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    runs = ns.runs(state["tracking_uri"], experiment)
+    children = [r for r in runs if r["parent"]]
+    assert len(children) == 4 and {r["status"] for r in children} == {"FINISHED"}  # the interrupted ones too
+    assert all(r["val_acc_steps"] == list(range(1, 13)) for r in children)  # each epoch once, across the stop
 
 
 @needs_netns
