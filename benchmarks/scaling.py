@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = [
-    "model.kwargs.depth=4", "train.epochs=10", "train.eval_every=5", "search.scheduler=none",
+    "model.kwargs.depth=4", "train.epochs=30", "train.eval_every=5", "search.scheduler=none",
     "search.sampler=random", "search.max_concurrent_trials=2", "data.train_size=300",
 ]  # fmt: skip
 

@@ -139,6 +139,38 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_scales(args: argparse.Namespace) -> int:
+    from pathsearch.oneshot import fit_scales_run
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = fit_scales_run(
+        args.run_id,
+        args.tracking_uri,
+        search_file=args.file,
+        out_dir=args.out,
+        fit_fraction=args.fit_fraction,
+        steps=args.steps,
+        lr=args.lr,
+        prune=args.prune,
+        seed=args.seed,
+    )
+    m = result.metrics
+    print(f"fitted on {int(m['fit_images'])} held-out images, reported on the other {int(m['val_images'])}:")
+    for label, key in (("fit split", "fit_split_acc"), ("validation split", "val_acc")):
+        before, after = 100 * m[f"{key}_before"], 100 * m[f"{key}_after"]
+        print(f"  {label:<16} accuracy {before:6.2f}% -> {after:6.2f}% ({after - before:+.2f} points)")
+    print("  EnsembleScale factors: " + ", ".join(f"{n} {f:.3g}" for n, f in result.factors.items()))
+    if result.pruned:
+        print(f"  pruned: {', '.join(result.pruned)}")
+    print(f"new child run {result.run_id} of run {result.source_run_id}")
+    for label, path in result.files.items():
+        print(f"{label}: {path}")
+    return 0
+
+
 def _submit(args: argparse.Namespace) -> int:
     from pathsearch.cluster import submit_resume, submit_search
     from pathsearch.config import load_search_file
@@ -253,6 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--with-weights", action="store_true", help="also write the weights (.safetensors)")
     export.add_argument("--out", required=True, help="output PathConfig file (.yaml or .json)")
     export.set_defaults(func=_export)
+    fit = verbs.add_parser("fit-scales", help="fit a trained run's EnsembleScale (and mask) on held-out data")
+    fit.add_argument("--run-id", required=True, help="MLflow run of a trained trial (with path_config and weights)")
+    fit.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    fit.add_argument("--file", default=None, help="search file for the data (default: the run's search.yaml)")
+    fit.add_argument("--fit-fraction", type=float, default=0.5, help="share of the validation images to fit on")
+    fit.add_argument("--steps", type=int, default=300, help="gradient steps (Adam, full batch)")
+    fit.add_argument("--lr", type=float, default=0.05)
+    fit.add_argument("--prune", action="store_true", help="also prune paths greedily on the fit split")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the fit/validation split")
+    fit.add_argument("--out", default=None, help="folder for the fitted path_config.yaml and weights")
+    fit.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    fit.set_defaults(func=_fit_scales)
     submit = verbs.add_parser("submit", help="run a search on a Ray cluster as a Ray job (Jobs API)")
     submit.add_argument("file", nargs="?", help="search file (or --resume RUN_DIR)")
     submit.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped search on the cluster")

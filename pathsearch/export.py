@@ -29,7 +29,9 @@ def completed_trial_runs(client: MlflowClient, experiment: str) -> list[Run]:
     if found is None:
         raise ValueError(f"no MLflow experiment named {experiment!r} in this tracking store")
     query = "tags.`pathsearch.state` = 'COMPLETE' and attributes.status = 'FINISHED'"
-    return list(client.search_runs([found.experiment_id], filter_string=query, max_results=50000))
+    runs = client.search_runs([found.experiment_id], filter_string=query, max_results=50000)
+    # A two-stage search's supernet trained as a trial, but it is the proxy's model, not a configuration to export.
+    return [r for r in runs if r.data.tags.get("pathsearch.role") != "supernet"]
 
 
 def pareto_front(runs: list[Run], metrics: list[str], modes: list[str]) -> list[Run]:

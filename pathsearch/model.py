@@ -199,7 +199,10 @@ class PathEnsembleViT(nn.Module):
         return self.forward_head(self.forward_ensemble(x, attn_mask))
 
     def forward_masks(self, features: Tensor, masks: Tensor) -> Tensor:
-        """Logits for K masks from one set of raw path features: (P, B, ...) and (K, P) bool -> (K, B, C)."""
+        """Logits for K masks from one set of raw path features: (P, B, ...) and (K, P) bool -> (K, B, C).
+
+        Float rows are per-path weights m_i * a_i that multiply EnsembleScale (differentiable in a_i).
+        """
         z = _combine(self._weights(masks.to(features.device)), features)  # (K, B, [N,] D)
         return self.forward_head(z.flatten(0, 1)).unflatten(0, tuple(z.shape[:2]))
 
@@ -379,40 +382,67 @@ def cache_path_features(
 
 
 @torch.no_grad()
+def mask_logits(
+    model: PathEnsembleViT,
+    features: Tensor,
+    masks: Tensor,
+    scales: Tensor | None = None,
+    factors: Tensor | None = None,
+    mask_chunk: int | None = None,
+) -> Iterator[tuple[slice, slice, Tensor]]:
+    """Logits for each mask from cached raw path features: yields (mask slice, image slice, (k, n, C) logits).
+
+    features (P, N, D) or (P, N, T, D); masks (K, P) bool; scales (P, 1|D), default the model's EnsembleScale;
+    factors (K, P): per-mask multipliers of each path's EnsembleScale (default 1), so that a search can score
+    EnsembleScale values as well as masks without rebuilding anything per candidate.
+    """
+    scales = (model.ensemble_scale if scales is None else scales).detach().to(features)
+    weights = masks.to(features.device, torch.float64)  # (K, P): m_i, or m_i * factor_i
+    if factors is not None:
+        weights = weights * factors.to(weights)
+    head = _linear_norm_head(model)
+    num_images = features.shape[1]
+    if head is not None and features.dim() == 3:
+        fast = _NormHeadAlgebra(features, scales, *head)
+        # Chunks of about 4M logits (16 MB) stay cache-friendly; larger ones ran several times slower.
+        step = mask_chunk or max(1, (1 << 22) // (fast.num_images * fast.num_classes))
+        for start in range(0, weights.shape[0], step):
+            yield slice(start, start + step), slice(0, num_images), fast.logits(weights[start : start + step])
+        return
+    # Generic route (any head): materialise z per mask, then timm's head, chunked over masks and images.
+    full = weights.to(scales.dtype)[:, :, None] * scales[None]  # (K, P, 1|D)
+    image_chunk = max(1, 65536 // max(1, features[0, 0].numel() // features.shape[-1]))
+    for start in range(0, weights.shape[0], 64):
+        chunk = slice(start, start + 64)
+        for n0 in range(0, num_images, image_chunk):
+            z = _combine(full[chunk], features[:, n0 : n0 + image_chunk])  # (k, n, [T,] D)
+            logits = model.forward_head(z.flatten(0, 1))
+            yield chunk, slice(n0, n0 + z.shape[1]), logits.view(z.shape[0], z.shape[1], -1)
+
+
+@torch.no_grad()
 def mask_predictions(
     model: PathEnsembleViT,
     features: Tensor,
     masks: Tensor,
     scales: Tensor | None = None,
     mask_chunk: int | None = None,
+    factors: Tensor | None = None,
 ) -> Iterator[tuple[slice, Tensor]]:
     """Predicted classes for each mask from cached raw path features: yields (mask slice, (k, N) classes).
 
-    features (P, N, D) or (P, N, T, D); masks (K, P) bool; scales (P, 1|D), default the model's EnsembleScale.
+    Arguments as `mask_logits`.
     """
-    scales = (model.ensemble_scale if scales is None else scales).detach().to(features)
-    masks = masks.to(features.device)
-    head = _linear_norm_head(model)
-    if head is not None and features.dim() == 3:
-        fast = _NormHeadAlgebra(features, scales, *head)
-        # Chunks of about 4M logits (16 MB) stay cache-friendly; larger ones ran several times slower.
-        step = mask_chunk or max(1, (1 << 22) // (fast.num_images * fast.num_classes))
-        for start in range(0, masks.shape[0], step):
-            chunk = slice(start, start + step)
-            yield chunk, fast.predict(masks[chunk])
-        return
-    # Generic route (any head): materialise z per mask, then timm's head, chunked over masks and images.
-    weights = masks.to(scales.dtype)[:, :, None] * scales[None]  # (K, P, 1|D)
-    num_images = features.shape[1]
-    image_chunk = max(1, 65536 // max(1, features[0, 0].numel() // features.shape[-1]))
-    for start in range(0, masks.shape[0], 64):
-        chunk = slice(start, start + 64)
-        preds = []
-        for n0 in range(0, num_images, image_chunk):
-            z = _combine(weights[chunk], features[:, n0 : n0 + image_chunk])  # (k, n, [T,] D)
-            logits = model.forward_head(z.flatten(0, 1))
-            preds.append(logits.argmax(-1).view(z.shape[0], -1))
-        yield chunk, torch.cat(preds, dim=1)
+    pending: slice | None = None
+    parts: list[Tensor] = []
+    for chunk, _, logits in mask_logits(model, features, masks, scales, factors, mask_chunk):
+        if pending is not None and chunk != pending:
+            yield pending, torch.cat(parts, dim=1)
+            parts = []
+        pending = chunk
+        parts.append(logits.argmax(-1))
+    if pending is not None:
+        yield pending, torch.cat(parts, dim=1)
 
 
 def evaluate_masks(
@@ -421,6 +451,7 @@ def evaluate_masks(
     labels: Tensor | None = None,
     masks: Tensor | None = None,
     scales: Tensor | None = None,
+    factors: Tensor | None = None,
 ) -> Tensor:
     """Accuracy of each mask (K,) from cached path features, as the model itself would score it.
 
@@ -430,7 +461,56 @@ def evaluate_masks(
         labels: (N,) targets (taken from PathFeatures when given one).
         masks: (K, P) bool; a row that keeps no path is refused.
         scales: optional EnsembleScale values (P, 1|D) to score instead of the model's (scope `ensemble`).
+        factors: optional (K, P) multipliers of each path's EnsembleScale, per mask.
     """
+    features, labels, masks, scales, factors = _check_scoring(model, features, labels, masks, scales, factors)
+    acc = torch.empty(masks.shape[0], dtype=torch.float64)
+    for chunk, preds in mask_predictions(model, features, masks, scales, factors=factors):
+        acc[chunk] = (preds == labels[None]).double().mean(dim=1).cpu()
+    return acc
+
+
+@dataclass
+class MaskScores:
+    """Per-mask accuracy and mean cross-entropy, both (K,) float64."""
+
+    acc: Tensor
+    loss: Tensor
+
+
+@torch.no_grad()
+def score_masks(
+    model: PathEnsembleViT,
+    features: Tensor | PathFeatures,
+    labels: Tensor | None = None,
+    masks: Tensor | None = None,
+    scales: Tensor | None = None,
+    factors: Tensor | None = None,
+) -> MaskScores:
+    """Accuracy and cross-entropy of each mask from cached path features (arguments as `evaluate_masks`).
+
+    The loss breaks the many accuracy ties between masks on a small validation set.
+    """
+    features, labels, masks, scales, factors = _check_scoring(model, features, labels, masks, scales, factors)
+    correct = torch.zeros(masks.shape[0], dtype=torch.float64)
+    loss = torch.zeros(masks.shape[0], dtype=torch.float64)
+    for chunk, images, logits in mask_logits(model, features, masks, scales, factors):
+        target = labels[images]
+        correct[chunk] += (logits.argmax(-1) == target[None]).double().sum(dim=1).cpu()
+        picked = logits.gather(-1, target[None, :, None].expand(logits.shape[0], -1, 1)).squeeze(-1)  # (k, n)
+        loss[chunk] += (torch.logsumexp(logits.double(), dim=-1) - picked.double()).sum(dim=1).cpu()
+    count = labels.shape[0]
+    return MaskScores(correct / count, loss / count)
+
+
+def _check_scoring(
+    model: PathEnsembleViT,
+    features: Tensor | PathFeatures,
+    labels: Tensor | None,
+    masks: Tensor | None,
+    scales: Tensor | None,
+    factors: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     if isinstance(features, PathFeatures):
         labels = features.labels if labels is None else labels
         features = features.features
@@ -448,11 +528,11 @@ def evaluate_masks(
             raise ValueError(
                 f"scales must be finite with shape (P, 1) or (P, {model.embed_dim}), got {tuple(scales.shape)}"
             )
-    labels = labels.to(features.device)
-    acc = torch.empty(masks.shape[0], dtype=torch.float64)
-    for chunk, preds in mask_predictions(model, features, masks, scales):
-        acc[chunk] = (preds == labels[None]).double().mean(dim=1).cpu()
-    return acc
+    if factors is not None:
+        factors = torch.as_tensor(factors).detach()
+        if factors.shape != masks.shape or not torch.isfinite(factors).all():
+            raise ValueError(f"factors must be finite with the masks' shape {tuple(masks.shape)}")
+    return features, labels.to(features.device), masks, scales, factors
 
 
 def _linear_norm_head(model: PathEnsembleViT) -> tuple[nn.LayerNorm, nn.Linear] | None:
@@ -500,14 +580,21 @@ class _NormHeadAlgebra:
         factor = torch.where(iu[0] == iu[1], 1.0, 2.0).double()
         self.gram = (gram[:, iu[0], iu[1]] * factor).T.contiguous()  # (P(P+1)/2, N)
 
-    def predict(self, masks: Tensor) -> Tensor:
-        m = masks.double()  # (k, P)
+    def logits(self, weights: Tensor) -> Tensor:
+        """(k, N, C) logits for per-path weights w_i = m_i (a mask), or m_i times an EnsembleScale factor.
+
+        Scaling path i by a scalar a scales c_i by a too, so real weights use the same algebra as masks.
+        """
+        m = weights.double()  # (k, P)
         pairs = m[:, self.iu[0]] * m[:, self.iu[1]]  # (k, P(P+1)/2)
         var = (pairs @ self.gram) / self.dim  # (k, N)
         inv_std = torch.rsqrt(var.clamp_min(0) + self.eps).float()
         logits = (m.float() @ self.h).view(-1, self.num_images, self.num_classes)  # (k, N, C)
         logits.mul_(inv_std[:, :, None]).add_(self.offset)  # in place: this tensor dominates memory traffic
-        return logits.argmax(dim=-1)
+        return logits
+
+    def predict(self, masks: Tensor) -> Tensor:
+        return self.logits(masks).argmax(dim=-1)
 
 
 # ----- path analysis ----------------------------------------------------------------------------------------

@@ -252,18 +252,27 @@ def run_search(
 
     `trainable(config, base)` defaults to `train_trial`; tests pass a torch-free toy with the same contract.
     """
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    if spec.search.strategy == "two_stage":  # one-shot path search: supernet, proxy scores, top-k trained
+        from pathsearch.oneshot import run_two_stage
 
-    from pathsearch.tracking import MlflowTrialLogger, default_tracking_uri, start_parent_run
+        return run_two_stage(spec, storage_path, tracking_uri, name, address, verbose, trainable)
+    run_dir, state = start_search(spec, storage_path, tracking_uri, name)
+    _init_ray(address)
+    return _fit_and_finish(make_tuner(spec, run_dir, state, trainable, verbose), spec, run_dir, state)
 
-    s, t = spec.search, spec.trial.train
+
+def start_search(
+    spec: SearchFile, storage_path: str | Path, tracking_uri: str | None, name: str | None
+) -> tuple[Path, dict[str, Any]]:
+    """A new search's run directory (resolved file, state file) and MLflow parent run; returns (run_dir, state)."""
+    from pathsearch.tracking import default_tracking_uri, start_parent_run
+
+    s = spec.search
     name = name or f"{Path(spec.source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(storage_path).expanduser().resolve() / name
     if run_dir.exists():
         raise ValueError(f"{run_dir} already exists: choose another --name, or `pathsearch resume {run_dir}`")
     uri = tracking_uri or spec.tracking.tracking_uri or default_tracking_uri()
-    reports = math.ceil(t.epochs / t.eval_every)  # Tune's training_iteration counts reports
-    base = _base(spec)
     experiment_id, parent = start_parent_run(
         uri, spec.tracking.experiment, name, {"search_file": spec.source, **_flat("search", s.__dict__)}
     )
@@ -271,7 +280,22 @@ def run_search(
     (run_dir / "search.yaml").write_text(spec.to_yaml())
     state = {"name": name, "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent}
     (run_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
-    _init_ray(address)
+    return run_dir, state
+
+
+def make_tuner(
+    spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any = None, verbose: bool = True
+) -> tune.Tuner:
+    """The search's Tuner: PathOptunaSearch (the baseline and `search.enqueue` first), ASHA, the MLflow logger."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from pathsearch.tracking import MlflowTrialLogger
+
+    s, t = spec.search, spec.trial.train
+    name, uri = state["name"], state["tracking_uri"]
+    experiment_id, parent = state["experiment_id"], state["parent_run_id"]
+    reports = math.ceil(t.epochs / t.eval_every)  # Tune's training_iteration counts reports
+    base = _base(spec)
     multi = len(s.metrics) > 1
     metric: Any = s.metrics if multi else s.metrics[0]
     mode: Any = s.modes if multi else s.modes[0]
@@ -298,7 +322,7 @@ def run_search(
             grace_period=min(s.grace_period, reports),
             reduction_factor=s.reduction_factor,
         )
-    tuner = tune.Tuner(
+    return tune.Tuner(
         _runnable(spec, trainable),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
@@ -322,7 +346,6 @@ def run_search(
             verbose=0,
         ),
     )
-    return _fit_and_finish(tuner, spec, run_dir, state)
 
 
 def resume_search(run_dir: str | Path, address: str | None = None, trainable: Any = None) -> SearchResult:
@@ -341,6 +364,10 @@ def resume_search(run_dir: str | Path, address: str | None = None, trainable: An
     MlflowClient(state["tracking_uri"]).update_run(state["parent_run_id"], status="RUNNING")
     _init_ray(address)
     tuner = tune.Tuner.restore(str(run_dir), trainable=_runnable(spec, trainable), resume_errored=True)
+    if spec.search.strategy == "two_stage":  # stage 2 restored; its ranking quality is measured when it ends
+        from pathsearch.oneshot import finish_two_stage
+
+        return finish_two_stage(tuner, spec, run_dir, state)
     return _fit_and_finish(tuner, spec, run_dir, state)
 
 

@@ -7,6 +7,7 @@ Imports torch, timm and numpy; never ray, optuna or mlflow.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,9 +33,10 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pathsearch.config import TrialConfig, to_dict
+from pathsearch.config import TrialConfig, load_trial_config, to_dict
 from pathsearch.data import DataBundle, load_data
 from pathsearch.model import PathEnsembleViT, analyze_paths, create_path_vit
+from pathsearch.supernet import sample_supernet_masks, supernet_loss
 
 Report = Callable[[dict[str, Any], str | None], None]
 CHECKPOINT_VERSION = 1
@@ -61,6 +63,7 @@ class _Run:
     scheduler: CosineLRScheduler
     loader_generator: torch.Generator
     train_loader: DataLoader[Any]
+    mask_generator: torch.Generator  # the supernet's mask sampling (train.supernet), checkpointed like the rest
 
 
 def fit(
@@ -168,6 +171,21 @@ def build_model(cfg: TrialConfig, bundle: DataBundle, seed: int) -> PathEnsemble
     return model
 
 
+def load_checkpoint_model(
+    checkpoint_dir: str | Path, seed_index: int = 0, device: str | torch.device = "cpu"
+) -> tuple[PathEnsembleViT, TrialConfig]:
+    """The trained model of a `fit` checkpoint (seed `seed_index`) in eval mode, and the trial config it was
+    trained with. Builds it without pretrained weights: the checkpoint holds them all."""
+    path = Path(checkpoint_dir)
+    state = _read_state(path)
+    cfg = load_trial_config(None, data=state["config"], source=f"{path}/state.json")
+    bundle = load_trial_data(cfg)
+    blank = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False))
+    model = build_model(blank, bundle, int(state["runs"][seed_index]["seed"])).to(device)
+    model.load_state_dict(load_file(str(path / f"model_{seed_index}.safetensors"), device=str(device)))
+    return model.eval(), cfg
+
+
 def _build_run(cfg: TrialConfig, bundle: DataBundle, seed: int, dev: torch.device) -> _Run:
     model = build_model(cfg, bundle, seed).to(dev)
     if dev.type == "cuda" and cfg.train.channels_last:
@@ -193,7 +211,8 @@ def _build_run(cfg: TrialConfig, bundle: DataBundle, seed: int, dev: torch.devic
         warmup_prefix=True,
         t_in_epochs=False,
     )
-    return _Run(seed, model, optimizer, scheduler, generator, loader)
+    masks = torch.Generator().manual_seed(seed + 7919)  # a stream of its own: shuffling is unchanged by supernet mode
+    return _Run(seed, model, optimizer, scheduler, generator, loader, masks)
 
 
 def _make_mixup(cfg: TrialConfig, num_classes: int) -> Mixup | None:
@@ -234,6 +253,7 @@ def _train_one_epoch(
 
         batches = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs} seed {run.seed}", leave=False)
     distill = model.distill.alpha > 0
+    supernet = cfg.train.supernet
     total, seen = 0.0, 0
     for i, (images, targets) in enumerate(batches):
         step = epoch * steps_per_epoch + i
@@ -243,7 +263,11 @@ def _train_one_epoch(
         if mixup is not None:
             images, targets = mixup(images, targets)
         with _autocast(dev, amp):
-            if distill:
+            if supernet.enabled:  # one trunk forward, then the head on each sampled mask (path supernet)
+                masks = sample_supernet_masks(model.num_paths, supernet, run.mask_generator)  # (K, P)
+                logits = model.forward_masks(model.forward_paths(images), masks.to(dev))  # (K, B, C)
+                loss = supernet_loss(model, logits, targets, criterion)
+            elif distill:
                 logits, students = model.forward_with_students(images)
                 loss = criterion(logits, targets) + model.distillation_loss(logits, students)
             else:
@@ -312,6 +336,7 @@ def _write_checkpoint(path: Path, runs: list[_Run], cfg: TrialConfig, epoch: int
                 "optimizer": opt_meta,
                 "scheduler": run.scheduler.state_dict(),
                 "loader_generator": run.loader_generator.get_state().tolist(),
+                "mask_generator": run.mask_generator.get_state().tolist(),
             }
         )
     np_state: tuple[Any, ...] = tuple(np.random.get_state())
@@ -355,6 +380,8 @@ def _restore(runs: list[_Run], path: Path, state: dict[str, Any]) -> int:
         run.optimizer.load_state_dict(_join_optimizer_state(tensors, saved["optimizer"]))
         run.scheduler.load_state_dict(saved["scheduler"])
         run.loader_generator.set_state(torch.tensor(saved["loader_generator"], dtype=torch.uint8))
+        if "mask_generator" in saved:  # absent in checkpoints written before supernet training existed
+            run.mask_generator.set_state(torch.tensor(saved["mask_generator"], dtype=torch.uint8))
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

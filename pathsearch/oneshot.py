@@ -1,0 +1,570 @@
+"""One-shot path search (`search.strategy: two_stage`) and post-hoc EnsembleScale fitting (`pathsearch fit-scales`).
+
+Stage 1 trains one path supernet as a Ray trial (tracked like any trial), then a Ray task caches its pooled
+per-path validation features once and lets Optuna score tens of thousands of path configurations from them
+(design note, section 4). Stage 2 trains the top-k, the baseline and `search.enqueue` as ordinary trials through
+the search's own Tuner; the ranking quality (Kendall tau, Spearman rho of proxy vs trained scores) goes to MLflow.
+Orchestration: torch and the model are imported only inside the functions that run the tensor work.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+from ray import tune
+
+from pathsearch.config import SearchFile, load_trial_config
+from pathsearch.paths import path_names, resolve_scale_init
+from pathsearch.search import (
+    REUSED,
+    SearchResult,
+    _base,
+    _fit_and_finish,
+    _init_ray,
+    _journal,
+    _runnable,
+    baseline_point,
+    make_sampler,
+    make_tuner,
+    start_search,
+)
+from pathsearch.space import SearchSpace, sample_overrides
+from pathsearch.tracking import MlflowTrialLogger, default_tracking_uri, end_parent_run, retry_until
+
+ROLE_TAG = "pathsearch.role"  # supernet | proxy | fit_scales (stage-2 trials are ordinary trials, untagged)
+STAGE1_FILE = "oneshot_stage1.json"  # in the run directory: what stage 2 and `resume` need from stage 1
+
+
+# ----- the two-stage search ----------------------------------------------------------------------------------------
+def run_two_stage(
+    spec: SearchFile,
+    storage_path: str | Path = "runs/search",
+    tracking_uri: str | None = None,
+    name: str | None = None,
+    address: str | None = None,
+    verbose: bool = True,
+    trainable: Any = None,
+) -> SearchResult:
+    """Runs a two-stage search: supernet trial, proxy search of the path entries, then the top-k trained for real.
+
+    One MLflow parent run holds everything: the supernet's trial run, the stage-1 summary table, one child run per
+    top-k proxy configuration, the stage-2 trial runs and the rank correlations. Returns stage 2's result (its best
+    trial is what `pathsearch export` returns).
+    """
+    run_dir, state = start_search(spec, storage_path, tracking_uri, name)
+    _init_ray(address)
+    try:
+        supernet = train_supernet(spec, run_dir, state, trainable)
+        if verbose:
+            print(f"stage 1: supernet trained in {supernet['seconds']:.0f} s ({_metrics_line(supernet['metrics'])})")
+        stage1 = _proxy_search_remote(spec, supernet)
+        _record_stage1(spec, run_dir, state, supernet, stage1, verbose)
+    except BaseException as err:  # nothing may stay RUNNING; Ctrl-C ends the parent KILLED
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        end_parent_run(state["tracking_uri"], state["parent_run_id"], {}, [run_dir / "search.yaml"], status)
+        raise
+    stage2 = stage2_spec(spec, [row["params"] for row in stage1["top"]])
+    return finish_two_stage(make_tuner(stage2, run_dir, state, trainable, verbose), stage2, run_dir, state, verbose)
+
+
+def stage2_spec(spec: SearchFile, top_params: Sequence[Mapping[str, Any]]) -> SearchFile:
+    """Stage 2 as an ordinary search: the baseline, `search.enqueue`, then the top-k, each trained to the end
+    (no early stopping: the ranking quality needs every final score)."""
+    s = spec.search
+    enqueue = [*s.enqueue, *(dict(p) for p in top_params)]
+    search = dataclasses.replace(s, strategy="full", scheduler="none", enqueue=enqueue, num_samples=1 + len(enqueue))
+    return dataclasses.replace(spec, search=search)
+
+
+def train_supernet(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any = None) -> dict[str, Any]:
+    """Stage 1's training: the base trial with `train.supernet.enabled`, as one Ray trial logged under the parent run
+    (tagged `pathsearch.role: supernet`, so `export` never returns it). Its Tune experiment is `run_dir/supernet`."""
+    s, two = spec.search, spec.search.two_stage
+    epochs = two.supernet_epochs or spec.trial.train.epochs
+    cpus = two.supernet_cpus or s.resources_per_trial.get("cpu", 1.0)
+    resources = {**s.resources_per_trial, "cpu": cpus}
+    one = dataclasses.replace(spec, search=dataclasses.replace(s, resources_per_trial=resources))
+    uri, experiment_id, parent = state["tracking_uri"], state["experiment_id"], state["parent_run_id"]
+    tuner = tune.Tuner(
+        _runnable(one, trainable),
+        param_space={"overrides": {"train.supernet.enabled": True, "train.epochs": epochs}, "optuna_trial": "supernet"},
+        tune_config=tune.TuneConfig(num_samples=1),
+        run_config=tune.RunConfig(
+            name="supernet",
+            storage_path=str(run_dir),
+            callbacks=[MlflowTrialLogger(uri, experiment_id, parent, final_epoch=epochs, run_dir=run_dir)],
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=0,
+        ),
+    )
+    result = tuner.fit()[0]
+    metrics = result.metrics or {}
+    if result.error is not None or result.checkpoint is None or metrics.get("epoch") != epochs:
+        raise RuntimeError(f"the supernet trial did not train to the end ({result.error or 'no final checkpoint'})")
+    trial_id = str(metrics["trial_id"])
+
+    def tag() -> str:
+        client = MlflowClient(uri)
+        query = f"tags.`pathsearch.trial_id` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent}'"
+        run_id = client.search_runs([experiment_id], filter_string=query, max_results=1)[0].info.run_id
+        tags = [RunTag(ROLE_TAG, "supernet"), RunTag("mlflow.runName", f"supernet {trial_id}")]
+        client.log_batch(run_id, tags=tags)
+        return run_id
+
+    return {
+        "trial_id": trial_id,
+        "run_id": retry_until(uri, "tagging the supernet run", tag),
+        "checkpoint": result.checkpoint.path,
+        "metrics": {k: v for k, v in metrics.items() if k in ("val_acc", "val_loss", "val_acc_full", "train_loss")},
+        "seconds": float(metrics.get("time_total_s", 0.0)),
+        "cpus": float(cpus),
+    }
+
+
+def _proxy_search_remote(spec: SearchFile, supernet: dict[str, Any]) -> dict[str, Any]:
+    """`proxy_search` as a Ray task with the supernet trial's resources: the driver stays free of torch, and on a
+    cluster the work runs on a worker node (the checkpoint lives in the shared storage path)."""
+    import ray
+
+    s, two = spec.search, spec.search.two_stage
+    base = _base(spec)
+    task = ray.remote(proxy_search).options(num_cpus=supernet["cpus"], max_retries=s.max_failures)
+    return dict(
+        ray.get(
+            task.remote(
+                supernet["checkpoint"],
+                spec.space,
+                base,
+                points=[baseline_point(spec.space, base), *s.enqueue],
+                metric=s.metrics[0],
+                mode=s.modes[0],
+                trials=two.proxy_trials,
+                sampler=two.proxy_sampler,
+                batch=two.proxy_batch,
+                top_k=two.top_k,
+                seed=s.seed,
+                base_pruned=list(spec.trial.model.pruned),
+                base_init=spec.trial.model.ensemble_scale.init,
+                max_kept_paths=s.max_kept_paths,
+                threads=max(1, int(supernet["cpus"])),
+            )
+        )
+    )
+
+
+def proxy_search(
+    checkpoint_dir: str,
+    space: SearchSpace,
+    base: dict[str, Any],
+    points: Sequence[Mapping[str, Any]] = (),
+    metric: str = "val_acc",
+    mode: str = "max",
+    trials: int = 20000,
+    sampler: str = "random",
+    batch: int = 256,
+    top_k: int = 4,
+    seed: int = 0,
+    base_pruned: Sequence[str] = (),
+    base_init: float | Mapping[str, float] = 1.0,
+    max_kept_paths: int | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Stage 1's search: Optuna samples the path entries of `space` (define-by-run, the same parameter names as the
+    trials), each configuration is scored from the supernet's cached validation features, `trials` in all.
+
+    A sampled `model.ensemble_scale.init` becomes per-path factors (candidate init / base init) on the supernet's
+    learned EnsembleScale. `points` (baseline, enqueued configurations) are scored first. Returns every evaluation
+    (`rows`), the scored `points` and the `top` k distinct other configurations, best first, each with the
+    PathConfig it scored, and timings.
+    """
+    import torch
+
+    from pathsearch.supernet import ProxyScorer
+
+    if threads:
+        torch.set_num_threads(threads)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per trial would be tens of thousands
+    try:
+        scorer = ProxyScorer.from_checkpoint(checkpoint_dir)
+        depth = scorer.model.depth
+        if depth != space.depth:
+            raise ValueError(f"the supernet has depth {depth}, the search space was parsed for depth {space.depth}")
+        init = resolve_scale_init(base_init, depth)
+        direction = optuna.study.StudyDirection.MAXIMIZE if mode == "max" else optuna.study.StudyDirection.MINIMIZE
+        study = optuna.create_study(direction=direction, sampler=_sampler(sampler, seed, trials))
+        for point in points:
+            study.enqueue_trial(dict(point))
+        rows: list[dict[str, Any]] = []
+        started = time.perf_counter()
+        while len(rows) < trials:
+            asked = [study.ask() for _ in range(min(batch, trials - len(rows)))]
+            configs = [sample_overrides(trial, space, base) for trial in asked]
+            weights = [config_weights(c, depth, base_pruned, init) for c in configs]
+            ok = [i for i, (keep, _) in enumerate(weights) if 1 <= sum(keep) <= (max_kept_paths or len(keep))]
+            scores = None
+            if ok:
+                masks = torch.tensor([weights[i][0] for i in ok], dtype=torch.bool)  # (k, P)
+                factors = torch.tensor([weights[i][1] for i in ok], dtype=torch.float64)  # (k, P)
+                scores = scorer.score(masks, factors)
+            position = {i: j for j, i in enumerate(ok)}
+            for i, (trial, overrides) in enumerate(zip(asked, configs, strict=True)):
+                row: dict[str, Any] = {
+                    "number": trial.number,
+                    "params": dict(trial.params),
+                    "overrides": overrides,
+                    "key": json.dumps(overrides, sort_keys=True),  # as PathOptunaSearch tells configurations apart
+                    "kept_paths": sum(weights[i][0]),
+                }
+                if scores is None or i not in position:
+                    study.tell(trial, state=TrialState.FAIL)
+                    row["state"] = "INFEASIBLE"
+                else:
+                    acc, loss = float(scores.acc[position[i]]), float(scores.loss[position[i]])
+                    study.tell(trial, acc if metric == "val_acc" else loss)
+                    row.update(state="COMPLETE", proxy_val_acc=acc, proxy_val_loss=loss)
+                rows.append(row)
+        seconds = time.perf_counter() - started
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    ranked = rank_rows(rows, metric, mode)
+    point_rows = [r for r in rows[: len(points)] if r["state"] == "COMPLETE"]
+    taken = {r["key"] for r in point_rows}
+    top = [r for r in ranked if r["key"] not in taken][:top_k]
+    for row in [*point_rows, *top]:
+        keep, scale_factors = config_weights(row["overrides"], depth, base_pruned, init)
+        row["path_config"] = scorer.path_config(keep, scale_factors).to_dict()
+    return {
+        "rows": rows,
+        "points": point_rows,
+        "top": top,
+        "seconds": seconds,
+        "cache_seconds": scorer.seconds,
+        "num_images": int(scorer.features.labels.shape[0]),
+        "distinct": len(ranked),
+    }
+
+
+def _sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    if name == "tpe":  # a tenth of the budget at random first, as TPE needs a spread of observations
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(1000, max(10, trials // 10)))
+    return make_sampler(name, seed)
+
+
+def config_weights(
+    overrides: Mapping[str, Any], depth: int, base_pruned: Sequence[str], base_init: Sequence[float]
+) -> tuple[list[bool], list[float]]:
+    """(path mask, per-path EnsembleScale factors) of a sampled configuration for the proxy scorer.
+
+    The factors re-weight the supernet's learned EnsembleScale as the candidate's init re-weights the base init
+    (1 where the candidate does not set it): the supernet was trained from the base init.
+    """
+    pruned = set(overrides.get("model.pruned", base_pruned))
+    keep = [name not in pruned for name in path_names(depth)]
+    init = overrides.get("model.ensemble_scale.init")
+    if init is None:
+        return keep, [1.0] * len(keep)
+    wanted = resolve_scale_init(init, depth)
+    return keep, [w / b if b else w for w, b in zip(wanted, base_init, strict=True)]
+
+
+def rank_rows(rows: Sequence[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    """Distinct scored configurations, best first: by the proxy metric, then the other proxy score (accuracy ties
+    are common on a small validation set), then the order they were sampled in."""
+    sign = -1.0 if mode == "max" else 1.0
+    other = "proxy_val_loss" if metric == "val_acc" else "proxy_val_acc"
+    other_sign = 1.0 if other == "proxy_val_loss" else -1.0
+    distinct: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["state"] == "COMPLETE":
+            distinct.setdefault(row["key"], row)
+    return sorted(distinct.values(), key=lambda r: (sign * r[f"proxy_{metric}"], other_sign * r[other], r["number"]))
+
+
+def _record_stage1(
+    spec: SearchFile,
+    run_dir: Path,
+    state: dict[str, Any],
+    supernet: dict[str, Any],
+    stage1: dict[str, Any],
+    verbose: bool,
+) -> None:
+    """Stage 1 in files and MLflow: every evaluation in one table (not one run each), the top-k as child runs."""
+    rows, top, points = stage1["rows"], stage1["top"], stage1["points"]
+    table = run_dir / "proxy_scores.csv"
+    _write_table(table, rows)
+    top_file = run_dir / "proxy_top.yaml"
+    ranked = [{"rank": k, **_public(row)} for k, row in enumerate(top, start=1)]
+    top_file.write_text(yaml.safe_dump({"points": [_public(r) for r in points], "top": ranked}, sort_keys=False))
+    scored = sum(r["state"] == "COMPLETE" for r in rows)
+    summary = {
+        "proxy_evaluations": float(scored),
+        "proxy_infeasible": float(len(rows) - scored),
+        "proxy_distinct_configurations": float(stage1["distinct"]),
+        "proxy_seconds": stage1["seconds"],
+        "proxy_evaluations_per_s": len(rows) / max(stage1["seconds"], 1e-9),
+        "proxy_cache_seconds": stage1["cache_seconds"],
+        "supernet_seconds": supernet["seconds"],
+        **{f"supernet_{k}": float(v) for k, v in supernet["metrics"].items()},
+    }
+    uri, experiment_id, parent = state["tracking_uri"], state["experiment_id"], state["parent_run_id"]
+    metric = spec.search.metrics[0]
+
+    def log() -> dict[str, str]:
+        client = MlflowClient(uri)
+        now = int(time.time() * 1000)
+        client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
+        client.log_artifact(parent, str(table))
+        client.log_artifact(parent, str(top_file))
+        runs: dict[str, str] = {}
+        for rank, row in enumerate(top, start=1):
+            runs[row["key"]] = _log_proxy_run(client, experiment_id, parent, rank, row, metric, now)
+        return runs
+
+    proxy_runs = retry_until(uri, "logging stage 1", log) or {}
+    proxy = {k: stage1[k] for k in ("seconds", "cache_seconds", "num_images", "distinct")}
+    record = {
+        "metric": metric,
+        "supernet": supernet,
+        "proxy": {**proxy, "evaluations": len(rows)},
+        "points": points,
+        "top": top,
+        "proxy_runs": proxy_runs,
+    }
+    (run_dir / STAGE1_FILE).write_text(json.dumps(record, indent=1))
+    if verbose:
+        per_s = len(rows) / max(stage1["seconds"], 1e-9)
+        print(
+            f"stage 1: {len(rows)} configurations scored in {stage1['seconds']:.1f} s ({per_s:,.0f}/s, "
+            f"{stage1['distinct']} distinct) from {stage1['num_images']} cached validation images "
+            f"(cached in {stage1['cache_seconds']:.1f} s)",
+            flush=True,
+        )
+        for rank, row in enumerate(top, start=1):
+            print(f"  proxy top {rank}: {metric} {row[f'proxy_{metric}']:.4f}  {row['overrides']}", flush=True)
+        print(f"stage 2: training the baseline, {len(spec.search.enqueue)} enqueued and the top {len(top)}", flush=True)
+
+
+def _log_proxy_run(
+    client: MlflowClient,
+    experiment_id: str,
+    parent: str,
+    rank: int,
+    row: Mapping[str, Any],
+    metric: str,
+    now: int,
+) -> str:
+    """A finished child run for one top-k proxy configuration: the same params as its stage-2 trial, proxy metrics,
+    and the PathConfig it was scored with (the supernet's weights under that mask and EnsembleScale)."""
+    tags = {"mlflow.parentRunId": parent, ROLE_TAG: "proxy", "pathsearch.proxy_rank": str(rank)}
+    run_id = client.create_run(experiment_id, run_name=f"proxy top {rank}", tags=tags).info.run_id
+    params = [Param(k, _param(v)) for k, v in sorted(row["params"].items())]
+    params += [Param(f"config.{k}", _param(v)) for k, v in sorted(row["overrides"].items())]
+    params.append(Param("optuna_trial", str(row["number"])))
+    metrics = [Metric(f"proxy_{m}", float(row[f"proxy_{m}"]), now, 0) for m in ("val_acc", "val_loss")]
+    metrics += [Metric("kept_paths", float(row["kept_paths"]), now, 0), Metric("proxy_rank", float(rank), now, 0)]
+    client.log_batch(run_id, metrics=metrics, params=params)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "path_config.yaml"
+        path.write_text(yaml.safe_dump(row["path_config"], sort_keys=False))
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, status="FINISHED")
+    return str(run_id)
+
+
+def finish_two_stage(
+    tuner: Any, spec: SearchFile, run_dir: Path, state: dict[str, Any], verbose: bool = True
+) -> SearchResult:
+    """Runs stage 2 to its end (a new Tuner, or one `resume` restored), then measures and logs how well the stage-1
+    proxy ranked the configurations that stage 2 trained: Kendall tau and Spearman rho on the parent run, each
+    proxy run's trained score beside its proxy score."""
+    result = _fit_and_finish(tuner, spec, run_dir, state)
+    if result.interrupted or not (run_dir / STAGE1_FILE).is_file():
+        return result
+    stage1 = json.loads((run_dir / STAGE1_FILE).read_text())
+    metric = stage1["metric"]
+    study = optuna.load_study(study_name=state["name"], storage=_journal(run_dir))
+    trained = {
+        _params_key(t.params): float(t.value)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not t.user_attrs.get(REUSED) and t.value is not None
+    }
+    rows = []
+    for row in [*stage1["points"], *stage1["top"]]:
+        value = trained.get(_params_key(row["params"]))
+        if value is not None:
+            entry = {k: v for k, v in row.items() if k not in ("key", "path_config")}  # configs: proxy_top.yaml
+            rows.append({**entry, f"trained_{metric}": value, "proxy_run": stage1["proxy_runs"].get(row["key"])})
+    ranking = rank_correlation([r[f"proxy_{metric}"] for r in rows], [r[f"trained_{metric}"] for r in rows])
+    path = run_dir / "rank_correlation.yaml"
+    path.write_text(yaml.safe_dump({"metric": metric, **ranking, "configurations": rows}, sort_keys=False))
+    uri = state["tracking_uri"]
+
+    def log() -> None:
+        client = MlflowClient(uri)
+        now = int(time.time() * 1000)
+        values = {f"proxy_{k}": v for k, v in ranking.items() if math.isfinite(v)}
+        client.log_batch(state["parent_run_id"], metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
+        client.log_artifact(state["parent_run_id"], str(path))
+        for row in rows:
+            if row["proxy_run"]:
+                trained_value = Metric(f"trained_{metric}", row[f"trained_{metric}"], now, 0)
+                client.log_batch(row["proxy_run"], metrics=[trained_value])
+
+    retry_until(uri, "logging the ranking quality", log)
+    result.files.update(
+        proxy_scores=run_dir / "proxy_scores.csv", proxy_top=run_dir / "proxy_top.yaml", rank_correlation=path
+    )
+    if verbose:
+        print(
+            f"ranking quality over {int(ranking['ranked_configurations'])} trained configurations (proxy vs trained "
+            f"{metric}): Kendall tau {ranking['kendall_tau']:.3f}, Spearman rho {ranking['spearman_rho']:.3f}",
+            flush=True,
+        )
+    return result
+
+
+def rank_correlation(proxy: Sequence[float], trained: Sequence[float]) -> dict[str, float]:
+    """Kendall tau (tau-b: ties allowed) and Spearman rho between two score lists; NaN with fewer than 2 pairs or a
+    constant list."""
+    import warnings
+
+    from scipy.stats import kendalltau, spearmanr
+
+    nan = float("nan")
+    if len(proxy) < 2:
+        return {"kendall_tau": nan, "spearman_rho": nan, "ranked_configurations": float(len(proxy))}
+    with warnings.catch_warnings():  # a constant input warns and returns NaN, which is the answer
+        warnings.simplefilter("ignore")
+        tau = float(kendalltau(proxy, trained)[0])
+        rho = float(spearmanr(proxy, trained)[0])
+    return {"kendall_tau": tau, "spearman_rho": rho, "ranked_configurations": float(len(proxy))}
+
+
+def _params_key(params: Mapping[str, Any]) -> str:
+    return json.dumps(dict(params), sort_keys=True)
+
+
+def _public(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage-1 row without its lookup key, for YAML files."""
+    return {k: v for k, v in row.items() if k != "key"}
+
+
+def _write_table(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Every stage-1 evaluation as one CSV row: trial number, state, proxy scores, kept paths and each parameter."""
+    names = sorted({k for row in rows for k in row["params"]})
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["number", "state", "proxy_val_acc", "proxy_val_loss", "kept_paths", *names])
+        for row in rows:
+            head = [row["number"], row["state"], row.get("proxy_val_acc", ""), row.get("proxy_val_loss", "")]
+            writer.writerow([*head, row["kept_paths"], *(row["params"].get(n, "") for n in names)])
+
+
+def _metrics_line(metrics: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, int | float))
+
+
+def _param(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+# ----- post-hoc EnsembleScale fitting ------------------------------------------------------------------------------
+@dataclasses.dataclass
+class FitScalesResult:
+    run_id: str  # the new child run
+    source_run_id: str
+    metrics: dict[str, float]
+    factors: dict[str, float]  # per path, multiplying the source run's EnsembleScale
+    pruned: list[str]
+    files: dict[str, Path]
+
+
+def fit_scales_run(
+    run_id: str,
+    tracking_uri: str | None = None,
+    search_file: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    fit_fraction: float = 0.5,
+    steps: int = 300,
+    lr: float = 0.05,
+    prune: bool = False,
+    seed: int = 0,
+) -> FitScalesResult:
+    """Fits per-path EnsembleScale factors (and with `prune` a path mask) of a trained MLflow run on a held-out part
+    of its validation split, reports the accuracy change on the rest, and logs the result as a new child run of
+    that run (PathConfig and weights with the fitted values, metrics before and after).
+
+    The data settings come from `search_file`, else from the run's search (its parent's `search.yaml`) with the
+    run's own `config.data.*` parameters applied.
+    """
+    from pathsearch.supernet import fit_scales_of_files  # tensors: only this verb needs them
+
+    uri = tracking_uri or default_tracking_uri()
+    client = MlflowClient(uri)
+    try:
+        source = client.get_run(run_id)
+    except Exception as err:  # MLflow raises its own exception types for an unknown run id
+        raise ValueError(f"no MLflow run {run_id!r} at {uri}: {err}") from None
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="pathsearch-fit-scales-"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path_config = _download(client, run_id, "path_config.yaml", tmp)
+        weights = _download(client, run_id, "model_0.safetensors", tmp)
+        if search_file is None:
+            parent = source.data.tags.get("mlflow.parentRunId")
+            if parent is None:
+                raise ValueError(f"run {run_id} belongs to no search: give the search file its data came from")
+            search_file = _download(client, parent, "search.yaml", tmp)
+        raw = yaml.safe_load(Path(search_file).read_text()) or {}
+        sections = {k: raw[k] for k in ("model", "data", "train") if k in raw}
+        data = dict(sections.get("data") or {})
+        for key, text in source.data.params.items():  # the trial's own data settings, if the search varied them
+            if key.startswith("config.data."):
+                data[key[len("config.data.") :]] = yaml.safe_load(text)
+        cfg = load_trial_config(None, data={**sections, "data": data}, source=str(search_file))
+        fit, files = fit_scales_of_files(path_config, weights, cfg, out, fit_fraction, steps, lr, prune, seed)
+    names = path_names(len(fit.keep) // 2)
+    factors = dict(zip(names, fit.factors, strict=True))
+    pruned = [n for n, k in zip(names, fit.keep, strict=True) if not k]
+
+    def log() -> str:
+        now = int(time.time() * 1000)
+        name = source.data.tags.get("mlflow.runName", run_id)
+        tags = {"mlflow.parentRunId": run_id, ROLE_TAG: "fit_scales", "pathsearch.source_run": run_id}
+        child = client.create_run(source.info.experiment_id, run_name=f"fit-scales of {name}", tags=tags).info.run_id
+        settings = dict(source_run_id=run_id, fit_fraction=fit_fraction, steps=steps, lr=lr, prune=prune, seed=seed)
+        settings["pruned"] = pruned
+        params = [Param(k, _param(v)) for k, v in settings.items()]
+        params += [Param(f"factor.{n}", f"{f:.6g}") for n, f in factors.items()]
+        client.log_batch(child, metrics=[Metric(k, float(v), now, 0) for k, v in fit.metrics.items()], params=params)
+        for path in files.values():
+            client.log_artifact(child, str(path))
+        client.set_terminated(child, status="FINISHED")
+        return str(child)
+
+    child = retry_until(uri, "logging the fit-scales run", log)
+    if child is None:
+        raise RuntimeError(f"MLflow at {uri} stayed unreachable: the fitted files are in {out}")
+    return FitScalesResult(child, run_id, fit.metrics, factors, pruned, files)
+
+
+def _download(client: MlflowClient, run_id: str, name: str, folder: str) -> Path:
+    try:
+        return Path(client.download_artifacts(run_id, name, folder))
+    except Exception as err:  # MLflow raises several types for a missing artifact
+        raise ValueError(f"run {run_id} has no artifact {name!r}: {err}") from None

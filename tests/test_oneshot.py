@@ -1,0 +1,340 @@
+"""One-shot path search: supernet training, proxy scores from cached features, the two-stage search through the CLI
+with what it records in MLflow, and post-hoc EnsembleScale fitting. Real timm models, a real local Ray (through the
+CLI), a real MLflow SQLite store checked with the MLflow client."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import randomize_norms, tiny_timm_vit
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from pathsearch.config import ConfigError, SupernetConfig, load_search_file, load_trial_config
+from pathsearch.model import PathEnsembleViT, PathFeatures, cache_path_features, create_path_vit, score_masks
+from pathsearch.paths import EnsembleScaleConfig, PathConfig
+from pathsearch.supernet import ProxyScorer, fit_ensemble_scale, sample_supernet_masks
+from pathsearch.train import fit, load_checkpoint_model, load_trial_data
+
+ROOT = Path(__file__).resolve().parents[1]
+TWO_STAGE = ROOT / "search_spaces" / "digits_two_stage.yaml"
+# digits, depth 2: a trial takes a few seconds; enough training that configurations differ in accuracy
+SMALL = ["model.kwargs.depth=2", "train.epochs=6", "train.eval_every=3", "train.warmup_epochs=0", "train.lr=3.0e-3"]
+TOP_K = 3
+SUPERNET_EPOCHS = 12
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def __call__(self, metrics, checkpoint_dir) -> None:
+        self.calls.append(dict(metrics))
+
+
+# ----- the supernet ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("distribution", ["kept_count", "bernoulli", "shortest"])
+def test_supernet_masks_hold_the_full_and_a_minimal_mask_then_random_ones(distribution):
+    cfg = SupernetConfig(enabled=True, masks_per_batch=6, distribution=distribution, keep_prob=0.3, min_kept=2)
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_supernet_masks(13, cfg, gen) for _ in range(400)])  # (400, 6, 13)
+    assert draws.dtype == torch.bool and draws.shape == (400, 6, 13)
+    assert draws[:, 0].all()  # the full mask, every batch
+    assert (draws[:, 1].sum(-1) == 2).all()  # a minimal one: min_kept paths
+    random = draws[:, 2:].reshape(-1, 13)
+    assert (random.sum(-1) >= 2).all()
+    if distribution == "shortest":  # the k shortest pruned: every mask is a suffix
+        assert all(row[row.nonzero().min() :].all() for row in random)
+        assert draws[:, 1, -2:].all()
+        assert len({tuple(r.tolist()) for r in random}) == 12  # 0 .. 11 shortest pruned, each turns up
+        return
+    if distribution == "bernoulli":
+        assert random.float().mean().item() == pytest.approx(0.3, abs=0.03)
+    else:  # kept_count: every size from min_kept to all paths turns up
+        assert set(random.sum(-1).tolist()) == set(range(2, 14))
+    assert len({tuple(r.tolist()) for r in random}) > 100  # not one mask over and over
+
+
+def count_trunk_forwards(cfg, work_dir):
+    """PatchEmbed forward calls during `fit` (one per trunk pass), counted with a global module hook."""
+    from timm.layers import PatchEmbed
+
+    count = 0
+
+    def hook(module, args, output):
+        nonlocal count
+        count += isinstance(module, PatchEmbed)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    rec = Recorder()
+    try:
+        result = fit(cfg, rec, work_dir=work_dir, cpus=1)
+    finally:
+        handle.remove()
+    return count, rec.calls, result
+
+
+def test_supernet_training_shares_one_trunk_pass_per_batch_and_serves_submasks(tmp_path):
+    base = ["model.kwargs.depth=2", "data.train_size=300", "train.epochs=8", "train.eval_every=4",
+            "train.warmup_epochs=0", "train.lr=3.0e-3"]  # fmt: skip
+    super_cfg = load_trial_config(TWO_STAGE, [*base, "train.supernet.enabled=true"])
+    plain_cfg = load_trial_config(TWO_STAGE, base)
+    super_passes, reports, result = count_trunk_forwards(super_cfg, tmp_path / "supernet")
+    plain_passes, _, plain = count_trunk_forwards(plain_cfg, tmp_path / "plain")
+    # 4 masks per batch, one trunk pass per batch: the same count as ordinary training
+    assert super_passes == plain_passes > 0
+    assert [m["epoch"] for m in reports] == [4, 8]
+    assert all(math.isfinite(m["train_loss"]) and 0 <= m["val_acc"] <= 1 for m in reports)
+
+    # The supernet copes with masks it was trained on: over random sub-masks it beats the ordinary model clearly.
+    gen = torch.Generator().manual_seed(1)
+    masks = torch.rand(64, 5, generator=gen) < 0.5
+    masks[~masks.any(1), -1] = True
+    accs = [ProxyScorer.from_checkpoint(r.checkpoint_dir).score(masks).acc.mean().item() for r in (result, plain)]
+    assert accs[0] > accs[1] + 0.05, accs
+
+
+def test_supernet_resume_continues_exactly(tmp_path):
+    tiny = ["data.name=synthetic", "model.kwargs.depth=2", "model.kwargs.embed_dim=32", "model.kwargs.num_heads=2",
+            "model.kwargs.patch_size=2", "train.warmup_epochs=0", "train.epochs=2", "train.supernet.enabled=true",
+            "train.supernet.distribution=bernoulli"]  # fmt: skip
+    cfg = load_trial_config(None, tiny)
+    straight = fit(cfg, Recorder(), work_dir=tmp_path / "straight")
+    first: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(metrics, checkpoint_dir):
+        first.append(checkpoint_dir)
+        raise Stop
+
+    with pytest.raises(Stop):
+        fit(cfg, stop, work_dir=tmp_path / "part")
+    resumed = fit(cfg, Recorder(), checkpoint_dir=first[0], work_dir=tmp_path / "resumed")
+    a = load_file(str(straight.checkpoint_dir / "model_0.safetensors"))
+    b = load_file(str(resumed.checkpoint_dir / "model_0.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the mask sampler's state came back with the checkpoint
+
+
+# ----- proxy scores from cached features --------------------------------------------------------------------------
+@pytest.mark.parametrize("pool", ["token", "avg"])
+@pytest.mark.parametrize("kind", ["scalar", "vector"])
+def test_cached_scores_equal_the_models_own_forward_for_masks_and_scales(pool, kind, image_loader):
+    model = PathEnsembleViT(tiny_timm_vit(global_pool=pool), PathConfig(ensemble_scale=EnsembleScaleConfig(kind=kind)))
+    randomize_norms(model)
+    with torch.no_grad():
+        model.ensemble_scale.uniform_(0.5, 1.5)
+    model.eval()
+    cached = cache_path_features(model, image_loader)
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.rand(12, model.num_paths, generator=gen) < 0.6
+    masks[:, -1] = True
+    factors = torch.exp(torch.randn(12, model.num_paths, generator=gen, dtype=torch.float64))
+    scores = score_masks(model, cached, masks=masks, factors=factors)
+    learned = model.ensemble_scale.detach().clone()
+    images = torch.cat([x for x, _ in image_loader])
+    for k in range(len(masks)):
+        model.set_path_mask(masks[k])
+        with torch.no_grad():
+            model.ensemble_scale.copy_(learned * factors[k, :, None].float())
+            logits = model(images)
+        acc = (logits.argmax(-1) == cached.labels).double().mean().item()
+        loss = torch.nn.functional.cross_entropy(logits.double(), cached.labels).item()
+        assert scores.acc[k].item() == acc
+        assert scores.loss[k].item() == pytest.approx(loss, rel=1e-4)
+
+
+def test_bad_supernet_and_two_stage_settings_name_file_key_and_value(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        bad = ["train.supernet.masks_per_batch=1", "train.supernet.keep_prob=0.0", "train.supernet.min_kept=20",
+               "train.supernet.distribution=gaussian"]  # fmt: skip
+        load_trial_config(TWO_STAGE, bad)
+    text = str(info.value)
+    assert f"{TWO_STAGE}: train.supernet.masks_per_batch: must be >= 2" in text and "got 1" in text
+    assert "train.supernet.keep_prob: must be in (0, 1], got 0.0" in text
+    assert "train.supernet.min_kept: must be <= 13" in text and "got 20" in text
+    assert "train.supernet.distribution: expected one of" in text and "'gaussian'" in text
+    with pytest.raises(ConfigError) as info:
+        load_search_file(TWO_STAGE, ["space.train.lr.low=1.0e-4", "space.train.lr.high=1.0e-3",
+                                     "model.ensemble_scale.scope=both", "search.two_stage.top_k=0"])  # fmt: skip
+    text = str(info.value)
+    assert "search.two_stage.top_k: must be >= 1, got 0" in text
+    scales = "space.model.ensemble_scale.init={by: one, low: 0.1, high: 1.0}"
+    with pytest.raises(ConfigError) as info:
+        load_search_file(TWO_STAGE, ["space.train.lr.low=1.0e-4", "space.train.lr.high=1.0e-3", scales,
+                                     "model.ensemble_scale.scope=both"])  # fmt: skip
+    text = str(info.value)
+    assert "space.train.lr: a two_stage search scores only model.pruned and model.ensemble_scale.init" in text
+    assert "model.ensemble_scale.scope: a two_stage search of EnsembleScale needs scope 'ensemble'" in text
+    with pytest.raises(ConfigError, match=r"search\.metric: a two_stage search ranks by one metric"):
+        load_search_file(TWO_STAGE, ["search.metric=kept_paths", "search.mode=min"])
+    # masks act on the ensemble sum only: with scope `both` they can still be scored
+    assert load_search_file(TWO_STAGE, ["model.ensemble_scale.scope=both"]).search.strategy == "two_stage"
+    # the same file with strategy full takes any space, as before
+    assert load_search_file(TWO_STAGE, ["search.strategy=full", "space.train.lr.low=1.0e-4",
+                                        "space.train.lr.high=1.0e-3"]).search.strategy == "full"  # fmt: skip
+
+
+# ----- the two-stage search, end to end through the CLI -----------------------------------------------------------
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pathsearch.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory):
+    """`pathsearch search` on the shipped two-stage file, made small, as the README gives it."""
+    root = tmp_path_factory.mktemp("two_stage")
+    scales = "space.model.ensemble_scale.init={by: group, low: 0.1, high: 1.0, log: true}"  # scored as values
+    small = [*SMALL, scales, "search.two_stage.proxy_trials=3000", f"search.two_stage.top_k={TOP_K}",
+             f"search.two_stage.supernet_epochs={SUPERNET_EPOCHS}", "search.two_stage.supernet_cpus=1"]  # fmt: skip
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    sets = [a for s in small for a in ("--set", s)]
+    result = cli("search", str(TWO_STAGE), *sets, "--storage-path", "runs", "--tracking-uri", uri, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("digits_two_stage")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return {"root": root, "uri": uri, "stdout": result.stdout, "client": client, "runs": runs}
+
+
+def test_two_stage_search_records_supernet_proxy_table_top_k_trials_and_ranking(two_stage):
+    client, runs = two_stage["client"], two_stage["runs"]
+    parents = [r for r in runs if r.data.tags.get("pathsearch.kind") == "search"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(runs) - 1  # everything hangs under the one parent run
+    role = {r.info.run_id: r.data.tags.get("pathsearch.role") for r in children}
+
+    supernet = [r for r in children if role[r.info.run_id] == "supernet"]
+    assert len(supernet) == 1 and supernet[0].info.status == "FINISHED"
+    assert supernet[0].data.params["config.train.supernet.enabled"] == "True"
+    history = client.get_metric_history(supernet[0].info.run_id, "val_acc")
+    assert [m.step for m in history] == list(range(3, SUPERNET_EPOCHS + 1, 3))  # tracked like any trial
+
+    # stage 1 in aggregate: one table of every evaluation on the parent, not one run each
+    table = client.download_artifacts(parent.info.run_id, "proxy_scores.csv", str(two_stage["root"]))
+    rows = list(csv.DictReader(io.StringIO(Path(table).read_text())))
+    assert len(rows) == 3000 and {"proxy_val_acc", "prune.embed", "ensemble_scale.init.attn"} <= set(rows[0])
+    assert parent.data.metrics["proxy_evaluations"] + parent.data.metrics["proxy_infeasible"] == 3000
+    proxies = sorted((r for r in children if role[r.info.run_id] == "proxy"), key=lambda r: r.info.run_name)
+    assert [r.info.run_name for r in proxies] == [f"proxy top {k}" for k in range(1, TOP_K + 1)]
+    scores = [r.data.metrics["proxy_val_acc"] for r in proxies]
+    assert scores == sorted(scores, reverse=True)
+    scored = max(float(r["proxy_val_acc"]) for r in rows if r["state"] == "COMPLETE")
+    assert scores[0] == pytest.approx(scored)  # the best of the table is top 1
+    for run in proxies:
+        assert "path_config.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+    # stage 2: the baseline plus the top-k, ordinary trials trained to the end
+    trials = [r for r in children if role[r.info.run_id] is None]
+    assert len(trials) == TOP_K + 1
+    assert all(r.info.status == "FINISHED" and r.data.tags["pathsearch.state"] == "COMPLETE" for r in trials)
+    flags = [{k: v for k, v in r.data.params.items() if k.startswith("prune.")} for r in trials]
+    assert {k: "False" for k in flags[0]} in flags  # the baseline (nothing pruned) was enqueued
+    trained_params = [{k: v for k, v in r.data.params.items() if k.startswith(("prune.", "ensemble"))} for r in trials]
+    for run in proxies:  # each top-k configuration was trained, with the very same parameters
+        params = {k: v for k, v in run.data.params.items() if k.startswith(("prune.", "ensemble"))}
+        assert params in trained_params
+        assert "trained_val_acc" in run.data.metrics
+
+    # ranking quality on the parent
+    assert parent.data.metrics["proxy_ranked_configurations"] == TOP_K + 1
+    for name in ("proxy_kendall_tau", "proxy_spearman_rho"):
+        assert -1.0 <= parent.data.metrics[name] <= 1.0
+    assert "Kendall tau" in two_stage["stdout"] and "stage 1: 3000 configurations scored" in two_stage["stdout"]
+
+
+def test_export_returns_the_best_stage_2_trial_never_the_supernet(two_stage):
+    root, runs = two_stage["root"], two_stage["runs"]
+    out = root / "best.yaml"
+    result = cli("export", "--experiment", "digits_two_stage", "--tracking-uri", two_stage["uri"], "--out", str(out),
+                 cwd=root)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    trials = [r for r in runs if "pathsearch.state" in r.data.tags and "pathsearch.role" not in r.data.tags]
+    best = max(trials, key=lambda r: r.data.metrics["val_acc"])
+    assert f"best run {best.info.run_id}" in result.stdout
+    assert PathConfig.load(out).depth == 2
+
+
+# ----- post-hoc EnsembleScale fitting ------------------------------------------------------------------------------
+@pytest.mark.parametrize("prune", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fit_scales_never_lowers_accuracy_on_the_split_it_was_fitted_on(prune, seed):
+    torch.manual_seed(seed)
+    model = PathEnsembleViT(tiny_timm_vit(seed=seed), PathConfig(pruned=["embed"]))
+    randomize_norms(model, seed)
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 5, (200,), generator=gen)
+    features = torch.randn(model.num_paths, 200, 32, generator=gen) + 0.5 * torch.randn(5, 32, generator=gen)[labels]
+    result = fit_ensemble_scale(model, PathFeatures(features, labels), steps=100, prune=prune, seed=seed)
+    m = result.metrics
+    assert m["fit_split_acc_after"] >= m["fit_split_acc_before"]
+    assert m["fit_split_loss_after"] < m["fit_split_loss_before"]  # it did fit something
+    assert m["fit_images"] == 100 and m["val_images"] == 100
+    assert result.keep[0] is False and sum(result.keep) >= 1  # a pruned path stays pruned
+    if not prune:
+        assert sum(result.keep) == model.num_paths - 1
+
+
+def test_fit_scales_cli_logs_a_child_run_whose_files_give_its_accuracy(two_stage):
+    client, runs, root = two_stage["client"], two_stage["runs"], two_stage["root"]
+    trials = [r for r in runs if "pathsearch.state" in r.data.tags and "pathsearch.role" not in r.data.tags]
+    source = max(trials, key=lambda r: r.data.metrics["val_acc"])
+    result = cli("fit-scales", "--run-id", source.info.run_id, "--tracking-uri", two_stage["uri"], "--prune",
+                 "--out", str(root / "fitted"), "--threads", "1", cwd=root)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "validation split" in result.stdout
+    children = client.search_runs(
+        [source.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{source.info.run_id}'"
+    )
+    assert len(children) == 1
+    child = children[0]
+    assert child.info.status == "FINISHED" and child.data.tags["pathsearch.role"] == "fit_scales"
+    m = child.data.metrics
+    assert m["fit_split_acc_after"] >= m["fit_split_acc_before"]
+    assert m["val_acc_before"] * m["val_images"] + m["fit_split_acc_before"] * m["fit_images"] == pytest.approx(
+        source.data.metrics["val_acc"] * (m["val_images"] + m["fit_images"])
+    )  # the starting point is the trained run itself
+    assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"path_config.yaml", "model_0.safetensors"}
+    assert f"new child run {child.info.run_id}" in result.stdout
+
+    # the logged PathConfig and weights are the fitted model: their accuracy over the whole validation split is the
+    # image-weighted mean of what the run reports for its two parts
+    folder = root / "logged"
+    config = PathConfig.load(client.download_artifacts(child.info.run_id, "path_config.yaml", str(folder)))
+    model = create_path_vit(path_config=config)
+    model.load_state_dict(load_file(client.download_artifacts(child.info.run_id, "model_0.safetensors", str(folder))))
+    model.eval()
+    assert [n for n, k in zip(model.path_names, model.path_mask, strict=True) if not k] == config.pruned
+    cfg = load_trial_config(TWO_STAGE, SMALL)
+    correct, total = 0, 0
+    with torch.no_grad():
+        for x, y in DataLoader(load_trial_data(cfg).val, batch_size=512):
+            correct += (model(x).argmax(-1) == y).sum().item()
+            total += len(y)
+    expected = m["val_acc_after"] * m["val_images"] + m["fit_split_acc_after"] * m["fit_images"]
+    assert correct == pytest.approx(expected, abs=1e-6) and total == m["val_images"] + m["fit_images"]
+
+
+def test_checkpoint_model_is_rebuilt_with_its_trained_weights(tmp_path):
+    cfg = load_trial_config(TWO_STAGE, [*SMALL, "train.epochs=1", "train.eval_every=1"])
+    result = fit(cfg, Recorder(), work_dir=tmp_path)
+    model, loaded = load_checkpoint_model(result.checkpoint_dir)
+    assert loaded == cfg and not model.training
+    saved = load_file(str(result.checkpoint_dir / "model_0.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert yaml.safe_load((result.checkpoint_dir / "path_config.yaml").read_text())["depth"] == 2
