@@ -263,7 +263,8 @@ def wait_for_running_trials(ns: Namespace, uri: str, experiment: str, job, count
 def test_stopped_search_closes_its_runs_and_resumes_on_the_cluster(cluster):
     ns, state = cluster
     experiment = "stopped"
-    job = submit(ns, state, experiment, "--set", "train.epochs=12", "--set", "data.train_size=600", background=True)
+    extra = ["--set", "train.epochs=12", "--set", "data.train_size=600", "--set", "search.num_samples=2"]
+    job = submit(ns, state, experiment, *extra, background=True)
     wait_for_running_trials(ns, state["tracking_uri"], experiment, job, count=1, steps=1)
     stop = ns.run([PY, "-m", "pathsearch.cli", "stop", experiment, "--address", state["dashboard"]], check=True)
     assert f"job {experiment}: STOPPED" in stop.stdout
@@ -279,7 +280,7 @@ def test_stopped_search_closes_its_runs_and_resumes_on_the_cluster(cluster):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     runs = ns.runs(state["tracking_uri"], experiment)
     children = [r for r in runs if r["parent"]]
-    assert len(children) == 4 and {r["status"] for r in children} == {"FINISHED"}  # the interrupted ones too
+    assert len(children) == 2 and {r["status"] for r in children} == {"FINISHED"}  # the interrupted ones too
     assert all(r["val_acc_steps"] == list(range(1, 13)) for r in children)  # each epoch once, across the stop
 
 
