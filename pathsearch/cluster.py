@@ -125,6 +125,11 @@ def check_reachable_by_form(tracking_uri: str, storage_path: str, nodes: Sequenc
             "give an MLflow server every node and you can reach (http://HOST:5000: `cluster/local.sh up` starts "
             "one on this machine, cluster/mlflow/ deploys a shared one)"
         )
+    elif scheme in LOCAL_ONLY_SCHEMES and not _local_store_path(tracking_uri).is_absolute():
+        problems.append(
+            f"--tracking-uri {tracking_uri}: a relative path names a store inside the job's temporary working "
+            "directory, deleted after the job; give an MLflow server (or, on a one-node cluster, an absolute path)"
+        )
     elif len(hosts) > 1 and host in LOOPBACK_HOSTS:
         problems.append(
             f"--tracking-uri {tracking_uri}: a loopback address, but the cluster spans {len(hosts)} hosts; "
@@ -144,6 +149,13 @@ def check_reachable_by_form(tracking_uri: str, storage_path: str, nodes: Sequenc
             "as a file); give a folder every node mounts: NFS, EFS, a ReadWriteMany volume"
         )
     return problems
+
+
+def _local_store_path(uri: str) -> Path:
+    for prefix in ("sqlite:///", "file://"):
+        if uri.startswith(prefix):
+            return Path(uri[len(prefix) :])
+    return Path(uri)
 
 
 def check_from_node(tracking_uri: str, storage_path: str, marker: str) -> list[str]:

@@ -48,6 +48,9 @@ def test_local_store_or_relative_path_is_refused_on_a_multinode_cluster():
 
 def test_server_and_shared_path_pass_the_form_checks():
     assert check_reachable_by_form("http://mlflow.internal:5000", "/nfs/runs", NODES) == []
+    head_only = [{"node_ip": "10.0.0.1"}]
+    assert check_reachable_by_form("sqlite:////shared/mlflow.db", "/shared/runs", head_only) == []
+    assert "relative path names a store" in check_reachable_by_form("sqlite:///mlflow.db", "/s/runs", head_only)[0]
     one_host = [{"node_ip": "127.0.0.1"}] * 3  # cluster/local.sh: nodes share this machine's loopback and disk
     assert check_reachable_by_form("http://127.0.0.1:5000", "/tmp/runs", one_host) == []
     assert "s3:// is not supported" in check_reachable_by_form("http://m:5000", "s3://bucket/runs", one_host)[0]
