@@ -236,6 +236,10 @@ def _ui(args: argparse.Namespace) -> int:
 
     from pathsearch.tracking import ui_command
 
+    if args.tracking_uri and args.tracking_uri.startswith(("http://", "https://")):
+        # a tracking server (a cluster's, say) serves the UI itself; `mlflow server` cannot use it as a store
+        print(f"MLflow UI at {args.tracking_uri} (the tracking server serves it)")
+        return 0
     cmd, env = ui_command(args.tracking_uri, args.port)
     print(f"MLflow UI at http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
     try:

@@ -87,3 +87,11 @@ def test_ui_verb_serves_the_mlflow_ui_on_loopback(tmp_path):
         subprocess.run(["pkill", "-TERM", "-s", str(proc.pid)], check=False)
         proc.wait(timeout=30)
     assert f"http://127.0.0.1:{port}" in proc.stdout.read()
+
+
+def test_ui_verb_points_at_a_tracking_server_instead_of_starting_one():
+    proc = subprocess.run(
+        [sys.executable, "-m", "pathsearch.cli", "ui", "--tracking-uri", "http://127.0.0.1:5999"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "MLflow UI at http://127.0.0.1:5999 (the tracking server serves it)" in proc.stdout
