@@ -308,7 +308,8 @@ def submit_search(
         args += ["--set", item]
     env, folder = _runtime_env(path)
     with folder:
-        job_id = client.submit_job(
+        job_id = _submit_job(
+            client,
             entrypoint=" ".join([_python(), "-m", "pathsearch.cli", *map(_quote, args)]),
             runtime_env=env,
             submission_id=name,
@@ -329,7 +330,8 @@ def submit_resume(run_dir: str, address: str | None, name: str | None = None) ->
     name = name or f"{Path(run_dir).name}-resumed-{time.strftime('%H%M%S')}"
     env, folder = _runtime_env(None)
     with folder:
-        job_id = client.submit_job(
+        job_id = _submit_job(
+            client,
             entrypoint=" ".join([_python(), "-m", "pathsearch.cli", "resume", _quote(run_dir), "--address", "auto"]),
             runtime_env=env,
             submission_id=name,
@@ -339,6 +341,17 @@ def submit_resume(run_dir: str, address: str | None, name: str | None = None) ->
     state = Path(run_dir) / "pathsearch_state.json"  # readable here when this machine mounts the storage too
     uri = json.loads(state.read_text())["tracking_uri"] if state.is_file() else "(the run's own)"
     return Submission(job_id, address, Path(run_dir).name, uri, str(Path(run_dir).parent))
+
+
+def _submit_job(client: Any, **job: Any) -> str:
+    try:
+        return str(client.submit_job(**job))
+    except RuntimeError as err:
+        if "already exists" in str(err):
+            raise ValueError(
+                f"a job named {job['submission_id']!r} already exists on the cluster: pass another --name"
+            ) from None
+        raise
 
 
 def _known_job(client: Any, job_id: str, address: str) -> None:

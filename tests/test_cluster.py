@@ -248,6 +248,9 @@ def test_multinode_search_logs_one_run_per_trial_and_exports(cluster, backend, r
         check=True,
     )
     assert PathConfig.load(out).depth == 2
+    if backend == "sqlite":  # a second job of the same name is refused before anything runs
+        again = submit(ns, state, experiment, "--no-check", uri=uri)
+        assert again.returncode == 2 and f"a job named '{experiment}' already exists" in again.stderr
 
 
 def wait_for_running_trials(ns: Namespace, uri: str, experiment: str, job, count: int, steps: int) -> list[dict]:
