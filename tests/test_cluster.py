@@ -287,7 +287,11 @@ def test_stopped_search_closes_its_runs_and_resumes_on_the_cluster(cluster):
     runs = ns.runs(state["tracking_uri"], experiment)
     children = [r for r in runs if r["parent"]]
     assert len(children) == 2 and {r["status"] for r in children} == {"FINISHED"}  # the interrupted ones too
-    assert all(r["val_acc_steps"] == list(range(1, 13)) for r in children)  # each epoch once, across the stop
+    for run in children:  # every epoch logged across the stop; only the one in flight at the stop may repeat:
+        # Tune snapshots the experiment before it stops the trials, so a result that arrives while they stop is
+        # logged but its checkpoint is not the one resumed from (seen once in CI here: flaky if asserted exact)
+        steps = run["val_acc_steps"]
+        assert sorted(set(steps)) == list(range(1, 13)) and len(steps) - len(set(steps)) <= 1, run
 
 
 @needs_netns
