@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -28,6 +29,7 @@ import pathsearch
 
 LOCAL_ONLY_SCHEMES = ("sqlite", "file", "")  # a store only the head node could open
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+NODE_PYTHON = "python"  # the nodes' interpreter, not this machine's path
 TERMINAL_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
 
 
@@ -40,9 +42,8 @@ def read_ray_token() -> tuple[str | None, str]:
         return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
     source = f"RAY_AUTH_TOKEN_PATH={path}" if os.environ.get("RAY_AUTH_TOKEN_PATH") else str(path)
-    if path.is_file() and path.read_text().strip():
-        return path.read_text().strip(), source
-    return None, source
+    token = path.read_text().strip() if path.is_file() else ""
+    return token or None, source
 
 
 def auth_headers() -> tuple[dict[str, str], str]:
@@ -241,7 +242,7 @@ def _run_checks(client: Any, tracking_uri: str, storage_path: str, timeout_s: fl
     env, folder = _runtime_env(None)
     with folder:
         job = client.submit_job(
-            entrypoint=f"{_python()} -m pathsearch.cluster preflight {_quote(tracking_uri)} {_quote(storage_path)}",
+            entrypoint=shlex.join([NODE_PYTHON, "-m", "pathsearch.cluster", "preflight", tracking_uri, storage_path]),
             runtime_env=env,
             submission_id=f"pathsearch-preflight-{uuid.uuid4().hex[:8]}",
             entrypoint_num_cpus=0,
@@ -253,16 +254,6 @@ def _run_checks(client: Any, tracking_uri: str, storage_path: str, timeout_s: fl
         tail = "\n".join(logs.strip().splitlines()[-5:])
         found.append(f"the preflight job {job} ended {status}:\n{tail}")
     return found
-
-
-def _python() -> str:
-    return "python"  # the nodes' interpreter, not this machine's path
-
-
-def _quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
 
 
 def _wait(client: Any, job_id: str, timeout_s: float) -> str:
@@ -310,7 +301,7 @@ def submit_search(
     with folder:
         job_id = _submit_job(
             client,
-            entrypoint=" ".join([_python(), "-m", "pathsearch.cli", *map(_quote, args)]),
+            entrypoint=shlex.join([NODE_PYTHON, "-m", "pathsearch.cli", *args]),
             runtime_env=env,
             submission_id=name,
             metadata={"pathsearch.search_file": path.name, "pathsearch.tracking_uri": tracking_uri},
@@ -332,7 +323,7 @@ def submit_resume(run_dir: str, address: str | None, name: str | None = None) ->
     with folder:
         job_id = _submit_job(
             client,
-            entrypoint=" ".join([_python(), "-m", "pathsearch.cli", "resume", _quote(run_dir), "--address", "auto"]),
+            entrypoint=shlex.join([NODE_PYTHON, "-m", "pathsearch.cli", "resume", run_dir, "--address", "auto"]),
             runtime_env=env,
             submission_id=name,
             metadata={"pathsearch.resume": run_dir},
