@@ -30,7 +30,7 @@ def _train(args: argparse.Namespace) -> int:
     from pathsearch.config import load_trial_config
 
     cfg = load_trial_config(args.file, args.set)  # ConfigError (a ValueError): exit 2 before any work
-    from pathsearch.train import NonFiniteLossError, fit
+    from pathsearch.train import NonFiniteLossError, fit, load_trial_data
 
     out = Path(args.out or f"runs/train/{Path(args.file).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -51,6 +51,12 @@ def _train(args: argparse.Namespace) -> int:
     print("final metrics:")
     for key, value in result.metrics.items():
         print(f"  {key}: {value:.6g}" if isinstance(value, float) else f"  {key}: {value}")
+    test = load_trial_data(cfg).test  # loaded once per process: fit already holds it
+    if cfg.train.test and test is not None and "test_acc" in result.metrics:
+        seeds = ", ".join(str(cfg.train.seed + k) for k in range(cfg.train.seeds))
+        m = result.metrics
+        std = f" ± {100 * m['test_acc_std']:.2f}" if "test_acc_std" in m else ""
+        print(f"test ({len(test)} images, seeds {seeds}): test_acc {100 * m['test_acc']:.2f}%{std}")  # type: ignore[arg-type]
     print(f"checkpoint: {result.checkpoint_dir}")
     for label, path in result.files.items():
         print(f"{label}: {path}")
@@ -94,26 +100,44 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _print_result(result: Any, metrics: list[str], modes: list[str]) -> None:
-    metric = metrics[0]
-    print(f"\ntrials: {', '.join(f'{k} {v}' for k, v in result.counts.items())}")
-    print(f"{'':<10} {metric:>10} {'val_acc':>16} {'kept_paths':>10}  configuration")
+    """The search's trials, files and MLflow run, then the confirmation; the verdict is the last line."""
+    if result.counts:
+        print(f"\ntrials: {', '.join(f'{k} {v}' for k, v in result.counts.items())}")
+    columns = list(dict.fromkeys([*metrics, "val_acc", "kept_paths"]))  # each metric once
     rows = [("baseline", result.baseline), ("best", result.best)]
     rows += [(f"pareto {k}", row) for k, row in enumerate(result.pareto)]
+    if result.baseline is not None or result.best is not None:
+        print(f"{'search':<10} " + " ".join(f"{c:>16}" for c in columns) + "  configuration (one seed, val split)")
     for label, row in rows:
-        if row is None:
-            print(f"{label:<10} (none finished)")
-            continue
-        std = f" ± {100 * row['val_acc_std']:.2f}" if row.get("val_acc_std") is not None else ""
-        acc = f"{100 * row['val_acc']:.2f}%{std}"
-        print(f"{label:<10} {row[metric]:>10.4f} {acc:>16} {row['kept_paths']:>10}  {row['overrides']}")
+        if row is not None:
+            print(f"{label:<10} " + " ".join(f"{_cell(row, c):>16}" for c in columns) + f"  {row['overrides']}")
     if result.pareto:
         print(f"Pareto front over {', '.join(f'{m} ({o})' for m, o in zip(metrics, modes, strict=True))}")
     for label, path in result.files.items():
         print(f"{label}: {path}")
-    if result.interrupted:
-        print(f"the search was interrupted; continue it with: pathsearch resume {result.run_dir}")
     print(f"run directory: {result.run_dir}")
     print(f"MLflow experiment {result.experiment!r}, parent run {result.parent_run_id}")
+    if result.interrupted:
+        print(f"the search was interrupted; continue it with: pathsearch resume {result.run_dir}")
+    elif result.confirmation is not None:
+        from pathsearch.confirm import format_confirmation
+
+        print(format_confirmation(result.confirmation))
+    else:
+        print(
+            "verdict: none: search.confirm is off, so 'best' is one seed's val score, chosen on the split it is "
+            "reported on (add search.confirm for a paired-seed verdict on a test split)"
+        )
+
+
+def _cell(row: dict[str, Any], column: str) -> str:
+    value = row.get(column)
+    if value is None:
+        return "-"
+    if column.endswith("_acc"):
+        std = row.get(f"{column}_std")
+        return f"{100 * value:.2f}%" + (f" ± {100 * std:.2f}" if std is not None else "")
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -124,19 +148,41 @@ def _export(args: argparse.Namespace) -> int:
         modes = args.mode or ["max", "min"][: len(metrics)]
         if len(modes) != len(metrics):
             raise ValueError(f"--pareto needs one --mode per --metric, got {metrics} and {modes}")
-        front = export_pareto(args.experiment, args.out, metrics, modes, tracking_uri=args.tracking_uri)
+        front = export_pareto(args.experiment, args.out, metrics, modes, args.tracking_uri, run_id=args.run_id)
         for item in front:
             print(f"run {item.run_id}  {item.metrics}  -> {item.files['path_config']}")
         print(f"Pareto front of {len(front)} configuration(s): {args.out}")
         return 0
     metric, mode = (args.metric or ["val_acc"])[0], (args.mode or ["max"])[0]
+    seed = args.seed if args.seed in (None, "all") else _int_arg("--seed", args.seed)
     result = export_best(
-        args.experiment, args.out, args.tracking_uri, metric=metric, mode=mode, with_weights=args.with_weights
+        args.experiment, args.out, args.tracking_uri, metric, mode, args.with_weights, run_id=args.run_id, seed=seed
     )
-    print(f"best run {result.run_id}: {metric} {result.metrics.get(metric)}")
+    p = result.provenance
+    if p.get("confirmed"):
+        print(f"confirmed winner of search {p['search_name']} ({p['search_run_id']}): {p['configuration']}")
+        mean_std = "val_acc {:.2f} ± {:.2f}%, test_acc {:.2f} ± {:.2f}%".format(
+            *(100 * (p[k] or float("nan")) for k in ("val_acc_mean", "val_acc_std", "test_acc_mean", "test_acc_std"))
+        )
+        print(f"  over seeds {p['seeds']}: {mean_std}")
+        print(f"  verdict: {p['verdict']}")
+        weights = "weights and learned EnsembleScale" if args.with_weights else "learned EnsembleScale values"
+        print(f"  {weights} of seed {p['weights_seed'] if args.seed != 'all' else 'each seed'}")
+    else:
+        print(
+            f"search {p['search_name']} ({p['search_run_id']}) ran no confirmation: best trial by one seed's {metric}"
+        )
+        print(f"  run {result.run_id}: {metric} {result.metrics.get(metric)}")
     for label, path in result.files.items():
         print(f"{label}: {path}")
     return 0
+
+
+def _int_arg(flag: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{flag}: expected a seed number or 'all', got {text!r}") from None
 
 
 def _fit_scales(args: argparse.Namespace) -> int:
@@ -280,8 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir")
     resume.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     resume.set_defaults(func=_resume)
-    export = verbs.add_parser("export", help="write the best trial's PathConfig (read from MLflow)")
+    export = verbs.add_parser(
+        "export", help="write a search's confirmed winner (or best trial) as a PathConfig, read from MLflow"
+    )
     export.add_argument("--experiment", required=True)
+    export.add_argument("--run-id", default=None, help="the search's parent run (default: the latest finished search)")
+    export.add_argument("--seed", default=None, help="which confirmation seed's weights (default: the first), or all")
     export.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     export.add_argument("--metric", action="append", default=None, help="metric to rank by (default val_acc)")
     export.add_argument("--mode", action="append", choices=["max", "min"], default=None)

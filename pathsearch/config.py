@@ -71,14 +71,53 @@ class ModelConfig:
         )
 
 
+DIGITS_IMAGES = 1797  # the UCI digits data.py loads; counted here because data.py imports torch
+CIFAR_TRAIN_IMAGES = 50000  # the official CIFAR-10/100 training set, which the validation slice is drawn from
+CIFAR_VAL_SIZE = 5000  # default size of that slice
+
+
+def digits_split_sizes(
+    train_size: int | None, val_size: int | None, total: int = DIGITS_IMAGES
+) -> tuple[int, int, int]:
+    """(train, val, test) sizes of the digits split.
+
+    Args:
+        train_size: training images; None: 60% of `total` (rounded down).
+        val_size: validation images; None: half of what training leaves (rounded down). The rest is test.
+        total: images to split.
+
+    Raises:
+        ValueError: naming both sizes and `total`, when fewer than 10 training images, no validation image or no test
+            image would remain.
+    """
+    train = int(0.6 * total) if train_size is None else train_size
+    val = (total - train) // 2 if val_size is None else val_size
+    sizes = f"digits: train_size {train} + val_size {val}"
+    if train < 10:
+        raise ValueError(f"{sizes}: train_size must be >= 10 (of the {total} digits)")
+    if val < 1:
+        raise ValueError(f"{sizes} leave no validation images of the {total} digits")
+    if train + val >= total:
+        raise ValueError(f"{sizes} leave no test images of the {total} digits")
+    return train, val, total - train - val
+
+
 @dataclass
 class DataConfig:
-    """Which dataset and how to load it. `train_size` takes a training subset (digits: the rest is held out)."""
+    """Which dataset and how to load it, and its train / val / test split.
+
+    digits: one seeded permutation (`split_seed`) gives `train_size` training images (default 60%), then `val_size`
+    validation images (default: half the rest), then the test images. synthetic: `val_size` images (default 128)
+    each for val and test. cifar10/cifar100: val is a seeded slice of `val_size` images (default 5000) of the official
+    training set, `train_size` a subset of the rest; test is the official test set. imagefolder: root/train, root/val
+    and, when present, root/test (`train_size` and `val_size` are not used).
+    """
 
     name: DatasetName = "digits"
     root: str | None = None
     download: bool = False
     train_size: int | None = None
+    val_size: int | None = None
     split_seed: int = 0
     batch_size: int = 64
     eval_batch_size: int = 256
@@ -122,6 +161,7 @@ class TrainConfig:
     amp: bool = True  # used on CUDA only
     channels_last: bool = True  # used on CUDA only
     threads: int | None = None  # torch threads; default: the CPUs given to the trial
+    test: bool = False  # evaluate the test split after the last epoch (test_acc, test_loss in the final report only)
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
 
 
@@ -164,6 +204,21 @@ class TrialConfig:
         need(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be >= 1")
         need(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
         need(d.train_size is None or d.train_size >= 1, "data.train_size", d.train_size, "must be >= 1")
+        need(d.val_size is None or d.val_size >= 1, "data.val_size", d.val_size, "must be >= 1")
+        sizes_ok = (d.train_size is None or d.train_size >= 1) and (d.val_size is None or d.val_size >= 1)
+        if d.name == "digits" and sizes_ok:
+            try:
+                digits_split_sizes(d.train_size, d.val_size)
+            except ValueError as err:  # blame val_size when it was set and train_size alone is fine
+                train_ok = d.train_size is None or d.train_size >= 10
+                key = "val_size" if d.val_size is not None and train_ok else "train_size"
+                need(False, f"data.{key}", getattr(d, key), str(err))
+        if d.name in ("cifar10", "cifar100") and sizes_ok:
+            val = CIFAR_VAL_SIZE if d.val_size is None else d.val_size
+            left = CIFAR_TRAIN_IMAGES - val
+            need(left > 0, "data.val_size", val, f"must be < {CIFAR_TRAIN_IMAGES}, the CIFAR training images")
+            need(d.train_size is None or d.train_size <= left, "data.train_size", d.train_size,
+                 f"must be <= {left}, the CIFAR training images left by val_size {val}")  # fmt: skip
         for key in ("mixup", "cutmix"):
             need(getattr(d, key) >= 0, f"data.{key}", getattr(d, key), "must be >= 0")
         need(0 <= d.label_smoothing < 1, "data.label_smoothing", d.label_smoothing, "must be in [0, 1)")
@@ -209,6 +264,23 @@ class TwoStageConfig:
 
 
 @dataclass
+class ConfirmConfig:
+    """`search.confirm`: after the search, the `top_k` distinct configurations with the best val score, plus the
+    baseline, are trained again on the same `seeds` fresh seeds each (seed s: the same initialisation, data order
+    and augmentation for every configuration), and the winner is the best mean val score. Only these trials read
+    the test split: the verdict against the baseline is a paired difference on test over those seeds.
+
+    Present in a search file: on (unless `enabled: false`); absent: off.
+    """
+
+    enabled: bool = True
+    top_k: int = 3
+    seeds: int = 5
+    first_seed: int | None = None  # default: train.seed + train.seeds, the first seed the search did not use
+    max_concurrent_trials: int | None = None  # default: search.max_concurrent_trials
+
+
+@dataclass
 class SearchConfig:
     """How to search: Ray Tune's words for the run, Optuna's sampler, caps checked before training."""
 
@@ -229,6 +301,7 @@ class SearchConfig:
     enqueue: list[dict[str, Any]] = field(default_factory=list)  # configurations to train first (param values)
     strategy: Literal["full", "two_stage"] = "full"  # two_stage: one-shot path search (see TwoStageConfig)
     two_stage: TwoStageConfig = field(default_factory=TwoStageConfig)
+    confirm: ConfirmConfig = field(default_factory=lambda: ConfirmConfig(enabled=False))
 
     @property
     def metrics(self) -> list[str]:
@@ -296,6 +369,8 @@ def load_search_file(path: str | Path, overrides: Sequence[str] = (), model_dept
     space = parse_space(raw.get("space"), depth if isinstance(depth, int) else 12, source, problems)
     if not problems:
         problems += _probe_space(raw, space, source)
+    if not problems:
+        problems += _check_test_split(trial, search, space, source)
     if not problems and search.strategy == "two_stage":
         problems += _check_two_stage(trial, space, source)
     if problems:
@@ -354,6 +429,35 @@ def _check_search(s: SearchConfig, source: str, problems: list[str]) -> None:
     if s.strategy == "two_stage":
         need(s.metrics in (["val_acc"], ["val_loss"]), "metric", s.metric,
              "a two_stage search ranks by one metric the supernet can score: val_acc or val_loss")  # fmt: skip
+        need(s.confirm.enabled, "confirm", s.confirm,
+             "a two_stage search trains its top configurations in the confirmation: add search.confirm")  # fmt: skip
+    c = s.confirm
+    need(c.top_k >= 1, "confirm.top_k", c.top_k, "must be >= 1")
+    need(c.seeds >= 2, "confirm.seeds", c.seeds, "must be >= 2 (a spread and a confidence interval need two seeds)")
+    need(c.first_seed is None or c.first_seed >= 0, "confirm.first_seed", c.first_seed, "must be >= 0")
+    need(c.max_concurrent_trials is None or c.max_concurrent_trials >= 1, "confirm.max_concurrent_trials",
+         c.max_concurrent_trials, "must be >= 1")  # fmt: skip
+
+
+def _check_test_split(trial: TrialConfig, search: SearchConfig, space: Any, source: str) -> list[str]:
+    """Only confirmation trials read the test split: never the search's own trials, and a confirmation needs one."""
+    problems = []
+    if trial.train.test:
+        problems.append(
+            f"{source}: train.test: a search's trials never read the test split (the confirmation stage does), "
+            f"got {trial.train.test!r}"
+        )
+    if any(e.key == "train.test" for e in space.entries):
+        problems.append(f"{source}: space.train.test: the test split is not a search parameter")
+    d = trial.data
+    if search.confirm.enabled and d.name == "imagefolder" and d.root and Path(d.root).expanduser().is_dir():
+        folder = Path(d.root).expanduser() / "test"
+        if not folder.is_dir():
+            problems.append(
+                f"{source}: search.confirm: the confirmation reports on a test split, but data.root {d.root!r} has no "
+                f"test/ folder ({folder} does not exist); add one or set search.confirm.enabled: false"
+            )
+    return problems
 
 
 PATH_SPACE_KEYS = ("model.pruned", "model.ensemble_scale.init")  # what a supernet's cached features can score

@@ -1,19 +1,24 @@
 """Datasets for pathsearch trials: `digits` (offline, built in), `synthetic` (tests), `cifar10`/`cifar100`
-(torchvision) and `imagefolder` (a root with train/ and val/), with timm's transforms.
+(torchvision) and `imagefolder` (a root with train/, val/ and optionally test/), with timm's transforms.
 
-A dataset is loaded once per process and reused by later trials in that process (Ray reuses actors).
+Each dataset has a train, a val and (except an imagefolder without test/) a test split: a search selects on val,
+only a later confirmation reads test. A dataset is loaded once per process and reused by later trials in that
+process (Ray reuses actors).
 Imports torch, torchvision, timm and numpy; never ray, optuna or mlflow.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from pathsearch.config import CIFAR_VAL_SIZE, digits_split_sizes
 
 DIGITS_MEAN = 4.88  # pixel statistics of the 1797 images (0..16 grey levels), for normalisation
 DIGITS_STD = 6.02
@@ -22,8 +27,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".ti
 
 @dataclass
 class DigitsSplit:
+    """The digits as tensors, split into train, val and test (see `load_digits_split`)."""
+
     train: TensorDataset
     val: TensorDataset
+    test: TensorDataset
     num_classes: int = 10
     img_size: int = 8
     in_chans: int = 1
@@ -31,26 +39,36 @@ class DigitsSplit:
 
 @dataclass
 class DataBundle:
-    """Train and validation datasets plus what the model needs to know about them."""
+    """Train, validation and test datasets plus what the model needs to know about them."""
 
     train: Dataset[Any]
     val: Dataset[Any]
+    test: Dataset[Any] | None  # None: this data has no test split (an imagefolder without test/)
     num_classes: int
     img_size: int
     in_chans: int
 
 
 _CACHE: dict[tuple[Any, ...], DataBundle] = {}
+_warned_no_test = False  # the missing imagefolder test/ is said once per process, not once per trial
 
 
-def load_digits_split(train_size: int | None = None, seed: int = 0) -> DigitsSplit:
-    """The 1797 8x8 UCI digits as (1, 8, 8) float images, split by a seeded permutation.
+def load_digits_split(train_size: int | None = None, seed: int = 0, *, val_size: int | None = None) -> DigitsSplit:
+    """The 1797 8x8 UCI digits as (1, 8, 8) float images, split by one seeded permutation.
+
+    The first `train_size` images of the permutation are train, the next `val_size` val and the rest test. The
+    defaults give 1078 / 359 / 360 images (60% / 20% / 20%).
 
     Args:
-        train_size: number of training images; the rest are held out for validation. None: an 80/20 split.
-            A small training subset (e.g. 300) leaves a large held-out split on which path configurations
-            differ by more than seed noise (FIELD-NOTES.md).
+        train_size: number of training images. None: 60% of the images (rounded down). A small training subset
+            (e.g. 300) leaves large held-out splits on which path configurations differ by more than seed noise
+            (FIELD-NOTES.md).
         seed: seed of the permutation; the same seed always gives the same split.
+        val_size: number of validation images. None: half of what training leaves (rounded down).
+
+    Raises:
+        ValueError: naming both sizes and 1797, when fewer than 10 training images, no validation image or no test
+            image would remain.
     """
     from sklearn.datasets import load_digits
 
@@ -58,16 +76,33 @@ def load_digits_split(train_size: int | None = None, seed: int = 0) -> DigitsSpl
     images = torch.from_numpy(digits.images.astype(np.float32))[:, None]  # (N, 1, 8, 8)
     images = (images - DIGITS_MEAN) / DIGITS_STD
     labels = torch.from_numpy(digits.target.astype(np.int64))
-    total = len(labels)
-    train_size = int(0.8 * total) if train_size is None else train_size
-    if not 10 <= train_size < total:
-        raise ValueError(f"digits train_size must be in 10..{total - 1}, got {train_size}")
-    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
-    train_idx, val_idx = order[:train_size], order[train_size:]
+    n_train, n_val, _ = digits_split_sizes(train_size, val_size, total=len(labels))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    train_idx, val_idx, test_idx = order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
     return DigitsSplit(
         train=TensorDataset(images[train_idx], labels[train_idx]),
         val=TensorDataset(images[val_idx], labels[val_idx]),
+        test=TensorDataset(images[test_idx], labels[test_idx]),
     )
+
+
+def cifar_split_indices(
+    total: int, val_size: int = CIFAR_VAL_SIZE, train_size: int | None = None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices into CIFAR's official training set: one seeded permutation, whose first `val_size`
+    indices are val and the next `train_size` (default: all the rest) train. Val does not depend on train_size.
+
+    Raises:
+        ValueError: when val_size is not in 1..total-1 or train_size does not fit in what val leaves.
+    """
+    if not 1 <= val_size < total:
+        raise ValueError(f"CIFAR val_size must be in 1..{total - 1} (of {total} training images), got {val_size}")
+    left = total - val_size
+    if train_size is not None and not 1 <= train_size <= left:
+        raise ValueError(f"CIFAR train_size must be in 1..{left} (val_size {val_size} of {total}), got {train_size}")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    end = total if train_size is None else val_size + train_size
+    return order[val_size:end], order[:val_size]
 
 
 def make_synthetic(
@@ -78,7 +113,10 @@ def make_synthetic(
     val_size: int = 128,
     seed: int = 0,
 ) -> DataBundle:
-    """Deterministic, tiny and learnable: each class is a fixed random template plus Gaussian noise."""
+    """Deterministic, tiny and learnable: each class is a fixed random template plus Gaussian noise.
+
+    The test split has `val_size` images, drawn after train and val (so they are the same as without it).
+    """
     gen = torch.Generator().manual_seed(seed)
     templates = torch.randn(num_classes, in_chans, img_size, img_size, generator=gen)
 
@@ -87,7 +125,8 @@ def make_synthetic(
         noise = 0.8 * torch.randn(n, in_chans, img_size, img_size, generator=gen)
         return TensorDataset(templates[labels] + noise, labels)
 
-    return DataBundle(draw(train_size), draw(val_size), num_classes, img_size, in_chans)
+    train, val = draw(train_size), draw(val_size)
+    return DataBundle(train, val, draw(val_size), num_classes, img_size, in_chans)
 
 
 def load_data(
@@ -98,14 +137,16 @@ def load_data(
     split_seed: int = 0,
     img_size: int | None = None,
     auto_augment: str | None = None,
+    val_size: int | None = None,
 ) -> DataBundle:
     """Loads a dataset by name, once per process: later calls with the same arguments reuse it.
 
-    Missing roots, empty folders and train/val class mismatches raise ValueError naming the path.
+    `train_size`, `val_size` and `split_seed` set the split (see `DataConfig`). Missing roots, empty folders,
+    train/val/test class mismatches and sizes that do not fit raise ValueError naming the path or the sizes.
     """
-    key = (name, root, download, train_size, split_seed, img_size, auto_augment)
+    key = (name, root, download, train_size, val_size, split_seed, img_size, auto_augment)
     if key not in _CACHE:
-        _CACHE[key] = _load(name, root, download, train_size, split_seed, img_size, auto_augment)
+        _CACHE[key] = _load(name, root, download, train_size, val_size, split_seed, img_size, auto_augment)
     return _CACHE[key]
 
 
@@ -114,17 +155,19 @@ def _load(
     root: str | None,
     download: bool,
     train_size: int | None,
+    val_size: int | None,
     split_seed: int,
     img_size: int | None,
     auto_augment: str | None,
 ) -> DataBundle:
     if name == "digits":
-        split = load_digits_split(train_size, split_seed)
-        return DataBundle(split.train, split.val, split.num_classes, split.img_size, split.in_chans)
+        split = load_digits_split(train_size, split_seed, val_size=val_size)
+        return DataBundle(split.train, split.val, split.test, split.num_classes, split.img_size, split.in_chans)
     if name == "synthetic":
-        return make_synthetic(train_size=train_size or 256, seed=split_seed)
+        return make_synthetic(train_size=train_size or 256, val_size=val_size or 128, seed=split_seed)
     if name in ("cifar10", "cifar100"):
-        return _load_cifar(name, _require_root(name, root, must_exist=not download), download, img_size, auto_augment)
+        path = _require_root(name, root, must_exist=not download)
+        return _load_cifar(name, path, download, img_size, auto_augment, train_size, val_size, split_seed)
     if name == "imagefolder":
         return _load_imagefolder(_require_root(name, root, must_exist=True), img_size, auto_augment)
     raise ValueError(f"unknown dataset {name!r}: expected digits, synthetic, cifar10, cifar100 or imagefolder")
@@ -147,28 +190,47 @@ def _transforms(img_size: int, is_training: bool, auto_augment: str | None, mean
     )
 
 
-def _load_cifar(name: str, root: Path, download: bool, img_size: int | None, auto_augment: str | None) -> DataBundle:
+def _load_cifar(
+    name: str,
+    root: Path,
+    download: bool,
+    img_size: int | None,
+    auto_augment: str | None,
+    train_size: int | None,
+    val_size: int | None,
+    split_seed: int,
+) -> DataBundle:
     from torchvision import datasets
 
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     size = img_size or 32
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    eval_transform = _transforms(size, False, None, mean, std)
     try:
-        train = cls(
+        # Two views of the training files: val images are scored like test ones, without augmentation.
+        train_view = cls(
             str(root), train=True, download=download, transform=_transforms(size, True, auto_augment, mean, std)
         )
-        val = cls(str(root), train=False, download=download, transform=_transforms(size, False, None, mean, std))
+        val_view = cls(str(root), train=True, download=False, transform=eval_transform)
+        test = cls(str(root), train=False, download=download, transform=eval_transform)
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted."
         raise ValueError(f"dataset {name!r} at {str(root)!r}: {err}") from None
-    return DataBundle(train, val, 10 if name == "cifar10" else 100, size, 3)
+    train_idx, val_idx = cifar_split_indices(
+        len(train_view), CIFAR_VAL_SIZE if val_size is None else val_size, train_size, split_seed
+    )
+    train = Subset(train_view, train_idx.tolist())
+    val = Subset(val_view, val_idx.tolist())
+    return DataBundle(train, val, test, 10 if name == "cifar10" else 100, size, 3)
 
 
 def _load_imagefolder(root: Path, img_size: int | None, auto_augment: str | None) -> DataBundle:
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from torchvision import datasets
 
+    global _warned_no_test
+    has_test = (root / "test").is_dir()
     classes = {}
-    for split in ("train", "val"):
+    for split in ("train", "val", "test") if has_test else ("train", "val"):
         folder = root / split
         if not folder.is_dir():
             raise ValueError(f"imagefolder: {str(folder)!r} does not exist (expected {root}/train and {root}/val)")
@@ -179,15 +241,24 @@ def _load_imagefolder(root: Path, img_size: int | None, auto_augment: str | None
         if empty:
             raise ValueError(f"imagefolder: class folder(s) {empty} in {str(folder)!r} hold no images")
         classes[split] = names
-    if classes["train"] != classes["val"]:
-        only_train = sorted(set(classes["train"]) - set(classes["val"]))
-        only_val = sorted(set(classes["val"]) - set(classes["train"]))
-        raise ValueError(
-            f"imagefolder: classes of {str(root / 'train')!r} and {str(root / 'val')!r} differ "
-            f"(only in train: {only_train}; only in val: {only_val})"
+    for split in classes:
+        if classes[split] != classes["train"]:
+            only_train = sorted(set(classes["train"]) - set(classes[split]))
+            only_split = sorted(set(classes[split]) - set(classes["train"]))
+            raise ValueError(
+                f"imagefolder: classes of {str(root / 'train')!r} and {str(root / split)!r} differ "
+                f"(only in train: {only_train}; only in {split}: {only_split})"
+            )
+    if not has_test and not _warned_no_test:
+        warnings.warn(
+            f"imagefolder: {root / 'test'} does not exist: no test split, no test figure will be reported",
+            stacklevel=2,
         )
+        _warned_no_test = True
     size = img_size or 224
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    eval_transform = _transforms(size, False, None, mean, std)
     train = datasets.ImageFolder(str(root / "train"), transform=_transforms(size, True, auto_augment, mean, std))
-    val = datasets.ImageFolder(str(root / "val"), transform=_transforms(size, False, None, mean, std))
-    return DataBundle(train, val, len(classes["train"]), size, 3)
+    val = datasets.ImageFolder(str(root / "val"), transform=eval_transform)
+    test = datasets.ImageFolder(str(root / "test"), transform=eval_transform) if has_test else None
+    return DataBundle(train, val, test, len(classes["train"]), size, 3)

@@ -2,8 +2,9 @@
 
 Stage 1 trains one path supernet as a Ray trial (tracked like any trial), then a Ray task caches its pooled
 per-path validation features once and lets Optuna score tens of thousands of path configurations from them
-(design note, section 4). Stage 2 trains the top-k, the baseline and `search.enqueue` as ordinary trials through
-the search's own Tuner; the ranking quality (Kendall tau, Spearman rho of proxy vs trained scores) goes to MLflow.
+(design note, section 4). Stage 2 is the confirmation (confirm.py): the top-k, the baseline and `search.enqueue`
+trained on paired seeds; the ranking quality (Kendall tau, Spearman rho of proxy scores vs confirmed mean val
+scores, with p-values) goes to MLflow.
 Orchestration: torch and the model are imported only inside the functions that run the tensor work.
 """
 
@@ -29,22 +30,18 @@ from ray import tune
 from pathsearch.config import SearchFile, load_trial_config
 from pathsearch.paths import path_names, resolve_scale_init
 from pathsearch.search import (
-    REUSED,
     SearchResult,
     _base,
-    _fit_and_finish,
     _init_ray,
-    _journal,
-    _runnable,
     baseline_point,
+    confirm_search,
     make_sampler,
-    make_tuner,
+    runnable,
     start_search,
 )
 from pathsearch.space import SearchSpace, sample_overrides
-from pathsearch.tracking import MlflowTrialLogger, default_tracking_uri, end_parent_run, retry_until
+from pathsearch.tracking import ROLE_TAG, MlflowTrialLogger, default_tracking_uri, end_parent_run, retry_until
 
-ROLE_TAG = "pathsearch.role"  # supernet | proxy | fit_scales (stage-2 trials are ordinary trials, untagged)
 STAGE1_FILE = "oneshot_stage1.json"  # in the run directory: what stage 2 and `resume` need from stage 1
 
 
@@ -61,8 +58,8 @@ def run_two_stage(
     """Runs a two-stage search: supernet trial, proxy search of the path entries, then the top-k trained for real.
 
     One MLflow parent run holds everything: the supernet's trial run, the stage-1 summary table, one child run per
-    top-k proxy configuration, the stage-2 trial runs and the rank correlations. Returns stage 2's result (its best
-    trial is what `pathsearch export` returns).
+    top-k proxy configuration, the confirmation's runs and the rank correlations. Returns the confirmation's result
+    (its winner is what `pathsearch export` returns).
     """
     run_dir, state = start_search(spec, storage_path, tracking_uri, name)
     _init_ray(address)
@@ -76,17 +73,37 @@ def run_two_stage(
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         end_parent_run(state["tracking_uri"], state["parent_run_id"], {}, [run_dir / "search.yaml"], status)
         raise
-    stage2 = stage2_spec(spec, [row["params"] for row in stage1["top"]])
-    return finish_two_stage(make_tuner(stage2, run_dir, state, trainable, verbose), stage2, run_dir, state, verbose)
+    return _confirm_two_stage(spec, run_dir, state, trainable, verbose)
 
 
-def stage2_spec(spec: SearchFile, top_params: Sequence[Mapping[str, Any]]) -> SearchFile:
-    """Stage 2 as an ordinary search: the baseline, `search.enqueue`, then the top-k, each trained to the end
-    (no early stopping: the ranking quality needs every final score)."""
-    s = spec.search
-    enqueue = [*s.enqueue, *(dict(p) for p in top_params)]
-    search = dataclasses.replace(s, strategy="full", scheduler="none", enqueue=enqueue, num_samples=1 + len(enqueue))
-    return dataclasses.replace(spec, search=search)
+def resume_two_stage(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any = None) -> SearchResult:
+    """Continues a two-stage search whose stage 1 finished: its confirmation, planned or not yet."""
+    if not (run_dir / STAGE1_FILE).is_file():
+        raise ValueError(f"{run_dir}: stage 1 (supernet and proxy search) did not finish: start the search again")
+    return _confirm_two_stage(spec, run_dir, state, trainable, True)
+
+
+def _confirm_two_stage(
+    spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any, verbose: bool
+) -> SearchResult:
+    """Stage 2: the baseline, `search.enqueue` and the proxy's top-k confirmed on paired seeds; then how well the
+    proxy ranked them against their confirmed mean val scores."""
+    from pathsearch.confirm import choose_candidates
+
+    stage1 = json.loads((run_dir / STAGE1_FILE).read_text())
+    metric, mode = stage1["metric"], spec.search.modes[0]
+    key = f"proxy_{metric}"
+    points, top = stage1["points"], stage1["top"]
+    is_baseline = bool(points) and points[0]["params"] == baseline_point(spec.space, _base(spec))
+    baseline = points[0] if is_baseline else None
+    rows = [*(points[1:] if is_baseline else points), *top]
+    candidates = choose_candidates(rows, spec, _base(spec), key, mode, len(rows), baseline)
+    result = SearchResult(run_dir, spec.tracking.experiment, state["parent_run_id"], None, None)
+
+    def ranking(confirmation: Any) -> dict[str, Path]:
+        return _log_ranking(confirmation, stage1, run_dir, state, verbose)
+
+    return confirm_search(spec, run_dir, state, result, trainable, verbose, candidates, key, ranking)
 
 
 def train_supernet(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any = None) -> dict[str, Any]:
@@ -99,7 +116,7 @@ def train_supernet(spec: SearchFile, run_dir: Path, state: dict[str, Any], train
     one = dataclasses.replace(spec, search=dataclasses.replace(s, resources_per_trial=resources))
     uri, experiment_id, parent = state["tracking_uri"], state["experiment_id"], state["parent_run_id"]
     tuner = tune.Tuner(
-        _runnable(one, trainable),
+        runnable(one, trainable),
         param_space={"overrides": {"train.supernet.enabled": True, "train.epochs": epochs}, "optuna_trial": "supernet"},
         tune_config=tune.TuneConfig(num_samples=1),
         run_config=tune.RunConfig(
@@ -386,30 +403,29 @@ def _log_proxy_run(
     return str(run_id)
 
 
-def finish_two_stage(
-    tuner: Any, spec: SearchFile, run_dir: Path, state: dict[str, Any], verbose: bool = True
-) -> SearchResult:
-    """Runs stage 2 to its end (a new Tuner, or one `resume` restored), then measures and logs how well the stage-1
-    proxy ranked the configurations that stage 2 trained: Kendall tau and Spearman rho on the parent run, each
-    proxy run's trained score beside its proxy score."""
-    result = _fit_and_finish(tuner, spec, run_dir, state)
-    if result.interrupted or not (run_dir / STAGE1_FILE).is_file():
-        return result
-    stage1 = json.loads((run_dir / STAGE1_FILE).read_text())
+def _log_ranking(
+    confirmation: Any, stage1: Mapping[str, Any], run_dir: Path, state: Mapping[str, Any], verbose: bool
+) -> dict[str, Path]:
+    """Kendall tau and Spearman rho (with p-values) of the proxy scores against the confirmed mean val scores, on
+    the parent run; each proxy run gets its configuration's confirmed mean beside its proxy score."""
     metric = stage1["metric"]
-    study = optuna.load_study(study_name=state["name"], storage=_journal(run_dir))
-    trained = {
-        _params_key(t.params): float(t.value)
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if not t.user_attrs.get(REUSED) and t.value is not None
-    }
+    proxy_runs = stage1["proxy_runs"]
     rows = []
-    for row in [*stage1["points"], *stage1["top"]]:
-        value = trained.get(_params_key(row["params"]))
-        if value is not None:
-            entry = {k: v for k, v in row.items() if k not in ("key", "path_config")}  # configs: proxy_top.yaml
-            rows.append({**entry, f"trained_{metric}": value, "proxy_run": stage1["proxy_runs"].get(row["key"])})
-    ranking = rank_correlation([r[f"proxy_{metric}"] for r in rows], [r[f"trained_{metric}"] for r in rows])
+    for c in confirmation.candidates:
+        value, confirmed = c.get(f"search_proxy_{metric}"), c.get(f"{metric}_mean")
+        if value is None or confirmed is None or not math.isfinite(confirmed):
+            continue
+        rows.append(
+            {
+                "label": c["label"],
+                "overrides": c["overrides"],
+                f"proxy_{metric}": value,
+                f"confirmed_{metric}_mean": confirmed,
+                f"confirmed_{metric}_std": c.get(f"{metric}_std"),
+                "proxy_run": proxy_runs.get(json.dumps(c["overrides"], sort_keys=True)),
+            }
+        )
+    ranking = rank_correlation([r[f"proxy_{metric}"] for r in rows], [r[f"confirmed_{metric}_mean"] for r in rows])
     path = run_dir / "rank_correlation.yaml"
     path.write_text(yaml.safe_dump({"metric": metric, **ranking, "configurations": rows}, sort_keys=False))
     uri = state["tracking_uri"]
@@ -419,40 +435,43 @@ def finish_two_stage(
         now = int(time.time() * 1000)
         values = {f"proxy_{k}": v for k, v in ranking.items() if math.isfinite(v)}
         client.log_batch(state["parent_run_id"], metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
-        client.log_artifact(state["parent_run_id"], str(path))
         for row in rows:
             if row["proxy_run"]:
-                trained_value = Metric(f"trained_{metric}", row[f"trained_{metric}"], now, 0)
-                client.log_batch(row["proxy_run"], metrics=[trained_value])
+                confirmed = Metric(f"confirmed_{metric}_mean", row[f"confirmed_{metric}_mean"], now, 0)
+                client.log_batch(row["proxy_run"], metrics=[confirmed])
 
     retry_until(uri, "logging the ranking quality", log)
-    result.files.update(
-        proxy_scores=run_dir / "proxy_scores.csv", proxy_top=run_dir / "proxy_top.yaml", rank_correlation=path
-    )
     if verbose:
         print(
-            f"ranking quality over {int(ranking['ranked_configurations'])} trained configurations (proxy vs trained "
-            f"{metric}): Kendall tau {ranking['kendall_tau']:.3f}, Spearman rho {ranking['spearman_rho']:.3f}",
+            f"ranking quality over {int(ranking['ranked_configurations'])} confirmed configurations (proxy vs mean "
+            f"{metric} over seeds): Kendall tau {ranking['kendall_tau']:.3f} (p {ranking['kendall_p_value']:.3g}), "
+            f"Spearman rho {ranking['spearman_rho']:.3f} (p {ranking['spearman_p_value']:.3g})",
             flush=True,
         )
-    return result
+    files = {"proxy_scores": "proxy_scores.csv", "proxy_top": "proxy_top.yaml", "rank_correlation": path.name}
+    return {label: run_dir / name for label, name in files.items()}
 
 
 def rank_correlation(proxy: Sequence[float], trained: Sequence[float]) -> dict[str, float]:
-    """Kendall tau (tau-b: ties allowed) and Spearman rho between two score lists; NaN with fewer than 2 pairs or a
-    constant list."""
+    """Kendall tau (tau-b: ties allowed) and Spearman rho between two score lists, with their two-sided p-values;
+    NaN with fewer than 2 pairs or a constant list."""
     import warnings
 
     from scipy.stats import kendalltau, spearmanr
 
     nan = float("nan")
-    if len(proxy) < 2:
-        return {"kendall_tau": nan, "spearman_rho": nan, "ranked_configurations": float(len(proxy))}
-    with warnings.catch_warnings():  # a constant input warns and returns NaN, which is the answer
-        warnings.simplefilter("ignore")
-        tau = float(kendalltau(proxy, trained)[0])
-        rho = float(spearmanr(proxy, trained)[0])
-    return {"kendall_tau": tau, "spearman_rho": rho, "ranked_configurations": float(len(proxy))}
+    out = {"kendall_tau": nan, "kendall_p_value": nan, "spearman_rho": nan, "spearman_p_value": nan}
+    if len(proxy) >= 2:
+        with warnings.catch_warnings():  # a constant input warns and returns NaN, which is the answer
+            warnings.simplefilter("ignore")
+            tau, rho = kendalltau(proxy, trained), spearmanr(proxy, trained)
+        out = {
+            "kendall_tau": float(tau.statistic),
+            "kendall_p_value": float(tau.pvalue),
+            "spearman_rho": float(rho.statistic),
+            "spearman_p_value": float(rho.pvalue),
+        }
+    return {**out, "ranked_configurations": float(len(proxy))}
 
 
 def _params_key(params: Mapping[str, Any]) -> str:

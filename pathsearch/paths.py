@@ -237,6 +237,7 @@ class PathConfig:
     pruned: list[str] = field(default_factory=list)
     ensemble_scale: EnsembleScaleConfig = field(default_factory=EnsembleScaleConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    provenance: dict[str, Any] | None = None  # where an exported configuration came from (search, seeds, verdict)
 
     def __post_init__(self) -> None:
         self.model_kwargs = _plain(dict(self.model_kwargs))
@@ -286,6 +287,8 @@ class PathConfig:
             "temperature": self.distill.temperature,
             "students": list(self.distill.students),
         }
+        if self.provenance is not None:
+            out["provenance"] = _plain(self.provenance)
         return out
 
     @classmethod
@@ -293,7 +296,7 @@ class PathConfig:
         """Builds and validates a PathConfig; errors name the source and the offending key."""
         if not isinstance(data, Mapping):
             raise ValueError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-        known = {"model_name", "model_kwargs", "depth", "kept", "pruned", "ensemble_scale", "distill"}
+        known = {"model_name", "model_kwargs", "depth", "kept", "pruned", "ensemble_scale", "distill", "provenance"}
         _reject_unknown(data, known, source, "")
         scale_data = data.get("ensemble_scale") or {}
         distill_data = data.get("distill") or {}
@@ -307,6 +310,7 @@ class PathConfig:
                 pruned=list(data.get("pruned") or []),
                 ensemble_scale=EnsembleScaleConfig(**scale_data),
                 distill=DistillConfig(**distill_data),
+                provenance=dict(data["provenance"]) if isinstance(data.get("provenance"), Mapping) else None,
             )
             cfg.validate()
             if "kept" in data and cfg.depth is not None:

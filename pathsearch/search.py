@@ -28,6 +28,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from pathsearch.config import SearchFile, set_dotted
 from pathsearch.space import SearchSpace, lookup_value, sample_overrides
+from pathsearch.tracking import end_parent_run
 
 INFEASIBLE = "pathsearch.infeasible"  # Optuna user attrs
 REUSED = "pathsearch.reused"
@@ -237,6 +238,8 @@ class SearchResult:
     files: dict[str, Path] = field(default_factory=dict)
     pareto: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
+    confirmation: Any = None  # pathsearch.confirm.Confirmation, when search.confirm is on and it finished
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the final result of every trial that trained to the end
 
 
 def run_search(
@@ -258,7 +261,57 @@ def run_search(
         return run_two_stage(spec, storage_path, tracking_uri, name, address, verbose, trainable)
     run_dir, state = start_search(spec, storage_path, tracking_uri, name)
     _init_ray(address)
-    return _fit_and_finish(make_tuner(spec, run_dir, state, trainable, verbose), spec, run_dir, state)
+    confirm = spec.search.confirm.enabled
+    result = _fit_and_finish(make_tuner(spec, run_dir, state, trainable, verbose), spec, run_dir, state, not confirm)
+    if not confirm or result.interrupted:
+        return result
+    return confirm_search(spec, run_dir, state, result, trainable, verbose)
+
+
+def confirm_search(
+    spec: SearchFile,
+    run_dir: Path,
+    state: dict[str, Any],
+    result: SearchResult,
+    trainable: Any = None,
+    verbose: bool = True,
+    candidates: list[Any] | None = None,
+    search_metric: str = "val_acc",
+    on_confirmed: Any = None,
+) -> SearchResult:
+    """The confirmation stage after a finished search (full or two_stage): plans it from the search's completed
+    trials (or the given candidates), or continues the plan a `resume` found, then ends the parent run.
+    `on_confirmed(confirmation) -> files` runs before the parent ends (two_stage logs its ranking quality there)."""
+    from pathsearch import confirm
+
+    plan_file = run_dir / confirm.PLAN_FILE
+    status = "FAILED"
+    try:
+        if plan_file.is_file():
+            plan = confirm.Plan.load(plan_file)
+            tuner = confirm.restore_confirm_tuner(spec, run_dir, state, plan, trainable, verbose)
+        else:
+            if candidates is None:
+                metric, mode = confirm.selection_metric(spec)
+                candidates = confirm.choose_candidates(
+                    result.rows, spec, _base(spec), metric, mode, spec.search.confirm.top_k, result.baseline
+                )
+                search_metric = metric
+            plan = confirm.make_plan(spec, run_dir, state, candidates, search_metric)
+            tuner = confirm.make_confirm_tuner(spec, run_dir, state, plan, trainable, verbose)
+        confirmation = confirm.run_confirmation(tuner, spec, run_dir, state, plan, verbose)
+        if on_confirmed is not None and not confirmation.interrupted:
+            confirmation.files.update(on_confirmed(confirmation))
+        status = "KILLED" if confirmation.interrupted else "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        end_parent_run(state["tracking_uri"], state["parent_run_id"], {}, [], status)
+    result.confirmation = confirmation
+    result.interrupted = confirmation.interrupted
+    result.files.update(confirmation.files)
+    return result
 
 
 def start_search(
@@ -323,7 +376,7 @@ def make_tuner(
             reduction_factor=s.reduction_factor,
         )
     return tune.Tuner(
-        _runnable(spec, trainable),
+        runnable(spec, trainable),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,
@@ -357,28 +410,40 @@ def resume_search(run_dir: str | Path, address: str | None = None, trainable: An
 
     run_dir = Path(run_dir).expanduser().resolve()
     state_file = run_dir / STATE_FILE
-    if not state_file.is_file() or not tune.Tuner.can_restore(str(run_dir)):
+    if not state_file.is_file():
         raise ValueError(f"{run_dir} is not a pathsearch run directory (no {STATE_FILE} or Tune state)")
     state = json.loads(state_file.read_text())
     spec = load_search_file(run_dir / "search.yaml")
     MlflowClient(state["tracking_uri"]).update_run(state["parent_run_id"], status="RUNNING")
     _init_ray(address)
-    tuner = tune.Tuner.restore(str(run_dir), trainable=_runnable(spec, trainable), resume_errored=True)
-    if spec.search.strategy == "two_stage":  # stage 2 restored; its ranking quality is measured when it ends
-        from pathsearch.oneshot import finish_two_stage
+    if spec.search.strategy == "two_stage":  # stage 1 is done (it is not resumable): continue the confirmation
+        from pathsearch.oneshot import resume_two_stage
 
-        return finish_two_stage(tuner, spec, run_dir, state)
-    return _fit_and_finish(tuner, spec, run_dir, state)
+        return resume_two_stage(spec, run_dir, state, trainable)
+    confirm = spec.search.confirm.enabled
+    if confirm and (run_dir / CONFIRM_PLAN).is_file():  # the search was over: continue its confirmation
+        result = SearchResult(run_dir, spec.tracking.experiment, state["parent_run_id"], None, None)
+        return confirm_search(spec, run_dir, state, result, trainable)
+    tuner = tune.Tuner.restore(str(run_dir), trainable=runnable(spec, trainable), resume_errored=True)
+    result = _fit_and_finish(tuner, spec, run_dir, state, not confirm)
+    if not confirm or result.interrupted:
+        return result
+    return confirm_search(spec, run_dir, state, result, trainable)
 
 
-def _fit_and_finish(tuner: Any, spec: SearchFile, run_dir: Path, state: dict[str, Any]) -> SearchResult:
-    from pathsearch.tracking import close_orphan_runs, end_parent_run
+def _fit_and_finish(
+    tuner: Any, spec: SearchFile, run_dir: Path, state: dict[str, Any], end: bool = True
+) -> SearchResult:
+    """Runs (or continues) the search's Tuner, then writes its results to the run directory and the parent run,
+    and ends the parent unless `end` is False and the search finished (a confirmation stage follows)."""
+    from pathsearch.tracking import close_orphan_runs
 
     s, t = spec.search, spec.trial.train
     status = "FAILED"
     files: dict[str, Path] = {"search_file": run_dir / "search.yaml"}
     best = baseline = None
     front: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     try:
         grid = tuner.fit()
         # Tune ends a run on SIGINT (Ctrl-C) by returning, with the unfinished trials saved for a resume.
@@ -407,7 +472,7 @@ def _fit_and_finish(tuner: Any, spec: SearchFile, run_dir: Path, state: dict[str
         files["optuna_trials"] = run_dir / "optuna_trials.json"
         files["optuna_trials"].write_text(json.dumps(study_table(study), indent=1))
         files.update(_plot_study(study, run_dir))
-        if best is not None and best.get("checkpoint"):
+        if best is not None and best.get("checkpoint") and (end or status != "FINISHED"):  # else: the confirmed one
             src = Path(best["checkpoint"]) / "path_config.yaml"
             if src.is_file():
                 files["best_path_config"] = Path(shutil.copy(src, run_dir / "best_path_config.yaml"))
@@ -418,21 +483,25 @@ def _fit_and_finish(tuner: Any, spec: SearchFile, run_dir: Path, state: dict[str
         for label, row in (("best", best), ("baseline", baseline)):
             if row is not None:
                 summary[f"{label}_{s.metrics[0]}"] = row[s.metrics[0]]
-        end_parent_run(state["tracking_uri"], state["parent_run_id"], summary, list(files.values()), status)
+        final = status if end or status != "FINISHED" else None  # None: the parent stays open for the confirmation
+        end_parent_run(state["tracking_uri"], state["parent_run_id"], summary, list(files.values()), final)
     result = SearchResult(run_dir, spec.tracking.experiment, state["parent_run_id"], best, baseline, counts, files)
     result.pareto = front
+    result.rows = rows
     result.interrupted = status == "KILLED"
     return result
 
 
 STATE_FILE = "pathsearch_state.json"
+CONFIRM_PLAN = "confirm_plan.json"  # pathsearch.confirm.PLAN_FILE (not imported: confirm imports this module)
 
 
 def _base(spec: SearchFile) -> dict[str, Any]:
     return {k: spec.raw[k] for k in ("model", "data", "train") if k in spec.raw}
 
 
-def _runnable(spec: SearchFile, trainable: Any) -> Any:
+def runnable(spec: SearchFile, trainable: Any) -> Any:
+    """The trainable with the base config bound and the trial's resources (search, supernet and confirmation)."""
     resources = {k.upper() if k in ("cpu", "gpu") else k: v for k, v in spec.search.resources_per_trial.items()}
     return tune.with_resources(tune.with_parameters(trainable or train_trial, base=_base(spec)), resources)
 
@@ -570,8 +639,11 @@ def _flat(prefix: str, data: Mapping[str, Any]) -> dict[str, Any]:
 class ProgressLine(tune.Callback):
     """One line per finished trial: done / running / pending / pruned / failed, best so far, elapsed, ETA."""
 
-    def __init__(self, total: int, metric: str, mode: str, final_epoch: int, verbose: bool) -> None:
+    def __init__(
+        self, total: int, metric: str, mode: str, final_epoch: int, verbose: bool, label: str = "trials"
+    ) -> None:
         self.total, self.metric, self.mode, self.final_epoch, self.verbose = total, metric, mode, final_epoch, verbose
+        self.label = label
         self.started = time.monotonic()
         self.best: float | None = None
         self.pruned = self.failed = self.done = 0
@@ -601,7 +673,7 @@ class ProgressLine(tune.Callback):
         eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
         best = "-" if self.best is None else f"{self.best:.4f}"
         print(
-            f"[{elapsed:6.0f}s] trials done {self.done}/{self.total}  running {running}  pending {pending}  "
+            f"[{elapsed:6.0f}s] {self.label} done {self.done}/{self.total}  running {running}  pending {pending}  "
             f"pruned {self.pruned}  failed {self.failed}  best {self.metric} {best}  ETA {eta:.0f}s",
             flush=True,
         )

@@ -27,6 +27,9 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 TRIAL_TAG = "pathsearch.trial_id"
+SEARCH_TAG = "pathsearch.search"  # the search's parent run id, on every run of that search at any depth
+ROLE_TAG = "pathsearch.role"  # supernet | proxy | confirmation | confirmation_seed | fit_scales (search trials: none)
+SEED_TAG = "pathsearch.seed"  # a confirmation trial's seed
 NODE_TAG = "pathsearch.node_id"  # the Ray node a trial last ran on
 RETRIES_TAG = "pathsearch.retries"  # how often Tune retried the trial from its checkpoint
 TRIAL_ARTIFACTS = ("path_config.yaml", "path_analysis.json", "path_analysis.png", "model_0.safetensors")
@@ -168,8 +171,11 @@ class MlflowTrialLogger(Callback):
         parent_run_id: str,
         final_epoch: int,
         run_dir: str | Path | None = None,
+        groups: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
+        # candidate label -> tags of its trials' runs (a confirmation nests each seed's run under its configuration's)
+        self.groups = dict(groups or {})
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.final_epoch = final_epoch
@@ -199,9 +205,13 @@ class MlflowTrialLogger(Callback):
         params += [[f"config.{k}", _short(v)] for k, v in sorted(config.get("overrides", {}).items())]
         tags = {
             "mlflow.parentRunId": self.parent_run_id,
+            SEARCH_TAG: self.parent_run_id,
             TRIAL_TAG: trial.trial_id,
             "pathsearch.optuna_trial": str(config.get("optuna_trial", "")),
+            **self.groups.get(str(config.get("candidate")), {}),
         }
+        if "seed" in config:
+            tags[SEED_TAG] = str(config["seed"])
         self._send({"op": "start", "trial": trial.trial_id, "tags": tags, "params": params})
 
     def on_trial_result(
@@ -371,7 +381,7 @@ class MlflowTrialLogger(Callback):
             raise ValueError(f"unknown operation {op['op']!r}")
 
     def _find_run(self, trial_id: str) -> str | None:
-        query = f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
+        query = f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{SEARCH_TAG}` = '{self.parent_run_id}'"
         existing = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
         return existing[0].info.run_id if existing else None
 
@@ -401,7 +411,7 @@ class MlflowTrialLogger(Callback):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a logger pickled before the queue existed (a search started with an older pathsearch) still restores
-        defaults: dict[str, Any] = {"run_dir": None, "_pending": [], "_nodes": {}, "_next_try": 0.0}
+        defaults: dict[str, Any] = {"run_dir": None, "_pending": [], "_nodes": {}, "_next_try": 0.0, "groups": {}}
         defaults["_down_since"] = None
         self.__dict__.update({**defaults, **state})
 
@@ -409,6 +419,7 @@ class MlflowTrialLogger(Callback):
 REPORTED = {
     "train_loss", "val_loss", "val_acc", "val_acc_full", "kept_paths", "params", "images_per_s", "epoch",
     "train_loss_std", "val_loss_std", "val_acc_std", "val_acc_full_std",
+    "test_acc", "test_loss", "test_acc_std", "test_loss_std",
 }  # fmt: skip
 
 
@@ -445,19 +456,27 @@ def close_orphan_runs(tracking_uri: str, experiment_id: str, parent_run_id: str,
 
 
 def end_parent_run(
-    tracking_uri: str, run_id: str, metrics: dict[str, float], artifacts: list[Path], status: str
+    tracking_uri: str,
+    run_id: str,
+    metrics: dict[str, float],
+    artifacts: list[Path],
+    status: str | None,
+    tags: dict[str, str] | None = None,
 ) -> None:
-    """Logs the search's summary metrics and files to its parent run and ends it; waits out an MLflow outage up
-    to the flush timeout (a retry after a partial send repeats it harmlessly: same metric timestamps)."""
+    """Logs summary metrics, tags and files to a run and ends it with `status` (None: leaves it running, as a search
+    does between its stages); waits out an MLflow outage up to the flush timeout (a retry after a partial send
+    repeats it harmlessly: same metric timestamps)."""
     now = int(time.time() * 1000)
 
     def end() -> None:
         client = MlflowClient(tracking_uri)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        metric_rows = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        client.log_batch(run_id, metrics=metric_rows, tags=[RunTag(k, v) for k, v in (tags or {}).items()])
         for path in artifacts:
             if path.exists():
                 client.log_artifact(run_id, str(path))
-        client.set_terminated(run_id, status=status)
+        if status is not None:
+            client.set_terminated(run_id, status=status)
 
     retry_until(tracking_uri, f"ending the parent run {run_id} (left RUNNING if this fails)", end)
 

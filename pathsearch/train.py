@@ -77,6 +77,10 @@ def fit(
 ) -> FitResult:
     """Trains `cfg.train.seeds` seeds of one configuration, reporting mean (and std) metrics every epoch.
 
+    With `cfg.train.test`, each seed's model is scored on the test split after the last epoch, and only the final
+    report holds `test_acc` and `test_loss` (and with several seeds `test_acc_std`, `test_loss_std`). Without it the
+    test split is never read.
+
     Args:
         cfg: the validated trial configuration.
         report: called as report(metrics, checkpoint_dir) after each epoch; the last call's checkpoint also holds
@@ -87,11 +91,24 @@ def fit(
         cpus: CPUs given to this trial; sets torch's thread count (reused Ray actors keep the last one).
         device: "cpu" or "cuda" (default: cuda when available).
         progress: show a progress bar per epoch (for the CLI).
+
+    Returns:
+        The last report's metrics, checkpoint and final files. Resumed from a checkpoint of the last epoch (nothing
+        left to train): that checkpoint's saved metrics (test ones included, when it has them) and no files.
+
+    Raises:
+        ValueError: `cfg.train.test` is set and the data has no test split (checked before any training).
     """
     threads = cfg.train.threads or cpus or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bundle = load_trial_data(cfg)
+    if cfg.train.test and bundle.test is None:
+        where = f" at {cfg.data.root}" if cfg.data.root else ""
+        raise ValueError(
+            f"train.test is set but dataset {cfg.data.name!r}{where} has no test split "
+            "(imagefolder: add a test/ folder with the train/ classes, or set train.test: false)"
+        )
     resume = _read_state(Path(checkpoint_dir)) if checkpoint_dir is not None else None
     if resume is not None and resume["config"]["model"] != to_dict(cfg)["model"]:
         raise ValueError(f"checkpoint {checkpoint_dir} was written for another model configuration")
@@ -125,6 +142,12 @@ def fit(
             continue  # evaluate, checkpoint and report every eval_every epochs (and after the last)
         for run, entry in zip(runs, per_seed, strict=True):
             entry.update(_evaluate(run.model, val_loader, dev, amp))
+        if last and cfg.train.test:
+            assert bundle.test is not None  # checked before training
+            test_loader = DataLoader(bundle.test, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
+            for run, entry in zip(runs, per_seed, strict=True):
+                scores = _evaluate(run.model, test_loader, dev, amp, prefix="test")
+                entry.update(test_acc=scores["test_acc"], test_loss=scores["test_loss"])
         metrics = _summarise(per_seed)
         metrics.update(
             epoch=epoch + 1,
@@ -144,13 +167,14 @@ def fit(
         previous = ckpt
     if previous is None:  # resumed from a checkpoint of the last epoch: nothing left to train
         previous = Path(str(checkpoint_dir))
+        metrics = dict(resume["metrics"]) if resume is not None else {}
     return FitResult(metrics, previous, files)
 
 
 def load_trial_data(cfg: TrialConfig) -> DataBundle:
     d = cfg.data
     img_size = d.img_size or cfg.model.kwargs.get("img_size")
-    return load_data(d.name, d.root, d.download, d.train_size, d.split_seed, img_size, d.auto_augment)
+    return load_data(d.name, d.root, d.download, d.train_size, d.split_seed, img_size, d.auto_augment, d.val_size)
 
 
 def build_model(cfg: TrialConfig, bundle: DataBundle, seed: int) -> PathEnsembleViT:
@@ -290,8 +314,11 @@ def _train_one_epoch(
 
 
 @torch.no_grad()
-def _evaluate(model: PathEnsembleViT, loader: DataLoader[Any], dev: torch.device, amp: bool) -> dict[str, float]:
-    """val_loss / val_acc of the model as configured and val_acc_full (every path kept), one trunk pass each batch."""
+def _evaluate(
+    model: PathEnsembleViT, loader: DataLoader[Any], dev: torch.device, amp: bool, prefix: str = "val"
+) -> dict[str, float]:
+    """`<prefix>_loss` / `<prefix>_acc` of the model as configured and `<prefix>_acc_full` (every path kept) on the
+    loader's split, one trunk pass each batch."""
     model.eval()
     kept = torch.tensor(model.path_mask, device=dev)
     masks = torch.stack([kept, torch.ones_like(kept)])  # (2, P): as configured, all paths
@@ -305,7 +332,11 @@ def _evaluate(model: PathEnsembleViT, loader: DataLoader[Any], dev: torch.device
         correct += (logits[0].argmax(-1) == targets).sum().item()
         correct_full += (logits[1].argmax(-1) == targets).sum().item()
         count += len(targets)
-    return {"val_loss": loss_sum / count, "val_acc": correct / count, "val_acc_full": correct_full / count}
+    return {
+        f"{prefix}_loss": loss_sum / count,
+        f"{prefix}_acc": correct / count,
+        f"{prefix}_acc_full": correct_full / count,
+    }
 
 
 def _summarise(per_seed: list[dict[str, float]]) -> dict[str, Any]:

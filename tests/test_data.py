@@ -1,33 +1,93 @@
 from __future__ import annotations
 
+import warnings
+from collections import Counter
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.datasets import load_digits
 
-from pathsearch.data import load_data, load_digits_split, make_synthetic
+from pathsearch import data
+from pathsearch.config import ConfigError, load_trial_config
+from pathsearch.data import (
+    DIGITS_MEAN,
+    DIGITS_STD,
+    cifar_split_indices,
+    load_data,
+    load_digits_split,
+    make_synthetic,
+)
 
 
-def test_digits_split_is_seeded_and_holds_out_the_rest():
-    a, b = load_digits_split(300, seed=0), load_digits_split(300, seed=0)
-    assert len(a.train) == 300 and len(a.val) == 1497
-    assert torch.equal(a.train.tensors[1], b.train.tensors[1])
-    c = load_digits_split(300, seed=1)
-    assert not torch.equal(a.train.tensors[1], c.train.tensors[1])
-    assert a.train.tensors[0].shape[1:] == (1, 8, 8)
-    with pytest.raises(ValueError, match="1797"):
-        load_digits_split(1797)
+def _rows(dataset) -> Counter:
+    """(image bytes, label) of each row, counted: the digits hold a few duplicate images."""
+    images, labels = dataset.tensors
+    return Counter((x.numpy().tobytes(), int(y)) for x, y in zip(images, labels, strict=True))
+
+
+def test_digits_default_split_is_60_20_20():
+    split = load_digits_split()
+    assert (len(split.train), len(split.val), len(split.test)) == (1078, 359, 360)
+    split = load_digits_split(300, seed=0)
+    assert (len(split.train), len(split.val), len(split.test)) == (300, 748, 749)
+    split = load_digits_split(300, seed=0, val_size=200)
+    assert (len(split.train), len(split.val), len(split.test)) == (300, 200, 1297)
+    assert split.train.tensors[0].shape[1:] == (1, 8, 8)
+
+
+def test_digits_train_val_test_partition_the_1797_images():
+    split = load_digits_split(300, seed=0, val_size=200)
+    digits = load_digits()
+    images = (torch.from_numpy(digits.images.astype(np.float32))[:, None] - DIGITS_MEAN) / DIGITS_STD
+    everything = _rows(torch.utils.data.TensorDataset(images, torch.from_numpy(digits.target)))
+    parts = [_rows(split.train), _rows(split.val), _rows(split.test)]
+    assert parts[0] + parts[1] + parts[2] == everything  # each image in exactly one split
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        shared = parts[i] & parts[j]
+        assert all(everything[row] > 1 for row in shared)  # only duplicate images can appear in two splits
+
+
+def test_digits_split_is_seeded():
+    a, b, c = load_digits_split(300, seed=0), load_digits_split(300, seed=0), load_digits_split(300, seed=1)
+    for name in ("train", "val", "test"):
+        assert torch.equal(getattr(a, name).tensors[0], getattr(b, name).tensors[0])
+        assert not torch.equal(getattr(a, name).tensors[0], getattr(c, name).tensors[0])
+
+
+def test_digits_sizes_leaving_no_test_or_val_image_are_rejected():
+    with pytest.raises(ValueError, match=r"train_size 300 \+ val_size 1497 leave no test images of the 1797 digits"):
+        load_digits_split(300, val_size=1497)
+    with pytest.raises(ValueError, match=r"train_size 1796 \+ val_size 0 leave no validation images of the 1797"):
+        load_digits_split(1796)
+    with pytest.raises(ValueError, match=r"train_size 1797 \+ val_size 1 leave no test images of the 1797"):
+        load_digits_split(1797, val_size=1)
+    with pytest.raises(ValueError, match=r"train_size 5 \+ val_size 896: train_size must be >= 10 .*1797"):
+        load_digits_split(5)
 
 
 def test_datasets_are_loaded_once_per_process():
     first = load_data("digits", train_size=300)
     assert load_data("digits", train_size=300) is first
     assert load_data("digits", train_size=400) is not first
+    assert load_data("digits", train_size=300, val_size=100) is not first
+    assert len(load_data("digits", train_size=300, val_size=100).val) == 100  # type: ignore[arg-type]
 
 
 def test_synthetic_is_deterministic():
     a, b = make_synthetic(seed=3), make_synthetic(seed=3)
     assert torch.equal(a.train.tensors[0], b.train.tensors[0])  # type: ignore[attr-defined]
     assert a.num_classes == 4
+
+
+def test_synthetic_has_a_deterministic_test_split():
+    a, b = make_synthetic(seed=3), make_synthetic(seed=3, val_size=32)
+    assert a.test is not None and b.test is not None
+    assert len(a.test) == 128 and len(b.test) == len(b.val) == 32  # type: ignore[arg-type]
+    assert torch.equal(a.test.tensors[0], make_synthetic(seed=3).test.tensors[0])  # type: ignore[union-attr]
+    assert not torch.equal(a.test.tensors[0], a.val.tensors[0])  # type: ignore[attr-defined]
+    assert len(load_data("synthetic", val_size=16).test) == 16  # type: ignore[arg-type]
 
 
 def _write_images(folder, classes, per_class=2, size=12):
@@ -44,6 +104,35 @@ def test_imagefolder_loads_with_timm_transforms(tmp_path):
     assert bundle.num_classes == 2 and len(bundle.train) == 4 and len(bundle.val) == 2
     image, label = bundle.val[0]
     assert tuple(image.shape) == (3, 16, 16) and label == 0
+
+
+def test_imagefolder_test_folder_is_the_test_split(tmp_path):
+    _write_images(tmp_path / "train", ["cat", "dog"])
+    _write_images(tmp_path / "val", ["cat", "dog"], per_class=1)
+    _write_images(tmp_path / "test", ["cat", "dog"], per_class=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a root with test/ warns about nothing
+        bundle = load_data("imagefolder", root=str(tmp_path), img_size=16)
+    assert bundle.test is not None and len(bundle.test) == 6  # type: ignore[arg-type]
+    image, label = bundle.test[5]
+    assert tuple(image.shape) == (3, 16, 16) and label == 1
+    _write_images(tmp_path / "test", ["bird"])
+    with pytest.raises(ValueError, match=r"only in train: \[\]; only in test: \['bird'\]"):
+        load_data("imagefolder", root=str(tmp_path), img_size=8)
+
+
+def test_imagefolder_without_test_folder_has_no_test_split_and_says_so_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_warned_no_test", False)  # once per process: earlier tests may have said it
+    for root in (tmp_path / "a", tmp_path / "b"):
+        _write_images(root / "train", ["cat", "dog"])
+        _write_images(root / "val", ["cat", "dog"], per_class=1)
+    message = f"imagefolder: {tmp_path / 'a' / 'test'} does not exist: no test split, no test figure will be reported"
+    with pytest.warns(UserWarning) as record:
+        assert load_data("imagefolder", root=str(tmp_path / "a"), img_size=16).test is None
+    assert [str(w.message) for w in record] == [message]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second root without test/: not said again
+        assert load_data("imagefolder", root=str(tmp_path / "b"), img_size=16).test is None
 
 
 def test_imagefolder_errors_name_the_path(tmp_path):
@@ -70,3 +159,47 @@ def test_cifar_errors_name_the_root(tmp_path):
         load_data("cifar100", root=str(tmp_path))
     with pytest.raises(ValueError, match=r"needs data\.root"):
         load_data("cifar10")
+
+
+# torchvision checks each CIFAR batch file against fixed md5 sums, so no tiny CIFAR can be written for a test: the
+# split is tested through the function that _load_cifar uses to draw its indices.
+def test_cifar_val_is_a_seeded_slice_of_the_training_set_apart_from_train():
+    train, val = cifar_split_indices(50000)
+    assert len(val) == 5000 and len(train) == 45000
+    assert sorted(torch.cat([train, val]).tolist()) == list(range(50000))  # disjoint, nothing left out
+    again_train, again_val = cifar_split_indices(50000, seed=0)
+    assert torch.equal(val, again_val) and torch.equal(train, again_train)
+    assert not torch.equal(val, cifar_split_indices(50000, seed=1)[1])
+    small_train, same_val = cifar_split_indices(50000, 5000, train_size=1000)
+    assert torch.equal(same_val, val)  # a training subset leaves val as it was
+    assert len(small_train) == 1000 and not set(small_train.tolist()) & set(val.tolist())
+    with pytest.raises(ValueError, match=r"val_size must be in 1\.\.49999"):
+        cifar_split_indices(50000, val_size=50000)
+    with pytest.raises(ValueError, match=r"train_size must be in 1\.\.45000"):
+        cifar_split_indices(50000, 5000, train_size=45001)
+
+
+def _problems(tmp_path, data_section: str) -> str:
+    path = tmp_path / "sizes.yaml"
+    path.write_text(f"data: {data_section}\n")
+    with pytest.raises(ConfigError) as info:
+        load_trial_config(path)
+    assert all(p.startswith(str(path)) for p in info.value.problems)
+    return str(info.value)
+
+
+def test_split_sizes_are_validated_with_file_key_and_value(tmp_path):
+    text = _problems(tmp_path, "{name: digits, train_size: 300, val_size: 1497}")
+    assert (
+        "data.val_size: digits: train_size 300 + val_size 1497 leave no test images of the 1797 digits, got 1497"
+        in text
+    )
+    text = _problems(tmp_path, "{name: digits, train_size: 1797}")
+    assert "data.train_size: digits: train_size 1797 + val_size 0 leave no validation images" in text
+    assert "got 1797" in text
+    assert "data.val_size: must be >= 1, got 0" in _problems(tmp_path, "{name: synthetic, val_size: 0}")
+    text = _problems(tmp_path, f"{{name: cifar10, root: {tmp_path}, val_size: 50000}}")
+    assert "data.val_size: must be < 50000, the CIFAR training images, got 50000" in text
+    text = _problems(tmp_path, f"{{name: cifar100, root: {tmp_path}, train_size: 45001}}")
+    assert "data.train_size: must be <= 45000, the CIFAR training images left by val_size 5000, got 45001" in text
+    assert load_trial_config(None, ["data.train_size=300", "data.val_size=1496"]).data.val_size == 1496

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -44,6 +46,7 @@ def test_fit_reports_every_epoch_with_finite_metrics_and_a_checkpoint(tmp_path):
         assert set(metrics) >= METRICS
         assert all(math.isfinite(v) for v in metrics.values())
         assert 0.0 <= metrics["val_acc"] <= 1.0 and metrics["kept_paths"] == 5
+        assert not [key for key in metrics if key.startswith("test")]  # train.test is off by default
     last = Path(rec.calls[-1][1])
     assert last == result.checkpoint_dir
     assert {p.name for p in last.iterdir()} >= {
@@ -129,6 +132,59 @@ def test_several_seeds_report_mean_and_spread(tmp_path):
     assert (Path(rec.calls[-1][1]) / "path_config_seed2.yaml").is_file()
 
 
+def test_test_split_is_scored_after_the_last_epoch_only(tmp_path):
+    digits = ["data.name=digits", "data.train_size=300", "train.epochs=2", "train.eval_every=1", "train.seeds=2"]
+    cfg = load_trial_config(None, [*TINY, *digits, "train.test=true"])
+    rec = Recorder()
+    result = fit(cfg, rec, work_dir=tmp_path / "a")
+    assert [m["epoch"] for m, _ in rec.calls] == [1, 2]
+    assert not [key for key in rec.calls[0][0] if key.startswith("test")]
+    final = rec.calls[-1][0]
+    assert {key for key in final if key.startswith("test")} == {
+        "test_acc",
+        "test_loss",
+        "test_acc_std",
+        "test_loss_std",
+    }
+    assert 0.0 <= final["test_acc"] <= 1.0 and math.isfinite(final["test_loss"]) and final["test_acc_std"] >= 0
+    assert result.metrics == final
+    # the same training without train.test: the same val figures (scoring test changes nothing else)
+    plain = fit(load_trial_config(None, [*TINY, *digits]), Recorder(), work_dir=tmp_path / "b").metrics
+    assert plain["val_acc"] == final["val_acc"] and plain["val_loss"] == pytest.approx(final["val_loss"], rel=1e-6)
+    # resumed from the last checkpoint: nothing to train, the saved metrics (test ones included) as they were
+    again = Recorder()
+    resumed = fit(cfg, again, checkpoint_dir=result.checkpoint_dir, work_dir=tmp_path / "c")
+    assert again.calls == [] and resumed.metrics == pytest.approx(final)
+
+
+def _write_imagefolder(root: Path, splits: tuple[str, ...], broken: str | None = None) -> None:
+    for split in splits:
+        for c, colour in (("cat", (200, 40, 40)), ("dog", (40, 40, 200))):
+            (root / split / c).mkdir(parents=True)
+            for i in range(4):
+                if split == broken:  # a file no image reader can open: reading this split fails
+                    (root / split / c / f"{i}.png").write_bytes(b"not a png")
+                else:
+                    Image.new("RGB", (10, 10), color=(colour[0], 20 * i, colour[2])).save(root / split / c / f"{i}.png")
+
+
+def test_test_split_is_never_read_unless_asked(tmp_path):
+    _write_imagefolder(tmp_path, ("train", "val", "test"), broken="test")
+    sets = [*TINY, "data.name=imagefolder", f"data.root={tmp_path}", "data.img_size=8", "train.epochs=1"]
+    fit(load_trial_config(None, sets), Recorder(), work_dir=tmp_path / "a")  # the unreadable test/ is not touched
+    with pytest.raises(OSError, match="cannot identify image file"):  # PIL's UnidentifiedImageError
+        fit(load_trial_config(None, [*sets, "train.test=true"]), Recorder(), work_dir=tmp_path / "b")
+
+
+def test_train_test_without_a_test_split_is_a_clear_error(tmp_path):
+    _write_imagefolder(tmp_path, ("train", "val"))
+    sets = [*TINY, "data.name=imagefolder", f"data.root={tmp_path}", "data.img_size=8", "train.test=true"]
+    rec = Recorder()
+    with pytest.raises(ValueError, match=re.escape(f"dataset 'imagefolder' at {tmp_path} has no test split")):
+        fit(load_trial_config(None, sets), rec, work_dir=tmp_path / "run")
+    assert rec.calls == []  # refused before any training
+
+
 def test_nan_loss_fails_the_trial_at_once(tmp_path):
     cfg = load_trial_config(None, [*TINY, "train.epochs=3", "train.lr=1.0e6"])
     rec = Recorder()
@@ -151,8 +207,8 @@ def test_threads_are_set_from_the_cpus_given(tmp_path):
 
 
 def test_depth6_vit_reaches_90_percent_on_digits_within_the_demo_budget(tmp_path):
-    # Budget (the README demo's): depth-6 dim-64 ViT of digits_tiny.yaml, trained 15 epochs on the 80/20 split
-    # (1437 training images, batch 64), scored on the 360 held-out images; about 20 s on 2 cores.
+    # Budget (the README demo's): depth-6 dim-64 ViT of digits_tiny.yaml, trained 15 epochs on the default 60/20/20
+    # split (1078 training images, batch 64), scored on the 359 val images; about 20 s on 2 cores.
     overrides = ["data.train_size=null", "data.batch_size=64", "train.epochs=15", "train.warmup_epochs=1"]
     cfg = load_trial_config(ROOT / "search_spaces" / "digits_tiny.yaml", [*overrides, "train.eval_every=15"])
     assert cfg.model.kwargs["depth"] == 6 and cfg.data.train_size is None
@@ -168,10 +224,11 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_cli_train_end_to_end(tmp_path):
     out = tmp_path / "run"
-    sets = [a for o in [*TINY, "train.epochs=2"] for a in ("--set", o)]
+    sets = [a for o in [*TINY, "train.epochs=2", "train.test=true"] for a in ("--set", o)]
     result = run_cli("train", str(ROOT / "search_spaces" / "digits_tiny.yaml"), *sets, "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "final metrics:" in result.stdout and "val_acc_full" in result.stdout
+    assert "test (128 images, seeds 0): test_acc " in result.stdout  # synthetic data: 128 test images
     assert f"path_config: {out}/checkpoint_0002/path_config.yaml" in result.stdout
     assert (out / "checkpoint_0002" / "path_analysis.png").is_file()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -14,11 +15,27 @@ from ray import tune
 from pathsearch.paths import PathConfig
 
 
+def toy_score(toy: dict, k: int, seed: int, split: str) -> float:
+    """The toy's accuracy of the configuration that prunes k paths, trained with `seed`, on `split`.
+
+    Without toy["means"]: 0.5 + 0.04 k, noise-free. With it: the true mean means[k] plus seed noise, deterministic
+    per (seed, k, split): a part every configuration shares on seed s (`shared_sd`: what pairing seeds cancels)
+    and a part of its own (`sd`). val and test draw independently."""
+    if "means" not in toy:
+        return 0.5 + 0.04 * k
+    shared = random.Random(f"{seed}/{split}").gauss(0.0, 1.0)
+    own = random.Random(f"{seed}/{k}/{split}").gauss(0.0, 1.0)
+    return toy["means"][k] + toy.get("shared_sd", 0.0) * shared + toy.get("sd", 0.0) * own
+
+
 def toy_trial(config: dict, base: dict) -> None:
-    """Per-epoch metrics and a checkpoint with a real PathConfig YAML. Knobs (marker_dir, fail_k, sleep) come from
-    base["train"]["toy"] (in-process tests) or the PATHSEARCH_TOY environment variable (driver processes)."""
+    """Per-epoch metrics and a checkpoint with a real PathConfig YAML. Knobs (marker_dir, fail_k, sleep, means, sd,
+    shared_sd) come from base["train"]["toy"] (in-process tests) or the PATHSEARCH_TOY environment variable
+    (driver processes). Like `fit`, it reports test_acc/test_loss in the final report only when train.test is set."""
     toy = base["train"].get("toy") or json.loads(os.environ.get("PATHSEARCH_TOY", "{}"))
-    pruned = config["overrides"].get("model.pruned", [])
+    overrides = config["overrides"]
+    pruned = overrides.get("model.pruned", [])
+    seed = overrides.get("train.seed", base["train"].get("seed", 0))
     start = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -31,7 +48,7 @@ def toy_trial(config: dict, base: dict) -> None:
         if len(pruned) == toy.get("fail_k", -1):
             raise RuntimeError(f"toy failure for k={len(pruned)}")
     epochs = base["train"]["epochs"]
-    level = 0.5 + 0.04 * len(pruned)
+    level = toy_score(toy, len(pruned), seed, "val")
     for epoch in range(start + 1, epochs + 1):
         time.sleep(toy.get("sleep", 0.0))
         folder = Path(os.getcwd()) / "toy" / f"c{epoch}"
@@ -39,6 +56,8 @@ def toy_trial(config: dict, base: dict) -> None:
         PathConfig(model_name="toy", depth=2, pruned=list(pruned)).save(folder / "path_config.yaml")
         (folder / "toy.json").write_text(json.dumps({"epoch": epoch}))
         metrics = {"val_acc": level * epoch / epochs, "epoch": epoch, "kept_paths": 5 - len(pruned), "train_loss": 1.0}
+        if epoch == epochs and overrides.get("train.test"):
+            metrics.update(test_acc=toy_score(toy, len(pruned), seed, "test"), test_loss=1.0)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
 
 

@@ -1,0 +1,619 @@
+"""Paired-seed confirmation of a search's best configurations against the baseline, and the verdict.
+
+After a search, the `top_k` distinct configurations with the best val score, plus the baseline, are trained again
+as ordinary Ray trials (parallel, retried, resumable) on the same fresh seeds: seed s gives every configuration the
+same initialisation, data order and augmentation draws. Only these trials read the test split. The winner is the
+best mean val score over seeds (never test); the verdict is the winner's paired difference from the baseline in
+test accuracy with a 95% confidence interval from the paired t distribution over seeds (scipy.stats.ttest_rel).
+Orchestration: imports no torch, timm or model code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import textwrap
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from pathsearch.config import SearchFile
+from pathsearch.tracking import ROLE_TAG, SEARCH_TAG, MlflowTrialLogger, close_orphan_runs, retry_until
+
+CONFIRM_DIR = "confirm"  # the confirmation's Tune experiment, inside the search's run directory
+PLAN_FILE = "confirm_plan.json"  # candidates, seeds and MLflow runs: what `resume` needs to continue
+SUMMARY_FILE = "confirmation.yaml"
+PLOT_FILE = "confirmation.png"
+WINNER_TAG = "pathsearch.confirmed_run"  # on the parent: the winning configuration's MLflow run
+VERDICT_TAG = "pathsearch.verdict"
+BASELINE = "baseline"
+CONFIDENCE = 0.95
+METHOD = "paired t over seeds (scipy.stats.ttest_rel), 95% confidence interval"
+
+
+@dataclass
+class Candidate:
+    """One configuration to confirm: its overrides of the base trial and where it came from."""
+
+    label: str  # "baseline", "top 1", "top 2", ...
+    overrides: dict[str, Any]
+    search_value: float | None = None  # its single-seed score in the search (a proxy score in two_stage)
+    source: str = ""  # e.g. "search trial 3b2c1_00004"
+    run_id: str | None = None  # its MLflow run (one per configuration), created with the plan
+
+
+@dataclass
+class Plan:
+    metric: str  # the val metric the winner is chosen by
+    mode: str
+    seeds: list[int]
+    candidates: list[Candidate]
+    search_metric: str  # what `search_value` measured (val_acc, or proxy_val_acc in a two-stage search)
+    made: float = field(default_factory=time.time)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Plan:
+        data = json.loads(path.read_text())
+        data["candidates"] = [Candidate(**c) for c in data["candidates"]]
+        return cls(**data)
+
+
+# ----- which configurations, on which seeds -------------------------------------------------------------------
+def selection_metric(spec: SearchFile) -> tuple[str, str]:
+    """The val metric that ranks candidates and picks the winner: the search's first metric when it is a val
+    metric, else val_acc (a cost metric such as kept_paths says nothing about which configuration is better)."""
+    metric, mode = spec.search.metrics[0], spec.search.modes[0]
+    return (metric, mode) if metric in ("val_acc", "val_loss") else ("val_acc", "max")
+
+
+def confirm_seeds(spec: SearchFile) -> list[int]:
+    """Fresh seeds: by default the ones after those the search's trials trained with."""
+    c, t = spec.search.confirm, spec.trial.train
+    first = c.first_seed if c.first_seed is not None else t.seed + t.seeds
+    return [first + i for i in range(c.seeds)]
+
+
+def baseline_overrides(spec: SearchFile) -> dict[str, Any]:
+    """The baseline: no path pruned and EnsembleScale init 1.0 where the space searches them, all else the base."""
+    keys = {entry.key for entry in spec.space.entries}
+    neutral = {"model.pruned": [], "model.ensemble_scale.init": 1.0}
+    return {k: v for k, v in neutral.items() if k in keys}
+
+
+def config_key(overrides: Mapping[str, Any], base: Mapping[str, Any], keys: Sequence[str]) -> str:
+    """Identity of a configuration: the effective value of every key any candidate sets (a sampled value equal to
+    the base's is the same configuration as not setting it)."""
+    from pathsearch.space import lookup_value
+
+    return json.dumps({k: lookup_value(overrides, base, k) for k in sorted(keys)}, sort_keys=True, default=str)
+
+
+def choose_candidates(
+    rows: Sequence[Mapping[str, Any]],
+    spec: SearchFile,
+    base: Mapping[str, Any],
+    value_key: str,
+    mode: str,
+    top_k: int,
+    baseline_row: Mapping[str, Any] | None = None,
+) -> list[Candidate]:
+    """The baseline plus the `top_k` distinct configurations of `rows` (each with `overrides` and `value_key`),
+    best first. `rows` are completed search trials (or scored proxy configurations): never test scores."""
+    baseline = baseline_overrides(spec)
+    keys = sorted({k for row in rows for k in row["overrides"]} | set(baseline))
+    taken = {config_key(baseline, base, keys)}
+    scored = [r for r in rows if isinstance(r.get(value_key), int | float) and math.isfinite(r[value_key])]
+    scored.sort(key=lambda r: r[value_key], reverse=mode == "max")
+    value = baseline_row.get(value_key) if baseline_row is not None else None
+    out = [Candidate(BASELINE, baseline, value, _source(baseline_row) if baseline_row else "the base configuration")]
+    for row in scored:
+        key = config_key(row["overrides"], base, keys)
+        if key in taken:
+            continue
+        taken.add(key)
+        out.append(Candidate(f"top {len(out)}", dict(row["overrides"]), float(row[value_key]), _source(row)))
+        if len(out) > top_k:
+            break
+    return out
+
+
+def _source(row: Mapping[str, Any]) -> str:
+    if row.get("trial_id") is not None:
+        return f"search trial {row['trial_id']}"
+    if row.get("number") is not None:
+        return f"proxy trial {row['number']}"
+    return "search"
+
+
+def describe(overrides: Mapping[str, Any]) -> str:
+    """A configuration in plain words, e.g. 'prune embed, attn.1, mlp.1; EnsembleScale init 0.1; lr 0.0012'."""
+    parts = []
+    for key, value in overrides.items():
+        if key == "model.pruned":
+            if value:
+                parts.append("prune " + ", ".join(value))
+            else:
+                parts.append("no path pruned")
+        elif key == "model.ensemble_scale.init":
+            init = value if not isinstance(value, Mapping) else ", ".join(f"{k} {_num(v)}" for k, v in value.items())
+            parts.append(f"EnsembleScale init {_num(init) if not isinstance(value, Mapping) else init}")
+        else:
+            parts.append(f"{key.split('.')[-1]} {_num(value)}")
+    return "; ".join(parts) or "the base configuration"
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def param_space(plan: Plan) -> dict[str, Any]:
+    """One trial per (seed, configuration), seed-major, each with the trial overrides below."""
+    table = {c.label: c.overrides for c in plan.candidates}
+    return {
+        "seed": tune.grid_search(plan.seeds),
+        "candidate": tune.grid_search([c.label for c in plan.candidates]),
+        "overrides": tune.sample_from(partial(trial_overrides, table=table)),
+        "optuna_trial": "confirm",
+    }
+
+
+def trial_overrides(config: dict[str, Any], table: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A confirmation trial's overrides: its configuration, one seed, and the test split evaluated at the end.
+    (Module level: Tune pickles it with the experiment state.)"""
+    return {**table[config["candidate"]], "train.seed": config["seed"], "train.seeds": 1, "train.test": True}
+
+
+# ----- running it as ordinary Ray trials ---------------------------------------------------------------------
+def make_plan(
+    spec: SearchFile, run_dir: Path, state: Mapping[str, Any], candidates: list[Candidate], search_metric: str
+) -> Plan:
+    """Saves the plan and creates one MLflow run per configuration (nested under the search's parent run); its
+    seeds' runs nest under it. Written before any confirmation trial starts, so `resume` finds both."""
+    metric, mode = selection_metric(spec)
+    plan = Plan(metric, mode, confirm_seeds(spec), candidates, search_metric)
+    uri, parent = state["tracking_uri"], state["parent_run_id"]
+
+    def create() -> bool:
+        client = MlflowClient(uri)
+        for c in plan.candidates:
+            if c.run_id is not None:
+                continue
+            tags = {
+                "mlflow.parentRunId": parent,
+                SEARCH_TAG: parent,
+                ROLE_TAG: "confirmation",
+                "pathsearch.candidate": c.label,
+                "mlflow.note.content": describe(c.overrides),
+            }
+            c.run_id = client.create_run(state["experiment_id"], run_name=f"confirm {c.label}", tags=tags).info.run_id
+            params = [Param(f"config.{k}", _short(v)) for k, v in sorted(c.overrides.items())]
+            params += [Param("source", c.source), Param("seeds", _short(plan.seeds))]
+            client.log_batch(c.run_id, params=params)
+        return True
+
+    if retry_until(uri, "creating the confirmation runs", create) is None:
+        raise ValueError(f"MLflow at {uri} stayed unreachable: the confirmation did not start (resume it later)")
+    plan.save(run_dir / PLAN_FILE)
+    return plan
+
+
+def make_confirm_tuner(
+    spec: SearchFile, run_dir: Path, state: Mapping[str, Any], plan: Plan, trainable: Any, verbose: bool
+) -> tune.Tuner:
+    """One Tune trial per (seed, configuration), seed-major; FIFO, retried from checkpoints like search trials."""
+    from pathsearch.search import ProgressLine, runnable
+
+    s, t = spec.search, spec.trial.train
+    groups = {
+        c.label: {"mlflow.parentRunId": str(c.run_id), ROLE_TAG: "confirmation_seed", "pathsearch.candidate": c.label}
+        for c in plan.candidates
+    }
+    total = len(plan.seeds) * len(plan.candidates)
+    uri = state["tracking_uri"]
+    logger = MlflowTrialLogger(uri, state["experiment_id"], state["parent_run_id"], t.epochs, run_dir, groups)
+    return tune.Tuner(
+        runnable(spec, trainable),
+        param_space=param_space(plan),
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=s.confirm.max_concurrent_trials or s.max_concurrent_trials,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=CONFIRM_DIR,
+            storage_path=str(run_dir),
+            callbacks=[logger, ProgressLine(total, plan.metric, plan.mode, t.epochs, verbose, "confirmation")],
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=0,
+        ),
+    )
+
+
+def restore_confirm_tuner(
+    spec: SearchFile, run_dir: Path, state: Mapping[str, Any], plan: Plan, trainable: Any, verbose: bool
+) -> tune.Tuner:
+    """The confirmation's Tuner after an interruption: restored from Tune's snapshot (finished trials are not
+    trained again), or new when the driver died before the first snapshot; its configuration runs reopened."""
+    from pathsearch.search import runnable
+
+    uri = state["tracking_uri"]
+
+    def reopen() -> None:
+        client = MlflowClient(uri)
+        for c in plan.candidates:
+            if c.run_id is not None and client.get_run(c.run_id).info.status != "FINISHED":
+                client.update_run(c.run_id, status="RUNNING")
+
+    retry_until(uri, "reopening the confirmation runs", reopen)
+    folder = run_dir / CONFIRM_DIR
+    if tune.Tuner.can_restore(str(folder)):
+        # the param space again: Tune's snapshot of a sample_from does not resolve after a restore
+        trainable = runnable(spec, trainable)
+        return tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True, param_space=param_space(plan))
+    return make_confirm_tuner(spec, run_dir, state, plan, trainable, verbose)
+
+
+@dataclass
+class Confirmation:
+    """What the confirmation measured, as plain data (also written to `confirmation.yaml`)."""
+
+    metric: str
+    mode: str
+    seeds: list[int]
+    candidates: list[dict[str, Any]]  # label, description, overrides, per-seed values, means and stds
+    winner: str | None
+    difference: dict[str, Any]  # the verdict's paired test difference (winner or best challenger vs baseline)
+    verdict: str
+    interrupted: bool = False
+    files: dict[str, Path] = field(default_factory=dict)
+    search_metric: str = "val_acc"  # what the candidates' search scores measured (proxy_val_acc in two_stage)
+
+    def candidate(self, label: str) -> dict[str, Any]:
+        return next(c for c in self.candidates if c["label"] == label)
+
+
+def run_confirmation(
+    tuner: Any, spec: SearchFile, run_dir: Path, state: Mapping[str, Any], plan: Plan, verbose: bool = True
+) -> Confirmation:
+    """Trains the plan's trials to the end, then picks the winner, measures it against the baseline and logs the
+    verdict (MLflow parent and configuration runs, `confirmation.yaml`, `confirmation.png`). An interrupted
+    confirmation (Ctrl-C) returns `interrupted=True`, its unfinished runs closed KILLED until `resume`."""
+    uri, parent = state["tracking_uri"], state["parent_run_id"]
+    final_epoch = spec.trial.train.epochs
+    if verbose:
+        print(
+            f"confirmation: {len(plan.candidates)} configurations (the baseline and the top "
+            f"{len(plan.candidates) - 1} by {plan.metric}) x {len(plan.seeds)} paired seeds {_seed_text(plan.seeds)}",
+            flush=True,
+        )
+    grid = tuner.fit()
+    per: dict[str, dict[int, dict[str, Any]]] = {c.label: {} for c in plan.candidates}
+    unfinished = 0
+    for result in grid:
+        m, config = result.metrics or {}, result.config or {}
+        label, seed = config.get("candidate"), config.get("seed")
+        if label not in per or not isinstance(seed, int):
+            continue
+        if result.error is None and m.get("epoch") == final_epoch:
+            values = {k: float(m[k]) for k in ("val_acc", "val_loss", "test_acc", "test_loss") if k in m}
+            checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+            per[label][seed] = {**values, "trial_id": m.get("trial_id"), "checkpoint": checkpoint}
+        elif result.error is None:
+            unfinished += 1
+    if unfinished:  # Tune returned early on SIGINT: the unfinished trials stay in its snapshot for `resume`
+        for c in plan.candidates:
+            close_orphan_runs(uri, state["experiment_id"], str(c.run_id), "INTERRUPTED")
+        close_orphan_runs(uri, state["experiment_id"], parent, "INTERRUPTED")
+        return Confirmation(plan.metric, plan.mode, plan.seeds, [], None, {}, "", interrupted=True)
+    for c in plan.candidates:  # trials lost in a driver crash and trained again: their first runs end LOST
+        close_orphan_runs(uri, state["experiment_id"], str(c.run_id))
+    confirmation = summarise(plan, per)
+    confirmation.files = _write_files(confirmation, plan, per, run_dir)
+    confirmation.search_metric = plan.search_metric
+    _log(confirmation, plan, per, state)
+    return confirmation
+
+
+# ----- statistics and the verdict ----------------------------------------------------------------------------
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN with fewer than two values)."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """a - b over paired seeds: mean, std, the t confidence interval of the mean, its p-value (two-sided) and on
+    how many seeds a beats b. With every difference equal the interval is that value (t is undefined there)."""
+    from scipy.stats import ttest_rel
+
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    mean, std = mean_std(diffs)
+    out: dict[str, Any] = {
+        "mean": mean,
+        "std": std,
+        "n": len(diffs),
+        "wins": sum(d > 0 for d in diffs),
+        "ties": sum(d == 0 for d in diffs),
+        "confidence": confidence,
+    }
+    if len(diffs) < 2:
+        out.update(ci_low=math.nan, ci_high=math.nan, p_value=math.nan)
+    elif std <= 1e-12 * max(1.0, abs(mean)):  # every seed moved alike (up to rounding): t is undefined
+        out.update(ci_low=mean, ci_high=mean, p_value=0.0 if mean != 0 else 1.0)
+    else:
+        test = ttest_rel(a, b)
+        ci = test.confidence_interval(confidence_level=confidence)
+        out.update(ci_low=float(ci.low), ci_high=float(ci.high), p_value=float(test.pvalue))
+    return out
+
+
+def summarise(plan: Plan, per: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> Confirmation:
+    """Means and spreads per configuration, the winner (best mean val over the seeds every candidate finished),
+    and the verdict: the winner's (or, when the baseline wins, the best challenger's) paired test difference."""
+    complete = [s for s in plan.seeds if all(s in per[c.label] for c in plan.candidates)]
+    rows = []
+    for c in plan.candidates:
+        seeds = per[c.label]
+        row: dict[str, Any] = {
+            "label": c.label,
+            "description": describe(c.overrides),
+            "overrides": c.overrides,
+            "source": c.source,
+            "run_id": c.run_id,
+            f"search_{plan.search_metric}": c.search_value,
+            "seeds_finished": sorted(seeds),
+            "per_seed": {int(s): {k: v for k, v in seeds[s].items() if k != "checkpoint"} for s in sorted(seeds)},
+        }
+        for key in ("val_acc", "val_loss", "test_acc", "test_loss"):
+            values = [seeds[s][key] for s in complete if key in seeds[s]]
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values)
+        rows.append(row)
+    key = f"{plan.metric}_mean"
+    ranked = [r for r in rows if math.isfinite(r[key])]
+    ranked.sort(key=lambda r: r[key], reverse=plan.mode == "max")
+    for rank, row in enumerate(ranked, start=1):
+        row["rank"] = rank
+    winner = ranked[0]["label"] if ranked else None
+    base = next(r for r in rows if r["label"] == BASELINE)
+    challenger = winner if winner != BASELINE else next((r["label"] for r in ranked if r["label"] != BASELINE), None)
+    difference: dict[str, Any] = {}
+    if challenger is not None and complete:
+        other = next(r for r in rows if r["label"] == challenger)
+        a = [per[challenger][s]["test_acc"] for s in complete]
+        b = [per[BASELINE][s]["test_acc"] for s in complete]
+        difference = {"of": challenger, "metric": "test_acc", "method": METHOD, **paired_difference(a, b)}
+        difference["val"] = paired_difference(
+            [per[challenger][s]["val_acc"] for s in complete], [per[BASELINE][s]["val_acc"] for s in complete]
+        )
+        difference["description"] = other["description"]
+    verdict = make_verdict(winner, difference, len(plan.seeds), len(complete), base)
+    return Confirmation(plan.metric, plan.mode, complete, rows, winner, difference, verdict)
+
+
+def make_verdict(
+    winner: str | None, diff: Mapping[str, Any], planned: int, paired: int, baseline: Mapping[str, Any]
+) -> str:
+    """One line in plain words: is the exported configuration better than the baseline on test, and by how much."""
+    if winner is None or not diff:
+        return f"no verdict: only {paired} of {planned} seeds finished for every configuration"
+    if paired < 2:
+        return f"no verdict: {paired} of {planned} paired seeds finished for every configuration (2 are needed)"
+    points = (
+        f"{_pts(diff['mean'])} points test accuracy (95% CI {_pts(diff['ci_low'])} to {_pts(diff['ci_high'])}, "
+        f"better on {diff['wins']} of {diff['n']} paired seeds)"
+    )
+    if winner == BASELINE:
+        return (
+            f"the baseline ({100 * baseline['test_acc_mean']:.1f}% test accuracy) is the best configuration on val: "
+            f"no configuration beats it (best challenger, {diff['description']}: {points})"
+        )
+    if diff["ci_low"] > 0:
+        return f"{diff['description']}: {points} over the baseline"
+    if diff["ci_high"] < 0:
+        return f"{diff['description']} won on val but is worse than the baseline on test: {points}"
+    return f"no configuration beats the baseline beyond seed noise (best, {diff['description']}: {points})"
+
+
+def _pts(fraction: float) -> str:
+    return f"{100 * fraction:+.1f}" if math.isfinite(fraction) else "n/a"
+
+
+def _seed_text(seeds: Sequence[int]) -> str:
+    if seeds and list(seeds) == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"({seeds[0]}-{seeds[-1]})"
+    return f"({', '.join(map(str, seeds))})"
+
+
+def format_confirmation(confirmation: Confirmation) -> str:
+    """The confirmation table, the winner's optimism and the verdict (last), as the CLI prints them."""
+    c = confirmation
+    search_metric = c.search_metric
+    lines = [
+        f"\nconfirmation over {len(c.seeds)} paired seeds {_seed_text(c.seeds)}; winner chosen by mean {c.metric}, "
+        "test read only here",
+        f"{'':<14} {'search ' + search_metric:>18} {'val_acc':>16} {'test_acc':>16}  configuration",
+    ]
+    order = sorted(c.candidates, key=lambda r: r.get("rank", 1e9))
+    for row in order:
+        label = row["label"] + (" *" if row["label"] == c.winner else "")
+        found = row.get(f"search_{search_metric}")
+        search = f"{_score(search_metric, found)}" if found is not None else "-"
+        val = _pm(row["val_acc_mean"], row["val_acc_std"])
+        test = _pm(row["test_acc_mean"], row["test_acc_std"])
+        lines.append(f"{label:<14} {search:>18} {val:>16} {test:>16}  {row['description']}")
+    if c.winner is not None:
+        w = c.candidate(c.winner)
+        found = w.get(f"search_{search_metric}")
+        if found is not None and search_metric.endswith("val_acc") and math.isfinite(w["val_acc_mean"]):
+            confirmed = w["val_acc_mean"]
+            lines.append(
+                f"optimism: the winner ({c.winner}) scored {100 * found:.2f}% {search_metric} in the search (one "
+                f"seed), {100 * confirmed:.2f}% mean val_acc confirmed ({100 * (found - confirmed):+.2f} points)"
+            )
+    lines.append(f"({METHOD}; * = winner)")
+    lines.append(f"verdict: {c.verdict}")
+    return "\n".join(lines)
+
+
+def _score(metric: str, value: float) -> str:
+    return f"{100 * value:.2f}%" if metric.endswith("acc") else f"{value:.4f}"
+
+
+def _pm(mean: float, std: float) -> str:
+    if not math.isfinite(mean):
+        return "-"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}%" if math.isfinite(std) else f"{100 * mean:.2f}%"
+
+
+# ----- files and MLflow ----------------------------------------------------------------------------------------
+def _write_files(
+    c: Confirmation, plan: Plan, per: Mapping[str, Mapping[int, Mapping[str, Any]]], run_dir: Path
+) -> dict[str, Path]:
+    files = {"confirmation": run_dir / SUMMARY_FILE}
+    summary = {
+        "verdict": c.verdict,
+        "winner": c.winner,
+        "selected_by": f"mean {c.metric} over seeds ({c.mode})",
+        "seeds": c.seeds,
+        "method": METHOD,
+        "difference": c.difference,
+        "configurations": c.candidates,
+    }
+    files["confirmation"].write_text(yaml.safe_dump(_plain(summary), sort_keys=False))
+    plot = plot_confirmation(c, run_dir / PLOT_FILE)
+    if plot is not None:
+        files["confirmation_plot"] = plot
+    if c.winner is not None:
+        seed = next((s for s in c.seeds if per[c.winner].get(s, {}).get("checkpoint")), None)
+        if seed is not None:
+            src = Path(per[c.winner][seed]["checkpoint"]) / "path_config.yaml"
+            if src.is_file():
+                files["best_path_config"] = Path(shutil.copy(src, run_dir / "best_path_config.yaml"))
+    return files
+
+
+def plot_confirmation(c: Confirmation, path: Path) -> Path | None:
+    """Test accuracy per seed for each configuration (paired seeds joined by grey lines), mean and 95% CI marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.stats import t as student_t
+
+    order = [r for r in sorted(c.candidates, key=lambda r: (r["label"] != BASELINE, r.get("rank", 1e9)))]
+    if not order or not c.seeds:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(order) + 2), 4.5))
+    for seed in c.seeds:
+        ys = [100 * r["per_seed"][seed]["test_acc"] for r in order]
+        ax.plot(range(len(order)), ys, color="0.8", lw=0.8, zorder=1)
+    for x, row in enumerate(order):
+        ys = [100 * row["per_seed"][s]["test_acc"] for s in c.seeds]
+        color = "tab:green" if row["label"] == c.winner else ("tab:blue" if row["label"] == BASELINE else "tab:gray")
+        ax.scatter([x] * len(ys), ys, color=color, s=18, zorder=2)
+        mean, std = 100 * row["test_acc_mean"], 100 * row["test_acc_std"]
+        if len(ys) > 1 and math.isfinite(std):
+            half = float(student_t.ppf(0.5 + CONFIDENCE / 2, len(ys) - 1)) * std / math.sqrt(len(ys))
+            ax.errorbar([x + 0.15], [mean], yerr=[half], fmt="_", color="black", capsize=4, ms=14, zorder=3)
+        ax.hlines(mean, x - 0.25, x + 0.25, color=color, lw=2.5, zorder=3)
+    labels = [r["label"] + ("\n(winner)" if r["label"] == c.winner else "") for r in order]
+    ax.set_xticks(range(len(order)), labels)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("\n".join(textwrap.wrap(c.verdict, 90)), fontsize=8)
+    ax.text(
+        0.01, 0.01, f"{len(c.seeds)} paired seeds; bar: mean, whisker: 95% CI of the mean",
+        transform=ax.transAxes, fontsize=7, color="0.4",
+    )  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _log(
+    c: Confirmation, plan: Plan, per: Mapping[str, Mapping[int, Mapping[str, Any]]], state: Mapping[str, Any]
+) -> None:
+    """Each configuration's run gets its means, spreads and PathConfig, then ends; the parent gets the verdict."""
+    uri, parent = state["tracking_uri"], state["parent_run_id"]
+    now = int(time.time() * 1000)
+    stats = ("val_acc", "val_loss", "test_acc", "test_loss")
+
+    def log() -> None:
+        client = MlflowClient(uri)
+        for row in c.candidates:
+            run_id = row["run_id"]
+            values = {f"{k}_{s}": row[f"{k}_{s}"] for k in stats for s in ("mean", "std")}
+            values["seeds_finished"] = len(row["seeds_finished"])
+            if row.get(f"search_{plan.search_metric}") is not None:
+                values[f"search_{plan.search_metric}"] = row[f"search_{plan.search_metric}"]
+            metrics = [Metric(k, float(v), now, 0) for k, v in values.items() if math.isfinite(v)]
+            tags = [RunTag("pathsearch.confirmed_rank", str(row.get("rank", "")))]
+            client.log_batch(run_id, metrics=metrics, tags=tags)
+            seeds = per[row["label"]]
+            first = next((s for s in c.seeds if s in seeds and seeds[s].get("checkpoint")), None)
+            if first is not None:  # learned EnsembleScale values differ by seed: say whose these are
+                src = Path(seeds[first]["checkpoint"]) / "path_config.yaml"
+                if src.is_file():
+                    client.log_artifact(run_id, str(src))
+                    client.set_tag(run_id, "pathsearch.path_config_seed", str(first))
+            client.set_terminated(run_id, status="FINISHED")
+        summary: dict[str, float] = {}
+        d = c.difference
+        if c.winner is not None:
+            for prefix, label in (("confirmed", c.winner), ("baseline", BASELINE)):
+                row = c.candidate(label)
+                summary.update({f"{prefix}_{k}_{s}": row[f"{k}_{s}"] for k in stats for s in ("mean", "std")})
+            found = c.candidate(c.winner).get(f"search_{plan.search_metric}")
+            if found is not None:
+                summary[f"confirmed_search_{plan.search_metric}"] = found
+        if d:
+            summary.update(
+                confirmed_test_acc_diff=d["mean"],
+                confirmed_test_acc_diff_ci_low=d["ci_low"],
+                confirmed_test_acc_diff_ci_high=d["ci_high"],
+                confirmed_test_acc_diff_p_value=d["p_value"],
+                confirmed_wins_fraction=d["wins"] / max(d["n"], 1),
+            )
+        metrics = [Metric(k, float(v), now, 0) for k, v in summary.items() if math.isfinite(v)]
+        tags = [RunTag(VERDICT_TAG, c.verdict[:5000]), RunTag("pathsearch.confirmed_seeds", json.dumps(c.seeds))]
+        if c.winner is not None:
+            tags.append(RunTag(WINNER_TAG, str(c.candidate(c.winner)["run_id"])))
+        client.log_batch(parent, metrics=metrics, tags=tags)
+        for path in c.files.values():
+            client.log_artifact(parent, str(path))
+
+    retry_until(uri, "logging the confirmation", log)
+
+
+def _plain(value: Any) -> Any:
+    """Floats, ints, strings, lists and dicts only (NaN kept as .nan), for YAML."""
+    if isinstance(value, Mapping):
+        return {str(k) if not isinstance(k, int) else k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, float):
+        return value
+    return str(value)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 6000 else text[:5997] + "..."

@@ -1,0 +1,234 @@
+"""The confirmation stage: paired seeds, the winner by mean val, the verdict on test, MLflow nesting, export, resume.
+
+Searches run on a real local Ray with a real MLflow store and the torch-free toy trainable, here with known true
+accuracies per configuration plus deterministic seed noise (tests/toy_search.py, `toy_score`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pathsearch.confirm import BASELINE, describe, paired_difference
+from pathsearch.export import export_best
+from pathsearch.paths import PathConfig
+from pathsearch.search import run_search
+
+sys.path.insert(0, str(Path(__file__).parent))
+import toy_search
+from test_search import child_runs, toy_spec
+
+ray.cloudpickle.register_pickle_by_value(toy_search)
+TRUE_MEANS = [0.80, 0.84, 0.82, 0.81]  # val/test accuracy of pruning the k shortest paths; k = 1 is truly best
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def confirmed_spec(tmp_path: Path, means: list[float], search_seed: int, seeds: int = 6, name: str = "toy.yaml"):
+    """Every configuration k = 0..3 is tried once (the baseline, then k = 1, 2, 3 enqueued), then confirmed."""
+    spec = toy_spec(
+        tmp_path,
+        {"model.pruned": {"by": "shortest", "low": 0, "high": 3}},
+        {"num_samples": 4, "max_concurrent_trials": 2, "confirm": {"top_k": 3, "seeds": seeds}},
+        train={"means": means, "sd": 0.01, "shared_sd": 0.02},
+    )
+    spec.search.enqueue = [{"prune.shortest": k} for k in (1, 2, 3)]
+    spec.trial.train.seed = spec.raw["train"]["seed"] = search_seed
+    return spec
+
+
+def pruned_count(overrides: dict) -> int:
+    return len(overrides.get("model.pruned", []))
+
+
+@pytest.fixture(scope="module")
+def cursed(tmp_path_factory, local_ray):
+    """On search seed 1 the single-seed winner is k = 2 (a lucky draw); the truth is k = 1."""
+    tmp_path = tmp_path_factory.mktemp("cursed")
+    spec = confirmed_spec(tmp_path, TRUE_MEANS, search_seed=1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_search(spec, tmp_path / "runs", uri, name="cursed", verbose=False, trainable=toy_search.toy_trial)
+    return result, uri, tmp_path
+
+
+def test_confirmation_picks_the_true_best_where_one_seed_picks_a_worse_one(cursed):
+    result, _, _ = cursed
+    assert pruned_count(result.best["overrides"]) == 2  # the winner's curse happened in the search
+    c = result.confirmation
+    assert c is not None and not c.interrupted
+    assert c.seeds == [2, 3, 4, 5, 6, 7]  # fresh: after the search's seed 1
+    assert pruned_count(c.candidate(c.winner)["overrides"]) == 1
+    assert {pruned_count(row["overrides"]) for row in c.candidates} == {0, 1, 2, 3}
+    d = c.difference
+    true_gain = TRUE_MEANS[1] - TRUE_MEANS[0]
+    assert d["of"] == c.winner and d["n"] == 6 and d["ci_low"] <= true_gain <= d["ci_high"]
+    assert d["ci_low"] > 0 and c.verdict.startswith("prune embed: +")
+    assert "better on 6 of 6 paired seeds" in c.verdict
+    # optimism: the search's single-seed score of the winner beside its confirmed mean
+    winner = c.candidate(c.winner)
+    toy = {"means": TRUE_MEANS, "sd": 0.01, "shared_sd": 0.02}
+    assert winner["search_val_acc"] == pytest.approx(toy_search.toy_score(toy, 1, 1, "val"))
+    assert winner["val_acc_mean"] == pytest.approx(sum(toy_search.toy_score(toy, 1, s, "val") for s in c.seeds) / 6)
+
+
+def test_confirmation_is_nested_in_mlflow_and_only_confirmation_trials_read_test(cursed):
+    result, uri, _ = cursed
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("toy")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parent = next(r for r in runs if r.data.tags.get("pathsearch.kind") == "search")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["pathsearch.verdict"] == result.confirmation.verdict
+    for key in ("confirmed_test_acc_mean", "baseline_test_acc_mean", "confirmed_test_acc_diff_ci_low"):
+        assert key in parent.data.metrics
+    assert {"confirmation.yaml", "confirmation.png", "best_path_config.yaml"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    search_trials = [r for r in children if "pathsearch.role" not in r.data.tags]
+    configs = [r for r in children if r.data.tags.get("pathsearch.role") == "confirmation"]
+    assert len(search_trials) == 4 and len(configs) == 4
+    assert not [r for r in search_trials if any(k.startswith("test_") for k in r.data.metrics)]
+    winner_run = parent.data.tags["pathsearch.confirmed_run"]
+    for config in configs:
+        assert config.info.status == "FINISHED"
+        assert {"val_acc_mean", "val_acc_std", "test_acc_mean", "test_acc_std"} <= set(config.data.metrics)
+        assert "path_config.yaml" in {a.path for a in client.list_artifacts(config.info.run_id)}
+        seeds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == config.info.run_id]
+        assert sorted(int(r.data.tags["pathsearch.seed"]) for r in seeds) == [2, 3, 4, 5, 6, 7]
+        assert all(r.info.status == "FINISHED" and "test_acc" in r.data.metrics for r in seeds)
+        assert all(r.data.params["config.train.test"] == "True" for r in seeds)
+    winner = next(c for c in configs if c.info.run_id == winner_run)
+    assert json.loads(winner.data.params["config.model.pruned"]) == ["embed"]
+    summary = yaml.safe_load((result.run_dir / "confirmation.yaml").read_text())
+    assert summary["verdict"] == result.confirmation.verdict and summary["method"].startswith("paired t")
+
+
+def test_export_takes_the_latest_searchs_confirmed_winner_with_its_provenance(cursed, local_ray):
+    result, uri, tmp_path = cursed
+    out = export_best("toy", tmp_path / "best.yaml", uri)
+    config = PathConfig.load(out.files["path_config"])
+    assert config.pruned == ["embed"]  # the confirmed winner, not the search's single-seed best (k = 2)
+    p = config.provenance
+    assert p["confirmed"] and p["search_run_id"] == result.parent_run_id and p["seeds"] == [2, 3, 4, 5, 6, 7]
+    assert p["weights_seed"] == 2 and p["verdict"] == result.confirmation.verdict
+    assert p["test_acc_mean"] == pytest.approx(
+        result.confirmation.candidate(result.confirmation.winner)["test_acc_mean"]
+    )
+    other = export_best("toy", tmp_path / "seed5.yaml", uri, seed=5)
+    assert PathConfig.load(other.files["path_config"]).provenance["weights_seed"] == 5
+    with pytest.raises(ValueError, match="seeds"):
+        export_best("toy", tmp_path / "x.yaml", uri, seed=99)
+    # a later search in the same experiment, without confirmation, where nothing differs: export follows it,
+    # says it is unconfirmed, and never takes a maximum across the two searches
+    (tmp_path / "later").mkdir()
+    later = toy_spec(tmp_path / "later", {"model.pruned": {"by": "shortest", "low": 0, "high": 0}}, {"num_samples": 1})
+    second = run_search(later, tmp_path / "runs", uri, name="later", verbose=False, trainable=toy_search.toy_trial)
+    latest = export_best("toy", tmp_path / "latest.yaml", uri)
+    assert latest.provenance["confirmed"] is False and latest.provenance["search_run_id"] == second.parent_run_id
+    assert PathConfig.load(latest.files["path_config"]).pruned == []
+    again = export_best("toy", tmp_path / "again.yaml", uri, run_id=result.parent_run_id)
+    assert PathConfig.load(again.files["path_config"]).pruned == ["embed"]
+
+
+def test_with_no_true_difference_the_verdict_says_so(tmp_path, local_ray):
+    spec = confirmed_spec(tmp_path, [0.8] * 4, search_seed=0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_search(spec, tmp_path / "runs", uri, name="flat", verbose=False, trainable=toy_search.toy_trial)
+    c = result.confirmation
+    assert "no configuration beats" in c.verdict, c.verdict
+    assert c.difference["ci_low"] <= 0 <= c.difference["ci_high"]
+
+
+def test_paired_t_interval_covers_the_true_difference_95_percent_of_the_time():
+    rng = random.Random(0)
+    covered, runs = 0, 2000
+    for _ in range(runs):
+        shared = [rng.gauss(0, 2.0) for _ in range(5)]  # seed effects shared by both configurations
+        a = [0.3 + s + rng.gauss(0, 0.5) for s in shared]
+        b = [s + rng.gauss(0, 0.5) for s in shared]
+        d = paired_difference(a, b)
+        covered += d["ci_low"] <= 0.3 <= d["ci_high"]
+    assert 0.93 <= covered / runs <= 0.97
+    same = paired_difference([0.9, 0.8, 0.7], [0.8, 0.7, 0.6])  # every seed +0.1: t is undefined, the CI is a point
+    assert same["ci_low"] == pytest.approx(0.1) == same["ci_high"] and same["wins"] == 3
+
+
+def test_configurations_read_in_plain_words():
+    assert describe({"model.pruned": ["embed", "attn.1"], "train.lr": 0.00123}) == "prune embed, attn.1; lr 0.00123"
+    assert describe({"model.pruned": [], "model.ensemble_scale.init": 0.1}) == "no path pruned; EnsembleScale init 0.1"
+    assert BASELINE == "baseline"
+
+
+def test_driver_killed_during_confirmation_then_resumed_keeps_one_finished_run_per_seed(tmp_path):
+    """kill -9 of the driver while confirmation trials run, then `resume`: every (configuration, seed) has exactly
+    one FINISHED run, none is RUNNING, and the verdict is written."""
+    import time
+
+    confirmed_spec(tmp_path, TRUE_MEANS, search_seed=1, seeds=3)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec_file = tmp_path / "toy.yaml"
+    data = yaml.safe_load(spec_file.read_text())
+    data["search"]["enqueue"] = [{"prune.shortest": k} for k in (1, 2, 3)]
+    data["train"]["seed"] = 1
+    spec_file.write_text(yaml.safe_dump(data))
+    args = {"file": str(spec_file), "storage": str(tmp_path / "runs"), "uri": uri, "name": "crash"}
+    driver = [sys.executable, str(Path(__file__).parent / "toy_search.py")]
+    knobs = json.dumps({"means": TRUE_MEANS, "sd": 0.01, "shared_sd": 0.02, "sleep": 0.6})
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATHSEARCH_TOY": knobs}
+    proc = subprocess.Popen([*driver, "search", json.dumps(args)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    plan = tmp_path / "runs" / "crash" / "confirm_plan.json"
+    try:
+        deadline = time.monotonic() + 300
+        seed_runs: list = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1.0)
+            if plan.exists():
+                _, _, children = child_runs(uri)
+                seed_runs = [c for c in children if c.data.tags.get("pathsearch.role") == "confirmation_seed"]
+                if sum(c.info.status == "FINISHED" for c in seed_runs) >= 3:
+                    break
+        assert proc.poll() is None, "the search ended before it could be killed"
+        assert 3 <= sum(c.info.status == "FINISHED" for c in seed_runs) < 12
+    finally:
+        subprocess.run(["pkill", "-9", "-s", str(proc.pid)], check=False)
+        proc.wait()
+    time.sleep(2)
+    resume = subprocess.Popen(
+        [*driver, "resume", json.dumps({"run_dir": str(plan.parent)})],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _, err = resume.communicate(timeout=600)
+    finally:
+        subprocess.run(["pkill", "-9", "-s", str(resume.pid)], check=False)
+    assert resume.returncode == 0, err[-3000:]
+    _, parents, children = child_runs(uri)
+    assert parents[0].info.status == "FINISHED" and "pathsearch.verdict" in parents[0].data.tags
+    assert all(c.info.status != "RUNNING" for c in children)
+    seed_runs = [c for c in children if c.data.tags.get("pathsearch.role") == "confirmation_seed"]
+    finished: dict[tuple[str, str], int] = {}
+    for run in seed_runs:
+        if run.info.status == "FINISHED":
+            key = (run.data.tags["pathsearch.candidate"], run.data.tags["pathsearch.seed"])
+            finished[key] = finished.get(key, 0) + 1
+    assert sorted(finished) == sorted((c, s) for c in ("baseline", "top 1", "top 2", "top 3") for s in ("2", "3", "4"))
+    assert set(finished.values()) == {1}
+    configs = [c for c in children if c.data.tags.get("pathsearch.role") == "confirmation"]
+    assert len(configs) == 4 and all(c.info.status == "FINISHED" for c in configs)
