@@ -48,13 +48,12 @@ def reseed(spec: Any, overrides: dict[str, Any], seeds: list[int]) -> list[float
     import ray
 
     from pathsearch.config import load_trial_config, set_dotted
-    from pathsearch.search import _base
 
     @ray.remote(num_cpus=1)
     def train(seed: int) -> float:
         from pathsearch.train import fit
 
-        raw = copy.deepcopy(_base(spec))
+        raw = copy.deepcopy(spec.base)
         for key, value in {**overrides, "train.seed": seed, "train.threads": 1}.items():
             set_dotted(raw, key, value)
         with tempfile.TemporaryDirectory() as work:

@@ -329,6 +329,11 @@ class SearchFile:
     space: Any  # pathsearch.space.SearchSpace
     raw: dict[str, Any]  # the file with overrides applied, as plain data
 
+    @property
+    def base(self) -> dict[str, Any]:
+        """The base trial (model, data, train sections) as plain data: what each trial's overrides apply to."""
+        return _trial_sections(self.raw)
+
     def to_yaml(self) -> str:
         resolved = {
             **to_dict(self.trial),

@@ -140,10 +140,15 @@ def _source(row: Mapping[str, Any]) -> str:
     return "search"
 
 
-def describe(overrides: Mapping[str, Any]) -> str:
-    """A configuration in plain words, e.g. 'prune embed, attn.1, mlp.1; EnsembleScale init 0.1; lr 0.0012'."""
+def describe(overrides: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> str:
+    """A configuration in plain words, e.g. 'prune embed, attn.1, mlp.1; EnsembleScale init 0.1; lr 0.0012';
+    with `base`, only what differs from it."""
+    from pathsearch.space import lookup_value
+
     parts = []
     for key, value in overrides.items():
+        if base is not None and lookup_value({}, base, key) == value:
+            continue
         if key == "model.pruned":
             if value:
                 parts.append("prune " + ", ".join(value))
@@ -154,7 +159,12 @@ def describe(overrides: Mapping[str, Any]) -> str:
             parts.append(f"EnsembleScale init {_num(init) if not isinstance(value, Mapping) else init}")
         else:
             parts.append(f"{key.split('.')[-1]} {_num(value)}")
-    return "; ".join(parts) or "the base configuration"
+    return "; ".join(parts) or "as the base configuration"
+
+
+def plain_words(candidate: Candidate, base: Mapping[str, Any] | None) -> str:
+    """The baseline in full (what 'baseline' means here), any other configuration by what differs from the base."""
+    return describe(candidate.overrides, None if candidate.label == BASELINE else base)
 
 
 def _num(value: Any) -> str:
@@ -187,6 +197,7 @@ def make_plan(
     metric, mode = selection_metric(spec)
     plan = Plan(metric, mode, confirm_seeds(spec), candidates, search_metric)
     uri, parent = state["tracking_uri"], state["parent_run_id"]
+    base = spec.base
 
     def create() -> bool:
         client = MlflowClient(uri)
@@ -198,7 +209,7 @@ def make_plan(
                 SEARCH_TAG: parent,
                 ROLE_TAG: "confirmation",
                 "pathsearch.candidate": c.label,
-                "mlflow.note.content": describe(c.overrides),
+                "mlflow.note.content": plain_words(c, base),
             }
             c.run_id = client.create_run(state["experiment_id"], run_name=f"confirm {c.label}", tags=tags).info.run_id
             params = [Param(f"config.{k}", _short(v)) for k, v in sorted(c.overrides.items())]
@@ -322,7 +333,7 @@ def run_confirmation(
         return Confirmation(plan.metric, plan.mode, plan.seeds, [], None, {}, "", interrupted=True)
     for c in plan.candidates:  # trials lost in a driver crash and trained again: their first runs end LOST
         close_orphan_runs(uri, state["experiment_id"], str(c.run_id))
-    confirmation = summarise(plan, per)
+    confirmation = summarise(plan, per, spec.base)
     confirmation.files = _write_files(confirmation, plan, per, run_dir)
     confirmation.search_metric = plan.search_metric
     _log(confirmation, plan, per, state)
@@ -363,7 +374,9 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     return out
 
 
-def summarise(plan: Plan, per: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> Confirmation:
+def summarise(
+    plan: Plan, per: Mapping[str, Mapping[int, Mapping[str, Any]]], base: Mapping[str, Any] | None = None
+) -> Confirmation:
     """Means and spreads per configuration, the winner (best mean val over the seeds every candidate finished),
     and the verdict: the winner's (or, when the baseline wins, the best challenger's) paired test difference."""
     complete = [s for s in plan.seeds if all(s in per[c.label] for c in plan.candidates)]
@@ -372,7 +385,7 @@ def summarise(plan: Plan, per: Mapping[str, Mapping[int, Mapping[str, Any]]]) ->
         seeds = per[c.label]
         row: dict[str, Any] = {
             "label": c.label,
-            "description": describe(c.overrides),
+            "description": plain_words(c, base),
             "overrides": c.overrides,
             "source": c.source,
             "run_id": c.run_id,

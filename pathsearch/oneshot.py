@@ -31,7 +31,6 @@ from pathsearch.config import SearchFile, load_trial_config
 from pathsearch.paths import path_names, resolve_scale_init
 from pathsearch.search import (
     SearchResult,
-    _base,
     _init_ray,
     baseline_point,
     confirm_search,
@@ -94,10 +93,10 @@ def _confirm_two_stage(
     metric, mode = stage1["metric"], spec.search.modes[0]
     key = f"proxy_{metric}"
     points, top = stage1["points"], stage1["top"]
-    is_baseline = bool(points) and points[0]["params"] == baseline_point(spec.space, _base(spec))
+    is_baseline = bool(points) and points[0]["params"] == baseline_point(spec.space, spec.base)
     baseline = points[0] if is_baseline else None
     rows = [*(points[1:] if is_baseline else points), *top]
-    candidates = choose_candidates(rows, spec, _base(spec), key, mode, len(rows), baseline)
+    candidates = choose_candidates(rows, spec, spec.base, key, mode, len(rows), baseline)
     result = SearchResult(run_dir, spec.tracking.experiment, state["parent_run_id"], None, None)
 
     def ranking(confirmation: Any) -> dict[str, Path]:
@@ -158,7 +157,7 @@ def _proxy_search_remote(spec: SearchFile, supernet: dict[str, Any]) -> dict[str
     import ray
 
     s, two = spec.search, spec.search.two_stage
-    base = _base(spec)
+    base = spec.base
     task = ray.remote(proxy_search).options(num_cpus=supernet["cpus"], max_retries=s.max_failures)
     return dict(
         ray.get(

@@ -294,7 +294,7 @@ def confirm_search(
             if candidates is None:
                 metric, mode = confirm.selection_metric(spec)
                 candidates = confirm.choose_candidates(
-                    result.rows, spec, _base(spec), metric, mode, spec.search.confirm.top_k, result.baseline
+                    result.rows, spec, spec.base, metric, mode, spec.search.confirm.top_k, result.baseline
                 )
                 search_metric = metric
             plan = confirm.make_plan(spec, run_dir, state, candidates, search_metric)
@@ -348,7 +348,7 @@ def make_tuner(
     name, uri = state["name"], state["tracking_uri"]
     experiment_id, parent = state["experiment_id"], state["parent_run_id"]
     reports = math.ceil(t.epochs / t.eval_every)  # Tune's training_iteration counts reports
-    base = _base(spec)
+    base = spec.base
     multi = len(s.metrics) > 1
     metric: Any = s.metrics if multi else s.metrics[0]
     mode: Any = s.modes if multi else s.modes[0]
@@ -496,14 +496,10 @@ STATE_FILE = "pathsearch_state.json"
 CONFIRM_PLAN = "confirm_plan.json"  # pathsearch.confirm.PLAN_FILE (not imported: confirm imports this module)
 
 
-def _base(spec: SearchFile) -> dict[str, Any]:
-    return {k: spec.raw[k] for k in ("model", "data", "train") if k in spec.raw}
-
-
 def runnable(spec: SearchFile, trainable: Any) -> Any:
     """The trainable with the base config bound and the trial's resources (search, supernet and confirmation)."""
     resources = {k.upper() if k in ("cpu", "gpu") else k: v for k, v in spec.search.resources_per_trial.items()}
-    return tune.with_resources(tune.with_parameters(trainable or train_trial, base=_base(spec)), resources)
+    return tune.with_resources(tune.with_parameters(trainable or train_trial, base=spec.base), resources)
 
 
 def _journal(run_dir: Path) -> Any:
