@@ -135,6 +135,7 @@ def export_best(
         "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     files: dict[str, Path] = {}
+    written: list[dict[str, Any]] = []
     targets = [(chosen[0], out)]  # with seed "all", every seed also under its own name
     if seed == "all":
         targets += [(s, out.with_name(f"{out.stem}_seed{s}{out.suffix or '.yaml'}")) for s in chosen]
@@ -142,12 +143,13 @@ def export_best(
         run = seed_runs[s]
         info = {**provenance, "weights_seed": s, "seed_run_id": run.info.run_id}
         info.update({k: run.data.metrics.get(k) for k in ("val_acc", "test_acc")})
+        written.append(info)
         suffix = "" if target == out else f"_seed{s}"
         files[f"path_config{suffix}"] = _write_config(client, run.info.run_id, target, info)
         if with_weights:
             weights = target.with_suffix(".safetensors")
             files[f"weights{suffix}"] = _download(client, run.info.run_id, "model_0.safetensors", weights)
-    return Exported(seed_runs[chosen[0]].info.run_id, dict(m), files, provenance)
+    return Exported(seed_runs[chosen[0]].info.run_id, dict(m), files, written[0])
 
 
 def _export_trial(client: MlflowClient, search: Run, out: Path, metric: str, mode: str, with_weights: bool) -> Exported:

@@ -177,8 +177,9 @@ def test_failing_trial_is_retried_then_recorded_as_failed(tmp_path, local_ray):
     assert parents[0].info.status == "FINISHED"
 
 
-def test_readme_flow_search_then_export_reproduces_the_trial(tmp_path):
-    """`pathsearch search` on a small digits file through the CLI, then `pathsearch export --with-weights`."""
+def test_readme_flow_search_confirm_then_export_reproduces_the_seeds_test_accuracy(tmp_path):
+    """`pathsearch search` on a small digits file through the CLI (search, then confirmation), then `pathsearch
+    export --with-weights --seed S`: the exported model scores the test accuracy logged for seed S."""
     import subprocess
 
     import torch
@@ -191,6 +192,7 @@ def test_readme_flow_search_then_export_reproduces_the_trial(tmp_path):
     small = [
         "train.epochs=3", "train.eval_every=1", "train.warmup_epochs=0", "data.train_size=200",
         "model.kwargs.depth=2", "search.num_samples=3", "search.scheduler=none", "space.model.pruned.high=3",
+        "search.confirm.top_k=1", "search.confirm.seeds=2",
     ]  # fmt: skip
     sets = [a for s in small for a in ("--set", s)]
     cli = [sys.executable, "-m", "pathsearch.cli"]
@@ -200,31 +202,44 @@ def test_readme_flow_search_then_export_reproduces_the_trial(tmp_path):
         [*cli, "search", spec, *sets, "--storage-path", "runs"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "baseline" in result.stdout and "best_path_config:" in result.stdout
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith("verdict: ") and "paired seeds" in lines[-1]  # the verdict ends the search
+    assert "confirmation over 2 paired seeds (1-2)" in result.stdout and "optimism:" in result.stdout
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client, parents, children = child_runs(uri, "digits_tiny")
-    assert len(parents) == 1 and len(children) == 3
-    assert all(r.info.status == "FINISHED" for r in [*parents, *children])
-    assert all(len(client.get_metric_history(c.info.run_id, "val_acc")) == 3 for c in children)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    trials = [c for c in children if "pathsearch.role" not in c.data.tags]
+    configs = [c for c in children if c.data.tags.get("pathsearch.role") == "confirmation"]
+    seeds = [c for c in children if c.data.tags.get("pathsearch.role") == "confirmation_seed"]
+    assert len(trials) == 3 and len(configs) == 2 and len(seeds) == 4
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert all(len(client.get_metric_history(c.info.run_id, "val_acc")) == 3 for c in trials)
+    assert not [t for t in trials if "test_acc" in t.data.metrics]  # search trials never read the test split
+    winner = parents[0].data.tags["pathsearch.confirmed_run"]
 
     out = tmp_path / "best.yaml"
     exported = subprocess.run(
-        [*cli, "export", "--experiment", "digits_tiny", "--out", str(out), "--with-weights"],
+        [*cli, "export", "--experiment", "digits_tiny", "--out", str(out), "--with-weights", "--seed", "2"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
     )
     assert exported.returncode == 0, exported.stderr
-    best_run = max(children, key=lambda r: r.data.metrics["val_acc"])
-    model = create_path_vit(path_config=PathConfig.load(out))
+    assert "of seed 2" in exported.stdout
+    seed_run = next(
+        r for r in seeds if r.data.tags["mlflow.parentRunId"] == winner and r.data.tags["pathsearch.seed"] == "2"
+    )
+    config = PathConfig.load(out)
+    assert config.provenance["seed_run_id"] == seed_run.info.run_id and config.provenance["seeds"] == [1, 2]
+    model = create_path_vit(path_config=config)
     model.load_state_dict(load_file(str(out.with_suffix(".safetensors"))))
     model.eval()
     split = load_digits_split(200, seed=0)
     correct = 0
     with torch.no_grad():
-        for x, y in DataLoader(split.val, batch_size=256):
+        for x, y in DataLoader(split.test, batch_size=256):
             correct += (model(x).argmax(-1) == y).sum().item()
-    assert correct / len(split.val) == pytest.approx(best_run.data.metrics["val_acc"], abs=1e-9)
+    assert correct / len(split.test) == pytest.approx(seed_run.data.metrics["test_acc"], abs=1e-9)
 
 
 def test_driver_killed_then_resumed_keeps_one_run_per_trial(tmp_path):
