@@ -628,5 +628,6 @@ def _plain(value: Any) -> Any:
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
+    """A parameter value as the trial runs log it (str of the value), cut to MLflow's limit."""
+    text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."

@@ -39,7 +39,14 @@ from pathsearch.search import (
     start_search,
 )
 from pathsearch.space import SearchSpace, sample_overrides
-from pathsearch.tracking import ROLE_TAG, MlflowTrialLogger, default_tracking_uri, end_parent_run, retry_until
+from pathsearch.tracking import (
+    ROLE_TAG,
+    SEARCH_TAG,
+    MlflowTrialLogger,
+    default_tracking_uri,
+    end_parent_run,
+    retry_until,
+)
 
 STAGE1_FILE = "oneshot_stage1.json"  # in the run directory: what stage 2 and `resume` need from stage 1
 
@@ -544,7 +551,8 @@ def fit_scales_run(
         path_config = _download(client, run_id, "path_config.yaml", tmp)
         weights = _download(client, run_id, "model_0.safetensors", tmp)
         if search_file is None:
-            parent = source.data.tags.get("mlflow.parentRunId")
+            # the search's parent run holds search.yaml (a confirmation seed's run nests one level deeper)
+            parent = source.data.tags.get(SEARCH_TAG, source.data.tags.get("mlflow.parentRunId"))
             if parent is None:
                 raise ValueError(f"run {run_id} belongs to no search: give the search file its data came from")
             search_file = _download(client, parent, "search.yaml", tmp)

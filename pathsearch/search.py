@@ -318,6 +318,8 @@ def start_search(
     spec: SearchFile, storage_path: str | Path, tracking_uri: str | None, name: str | None
 ) -> tuple[Path, dict[str, Any]]:
     """A new search's run directory (resolved file, state file) and MLflow parent run; returns (run_dir, state)."""
+    from mlflow.tracking import MlflowClient
+
     from pathsearch.tracking import default_tracking_uri, start_parent_run
 
     s = spec.search
@@ -331,6 +333,7 @@ def start_search(
     )
     run_dir.mkdir(parents=True)
     (run_dir / "search.yaml").write_text(spec.to_yaml())
+    MlflowClient(uri).log_artifact(parent, str(run_dir / "search.yaml"))  # from the start: fit-scales, the UI
     state = {"name": name, "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent}
     (run_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
     return run_dir, state

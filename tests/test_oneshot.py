@@ -199,7 +199,8 @@ def two_stage(tmp_path_factory):
     root = tmp_path_factory.mktemp("two_stage")
     scales = "space.model.ensemble_scale.init={by: group, low: 0.1, high: 1.0, log: true}"  # scored as values
     small = [*SMALL, scales, "search.two_stage.proxy_trials=3000", f"search.two_stage.top_k={TOP_K}",
-             f"search.two_stage.supernet_epochs={SUPERNET_EPOCHS}", "search.two_stage.supernet_cpus=1"]  # fmt: skip
+             f"search.two_stage.supernet_epochs={SUPERNET_EPOCHS}", "search.two_stage.supernet_cpus=1",
+             "search.confirm.seeds=2"]  # fmt: skip
     uri = f"sqlite:///{root / 'mlflow.db'}"
     sets = [a for s in small for a in ("--set", s)]
     result = cli("search", str(TWO_STAGE), *sets, "--storage-path", "runs", "--tracking-uri", uri, cwd=root)
@@ -216,7 +217,10 @@ def test_two_stage_search_records_supernet_proxy_table_top_k_trials_and_ranking(
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == len(runs) - 1  # everything hangs under the one parent run
+    # everything hangs under the one parent run: directly, or (confirmation seeds) under a configuration's run
+    grand = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in {c.info.run_id for c in children}]
+    assert len(children) + len(grand) == len(runs) - 1
+    assert all(r.data.tags.get("pathsearch.search") == parent.info.run_id for r in grand)
     role = {r.info.run_id: r.data.tags.get("pathsearch.role") for r in children}
 
     supernet = [r for r in children if role[r.info.run_id] == "supernet"]
@@ -239,35 +243,44 @@ def test_two_stage_search_records_supernet_proxy_table_top_k_trials_and_ranking(
     for run in proxies:
         assert "path_config.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
 
-    # stage 2: the baseline plus the top-k, ordinary trials trained to the end
-    trials = [r for r in children if role[r.info.run_id] is None]
-    assert len(trials) == TOP_K + 1
-    assert all(r.info.status == "FINISHED" and r.data.tags["pathsearch.state"] == "COMPLETE" for r in trials)
-    flags = [{k: v for k, v in r.data.params.items() if k.startswith("prune.")} for r in trials]
-    assert {k: "False" for k in flags[0]} in flags  # the baseline (nothing pruned) was enqueued
-    trained_params = [{k: v for k, v in r.data.params.items() if k.startswith(("prune.", "ensemble"))} for r in trials]
-    for run in proxies:  # each top-k configuration was trained, with the very same parameters
-        params = {k: v for k, v in run.data.params.items() if k.startswith(("prune.", "ensemble"))}
-        assert params in trained_params
-        assert "trained_val_acc" in run.data.metrics
+    # stage 2 is the confirmation: the baseline plus the top-k, each on the same 2 seeds, trained to the end
+    assert not [r for r in children if role[r.info.run_id] is None]  # no single-seed stage-2 trials any more
+    configs = [r for r in children if role[r.info.run_id] == "confirmation"]
+    assert len(configs) == TOP_K + 1 and all(r.info.status == "FINISHED" for r in configs)
+    labels = sorted(r.data.tags["pathsearch.candidate"] for r in configs)
+    assert labels == ["baseline", *(f"top {k}" for k in range(1, TOP_K + 1))]
+    baseline = next(r for r in configs if r.data.tags["pathsearch.candidate"] == "baseline")
+    assert baseline.data.params["config.model.pruned"] == "[]"  # nothing pruned
+    for config in configs:
+        seeds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == config.info.run_id]
+        assert sorted(r.data.tags["pathsearch.seed"] for r in seeds) == ["1", "2"]
+        assert all(r.info.status == "FINISHED" and "test_acc" in r.data.metrics for r in seeds)
+    confirmed = [{k: v for k, v in r.data.params.items() if k.startswith("config.")} for r in configs]
+    for run in proxies:  # each top-k configuration was confirmed, with the very same overrides
+        assert {k: v for k, v in run.data.params.items() if k.startswith("config.")} in confirmed
+        assert "confirmed_val_acc_mean" in run.data.metrics
 
-    # ranking quality on the parent
+    # ranking quality on the parent: proxy scores against confirmed means, with p-values; and the verdict
     assert parent.data.metrics["proxy_ranked_configurations"] == TOP_K + 1
     for name in ("proxy_kendall_tau", "proxy_spearman_rho"):
         assert -1.0 <= parent.data.metrics[name] <= 1.0
+    assert 0.0 <= parent.data.metrics["proxy_kendall_p_value"] <= 1.0
+    assert "pathsearch.verdict" in parent.data.tags
     assert "Kendall tau" in two_stage["stdout"] and "stage 1: 3000 configurations scored" in two_stage["stdout"]
+    assert two_stage["stdout"].strip().splitlines()[-1].startswith("verdict: ")
 
 
-def test_export_returns_the_best_stage_2_trial_never_the_supernet(two_stage):
+def test_export_returns_the_confirmed_winner_never_the_supernet(two_stage):
     root, runs = two_stage["root"], two_stage["runs"]
     out = root / "best.yaml"
     result = cli("export", "--experiment", "digits_two_stage", "--tracking-uri", two_stage["uri"], "--out", str(out),
                  cwd=root)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    trials = [r for r in runs if "pathsearch.state" in r.data.tags and "pathsearch.role" not in r.data.tags]
-    best = max(trials, key=lambda r: r.data.metrics["val_acc"])
-    assert f"best run {best.info.run_id}" in result.stdout
-    assert PathConfig.load(out).depth == 2
+    configs = [r for r in runs if r.data.tags.get("pathsearch.role") == "confirmation"]
+    best = max(configs, key=lambda r: r.data.metrics["val_acc_mean"])  # the highest mean val, never test
+    config = PathConfig.load(out)
+    assert config.depth == 2 and config.provenance["configuration_run_id"] == best.info.run_id
+    assert "confirmed winner" in result.stdout
 
 
 # ----- post-hoc EnsembleScale fitting ------------------------------------------------------------------------------
@@ -292,8 +305,8 @@ def test_fit_scales_never_lowers_accuracy_on_the_split_it_was_fitted_on(prune, s
 
 def test_fit_scales_cli_logs_a_child_run_whose_files_give_its_accuracy(two_stage):
     client, runs, root = two_stage["client"], two_stage["runs"], two_stage["root"]
-    trials = [r for r in runs if "pathsearch.state" in r.data.tags and "pathsearch.role" not in r.data.tags]
-    source = max(trials, key=lambda r: r.data.metrics["val_acc"])
+    trials = [r for r in runs if r.data.tags.get("pathsearch.role") == "confirmation_seed"]
+    source = max(trials, key=lambda r: r.data.metrics["val_acc"])  # one seed's model of a confirmed configuration
     result = cli("fit-scales", "--run-id", source.info.run_id, "--tracking-uri", two_stage["uri"], "--prune",
                  "--out", str(root / "fitted"), "--threads", "1", cwd=root)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
