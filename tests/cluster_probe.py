@@ -26,6 +26,8 @@ def main() -> None:
                 "status": run.info.status,
                 "parent": tags.get("mlflow.parentRunId"),
                 "kind": tags.get("pathsearch.kind"),
+                "role": tags.get("pathsearch.role"),
+                "seed": tags.get("pathsearch.seed"),
                 "trial_id": tags.get("pathsearch.trial_id"),
                 "state": tags.get("pathsearch.state"),
                 "retries": int(tags.get("pathsearch.retries", 0)),

@@ -28,7 +28,10 @@ SMALL = [
     "--set", "model.kwargs.depth=2", "--set", "model.pruned=[]", "--set", "space.model.pruned.high=2",
     "--set", "train.epochs=6", "--set", "train.eval_every=1", "--set", "train.warmup_epochs=1",
     "--set", "data.train_size=200", "--set", "search.num_samples=4", "--set", "search.scheduler=none",
+    "--set", "search.confirm.enabled=false",
 ]  # fmt: skip
+# the confirmation on the cluster: the best configuration and the baseline on 2 paired seeds each (4 more trials)
+CONFIRM = ["--set", "search.confirm.enabled=true", "--set", "search.confirm.top_k=1", "--set", "search.confirm.seeds=2"]
 
 needs_netns = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None,
@@ -145,7 +148,7 @@ def submit(ns: Namespace, state: dict, experiment: str, *extra: str, uri: str | 
 def check_search_runs(runs: list[dict], trials: int) -> list[dict]:
     """One FINISHED parent; exactly one finished run per trial with its whole metric history."""
     parents = [r for r in runs if r["kind"] == "search"]
-    children = [r for r in runs if r["parent"]]
+    children = [r for r in runs if r["parent"] and r["role"] is None]  # the search's own trials
     assert len(parents) == 1 and parents[0]["status"] == "FINISHED"
     assert len(children) == trials
     assert len({r["trial_id"] for r in children}) == trials  # no trial has two runs
@@ -237,11 +240,18 @@ def test_multinode_search_logs_one_run_per_trial_and_exports(cluster, backend, r
     ns, state = cluster
     uri = request.getfixturevalue("postgres_mlflow") if backend == "postgresql" else state["tracking_uri"]
     experiment = f"multinode_{backend}"
-    proc = submit(ns, state, experiment, uri=uri)
+    proc = submit(ns, state, experiment, *(CONFIRM if backend == "sqlite" else []), uri=uri)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert f"job {experiment}: SUCCEEDED" in proc.stdout
-    children = check_search_runs(ns.runs(uri, experiment), trials=4)
+    runs = ns.runs(uri, experiment)
+    children = check_search_runs(runs, trials=4)
     assert len({r["node_id"] for r in children}) == 2  # the trials ran on both worker nodes
+    if backend == "sqlite":  # confirmation trials are ordinary Ray trials on the cluster too
+        assert "verdict: " in proc.stdout
+        seeds = [r for r in runs if r["role"] == "confirmation_seed"]
+        assert sorted(r["seed"] for r in seeds) == ["1", "1", "2", "2"]
+        assert {r["status"] for r in seeds} == {"FINISHED"} and all("test_acc" in r["metrics"] for r in seeds)
+        assert len({r["node_id"] for r in seeds}) == 2
     out = Path(state["dir"]) / f"best-{backend}.yaml"
     ns.run(
         [PY, "-m", "pathsearch.cli", "export", "--experiment", experiment, "--tracking-uri", uri, "--out", str(out)],

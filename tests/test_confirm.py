@@ -232,3 +232,77 @@ def test_driver_killed_during_confirmation_then_resumed_keeps_one_finished_run_p
     assert set(finished.values()) == {1}
     configs = [c for c in children if c.data.tags.get("pathsearch.role") == "confirmation"]
     assert len(configs) == 4 and all(c.info.status == "FINISHED" for c in configs)
+
+
+# ----- bad input: file, key and value named, exit code 2, nothing written ------------------------------------------
+DIGITS = Path(__file__).resolve().parents[1] / "search_spaces" / "digits_tiny.yaml"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "value"),
+    [
+        (["search.confirm.top_k=0"], "search.confirm.top_k", "0"),
+        (["search.confirm.seeds=1"], "search.confirm.seeds", "1"),
+        (["data.val_size=1497"], "data.val_size", "1497"),  # 300 + 1497 = 1797: no test image left
+        (["train.test=true"], "train.test", "True"),  # a search's trials never read test
+        (["space.train.test={choices: [true, false]}"], "space.train.test", None),
+        (["search.strategy=two_stage", "search.confirm.enabled=false"], "search.confirm", "enabled=False"),
+    ],
+)
+def test_bad_confirmation_settings_are_refused_naming_file_key_and_value(overrides, key, value, tmp_path):
+    sets = [a for s in overrides for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "pathsearch.cli", "search", str(DIGITS), *sets, "--storage-path", "runs"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    line = next(line for line in result.stderr.splitlines() if f"{key}:" in line)
+    assert str(DIGITS) in line and (value is None or value in line), result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written: no run directory, no MLflow store
+
+
+def test_a_confirmation_needs_a_test_split(tmp_path):
+    from pathsearch.config import ConfigError, load_search_file
+
+    for split in ("train", "val"):  # an image folder without test/
+        (tmp_path / split).mkdir()
+    with pytest.raises(ConfigError, match=r"search\.confirm: .*no test/ folder"):
+        load_search_file(DIGITS, ["data.name=imagefolder", f"data.root={tmp_path}", "model.kwargs.img_size=8"])
+    (tmp_path / "test").mkdir()
+    spec = load_search_file(DIGITS, ["data.name=imagefolder", f"data.root={tmp_path}", "model.kwargs.img_size=8"])
+    assert spec.search.confirm.enabled
+
+
+def test_a_search_file_without_confirm_section_does_not_confirm(tmp_path):
+    from pathsearch.config import load_search_file
+
+    data = yaml.safe_load(DIGITS.read_text())
+    del data["search"]["confirm"]
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert not load_search_file(path).search.confirm.enabled
+    assert load_search_file(DIGITS).search.confirm.enabled  # a section turns it on
+
+
+# ----- paired seeds: seed s is the same start for every configuration -----------------------------------------------
+def test_the_same_seed_gives_two_configurations_the_same_trunk_and_batch_order():
+    import torch
+
+    from pathsearch.config import load_trial_config
+    from pathsearch.train import _build_run, load_trial_data
+
+    def run(seed: int, **model):
+        base = yaml.safe_load(DIGITS.read_text())
+        sections = {"model": {**base["model"], **model, "kwargs": {**base["model"]["kwargs"], "depth": 2}},
+                    "data": base["data"], "train": {**base["train"], "seed": seed}}  # fmt: skip
+        cfg = load_trial_config(None, data=sections)
+        return _build_run(cfg, load_trial_data(cfg), seed, torch.device("cpu"))
+
+    a = run(3, pruned=["embed", "attn.1"])
+    b = run(3, pruned=[], ensemble_scale={"kind": "vector", "init": 0.1}, distill={"alpha": 0.5, "students": [1]})
+    c = run(4, pruned=["embed", "attn.1"])
+    trunk = [r.model.vit.state_dict() for r in (a, b, c)]
+    assert trunk[0].keys() == trunk[1].keys()
+    assert all(torch.equal(trunk[0][k], trunk[1][k]) for k in trunk[0])  # same initial trunk weights
+    assert not all(torch.equal(trunk[0][k], trunk[2][k]) for k in trunk[0])  # another seed: another start
+    first = [next(iter(r.train_loader))[1] for r in (a, b, c)]  # labels of the first batch: the data order
+    assert torch.equal(first[0], first[1]) and not torch.equal(first[0], first[2])
