@@ -350,8 +350,9 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
     """a - b over paired seeds: mean, std, the t confidence interval of the mean, its p-value (two-sided) and on
-    how many seeds a beats b. With every difference equal the interval is that value (t is undefined there)."""
-    from scipy.stats import ttest_rel
+    how many seeds a beats b. When every seed gives the same difference (common with few seeds and accuracies on a
+    few hundred images) t is undefined: the interval is NaN and the p-value is the exact sign test's."""
+    from scipy.stats import binomtest, ttest_rel
 
     diffs = [x - y for x, y in zip(a, b, strict=True)]
     mean, std = mean_std(diffs)
@@ -366,7 +367,9 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     if len(diffs) < 2:
         out.update(ci_low=math.nan, ci_high=math.nan, p_value=math.nan)
     elif std <= 1e-12 * max(1.0, abs(mean)):  # every seed moved alike (up to rounding): t is undefined
-        out.update(ci_low=mean, ci_high=mean, p_value=0.0 if mean != 0 else 1.0)
+        signed = len(diffs) - out["ties"]
+        p_value = float(binomtest(out["wins"], signed).pvalue) if signed else 1.0
+        out.update(ci_low=math.nan, ci_high=math.nan, p_value=p_value)
     else:
         test = ttest_rel(a, b)
         ci = test.confidence_interval(confidence_level=confidence)
@@ -427,6 +430,14 @@ def make_verdict(
         return f"no verdict: only {paired} of {planned} seeds finished for every configuration"
     if paired < 2:
         return f"no verdict: {paired} of {planned} paired seeds finished for every configuration (2 are needed)"
+    if not math.isfinite(diff["ci_low"]):  # the same difference on every seed: no spread to measure noise by
+        same = (
+            f"{_pts(diff['mean'])} points test accuracy on each of {diff['n']} paired seeds (no spread, so no t "
+            f"interval; sign test p = {diff['p_value']:.2g})"
+        )
+        if winner != BASELINE and diff["mean"] > 0 and diff["p_value"] < 1 - CONFIDENCE:
+            return f"{diff['description']}: {same} over the baseline"
+        return f"no configuration beats the baseline beyond seed noise (best, {diff['description']}: {same})"
     points = (
         f"{_pts(diff['mean'])} points test accuracy (95% CI {_pts(diff['ci_low'])} to {_pts(diff['ci_high'])}, "
         f"better on {diff['wins']} of {diff['n']} paired seeds)"

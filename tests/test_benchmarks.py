@@ -46,3 +46,18 @@ def test_mlflow_logging_benchmark_counts_requests_against_a_real_server():
     ray_cb = float(re.search(r"Ray MLflowLoggerCallback +([\d.]+) requests/result", out).group(1))
     assert ours == 1.0  # one batched request per reported result (a count, not a timing)
     assert ray_cb >= 10 * ours
+
+
+def test_selection_benchmark_measures_agreement_and_racing_on_a_score_table():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from selection import half_split_agreement, simulate_racing
+
+    seeds = 8
+    clear = {"baseline": [0.80 + 0.001 * i for i in range(seeds)], "a": [0.90 + 0.001 * i for i in range(seeds)],
+             "b": [0.70 + 0.001 * (i % 3) for i in range(seeds)]}  # fmt: skip
+    agreement = half_split_agreement(clear)
+    assert agreement["kendall_tau_mean"] == 1.0 and agreement["same_winner"] == 1.0  # far apart: halves agree
+    race = simulate_racing(clear, keep="baseline")
+    assert race["same_winner"] == 1.0 and race["trials_used"] < 1.0  # b leaves the race early
+    tied = {"baseline": [0.8, 0.9] * 4, "a": [0.9, 0.8] * 4}  # no difference: nothing can leave
+    assert simulate_racing(tied, keep="baseline")["trials_used"] == 1.0
