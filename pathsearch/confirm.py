@@ -533,37 +533,51 @@ def _write_files(
 
 
 def plot_confirmation(c: Confirmation, path: Path) -> Path | None:
-    """Test accuracy per seed for each configuration (paired seeds joined by grey lines), mean and 95% CI marked."""
+    """Left: test accuracy per seed for each configuration (one seed's points joined across configurations), mean and
+    95% CI of the mean marked. Right: each challenger's paired test difference from the baseline per seed, its mean
+    and paired 95% CI (what the verdict reads), against the zero line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from scipy.stats import t as student_t
 
-    order = [r for r in sorted(c.candidates, key=lambda r: (r["label"] != BASELINE, r.get("rank", 1e9)))]
+    order = sorted(c.candidates, key=lambda r: (r["label"] != BASELINE, r.get("rank", 1e9)))
     if not order or not c.seeds:
         return None
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(order) + 2), 4.5))
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(max(8.0, 2.6 * len(order) + 2), 4.8), width_ratios=[1, 1])
+    colors = {r["label"]: "tab:green" if r["label"] == c.winner else "tab:blue" if r["label"] == BASELINE else "0.45"
+              for r in order}  # fmt: skip
     for seed in c.seeds:
-        ys = [100 * r["per_seed"][seed]["test_acc"] for r in order]
-        ax.plot(range(len(order)), ys, color="0.8", lw=0.8, zorder=1)
+        ax.plot(range(len(order)), [100 * r["per_seed"][seed]["test_acc"] for r in order], color="0.85", lw=0.8)
     for x, row in enumerate(order):
         ys = [100 * row["per_seed"][s]["test_acc"] for s in c.seeds]
-        color = "tab:green" if row["label"] == c.winner else ("tab:blue" if row["label"] == BASELINE else "tab:gray")
-        ax.scatter([x] * len(ys), ys, color=color, s=18, zorder=2)
+        ax.scatter([x] * len(ys), ys, color=colors[row["label"]], s=18, zorder=2)
         mean, std = 100 * row["test_acc_mean"], 100 * row["test_acc_std"]
         if len(ys) > 1 and math.isfinite(std):
             half = float(student_t.ppf(0.5 + CONFIDENCE / 2, len(ys) - 1)) * std / math.sqrt(len(ys))
-            ax.errorbar([x + 0.15], [mean], yerr=[half], fmt="_", color="black", capsize=4, ms=14, zorder=3)
-        ax.hlines(mean, x - 0.25, x + 0.25, color=color, lw=2.5, zorder=3)
+            ax.errorbar([x + 0.15], [mean], yerr=[half], fmt="none", color="black", capsize=4, zorder=3)
+        ax.hlines(mean, x - 0.25, x + 0.25, color=colors[row["label"]], lw=2.5, zorder=3)
     labels = [r["label"] + ("\n(winner)" if r["label"] == c.winner else "") for r in order]
     ax.set_xticks(range(len(order)), labels)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("\n".join(textwrap.wrap(c.verdict, 90)), fontsize=8)
-    ax.text(
-        0.01, 0.01, f"{len(c.seeds)} paired seeds; bar: mean, whisker: 95% CI of the mean",
-        transform=ax.transAxes, fontsize=7, color="0.4",
-    )  # fmt: skip
+    ax.set_title(f"test accuracy, {len(c.seeds)} paired seeds (bar: mean, whisker: 95% CI)", fontsize=9)
+    base = next(r for r in order if r["label"] == BASELINE)
+    others = [r for r in order if r["label"] != BASELINE]
+    for x, row in enumerate(others):
+        diffs = [100 * (row["per_seed"][s]["test_acc"] - base["per_seed"][s]["test_acc"]) for s in c.seeds]
+        d = paired_difference(diffs, [0.0] * len(diffs))
+        dx.scatter([x] * len(diffs), diffs, color=colors[row["label"]], s=18, zorder=2)
+        dx.hlines(d["mean"], x - 0.25, x + 0.25, color=colors[row["label"]], lw=2.5, zorder=3)
+        if math.isfinite(d["ci_low"]):
+            err = [[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]]
+            dx.errorbar([x + 0.15], [d["mean"]], yerr=err, fmt="none", color="black", capsize=4, zorder=3)
+    dx.axhline(0.0, color="tab:blue", lw=1, ls="--")
+    dx.set_xticks(range(len(others)), labels[1:])
+    dx.set_xlim(-0.6, max(len(others), 1) - 0.4)
+    dx.set_ylabel("test accuracy minus the baseline's, same seed (points)")
+    dx.set_title("paired difference from the baseline (whisker: 95% CI, paired t)", fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(c.verdict, 120)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

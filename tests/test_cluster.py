@@ -309,7 +309,10 @@ def test_killed_worker_node_trials_resume_from_checkpoints(cluster):
     """Runs last: it takes a worker node away. Its raylet is killed by pid while both nodes train."""
     ns, state = cluster
     experiment = "node_failure"
-    job = submit(ns, state, experiment, "--set", "train.epochs=6", "--set", "data.train_size=600", background=True)
+    # 1200 training and 500 validation images: each trial runs long enough (about 10 s) for both nodes to be seen
+    # busy; the probe that looks takes seconds itself
+    sizes = ["--set", "data.train_size=1200", "--set", "data.val_size=500"]
+    job = submit(ns, state, experiment, "--set", "train.epochs=6", *sizes, background=True)
     worker = next(p for p in state["processes"] if p["name"] == "worker-1")
     # two trials past their first checkpoints: both worker nodes are busy (the head has no CPU)
     wait_for_running_trials(ns, state["tracking_uri"], experiment, job, count=2, steps=2)

@@ -176,9 +176,12 @@ def test_configurations_read_in_plain_words():
     assert BASELINE == "baseline"
 
 
-def test_driver_killed_during_confirmation_then_resumed_keeps_one_finished_run_per_seed(tmp_path):
-    """kill -9 of the driver while confirmation trials run, then `resume`: every (configuration, seed) has exactly
-    one FINISHED run, none is RUNNING, and the verdict is written."""
+@pytest.mark.parametrize("stop", ["kill -9", "ctrl-c"])
+def test_driver_stopped_during_confirmation_then_resumed_keeps_one_finished_run_per_seed(stop, tmp_path):
+    """kill -9 (or SIGINT) of the driver while confirmation trials run, then `resume`: every (configuration, seed)
+    has exactly one FINISHED run, none is RUNNING, and the verdict is written. After Ctrl-C the search exits
+    cleanly with nothing RUNNING: the parent and the unfinished runs end KILLED (INTERRUPTED)."""
+    import signal
     import time
 
     confirmed_spec(tmp_path, TRUE_MEANS, search_seed=1, seeds=3)
@@ -207,6 +210,14 @@ def test_driver_killed_during_confirmation_then_resumed_keeps_one_finished_run_p
                     break
         assert proc.poll() is None, "the search ended before it could be killed"
         assert 3 <= sum(c.info.status == "FINISHED" for c in seed_runs) < 12
+        if stop == "ctrl-c":
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=120) == 0
+            _, parents, children = child_runs(uri)
+            assert parents[0].info.status == "KILLED"
+            assert not [c for c in children if c.info.status == "RUNNING"]
+            configs = [c for c in children if c.data.tags.get("pathsearch.role") == "confirmation"]
+            assert {c.data.tags.get("pathsearch.state") for c in configs} == {"INTERRUPTED"}
     finally:
         subprocess.run(["pkill", "-9", "-s", str(proc.pid)], check=False)
         proc.wait()
