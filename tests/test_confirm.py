@@ -26,7 +26,7 @@ from pathsearch.search import run_search
 
 sys.path.insert(0, str(Path(__file__).parent))
 import toy_search
-from test_search import child_runs, toy_spec
+from test_search import child_runs, resume_toy_search, toy_spec
 
 ray.cloudpickle.register_pickle_by_value(toy_search)
 TRUE_MEANS = [0.80, 0.84, 0.82, 0.81]  # val/test accuracy of pruning the k shortest paths; k = 1 is truly best
@@ -222,15 +222,8 @@ def test_driver_stopped_during_confirmation_then_resumed_keeps_one_finished_run_
         subprocess.run(["pkill", "-9", "-s", str(proc.pid)], check=False)
         proc.wait()
     time.sleep(2)
-    resume = subprocess.Popen(
-        [*driver, "resume", json.dumps({"run_dir": str(plan.parent)})],
-        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        _, err = resume.communicate(timeout=600)
-    finally:
-        subprocess.run(["pkill", "-9", "-s", str(resume.pid)], check=False)
-    assert resume.returncode == 0, err[-3000:]
+    resume = resume_toy_search(driver, plan.parent, env)
+    assert resume.returncode == 0, resume.stderr[-3000:]
     _, parents, children = child_runs(uri)
     assert parents[0].info.status == "FINISHED" and "pathsearch.verdict" in parents[0].data.tags
     assert all(c.info.status != "RUNNING" for c in children)

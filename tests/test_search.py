@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -85,6 +86,19 @@ def wait_for_finished_runs(proc, state: Path, uri: str, count: int, timeout: flo
                 break
     assert proc.poll() is None, "the search ended before it could be stopped"
     return finished
+
+
+def resume_toy_search(driver: list[str], run_dir, env: dict) -> subprocess.CompletedProcess[str]:
+    """`toy_search.py resume RUN_DIR` in its own session; afterwards kills what it may leave behind (Ray agents)."""
+    resume = subprocess.Popen(
+        [*driver, "resume", json.dumps({"run_dir": str(run_dir)})],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        out, err = resume.communicate(timeout=600)
+    finally:
+        subprocess.run(["pkill", "-9", "-s", str(resume.pid)], check=False)
+    return subprocess.CompletedProcess(resume.args, resume.returncode, out, err)
 
 
 def study(result):
@@ -271,15 +285,8 @@ def test_driver_killed_then_resumed_keeps_one_run_per_trial(tmp_path):
         subprocess.run(["pkill", "-9", "-s", str(proc.pid)], check=False)
         proc.wait()
     time.sleep(2)
-    resume = subprocess.Popen(
-        [*driver, "resume", json.dumps({"run_dir": str(tmp_path / "runs" / "crash")})],
-        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        _, err = resume.communicate(timeout=600)
-    finally:
-        subprocess.run(["pkill", "-9", "-s", str(resume.pid)], check=False)  # Ray agents it may leave behind
-    assert resume.returncode == 0, err[-3000:]
+    resume = resume_toy_search(driver, tmp_path / "runs" / "crash", env)
+    assert resume.returncode == 0, resume.stderr[-3000:]
     _, parents, children = child_runs(uri)
     trial_ids = [c.data.tags["pathsearch.trial_id"] for c in children]
     study = json.loads((tmp_path / "runs" / "crash" / "optuna_trials.json").read_text())
@@ -373,15 +380,8 @@ def test_ctrl_c_interrupts_cleanly_and_resume_finishes(tmp_path):
     assert parents[0].info.status == "KILLED"
     assert all(c.info.status != "RUNNING" for c in children)
     assert len(children) < 5
-    resume = subprocess.Popen(
-        [*driver, "resume", json.dumps({"run_dir": str(state.parent)})],
-        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        _, err = resume.communicate(timeout=600)
-    finally:
-        subprocess.run(["pkill", "-9", "-s", str(resume.pid)], check=False)
-    assert resume.returncode == 0, err[-3000:]
+    resume = resume_toy_search(driver, state.parent, env)
+    assert resume.returncode == 0, resume.stderr[-3000:]
     _, parents, children = child_runs(uri)
     trial_ids = [c.data.tags["pathsearch.trial_id"] for c in children]
     assert len(trial_ids) == len(set(trial_ids))
