@@ -59,7 +59,6 @@ class Plan:
     seeds: list[int]
     candidates: list[Candidate]
     search_metric: str  # what `search_value` measured (val_acc, or proxy_val_acc in a two-stage search)
-    made: float = field(default_factory=time.time)
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
@@ -426,6 +425,8 @@ def make_verdict(
     winner: str | None, diff: Mapping[str, Any], planned: int, paired: int, baseline: Mapping[str, Any]
 ) -> str:
     """One line in plain words: is the exported configuration better than the baseline on test, and by how much."""
+    if winner == BASELINE and not diff and paired:
+        return "no verdict: the search completed no configuration besides the baseline"
     if winner is None or not diff:
         return f"no verdict: only {paired} of {planned} seeds finished for every configuration"
     if paired < 2:

@@ -311,3 +311,32 @@ def test_the_same_seed_gives_two_configurations_the_same_trunk_and_batch_order()
     assert not all(torch.equal(trunk[0][k], trunk[2][k]) for k in trunk[0])  # another seed: another start
     first = [next(iter(r.train_loader))[1] for r in (a, b, c)]  # labels of the first batch: the data order
     assert torch.equal(first[0], first[1]) and not torch.equal(first[0], first[2])
+
+
+def _table(val: dict[str, list[float]], test: dict[str, list[float]], seeds: list[int]):
+    from pathsearch.confirm import Candidate, Plan, summarise
+
+    candidates = [Candidate(label, {"model.pruned": [] if label == BASELINE else ["embed"]}) for label in val]
+    per = {
+        c: {s: {"val_acc": val[c][i], "test_acc": test[c][i]} for i, s in enumerate(seeds) if val[c][i] is not None}
+        for c in val
+    }  # a None: that seed's trial did not finish
+    return summarise(Plan("val_acc", "max", seeds, candidates, "val_acc"), per)
+
+
+def test_the_winner_is_chosen_on_val_and_judged_on_test():
+    seeds = [1, 2, 3, 4]
+    # top 1 is best on val, but worse than the baseline on test on every seed: the verdict says so
+    c = _table({"baseline": [0.80, 0.81, 0.79, 0.80], "top 1": [0.85, 0.86, 0.84, 0.85]},
+               {"baseline": [0.80, 0.82, 0.79, 0.81], "top 1": [0.77, 0.78, 0.775, 0.772]}, seeds)  # fmt: skip
+    assert c.winner == "top 1" and "won on val but is worse than the baseline on test" in c.verdict
+    assert c.difference["ci_high"] < 0 and c.difference["wins"] == 0
+    # the baseline is best on val: no configuration beats it, and the best challenger's difference is reported
+    c = _table({"baseline": [0.86, 0.85, 0.87, 0.86], "top 1": [0.84, 0.83, 0.85, 0.84]},
+               {"baseline": [0.80, 0.82, 0.79, 0.81], "top 1": [0.90, 0.91, 0.92, 0.90]}, seeds)  # fmt: skip
+    assert c.winner == "baseline" and c.verdict.startswith("the baseline") and c.difference["of"] == "top 1"
+    # a seed that one configuration did not finish is left out of every configuration's figures (pairing)
+    c = _table({"baseline": [0.80, 0.81, 0.50], "top 1": [0.85, 0.86, None]},
+               {"baseline": [0.80, 0.82, 0.50], "top 1": [0.83, 0.84, None]}, [1, 2, 3])  # fmt: skip
+    assert c.seeds == [1, 2] and c.difference["n"] == 2
+    assert c.candidate("baseline")["test_acc_mean"] == pytest.approx(0.81)  # seed 3 (0.50) is not counted
