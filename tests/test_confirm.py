@@ -40,12 +40,12 @@ def local_ray():
     ray.shutdown()
 
 
-def confirmed_spec(tmp_path: Path, means: list[float], search_seed: int, seeds: int = 6, name: str = "toy.yaml"):
+def confirmed_spec(tmp_path: Path, means: list[float], search_seed: int, seeds: int = 6, top_k: int = 3):
     """Every configuration k = 0..3 is tried once (the baseline, then k = 1, 2, 3 enqueued), then confirmed."""
     spec = toy_spec(
         tmp_path,
         {"model.pruned": {"by": "shortest", "low": 0, "high": 3}},
-        {"num_samples": 4, "max_concurrent_trials": 2, "confirm": {"top_k": 3, "seeds": seeds}},
+        {"num_samples": 4, "max_concurrent_trials": 2, "confirm": {"top_k": top_k, "seeds": seeds}},
         train={"means": means, "sd": 0.01, "shared_sd": 0.02},
     )
     spec.search.enqueue = [{"prune.shortest": k} for k in (1, 2, 3)]
@@ -184,7 +184,7 @@ def test_driver_stopped_during_confirmation_then_resumed_keeps_one_finished_run_
     import signal
     import time
 
-    confirmed_spec(tmp_path, TRUE_MEANS, search_seed=1, seeds=3)
+    confirmed_spec(tmp_path, TRUE_MEANS, search_seed=1, seeds=4, top_k=1)  # 8 confirmation trials
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec_file = tmp_path / "toy.yaml"
     data = yaml.safe_load(spec_file.read_text())
@@ -209,7 +209,7 @@ def test_driver_stopped_during_confirmation_then_resumed_keeps_one_finished_run_
                 if sum(c.info.status == "FINISHED" for c in seed_runs) >= 3:
                     break
         assert proc.poll() is None, "the search ended before it could be killed"
-        assert 3 <= sum(c.info.status == "FINISHED" for c in seed_runs) < 12
+        assert 3 <= sum(c.info.status == "FINISHED" for c in seed_runs) < 8
         if stop == "ctrl-c":
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=120) == 0
@@ -233,10 +233,10 @@ def test_driver_stopped_during_confirmation_then_resumed_keeps_one_finished_run_
         if run.info.status == "FINISHED":
             key = (run.data.tags["pathsearch.candidate"], run.data.tags["pathsearch.seed"])
             finished[key] = finished.get(key, 0) + 1
-    assert sorted(finished) == sorted((c, s) for c in ("baseline", "top 1", "top 2", "top 3") for s in ("2", "3", "4"))
+    assert sorted(finished) == sorted((c, s) for c in ("baseline", "top 1") for s in ("2", "3", "4", "5"))
     assert set(finished.values()) == {1}
     configs = [c for c in children if c.data.tags.get("pathsearch.role") == "confirmation"]
-    assert len(configs) == 4 and all(c.info.status == "FINISHED" for c in configs)
+    assert len(configs) == 2 and all(c.info.status == "FINISHED" for c in configs)
 
 
 # ----- bad input: file, key and value named, exit code 2, nothing written ------------------------------------------
@@ -254,14 +254,21 @@ DIGITS = Path(__file__).resolve().parents[1] / "search_spaces" / "digits_tiny.ya
         (["search.strategy=two_stage", "search.confirm.enabled=false"], "search.confirm", "enabled=False"),
     ],
 )
-def test_bad_confirmation_settings_are_refused_naming_file_key_and_value(overrides, key, value, tmp_path):
-    sets = [a for s in overrides for a in ("--set", s)]
-    cmd = [sys.executable, "-m", "pathsearch.cli", "search", str(DIGITS), *sets, "--storage-path", "runs"]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    line = next(line for line in result.stderr.splitlines() if f"{key}:" in line)
-    assert str(DIGITS) in line and (value is None or value in line), result.stderr
+def test_bad_confirmation_settings_are_refused_naming_file_key_and_value(overrides, key, value):
+    from pathsearch.config import ConfigError, load_search_file
+
+    with pytest.raises(ConfigError) as raised:
+        load_search_file(DIGITS, overrides)
+    line = next(line for line in raised.value.problems if f"{key}:" in line)
+    assert line.startswith(f"{DIGITS}: ") and (value is None or value in line), raised.value.problems
+
+
+def test_search_with_a_bad_confirmation_exits_2_and_writes_nothing(tmp_path):
+    cmd = [sys.executable, "-m", "pathsearch.cli", "search", str(DIGITS), "--set", "search.confirm.seeds=1"]
+    result = subprocess.run([*cmd, "--storage-path", "runs"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    expected = f"{DIGITS}: search.confirm.seeds: must be >= 2 (a spread and a confidence interval need two seeds)"
+    assert result.stderr.strip() == f"pathsearch search: error: {expected}, got 1"
     assert list(tmp_path.iterdir()) == []  # nothing written: no run directory, no MLflow store
 
 
