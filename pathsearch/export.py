@@ -17,11 +17,9 @@ import yaml
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from pathsearch.confirm import VERDICT_TAG, WINNER_TAG
 from pathsearch.paths import PathConfig
 from pathsearch.tracking import ROLE_TAG, SEED_TAG, default_tracking_uri
-
-WINNER_TAG = "pathsearch.confirmed_run"  # pathsearch.confirm.WINNER_TAG (confirm imports Ray Tune; this must not)
-VERDICT_TAG = "pathsearch.verdict"
 
 
 @dataclass

@@ -26,6 +26,7 @@ FORBIDDEN = {
     "search": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
     "tracking": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
     "export": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
+    "confirm": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data", "pathsearch.supernet"},
     "supernet": ORCHESTRATION,
     "oneshot": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data", "pathsearch.supernet"},
     # client side of a cluster: imports ray only inside the functions that need it, so `local.sh status` is quick
