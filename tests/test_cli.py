@@ -17,12 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_readme_main_command_runs_the_search(tmp_path):
     # `./dev.sh run` exactly as the README gives it, made small with overrides and kept inside tmp_path.
     small = ["train.epochs=2", "train.eval_every=1", "data.train_size=100", "model.kwargs.depth=2",
-             "search.num_samples=2", "space.model.pruned.high=2"]  # fmt: skip
+             "search.num_samples=2", "space.model.pruned.high=2", "search.confirm.top_k=1",
+             "search.confirm.seeds=2"]  # fmt: skip
     args = [a for s in small for a in ("--set", s)]
     args += ["--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     result = subprocess.run([str(ROOT / "dev.sh"), "run", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "baseline" in result.stdout and "best " in result.stdout
+    assert result.stdout.strip().splitlines()[-1].startswith("verdict: ")  # the confirmation's verdict ends it
     assert (tmp_path / "mlruns").is_dir()  # artifacts live beside the SQLite store
     best = next((tmp_path / "runs").glob("digits_tiny-*/best_path_config.yaml"))
     assert PathConfig.load(best).depth == 2
@@ -38,7 +40,7 @@ def test_demo_verb_trains_and_analyses_paths(tmp_path):
     analysis = json.loads((out / "path_analysis.json").read_text())
     assert [r["path"] for r in analysis["rows"]][:3] == ["embed", "attn.1", "mlp.1"]
     assert len(analysis["rows"]) == 13
-    # Budget: 15 epochs of the 1437-image split, depth-6 dim-64 ViT; it reaches ~96% here.
+    # Budget: 15 epochs of the default 1078-image training split, depth-6 dim-64 ViT; it reaches ~96% here.
     assert analysis["full_acc"] >= 0.9
     assert (out / "path_analysis.png").read_bytes()[:4] == b"\x89PNG"
     cfg = PathConfig.load(out / "path_config.yaml")

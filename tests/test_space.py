@@ -209,7 +209,7 @@ def test_validate_prints_the_resolved_file():
     )
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
-    assert resolved["search"]["num_samples"] == 4 and resolved["train"]["epochs"] == 60
+    assert resolved["search"]["num_samples"] == 4 and resolved["train"]["epochs"] == 40
     assert "prune.shortest" in result.stdout
 
 
