@@ -83,9 +83,7 @@ def run_two_stage(
 
 
 def resume_two_stage(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any = None) -> SearchResult:
-    """Continues a two-stage search whose stage 1 finished: its confirmation, planned or not yet."""
-    if not (run_dir / STAGE1_FILE).is_file():
-        raise ValueError(f"{run_dir}: stage 1 (supernet and proxy search) did not finish: start the search again")
+    """Continues a two-stage search whose stage 1 finished (`resume_search` checks): its confirmation."""
     return _confirm_two_stage(spec, run_dir, state, trainable, True)
 
 

@@ -406,25 +406,36 @@ def make_tuner(
 
 def resume_search(run_dir: str | Path, address: str | None = None, trainable: Any = None) -> SearchResult:
     """Continues an interrupted search: Tune restores its trials (errored ones too) and the searcher, the Optuna
-    history continues from its journal, finished trials are not trained again and keep their MLflow runs."""
+    history continues from its journal, finished trials are not trained again and keep their MLflow runs. A search
+    that was confirming continues its confirmation; a two-stage search continues its stage 2 (the confirmation)."""
     from mlflow.tracking import MlflowClient
 
     from pathsearch.config import load_search_file
+    from pathsearch.confirm import PLAN_FILE
 
     run_dir = Path(run_dir).expanduser().resolve()
     state_file = run_dir / STATE_FILE
     if not state_file.is_file():
-        raise ValueError(f"{run_dir} is not a pathsearch run directory (no {STATE_FILE} or Tune state)")
+        raise ValueError(f"{run_dir} is not a pathsearch run directory (no {STATE_FILE})")
     state = json.loads(state_file.read_text())
     spec = load_search_file(run_dir / "search.yaml")
+    confirm = spec.search.confirm.enabled
+    confirming = confirm and (run_dir / PLAN_FILE).is_file()  # the search was over: continue its confirmation
+    full = spec.search.strategy == "full"
+    if full and not confirming and not tune.Tuner.can_restore(str(run_dir)):
+        raise ValueError(f"{run_dir} has no Tune state to resume from (the search stopped before its first snapshot)")
+    if not full:
+        from pathsearch.oneshot import STAGE1_FILE
+
+        if not (run_dir / STAGE1_FILE).is_file():
+            raise ValueError(f"{run_dir}: stage 1 (supernet and proxy search) did not finish: start the search again")
     MlflowClient(state["tracking_uri"]).update_run(state["parent_run_id"], status="RUNNING")
     _init_ray(address)
-    if spec.search.strategy == "two_stage":  # stage 1 is done (it is not resumable): continue the confirmation
+    if not full:  # two_stage: stage 1 is done (it is not resumable); continue the confirmation
         from pathsearch.oneshot import resume_two_stage
 
         return resume_two_stage(spec, run_dir, state, trainable)
-    confirm = spec.search.confirm.enabled
-    if confirm and (run_dir / CONFIRM_PLAN).is_file():  # the search was over: continue its confirmation
+    if confirming:
         result = SearchResult(run_dir, spec.tracking.experiment, state["parent_run_id"], None, None)
         return confirm_search(spec, run_dir, state, result, trainable)
     tuner = tune.Tuner.restore(str(run_dir), trainable=runnable(spec, trainable), resume_errored=True)
@@ -496,7 +507,6 @@ def _fit_and_finish(
 
 
 STATE_FILE = "pathsearch_state.json"
-CONFIRM_PLAN = "confirm_plan.json"  # pathsearch.confirm.PLAN_FILE (not imported: confirm imports this module)
 
 
 def runnable(spec: SearchFile, trainable: Any) -> Any:

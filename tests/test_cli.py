@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pathsearch.paths import PathConfig
@@ -14,20 +15,67 @@ from pathsearch.paths import PathConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_main_command_runs_the_search(tmp_path):
-    # `./dev.sh run` exactly as the README gives it, made small with overrides and kept inside tmp_path.
-    small = ["train.epochs=2", "train.eval_every=1", "data.train_size=100", "model.kwargs.depth=2",
-             "search.num_samples=2", "space.model.pruned.high=2", "search.confirm.top_k=1",
-             "search.confirm.seeds=2"]  # fmt: skip
-    args = [a for s in small for a in ("--set", s)]
-    args += ["--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+def test_readme_main_command_searches_confirms_and_exports_a_model_that_scores_its_logged_test_accuracy(tmp_path):
+    """`./dev.sh run` exactly as the README gives it (made small with overrides, kept inside tmp_path): the search,
+    then the confirmation, whose verdict ends the output; then `pathsearch export --with-weights --seed 2`: the
+    exported model scores on the test split exactly the test accuracy logged for that seed."""
+    import torch
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+    from torch.utils.data import DataLoader
+
+    from pathsearch.data import load_digits_split
+    from pathsearch.model import create_path_vit
+
+    small = ["train.epochs=3", "train.eval_every=1", "train.warmup_epochs=0", "data.train_size=200",
+             "model.kwargs.depth=2", "search.num_samples=3", "search.scheduler=none", "space.model.pruned.high=3",
+             "search.confirm.top_k=1", "search.confirm.seeds=2"]  # fmt: skip
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [a for s in small for a in ("--set", s)] + ["--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri]
     result = subprocess.run([str(ROOT / "dev.sh"), "run", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "baseline" in result.stdout and "best " in result.stdout
-    assert result.stdout.strip().splitlines()[-1].startswith("verdict: ")  # the confirmation's verdict ends it
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith("verdict: ") and "paired seeds" in lines[-1]  # the confirmation's verdict ends it
+    assert "confirmation over 2 paired seeds (1-2)" in result.stdout and "optimism:" in result.stdout
     assert (tmp_path / "mlruns").is_dir()  # artifacts live beside the SQLite store
-    best = next((tmp_path / "runs").glob("digits_tiny-*/best_path_config.yaml"))
-    assert PathConfig.load(best).depth == 2
+    assert PathConfig.load(next((tmp_path / "runs").glob("digits_tiny-*/best_path_config.yaml"))).depth == 2
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("digits_tiny").experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("pathsearch.kind") == "search"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    trials = [c for c in children if "pathsearch.role" not in c.data.tags]
+    configs = [c for c in children if c.data.tags.get("pathsearch.role") == "confirmation"]
+    seeds = [c for c in children if c.data.tags.get("pathsearch.role") == "confirmation_seed"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(trials) == 3 and len(configs) == 2 and len(seeds) == 4
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert all(len(client.get_metric_history(c.info.run_id, "val_acc")) == 3 for c in trials)
+    assert not [t for t in trials if "test_acc" in t.data.metrics]  # search trials never read the test split
+
+    out = tmp_path / "best.yaml"
+    cmd = [sys.executable, "-m", "pathsearch.cli", "export", "--experiment", "digits_tiny", "--tracking-uri", uri]
+    exported = subprocess.run(
+        [*cmd, "--out", str(out), "--with-weights", "--seed", "2"], capture_output=True, text=True
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert "of seed 2" in exported.stdout
+    winner = parents[0].data.tags["pathsearch.confirmed_run"]
+    seed_run = next(
+        r for r in seeds if r.data.tags["mlflow.parentRunId"] == winner and r.data.tags["pathsearch.seed"] == "2"
+    )
+    config = PathConfig.load(out)
+    assert config.provenance["seed_run_id"] == seed_run.info.run_id and config.provenance["seeds"] == [1, 2]
+    model = create_path_vit(path_config=config)
+    model.load_state_dict(load_file(str(out.with_suffix(".safetensors"))))
+    model.eval()
+    split = load_digits_split(200, seed=0)
+    correct = 0
+    with torch.no_grad():
+        for x, y in DataLoader(split.test, batch_size=256):
+            correct += (model(x).argmax(-1) == y).sum().item()
+    assert correct / len(split.test) == pytest.approx(seed_run.data.metrics["test_acc"], abs=1e-9)
 
 
 def test_demo_verb_trains_and_analyses_paths(tmp_path):
