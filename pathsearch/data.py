@@ -61,8 +61,8 @@ def load_digits_split(train_size: int | None = None, seed: int = 0, *, val_size:
 
     Args:
         train_size: number of training images. None: 60% of the images (rounded down). A small training subset
-            (e.g. 300) leaves large held-out splits on which path configurations differ by more than seed noise
-            (FIELD-NOTES.md).
+            (e.g. 300) leaves large held-out splits, so that differences between path configurations are measured
+            on many images.
         seed: seed of the permutation; the same seed always gives the same split.
         val_size: number of validation images. None: half of what training leaves (rounded down).
 

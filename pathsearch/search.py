@@ -79,7 +79,8 @@ class PathOptunaSearch(OptunaSearch):
     refuses infeasible ones (no kept path, caps) before training.
 
     Ray's OptunaSearch tells every early-stopped trial to Optuna as COMPLETE, which misleads TPE
-    (FIELD-NOTES.md), and knows nothing of repeated binary masks; both need the searcher's own bookkeeping.
+    (it then models truncated scores as final ones), and knows nothing of repeated binary masks; both need the
+    searcher's own bookkeeping.
     """
 
     def __init__(

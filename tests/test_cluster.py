@@ -1,7 +1,8 @@
 """A real multi-node Ray cluster on this machine: cluster/local.sh starts a head, two worker nodes and an MLflow
 server inside a network namespace that has only `lo`, so every address is 127.0.0.1 and no traffic leaves it
-(FIELD-NOTES.md). Searches go through `pathsearch submit` (Ray's Jobs API, token auth on); MLflow is read with
-the real client from inside the namespace (tests/cluster_probe.py). Needs root for `ip netns`; skips otherwise.
+(outside one, Ray turns a loopback node address into the machine's own). Searches go through `pathsearch
+submit` (Ray's Jobs API, token auth on); MLflow is read with the real client from inside the namespace
+(tests/cluster_probe.py). Needs root for `ip netns`; skips otherwise.
 """
 
 from __future__ import annotations
