@@ -469,7 +469,7 @@ PATH_SPACE_KEYS = ("model.pruned", "model.ensemble_scale.init")  # what a supern
 
 
 def _check_two_stage(trial: TrialConfig, space: Any, source: str) -> list[str]:
-    """A two_stage search scores only path entries from the supernet's cached features (design note, section 4)."""
+    """A two_stage search scores only path entries from the supernet's cached features."""
     problems = []
     for entry in space.entries:
         if entry.key not in PATH_SPACE_KEYS:

@@ -1,7 +1,7 @@
 """The path-ensemble view of a timm VisionTransformer: path mask, EnsembleScale, self-distillation, path analysis.
 
 `PathEnsembleViT` wraps a timm `VisionTransformer` (sharing its weights), keeps the trunk exactly as timm computes
-it and feeds the classifier a separate ensemble feature z = sum_i m_i * (s_i ⊙ p_i) (design note, sections 1-5).
+it and feeds the classifier a separate ensemble feature z = sum_i m_i * (s_i ⊙ p_i) (README, "What a path is").
 Imports torch, timm and numpy only; never ray, optuna or mlflow.
 """
 
@@ -244,7 +244,7 @@ def _combine(weights: Tensor, features: Tensor) -> Tensor:
 
 
 def distillation_loss(logits: Tensor, student_logits: Sequence[Tensor], alpha: float, temperature: float) -> Tensor:
-    """Self-distillation term of the design note: alpha * sum_k T^2 KL(p_teacher^T || p_student_k^T).
+    """Self-distillation term: alpha * sum_k T^2 KL(p_teacher^T || p_student_k^T).
 
     The teacher (full ensemble) is detached. Add it to the classification loss; alpha = 0 gives zero.
     """
@@ -275,7 +275,7 @@ def check_vit(vit: nn.Module) -> None:
 
 
 def pool_mode_of(vit: VisionTransformer) -> PoolMode:
-    """What to cache per path: the class token, the token mean, or all tokens (design note, section 4)."""
+    """What to cache per path: the class token, the token mean, or all tokens."""
     per_token_norm = isinstance(vit.norm, nn.Identity | nn.LayerNorm | nn.RMSNorm)
     if vit.attn_pool is not None or not per_token_norm:
         return "tokens"
@@ -355,7 +355,7 @@ def _refresh_keep(module: nn.Module, incompatible_keys: Any) -> None:
     module._keep = [bool(k) for k in module.keep.tolist()]
 
 
-# ----- cached features and mask evaluation (design note, section 4) ------------------------------------------
+# ----- cached features and mask evaluation ------------------------------------------
 @dataclass
 class PathFeatures:
     """Raw pooled per-path features of a dataset: (P, N, D), or (P, N, T, D) in `tokens` mode; labels (N,)."""
@@ -368,7 +368,7 @@ class PathFeatures:
 def cache_path_features(
     model: PathEnsembleViT, loader: Iterable[Any], device: str | torch.device = "cpu"
 ) -> PathFeatures:
-    """One trunk forward per batch; keeps every path's pooled output (design note, section 4)."""
+    """One trunk forward per batch; keeps every path's pooled output."""
     was_training = model.training
     model.eval()
     feats, labels = [], []
@@ -609,7 +609,7 @@ class PathStats:
 
 @dataclass
 class PathAnalysis:
-    """Per-path accuracies of one model on one dataset (design note, section 4)."""
+    """Per-path accuracies of one model on one dataset."""
 
     rows: list[PathStats]
     full_acc: float

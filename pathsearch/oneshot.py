@@ -2,7 +2,7 @@
 
 Stage 1 trains one path supernet as a Ray trial (tracked like any trial), then a Ray task caches its pooled
 per-path validation features once and lets Optuna score tens of thousands of path configurations from them
-(design note, section 4). Stage 2 is the confirmation (confirm.py): the top-k, the baseline and `search.enqueue`
+(README, "One-shot path search"). Stage 2 is the confirmation (confirm.py): the top-k, the baseline and `search.enqueue`
 trained on paired seeds; the ranking quality (Kendall tau, Spearman rho of proxy scores vs confirmed mean val
 scores, with p-values) goes to MLflow.
 Orchestration: torch and the model are imported only inside the functions that run the tensor work.
