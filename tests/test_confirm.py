@@ -173,7 +173,6 @@ def test_paired_t_interval_covers_the_true_difference_95_percent_of_the_time():
 def test_configurations_read_in_plain_words():
     assert describe({"model.pruned": ["embed", "attn.1"], "train.lr": 0.00123}) == "prune embed, attn.1; lr 0.00123"
     assert describe({"model.pruned": [], "model.ensemble_scale.init": 0.1}) == "no path pruned; EnsembleScale init 0.1"
-    assert BASELINE == "baseline"
 
 
 @pytest.mark.parametrize("stop", ["kill -9", "ctrl-c"])
