@@ -12,8 +12,9 @@ import time
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pathsearch.model import cache_path_features, create_path_vit, evaluate_masks
+from pathsearch.model import create_path_vit
 from pathsearch.paths import EnsembleScaleConfig, PathConfig
+from pathsearch.scoring import cache_path_features, evaluate_masks
 
 
 def main() -> None:

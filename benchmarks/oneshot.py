@@ -79,8 +79,8 @@ def main() -> None:
     from pathsearch.config import load_search_file
     from pathsearch.model import model_depth
     from pathsearch.oneshot import STAGE1_FILE, rank_correlation
+    from pathsearch.proxy import ProxyScorer
     from pathsearch.search import run_search
-    from pathsearch.supernet import ProxyScorer
 
     torch.set_num_threads(1)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)

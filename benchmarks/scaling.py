@@ -26,7 +26,7 @@ SEARCH = [
 def run_round(workers: int, trials: int, extra: list[str], folder: Path) -> dict[str, float]:
     from mlflow.tracking import MlflowClient
 
-    from pathsearch.cluster import _wait, job_client, submit_search
+    from pathsearch.cluster import job_client, submit_search, wait_for_job
     from pathsearch.localcluster import down, up
 
     state = up(folder, workers=workers)
@@ -37,7 +37,7 @@ def run_round(workers: int, trials: int, extra: list[str], folder: Path) -> dict
             ROOT / "search_spaces/digits_tiny.yaml", state["dashboard"], state["tracking_uri"],
             state["storage_path"], overrides, name=experiment, check=False, say=lambda _: None,
         )  # fmt: skip
-        status = _wait(job_client(job.address), job.job_id, timeout_s=3600)
+        status = wait_for_job(job_client(job.address), job.job_id, timeout_s=3600)
         if status != "SUCCEEDED":
             raise RuntimeError(f"the search on {workers} node(s) ended {status}")
         client = MlflowClient(state["tracking_uri"])

@@ -6,9 +6,12 @@ Bad input (ValueError from config/model validation) exits with code 2 and a one-
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+INTERRUPTED = 130  # exit code after Ctrl-C, as a shell reports a command SIGINT ended
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -24,15 +27,23 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import time
     from pathlib import Path
 
-    from pathsearch.config import load_trial_config
+    from pathsearch.config import load_trial_config, unique_run_dir
 
     cfg = load_trial_config(args.file, args.set)  # ConfigError (a ValueError): exit 2 before any work
-    from pathsearch.train import NonFiniteLossError, fit, load_trial_data
 
-    out = Path(args.out or f"runs/train/{Path(args.file).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # Every run gets a folder of its own (two runs in one folder would mix checkpoints and results): a new one under
+    # runs/train/ (-2, -3, ... when started in the same second), or --out when it does not exist yet. A resumed run
+    # may write into an existing --out: the run it continues, whose checkpoint it was given.
+    made = not (args.resume and args.out)
+    if args.out is None:
+        out = unique_run_dir("runs/train", Path(args.file).stem)
+    elif made:
+        out = unique_run_dir(".", Path(args.file).stem, args.out, "--out", "--resume a checkpoint of the run in it")
+    else:
+        out = Path(args.out)
+    from pathsearch.train import NonFiniteLossError, fit, load_trial_data
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         std = f" ± {100 * metrics['val_acc_std']:.2f}" if "val_acc_std" in metrics else ""
@@ -45,9 +56,13 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         result = fit(cfg, report, checkpoint_dir=args.resume, work_dir=out, progress=not args.no_progress)
-    except NonFiniteLossError as err:
-        print(f"pathsearch train: trial failed: {err}", file=sys.stderr)
-        return 1
+    except BaseException as err:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # failed before writing anything (bad input: exit 2): no empty folder left behind
+        if isinstance(err, NonFiniteLossError):
+            print(f"pathsearch train: trial failed: {err}", file=sys.stderr)
+            return 1
+        raise
     print("final metrics:")
     for key, value in result.metrics.items():
         print(f"  {key}: {value:.6g}" if isinstance(value, float) else f"  {key}: {value}")
@@ -83,26 +98,34 @@ def _search(args: argparse.Namespace) -> int:
     from pathsearch.search import run_search
 
     result = run_search(
-        spec, storage_path=args.storage_path, tracking_uri=args.tracking_uri, name=args.name, address=args.address
+        spec,
+        storage_path=args.storage_path,
+        tracking_uri=args.tracking_uri,
+        name=args.name,
+        address=args.address,
+        library_output=args.verbose,
     )
     _print_result(result, spec.search.metrics, spec.search.modes)
-    return 0
+    return INTERRUPTED if result.interrupted else 0
 
 
 def _resume(args: argparse.Namespace) -> int:
     from pathsearch.config import load_search_file
+    from pathsearch.model import model_depth
     from pathsearch.search import resume_search
 
-    result = resume_search(args.run_dir, address=args.address)
-    spec = load_search_file(result.run_dir / "search.yaml")
+    result = resume_search(args.run_dir, address=args.address, library_output=args.verbose)
+    spec = load_search_file(result.run_dir / "search.yaml", model_depth=model_depth)
     _print_result(result, spec.search.metrics, spec.search.modes)
-    return 0
+    return INTERRUPTED if result.interrupted else 0
 
 
 def _print_result(result: Any, metrics: list[str], modes: list[str]) -> None:
     """The search's trials, files and MLflow run, then the confirmation; the verdict is the last line."""
     if result.counts:
         print(f"\ntrials: {', '.join(f'{k} {v}' for k, v in result.counts.items())}")
+    if result.ended_early:
+        print(f"the searcher ended the search early: {result.ended_early} (the space has few distinct configurations)")
     columns = list(dict.fromkeys([*metrics, "val_acc", "kept_paths"]))  # each metric once
     rows = [("baseline", result.baseline), ("best", result.best)]
     rows += [(f"pareto {k}", row) for k, row in enumerate(result.pareto)]
@@ -120,7 +143,7 @@ def _print_result(result: Any, metrics: list[str], modes: list[str]) -> None:
     if result.interrupted:
         print(f"the search was interrupted; continue it with: pathsearch resume {result.run_dir}")
     elif result.confirmation is not None:
-        from pathsearch.confirm import format_confirmation
+        from pathsearch.verdict import format_confirmation
 
         print(format_confirmation(result.confirmation))
     else:
@@ -186,7 +209,7 @@ def _int_arg(flag: str, text: str) -> int:
 
 
 def _fit_scales(args: argparse.Namespace) -> int:
-    from pathsearch.oneshot import fit_scales_run
+    from pathsearch.fitscales import fit_scales_run
 
     if args.threads is not None:
         import torch
@@ -278,20 +301,25 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    import subprocess
+    from pathsearch.ui import serve
 
-    from pathsearch.tracking import ui_command
+    return serve(args.tracking_uri, args.port, args.experiment)
 
-    if args.tracking_uri and args.tracking_uri.startswith(("http://", "https://")):
-        # a tracking server (a cluster's, say) serves the UI itself; `mlflow server` cannot use it as a store
-        print(f"MLflow UI at {args.tracking_uri} (the tracking server serves it)")
-        return 0
-    cmd, env = ui_command(args.tracking_uri, args.port)
-    print(f"MLflow UI at http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 0
+
+def _override(text: str) -> str:
+    """One --set item. Any word without `=` is refused: --set takes every word up to the next option, so a search
+    file written after it would otherwise be read as an override."""
+    if "=" not in text.lstrip("="):
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE, got {text!r} (give a file before --set: FILE --set a=1 b=2)"
+        )
+    return text
+
+
+def _add_set(verb: argparse.ArgumentParser, help_text: str = "override(s): --set a.b=1 c=x, or one --set each") -> None:
+    verb.add_argument(
+        "--set", nargs="+", action="extend", type=_override, default=[], metavar="KEY=VALUE", help=help_text
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,18 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     train = verbs.add_parser("train", help="run one trial of a search file's base configuration (no Ray)")
     train.add_argument("file", help="search file (YAML) whose model/data/train sections define the trial")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=3")
+    _add_set(train, "override(s), e.g. --set train.epochs=3 data.batch_size=32")
     train.add_argument("--out", default=None, help="folder for checkpoints and results (default runs/train/...)")
     train.add_argument("--resume", default=None, metavar="CHECKPOINT_DIR", help="continue from a checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
     train.set_defaults(func=_train)
     validate = verbs.add_parser("validate", help="check a search file and print it resolved (exit 2 if invalid)")
     validate.add_argument("file")
-    validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
+    _add_set(validate)
     validate.set_defaults(func=_validate)
     search = verbs.add_parser("search", help="run the search of a search file (Ray Tune + Optuna + MLflow)")
     search.add_argument("file")
-    search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
+    _add_set(search)
     search.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     search.add_argument("--storage-path", default="runs/search", help="where Ray Tune keeps trials and checkpoints")
     search.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
@@ -355,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("file", nargs="?", help="search file (or --resume RUN_DIR)")
     submit.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped search on the cluster")
     submit.add_argument("--address", default=None, help="Ray dashboard http://HEAD:8265 (default: $RAY_ADDRESS)")
-    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
+    _add_set(submit)
     submit.add_argument("--tracking-uri", default=None, help="MLflow server every node can reach (required)")
     submit.add_argument("--storage-path", default=None, help="shared folder or s3://... for trials (required)")
     submit.add_argument("--name", default=None, help="job id and run name (default: file name + time)")
@@ -373,21 +401,41 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "logs":
             sub.add_argument("--follow", action="store_true", help="stream until the job ends; exit as --wait does")
         sub.set_defaults(func=func)
-    ui = verbs.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a tracking store")
-    ui.add_argument("--tracking-uri", default=None)
+    ui = verbs.add_parser("ui", help="serve the MLflow UI on 127.0.0.1, opened on the latest search's runs")
+    ui.add_argument("--tracking-uri", default=None, help="MLflow store or server (default: sqlite:///mlflow.db)")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--experiment", default=None, help="open this experiment (default: the latest search's)")
     ui.set_defaults(func=_ui)
+    for sub in verbs.choices.values():
+        sub.add_argument(
+            "-v", "--verbose", action="store_true", help="show Ray's and Optuna's own output, and tracebacks"
+        )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one verb. Every way it ends is one line and an exit code: 0 done, 1 failed, 2 bad input, 3 stopped (a
+    submitted job), 130 interrupted (Ctrl-C). With -v a failure shows its traceback."""
     args = build_parser().parse_args(argv)
+    if not args.verbose:  # MLflow's INFO lines (store creation, migrations) are its business, not the user's
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         return int(args.func(args))
     except ValueError as err:  # bad input (ConfigError included): one line per problem, exit code 2
         for line in str(err).splitlines():
             print(f"pathsearch {args.verb}: error: {line}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"pathsearch {args.verb}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except Exception as err:  # a failure: one line; the traceback with -v (or for a bug report)
+        if args.verbose:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(
+            f"pathsearch {args.verb}: failed: {type(err).__name__}: {first} (-v shows the traceback)", file=sys.stderr
+        )
+        return 1
 
 
 if __name__ == "__main__":

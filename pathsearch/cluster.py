@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pathsearch
+from pathsearch.config import unique_run_name
 
 LOCAL_ONLY_SCHEMES = ("sqlite", "file", "")  # a store only the head node could open
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
@@ -123,8 +124,9 @@ def check_reachable_by_form(tracking_uri: str, storage_path: str, nodes: Sequenc
     if len(nodes) > 1 and scheme in LOCAL_ONLY_SCHEMES:
         problems.append(
             f"--tracking-uri {tracking_uri}: a local MLflow store, but the cluster has {len(nodes)} nodes; "
-            "give an MLflow server every node and you can reach (http://HOST:5000: `cluster/local.sh up` starts "
-            "one on this machine, cluster/mlflow/ deploys a shared one)"
+            "give an MLflow server every node and you can reach (http://HOST:5000): `python -m "
+            "pathsearch.localcluster up` starts one with a local cluster on this machine, and `mlflow server --host "
+            "0.0.0.0` with a database store runs a shared one (the repository's cluster/mlflow/ deploys it)"
         )
     elif scheme in LOCAL_ONLY_SCHEMES and not _local_store_path(tracking_uri).is_absolute():
         problems.append(
@@ -247,7 +249,7 @@ def _run_checks(client: Any, tracking_uri: str, storage_path: str, timeout_s: fl
             submission_id=f"pathsearch-preflight-{uuid.uuid4().hex[:8]}",
             entrypoint_num_cpus=0,
         )
-    status = _wait(client, job, timeout_s)
+    status = wait_for_job(client, job, timeout_s)
     logs = client.get_job_logs(job)
     found = [line.removeprefix("PROBLEM ") for line in logs.splitlines() if line.startswith("PROBLEM ")]
     if status != "SUCCEEDED" and not found:
@@ -256,7 +258,8 @@ def _run_checks(client: Any, tracking_uri: str, storage_path: str, timeout_s: fl
     return found
 
 
-def _wait(client: Any, job_id: str, timeout_s: float) -> str:
+def wait_for_job(client: Any, job_id: str, timeout_s: float) -> str:
+    """The job's status once it ends (SUCCEEDED, FAILED, STOPPED), or its status when `timeout_s` runs out."""
     deadline = time.monotonic() + timeout_s
     while True:
         status = str(client.get_job_status(job_id).value)
@@ -292,21 +295,24 @@ def submit_search(
         problems = _run_checks(client, tracking_uri, storage_path)
         if problems:
             raise ValueError("\n".join(problems))
-    name = name or f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    args = ["search", "search.yaml", "--address", "auto", "--name", name]
-    args += ["--tracking-uri", tracking_uri, "--storage-path", storage_path]
-    for item in overrides:
-        args += ["--set", item]
     env, folder = _runtime_env(path)
-    with folder:
-        job_id = _submit_job(
+
+    def submit(job_name: str) -> str | None:
+        args = ["search", "search.yaml", "--address", "auto", "--name", job_name]
+        args += ["--tracking-uri", tracking_uri, "--storage-path", storage_path]
+        for item in overrides:
+            args += ["--set", item]
+        return _submit_job(
             client,
             entrypoint=shlex.join([NODE_PYTHON, "-m", "pathsearch.cli", *args]),
             runtime_env=env,
-            submission_id=name,
+            submission_id=job_name,
             metadata={"pathsearch.search_file": path.name, "pathsearch.tracking_uri": tracking_uri},
             entrypoint_num_cpus=0,  # the driver only schedules; CPUs are for trials
         )
+
+    with folder:
+        name, job_id = claim_job_name(name, path.stem, submit, storage_path)
     return Submission(job_id, address, name, tracking_uri, storage_path)
 
 
@@ -318,31 +324,60 @@ def submit_resume(run_dir: str, address: str | None, name: str | None = None) ->
         raise ValueError(f"--resume {run_dir}: give the run directory's absolute path on the shared storage")
     list_nodes(address)  # proves the address and the token
     client = job_client(address)
-    name = name or f"{Path(run_dir).name}-resumed-{time.strftime('%H%M%S')}"
     env, folder = _runtime_env(None)
-    with folder:
-        job_id = _submit_job(
+
+    def submit(job_name: str) -> str | None:
+        return _submit_job(
             client,
             entrypoint=shlex.join([NODE_PYTHON, "-m", "pathsearch.cli", "resume", run_dir, "--address", "auto"]),
             runtime_env=env,
-            submission_id=name,
+            submission_id=job_name,
             metadata={"pathsearch.resume": run_dir},
             entrypoint_num_cpus=0,
         )
+
+    with folder:
+        name, job_id = claim_job_name(name, f"{Path(run_dir).name}-resumed", submit)
     state = Path(run_dir) / "pathsearch_state.json"  # readable here when this machine mounts the storage too
     uri = json.loads(state.read_text())["tracking_uri"] if state.is_file() else "(the run's own)"
     return Submission(job_id, address, Path(run_dir).name, uri, str(Path(run_dir).parent))
 
 
-def _submit_job(client: Any, **job: Any) -> str:
+def _submit_job(client: Any, **job: Any) -> str | None:
+    """The new job's id, or None when the cluster has a job of that submission id already."""
     try:
         return str(client.submit_job(**job))
     except RuntimeError as err:
         if "already exists" in str(err):
-            raise ValueError(
-                f"a job named {job['submission_id']!r} already exists on the cluster: pass another --name"
-            ) from None
+            return None
         raise
+
+
+def claim_job_name(
+    name: str | None, stem: str, submit: Callable[[str], str | None], storage_path: str | None = None
+) -> tuple[str, str]:
+    """(name, job id) of a job submitted under the user's `name`, or else under the first free one of
+    `<stem>-<YYYYmmdd-HHMMSS>`, -2, -3, ... (unique_run_name): the cluster's unique submission ids make two jobs
+    submitted in the same second take two names, and a name whose run folder is visible here under `storage_path`
+    is skipped (the search would refuse to start in it)."""
+    if name is not None:
+        job_id = submit(name)
+        if job_id is None:
+            raise ValueError(f"a job named {name!r} already exists on the cluster: pass another --name")
+        return name, job_id
+    submitted: list[str] = []
+
+    def claim(candidate: str) -> bool:
+        if storage_path is not None and "://" not in storage_path and (Path(storage_path) / candidate).exists():
+            return False
+        job_id = submit(candidate)
+        if job_id is None:
+            return False
+        submitted.append(job_id)
+        return True
+
+    name = unique_run_name(stem, claim)
+    return name, submitted[-1]
 
 
 def _known_job(client: Any, job_id: str, address: str) -> None:
@@ -385,7 +420,7 @@ def job_logs(address: str | None, job_id: str, follow: bool = False, out: Any = 
             out.flush()
 
     asyncio.run(tail())
-    return _wait(client, job_id, timeout_s=60)  # the log stream closes as the job ends
+    return wait_for_job(client, job_id, timeout_s=60)  # the log stream closes as the job ends
 
 
 def stop_job(address: str | None, job_id: str, wait_s: float = 60) -> str:
@@ -393,7 +428,7 @@ def stop_job(address: str | None, job_id: str, wait_s: float = 60) -> str:
     client = job_client(address)
     _known_job(client, job_id, address)
     client.stop_job(job_id)
-    return _wait(client, job_id, wait_s)
+    return wait_for_job(client, job_id, wait_s)
 
 
 def main(argv: Sequence[str]) -> int:

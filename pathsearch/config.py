@@ -8,9 +8,11 @@ mlflow), so configs can be read and checked anywhere.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import time
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -18,6 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from pathsearch.paths import DistillConfig, EnsembleScaleConfig, PathConfig
+from pathsearch.space import parse_number, parse_space
 
 # Top-level sections of a search file; the search-only ones (search, space, tracking) are read by the search.
 SECTIONS = {"model", "data", "train", "search", "space", "tracking"}
@@ -135,8 +138,9 @@ class SupernetConfig:
 
     Sandwich rule: each batch uses the full mask, a minimal mask (`min_kept` paths) and `masks_per_batch - 2` masks
     drawn from `distribution`: `kept_count` (how many paths are kept is uniform in min_kept..P, which ones uniform),
-    `bernoulli` (each path kept with probability `keep_prob`) or `shortest` (the k shortest paths pruned, k uniform,
-    as `model.pruned: {by: shortest}` searches). The configured mask (`model.pruned`) is what `val_acc` reports.
+    `bernoulli` (each path kept with probability `keep_prob`, given that min_kept are) or `shortest` (the k shortest
+    paths pruned, k uniform, as `model.pruned: {by: shortest}` searches). The configured mask (`model.pruned`) is
+    what `val_acc` reports.
     """
 
     enabled: bool = False
@@ -160,7 +164,8 @@ class TrainConfig:
     eval_every: int = 1  # epochs between evaluations (= reports and checkpoints); the last epoch always reports
     amp: bool = True  # used on CUDA only
     channels_last: bool = True  # used on CUDA only
-    threads: int | None = None  # torch threads; default: the CPUs given to the trial
+    # torch threads; default: the CPUs Ray gave the trial, else $OMP_NUM_THREADS, else every core this process may use
+    threads: int | None = None
     test: bool = False  # evaluate the test split after the last epoch (test_acc, test_loss in the final report only)
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
 
@@ -348,12 +353,12 @@ def load_search_file(path: str | Path, overrides: Sequence[str] = (), model_dept
     """Loads and checks a whole search file; raises ConfigError listing every problem (file, key, what).
 
     `model_depth(name, kwargs) -> int` resolves the timm model's depth (and refuses unknown or non-ViT models);
-    the CLI passes `pathsearch.model.model_depth` so that this module stays free of torch.
+    the CLI passes `pathsearch.model.model_depth` so that this module stays free of torch. Without it the file
+    must set `model.kwargs.depth`. A search file needs a non-empty `space` (`load_trial_config` reads the same
+    file for one trial, without one).
     """
-    from pathsearch.space import parse_space
-
     source = str(path)
-    raw = apply_overrides(_read_yaml(path), overrides, source)
+    raw = apply_overrides(read_yaml(path), overrides, source)
     problems: list[str] = []
     unknown = sorted(set(raw) - SECTIONS)
     problems += [f"{source}: {key}: unknown section (known: {', '.join(sorted(SECTIONS))})" for key in unknown]
@@ -365,13 +370,19 @@ def load_search_file(path: str | Path, overrides: Sequence[str] = (), model_dept
     search = from_dict(SearchConfig, raw.get("search") or {}, source, "search.", problems)
     tracking = from_dict(TrackingConfig, raw.get("tracking") or {}, source, "tracking.", problems)
     _check_search(search, source, problems)
-    depth = trial.model.kwargs.get("depth")
-    if model_depth is not None:
-        try:
-            depth = model_depth(trial.model.name, trial.model.kwargs)
-        except ValueError as err:
-            problems.append(f"{source}: model.name: {err}")
-    space = parse_space(raw.get("space"), depth if isinstance(depth, int) else 12, source, problems)
+    depth = _search_depth(raw, model_depth, source, problems)
+    raw_space = raw.get("space")
+    if not raw_space:
+        problems.append(
+            f"{source}: space: nothing to search (no entries), got {raw_space!r}; add a space section, "
+            f"or train the base configuration alone with `pathsearch train {source}`"
+        )
+    if depth is not None:
+        space = parse_space(raw_space, depth, source, problems)
+    else:  # a problem says why; the entries that do not depend on the depth are checked all the same
+        if isinstance(raw_space, Mapping):
+            raw_space = {key: entry for key, entry in raw_space.items() if key != "model.pruned"}
+        space = parse_space(raw_space, 1, source, problems)
     if not problems:
         problems += _probe_space(raw, space, source)
     if not problems:
@@ -383,11 +394,97 @@ def load_search_file(path: str | Path, overrides: Sequence[str] = (), model_dept
     return SearchFile(source, trial, search, tracking, space, raw)
 
 
+def unique_run_name(stem: str, claim: Callable[[str], bool]) -> str:
+    """The first of `<stem>-<YYYYmmdd-HHMMSS>`, then with -2, -3, ... appended, that `claim` takes.
+
+    `claim(name)` takes the name atomically and returns False when it is taken already, so runs started in the same
+    second get different names: a folder's mkdir (unique_run_dir), a Ray job's submission id (cluster.py).
+    """
+    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in itertools.count(1):
+        name = base if n == 1 else f"{base}-{n}"
+        if claim(name):
+            return name
+    raise AssertionError("unreachable")
+
+
+def unique_run_dir(
+    parent: str | Path, stem: str, name: str | Path | None = None, flag: str = "--name", or_else: str = ""
+) -> Path:
+    """Creates a run's new folder and returns it: no two runs ever share one.
+
+    Args:
+        parent: the folder it goes in (created when missing).
+        stem: without `name`: the folder is `<stem>-<YYYYmmdd-HHMMSS>`, with -2, -3, ... when that is taken (made
+            by mkdir, which fails when the folder exists, so two runs started in the same second get two folders).
+        name: the user's own name (--name, --out): exactly `parent/name` (an absolute path stands alone).
+        flag, or_else: name the option and the alternative in the error.
+
+    Raises:
+        ValueError: `name` exists already. Another run's folder is never reused: its checkpoints and results would
+            mix with the new run's.
+    """
+    root = Path(parent).expanduser()
+    if name is not None:
+        path = root / Path(name).expanduser()
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            where = f"{flag} {name}: {path}" if str(path) != str(name) else f"{flag} {path}:"
+            alternative = f", or {or_else}" if or_else else ""
+            raise ValueError(f"{where} already exists; choose another {flag}{alternative}") from None
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+
+    def make(candidate: str) -> bool:
+        try:
+            (root / candidate).mkdir()
+        except FileExistsError:
+            return False
+        return True
+
+    return root / unique_run_name(stem, make)
+
+
+def _search_depth(raw: Mapping[str, Any], model_depth: Any, source: str, problems: list[str]) -> int | None:
+    """The ViT's depth, which the space's path entries are read against; None when unknown (a problem says why).
+
+    Read from the model section alone, so that problems elsewhere in the trial do not hide the space's. With
+    `model_depth` (timm, on the caller's side) the depth follows from the model name and kwargs; without it only an
+    explicit `model.kwargs.depth` gives it: a timm name implies a depth (12 for most ViTs, 24 or 32 for the large
+    ones) that this torch-free module cannot look up, so none is assumed.
+    """
+    scratch: list[str] = []
+    model = from_dict(ModelConfig, raw.get("model") or {}, source, "model.", scratch)
+    explicit = model.kwargs.get("depth")
+    if scratch or (isinstance(explicit, int) and explicit < 1):
+        return None  # the trial's own checks report these
+    if model_depth is not None:
+        try:
+            depth = model_depth(model.name, model.kwargs)
+        except ValueError as err:
+            problems.append(f"{source}: model.name: {err}")
+            return None
+    elif explicit is None:
+        problems.append(
+            f"{source}: model.kwargs.depth: needed to read the space, and the depth that model.name {model.name!r} "
+            "implies is only known to timm (not loaded here); set it, got None"
+        )
+        return None
+    else:
+        depth = explicit
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        problems.append(f"{source}: model.kwargs.depth: must be a whole number >= 1, got {depth!r}")
+        return None
+    return depth
+
+
 def _trial_sections(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {k: raw[k] for k in ("model", "data", "train") if k in raw}
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A search file's top-level mapping, or a ConfigError naming the file (missing, not YAML, empty, a list)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError([f"{path}: no such file"])
@@ -395,9 +492,12 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
         loaded = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
         raise ConfigError([f"{path}: not valid YAML: {err}"]) from None
-    if loaded is not None and not isinstance(loaded, dict):
+    if loaded is None:  # 0 bytes, or only blank lines and comments: a wrong or truncated file, never "all defaults"
+        known = ", ".join(sorted(SECTIONS))
+        raise ConfigError([f"{path}: top level: expected a mapping of sections ({known}), got an empty file"])
+    if not isinstance(loaded, dict):
         raise ConfigError([f"{path}: expected a mapping at the top level, got {type(loaded).__name__}"])
-    return loaded or {}
+    return loaded
 
 
 def _check_search(s: SearchConfig, source: str, problems: list[str]) -> None:
@@ -546,7 +646,7 @@ def load_trial_config(
     """Reads the model/data/train sections of a YAML file (other top-level sections are left to the search),
     applies `key=value` overrides and validates. Raises ConfigError with every problem found."""
     source = source or (str(path) if path is not None else "config")
-    raw: dict[str, Any] = _read_yaml(path) if path is not None else {}
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
     if data is not None:
         raw = {**raw, **data}
     unknown = sorted(set(raw) - SECTIONS)
@@ -683,20 +783,6 @@ def _try_convert(tp: Any, value: Any) -> Any:
     if tp is str:
         return value if isinstance(value, str) else _MISSING
     return value if isinstance(value, tp) else _MISSING
-
-
-def parse_number(value: Any) -> int | float | None:
-    """A YAML number, or None. PyYAML reads `1e-4` (no dot) as a string, so numeric strings count too."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return value
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
 
 
 def _describe(tp: Any) -> str:

@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import statistics
-import textwrap
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,27 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from pathsearch.config import SearchFile
-from pathsearch.tracking import ROLE_TAG, SEARCH_TAG, MlflowTrialLogger, close_orphan_runs, retry_until
+from pathsearch.results import SearchResult
+from pathsearch.runner import ProgressLine, run_config, runnable
+from pathsearch.tracking import (
+    ROLE_TAG,
+    SEARCH_TAG,
+    MlflowTrialLogger,
+    close_orphan_runs,
+    end_parent_run,
+    param_value,
+    retry_until,
+)
+from pathsearch.verdict import (
+    BASELINE,
+    METHOD,
+    Confirmation,
+    make_verdict,
+    mean_std,
+    paired_difference,
+    plot_confirmation,
+    seeds_text,
+)
 
 CONFIRM_DIR = "confirm"  # the confirmation's Tune experiment, inside the search's run directory
 PLAN_FILE = "confirm_plan.json"  # candidates, seeds and MLflow runs: what `resume` needs to continue
@@ -36,9 +54,6 @@ SUMMARY_FILE = "confirmation.yaml"
 PLOT_FILE = "confirmation.png"
 WINNER_TAG = "pathsearch.confirmed_run"  # on the parent: the winning configuration's MLflow run
 VERDICT_TAG = "pathsearch.verdict"
-BASELINE = "baseline"
-CONFIDENCE = 0.95
-METHOD = "paired t over seeds (scipy.stats.ttest_rel), 95% confidence interval"
 
 
 @dataclass
@@ -211,8 +226,8 @@ def make_plan(
                 "mlflow.note.content": plain_words(c, base),
             }
             c.run_id = client.create_run(state["experiment_id"], run_name=f"confirm {c.label}", tags=tags).info.run_id
-            params = [Param(f"config.{k}", _short(v)) for k, v in sorted(c.overrides.items())]
-            params += [Param("source", c.source), Param("seeds", _short(plan.seeds))]
+            params = [Param(f"config.{k}", param_value(v)) for k, v in sorted(c.overrides.items())]
+            params += [Param("source", c.source), Param("seeds", param_value(plan.seeds))]
             client.log_batch(c.run_id, params=params)
         return True
 
@@ -226,8 +241,6 @@ def make_confirm_tuner(
     spec: SearchFile, run_dir: Path, state: Mapping[str, Any], plan: Plan, trainable: Any, verbose: bool
 ) -> tune.Tuner:
     """One Tune trial per (seed, configuration), seed-major; FIFO, retried from checkpoints like search trials."""
-    from pathsearch.search import ProgressLine, runnable
-
     s, t = spec.search, spec.trial.train
     groups = {
         c.label: {"mlflow.parentRunId": str(c.run_id), ROLE_TAG: "confirmation_seed", "pathsearch.candidate": c.label}
@@ -243,13 +256,11 @@ def make_confirm_tuner(
             max_concurrent_trials=s.confirm.max_concurrent_trials or s.max_concurrent_trials,
             reuse_actors=True,
         ),
-        run_config=tune.RunConfig(
-            name=CONFIRM_DIR,
-            storage_path=str(run_dir),
-            callbacks=[logger, ProgressLine(total, plan.metric, plan.mode, t.epochs, verbose, "confirmation")],
-            failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            verbose=0,
+        run_config=run_config(
+            spec,
+            CONFIRM_DIR,
+            run_dir,
+            [logger, ProgressLine(total, plan.metric, plan.mode, t.epochs, verbose, "confirmation")],
         ),
     )
 
@@ -259,8 +270,6 @@ def restore_confirm_tuner(
 ) -> tune.Tuner:
     """The confirmation's Tuner after an interruption: restored from Tune's snapshot (finished trials are not
     trained again), or new when the driver died before the first snapshot; its configuration runs reopened."""
-    from pathsearch.search import runnable
-
     uri = state["tracking_uri"]
 
     def reopen() -> None:
@@ -278,23 +287,48 @@ def restore_confirm_tuner(
     return make_confirm_tuner(spec, run_dir, state, plan, trainable, verbose)
 
 
-@dataclass
-class Confirmation:
-    """What the confirmation measured, as plain data (also written to `confirmation.yaml`)."""
-
-    metric: str
-    mode: str
-    seeds: list[int]
-    candidates: list[dict[str, Any]]  # label, description, overrides, per-seed values, means and stds
-    winner: str | None
-    difference: dict[str, Any]  # the verdict's paired test difference (winner or best challenger vs baseline)
-    verdict: str
-    interrupted: bool = False
-    files: dict[str, Path] = field(default_factory=dict)
-    search_metric: str = "val_acc"  # what the candidates' search scores measured (proxy_val_acc in two_stage)
-
-    def candidate(self, label: str) -> dict[str, Any]:
-        return next(c for c in self.candidates if c["label"] == label)
+def confirm_search(
+    spec: SearchFile,
+    run_dir: Path,
+    state: dict[str, Any],
+    result: SearchResult,
+    trainable: Any = None,
+    verbose: bool = True,
+    candidates: list[Any] | None = None,
+    search_metric: str = "val_acc",
+    on_confirmed: Any = None,
+) -> SearchResult:
+    """The confirmation stage after a finished search (full or two_stage): plans it from the search's completed
+    trials (or the given candidates), or continues the plan a `resume` found, then ends the parent run.
+    `on_confirmed(confirmation) -> files` runs before the parent ends (two_stage logs its ranking quality there)."""
+    plan_file = run_dir / PLAN_FILE
+    status = "FAILED"
+    try:
+        if plan_file.is_file():
+            plan = Plan.load(plan_file)
+            tuner = restore_confirm_tuner(spec, run_dir, state, plan, trainable, verbose)
+        else:
+            if candidates is None:
+                metric, mode = selection_metric(spec)
+                candidates = choose_candidates(
+                    result.rows, spec, spec.base, metric, mode, spec.search.confirm.top_k, result.baseline
+                )
+                search_metric = metric
+            plan = make_plan(spec, run_dir, state, candidates, search_metric)
+            tuner = make_confirm_tuner(spec, run_dir, state, plan, trainable, verbose)
+        confirmation = run_confirmation(tuner, spec, run_dir, state, plan, verbose)
+        if on_confirmed is not None and not confirmation.interrupted:
+            confirmation.files.update(on_confirmed(confirmation))
+        status = "KILLED" if confirmation.interrupted else "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        end_parent_run(state["tracking_uri"], state["parent_run_id"], {}, [], status)
+    result.confirmation = confirmation
+    result.interrupted = confirmation.interrupted
+    result.files.update(confirmation.files)
+    return result
 
 
 def run_confirmation(
@@ -308,7 +342,7 @@ def run_confirmation(
     if verbose:
         print(
             f"confirmation: {len(plan.candidates)} configurations (the baseline and the top "
-            f"{len(plan.candidates) - 1} by {plan.metric}) x {len(plan.seeds)} paired seeds {_seed_text(plan.seeds)}",
+            f"{len(plan.candidates) - 1} by {plan.metric}) x {len(plan.seeds)} paired seeds {seeds_text(plan.seeds)}",
             flush=True,
         )
     grid = tuner.fit()
@@ -340,40 +374,6 @@ def run_confirmation(
 
 
 # ----- statistics and the verdict ----------------------------------------------------------------------------
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (NaN with fewer than two values)."""
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
-    """a - b over paired seeds: mean, std, the t confidence interval of the mean, its p-value (two-sided) and on
-    how many seeds a beats b. When every seed gives the same difference (common with few seeds and accuracies on a
-    few hundred images) t is undefined: the interval is NaN and the p-value is the exact sign test's."""
-    from scipy.stats import binomtest, ttest_rel
-
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    mean, std = mean_std(diffs)
-    out: dict[str, Any] = {
-        "mean": mean,
-        "std": std,
-        "n": len(diffs),
-        "wins": sum(d > 0 for d in diffs),
-        "ties": sum(d == 0 for d in diffs),
-        "confidence": confidence,
-    }
-    if len(diffs) < 2:
-        out.update(ci_low=math.nan, ci_high=math.nan, p_value=math.nan)
-    elif std <= 1e-12 * max(1.0, abs(mean)):  # every seed moved alike (up to rounding): t is undefined
-        signed = len(diffs) - out["ties"]
-        p_value = float(binomtest(out["wins"], signed).pvalue) if signed else 1.0
-        out.update(ci_low=math.nan, ci_high=math.nan, p_value=p_value)
-    else:
-        test = ttest_rel(a, b)
-        ci = test.confidence_interval(confidence_level=confidence)
-        out.update(ci_low=float(ci.low), ci_high=float(ci.high), p_value=float(test.pvalue))
-    return out
 
 
 def summarise(
@@ -421,91 +421,6 @@ def summarise(
     return Confirmation(plan.metric, plan.mode, complete, rows, winner, difference, verdict)
 
 
-def make_verdict(
-    winner: str | None, diff: Mapping[str, Any], planned: int, paired: int, baseline: Mapping[str, Any]
-) -> str:
-    """One line in plain words: is the exported configuration better than the baseline on test, and by how much."""
-    if winner == BASELINE and not diff and paired:
-        return "no verdict: the search completed no configuration besides the baseline"
-    if winner is None or not diff:
-        return f"no verdict: only {paired} of {planned} seeds finished for every configuration"
-    if paired < 2:
-        return f"no verdict: {paired} of {planned} paired seeds finished for every configuration (2 are needed)"
-    if not math.isfinite(diff["ci_low"]):  # the same difference on every seed: no spread to measure noise by
-        same = (
-            f"{_pts(diff['mean'])} points test accuracy on each of {diff['n']} paired seeds (no spread, so no t "
-            f"interval; sign test p = {diff['p_value']:.2g})"
-        )
-        if winner != BASELINE and diff["mean"] > 0 and diff["p_value"] < 1 - CONFIDENCE:
-            return f"{diff['description']}: {same} over the baseline"
-        return f"no configuration beats the baseline beyond seed noise (best, {diff['description']}: {same})"
-    points = (
-        f"{_pts(diff['mean'])} points test accuracy (95% CI {_pts(diff['ci_low'])} to {_pts(diff['ci_high'])}, "
-        f"better on {diff['wins']} of {diff['n']} paired seeds)"
-    )
-    if winner == BASELINE:
-        return (
-            f"the baseline ({100 * baseline['test_acc_mean']:.1f}% test accuracy) is the best configuration on val: "
-            f"no configuration beats it (best challenger, {diff['description']}: {points})"
-        )
-    if diff["ci_low"] > 0:
-        return f"{diff['description']}: {points} over the baseline"
-    if diff["ci_high"] < 0:
-        return f"{diff['description']} won on val but is worse than the baseline on test: {points}"
-    return f"no configuration beats the baseline beyond seed noise (best, {diff['description']}: {points})"
-
-
-def _pts(fraction: float) -> str:
-    return f"{100 * fraction:+.1f}" if math.isfinite(fraction) else "n/a"
-
-
-def _seed_text(seeds: Sequence[int]) -> str:
-    if seeds and list(seeds) == list(range(seeds[0], seeds[0] + len(seeds))):
-        return f"({seeds[0]}-{seeds[-1]})"
-    return f"({', '.join(map(str, seeds))})"
-
-
-def format_confirmation(confirmation: Confirmation) -> str:
-    """The confirmation table, the winner's optimism and the verdict (last), as the CLI prints them."""
-    c = confirmation
-    search_metric = c.search_metric
-    lines = [
-        f"\nconfirmation over {len(c.seeds)} paired seeds {_seed_text(c.seeds)}; winner chosen by mean {c.metric}, "
-        "test read only here",
-        f"{'':<14} {'search ' + search_metric:>18} {'val_acc':>16} {'test_acc':>16}  configuration",
-    ]
-    order = sorted(c.candidates, key=lambda r: r.get("rank", 1e9))
-    for row in order:
-        label = row["label"] + (" *" if row["label"] == c.winner else "")
-        found = row.get(f"search_{search_metric}")
-        search = f"{_score(search_metric, found)}" if found is not None else "-"
-        val = _pm(row["val_acc_mean"], row["val_acc_std"])
-        test = _pm(row["test_acc_mean"], row["test_acc_std"])
-        lines.append(f"{label:<14} {search:>18} {val:>16} {test:>16}  {row['description']}")
-    if c.winner is not None:
-        w = c.candidate(c.winner)
-        found = w.get(f"search_{search_metric}")
-        if found is not None and search_metric.endswith("val_acc") and math.isfinite(w["val_acc_mean"]):
-            confirmed = w["val_acc_mean"]
-            lines.append(
-                f"optimism: the winner ({c.winner}) scored {100 * found:.2f}% {search_metric} in the search (one "
-                f"seed), {100 * confirmed:.2f}% mean val_acc confirmed ({100 * (found - confirmed):+.2f} points)"
-            )
-    lines.append(f"({METHOD}; * = winner)")
-    lines.append(f"verdict: {c.verdict}")
-    return "\n".join(lines)
-
-
-def _score(metric: str, value: float) -> str:
-    return f"{100 * value:.2f}%" if metric.endswith("acc") else f"{value:.4f}"
-
-
-def _pm(mean: float, std: float) -> str:
-    if not math.isfinite(mean):
-        return "-"
-    return f"{100 * mean:.2f} ± {100 * std:.2f}%" if math.isfinite(std) else f"{100 * mean:.2f}%"
-
-
 # ----- files and MLflow ----------------------------------------------------------------------------------------
 def _write_files(
     c: Confirmation, plan: Plan, per: Mapping[str, Mapping[int, Mapping[str, Any]]], run_dir: Path
@@ -531,58 +446,6 @@ def _write_files(
             if src.is_file():
                 files["best_path_config"] = Path(shutil.copy(src, run_dir / "best_path_config.yaml"))
     return files
-
-
-def plot_confirmation(c: Confirmation, path: Path) -> Path | None:
-    """Left: test accuracy per seed for each configuration (one seed's points joined across configurations), mean and
-    95% CI of the mean marked. Right: each challenger's paired test difference from the baseline per seed, its mean
-    and paired 95% CI (what the verdict reads), against the zero line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from scipy.stats import t as student_t
-
-    order = sorted(c.candidates, key=lambda r: (r["label"] != BASELINE, r.get("rank", 1e9)))
-    if not order or not c.seeds:
-        return None
-    fig, (ax, dx) = plt.subplots(1, 2, figsize=(max(8.0, 2.6 * len(order) + 2), 4.8), width_ratios=[1, 1])
-    colors = {r["label"]: "tab:green" if r["label"] == c.winner else "tab:blue" if r["label"] == BASELINE else "0.45"
-              for r in order}  # fmt: skip
-    for seed in c.seeds:
-        ax.plot(range(len(order)), [100 * r["per_seed"][seed]["test_acc"] for r in order], color="0.85", lw=0.8)
-    for x, row in enumerate(order):
-        ys = [100 * row["per_seed"][s]["test_acc"] for s in c.seeds]
-        ax.scatter([x] * len(ys), ys, color=colors[row["label"]], s=18, zorder=2)
-        mean, std = 100 * row["test_acc_mean"], 100 * row["test_acc_std"]
-        if len(ys) > 1 and math.isfinite(std):
-            half = float(student_t.ppf(0.5 + CONFIDENCE / 2, len(ys) - 1)) * std / math.sqrt(len(ys))
-            ax.errorbar([x + 0.15], [mean], yerr=[half], fmt="none", color="black", capsize=4, zorder=3)
-        ax.hlines(mean, x - 0.25, x + 0.25, color=colors[row["label"]], lw=2.5, zorder=3)
-    labels = [r["label"] + ("\n(winner)" if r["label"] == c.winner else "") for r in order]
-    ax.set_xticks(range(len(order)), labels)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"test accuracy, {len(c.seeds)} paired seeds (bar: mean, whisker: 95% CI)", fontsize=9)
-    base = next(r for r in order if r["label"] == BASELINE)
-    others = [r for r in order if r["label"] != BASELINE]
-    for x, row in enumerate(others):
-        diffs = [100 * (row["per_seed"][s]["test_acc"] - base["per_seed"][s]["test_acc"]) for s in c.seeds]
-        d = paired_difference(diffs, [0.0] * len(diffs))
-        dx.scatter([x] * len(diffs), diffs, color=colors[row["label"]], s=18, zorder=2)
-        dx.hlines(d["mean"], x - 0.25, x + 0.25, color=colors[row["label"]], lw=2.5, zorder=3)
-        if math.isfinite(d["ci_low"]):
-            err = [[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]]
-            dx.errorbar([x + 0.15], [d["mean"]], yerr=err, fmt="none", color="black", capsize=4, zorder=3)
-    dx.axhline(0.0, color="tab:blue", lw=1, ls="--")
-    dx.set_xticks(range(len(others)), labels[1:])
-    dx.set_xlim(-0.6, max(len(others), 1) - 0.4)
-    dx.set_ylabel("test accuracy minus the baseline's, same seed (points)")
-    dx.set_title("paired difference from the baseline (whisker: 95% CI, paired t)", fontsize=9)
-    fig.suptitle("\n".join(textwrap.wrap(c.verdict, 120)), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def _log(
@@ -651,9 +514,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float):
         return value
     return str(value)
-
-
-def _short(value: Any) -> str:
-    """A parameter value as the trial runs log it (str of the value), cut to MLflow's limit."""
-    text = str(value)
-    return text if len(text) <= 6000 else text[:5997] + "..."

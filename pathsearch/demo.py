@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pathsearch.analysis import PathAnalysis
 from pathsearch.config import load_trial_config
-from pathsearch.model import PathAnalysis
 from pathsearch.train import fit
 
 # A depth-6 ViT on the raw 8x8 digits (patch 2 -> 16 tokens + class token); it reaches about 96% in 15 epochs.

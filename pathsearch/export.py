@@ -19,7 +19,9 @@ from mlflow.tracking import MlflowClient
 
 from pathsearch.confirm import VERDICT_TAG, WINNER_TAG
 from pathsearch.paths import PathConfig
-from pathsearch.tracking import ROLE_TAG, SEED_TAG, default_tracking_uri
+from pathsearch.results import pareto_front
+from pathsearch.tracking import ROLE_TAG, SEED_TAG, default_tracking_uri, download_artifact
+from pathsearch.ui import latest_search
 
 
 @dataclass
@@ -43,11 +45,10 @@ def find_search(client: MlflowClient, experiment: str, run_id: str | None = None
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise ValueError(f"no MLflow experiment named {experiment!r} in this tracking store")
-    query = "tags.`pathsearch.kind` = 'search' and attributes.status = 'FINISHED'"
-    runs = client.search_runs([found.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
+    latest = latest_search(client, [found.experiment_id], finished=True)
+    if latest is None:
         raise ValueError(f"experiment {experiment!r} has no finished search")
-    return runs[0]
+    return latest
 
 
 def completed_trial_runs(client: MlflowClient, search: Run) -> list[Run]:
@@ -60,19 +61,13 @@ def completed_trial_runs(client: MlflowClient, search: Run) -> list[Run]:
     return [r for r in runs if ROLE_TAG not in r.data.tags]
 
 
-def pareto_front(runs: list[Run], metrics: list[str], modes: list[str]) -> list[Run]:
+def pareto_runs(runs: list[Run], metrics: list[str], modes: list[str]) -> list[Run]:
     """Runs that no other run beats on every metric (and strictly on one)."""
 
-    def vector(run: Run) -> list[float]:
-        return [run.data.metrics[m] * (1 if mode == "max" else -1) for m, mode in zip(metrics, modes, strict=True)]
+    def values(run: Run) -> list[float] | None:
+        return [run.data.metrics[m] for m in metrics] if all(m in run.data.metrics for m in metrics) else None
 
-    scored = [(r, vector(r)) for r in runs if all(m in r.data.metrics for m in metrics)]
-    front = []
-    for run, v in scored:
-        dominated = any(all(a >= b for a, b in zip(w, v, strict=True)) and w != v for _, w in scored)
-        if not dominated:
-            front.append(run)
-    return front
+    return pareto_front(runs, values, modes)
 
 
 def export_best(
@@ -182,7 +177,7 @@ def export_pareto(
     `<out stem>_<k>.yaml` plus an index `out` listing them."""
     client = MlflowClient(tracking_uri or default_tracking_uri())
     search = find_search(client, experiment, run_id)
-    front = pareto_front(completed_trial_runs(client, search), metrics, modes)
+    front = pareto_runs(completed_trial_runs(client, search), metrics, modes)
     if not front:
         raise ValueError(f"search {search.info.run_id} has no completed trial with metrics {metrics}")
     out = Path(out)
@@ -209,10 +204,7 @@ def _write_config(client: MlflowClient, run_id: str, target: Path, provenance: d
 
 def _download(client: MlflowClient, run_id: str, name: str, target: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = client.download_artifacts(run_id, name, tmp)
-        except Exception as err:  # MLflow raises several types for a missing artifact
-            raise ValueError(f"run {run_id} has no artifact {name!r}: {err}") from None
+        local = download_artifact(client, run_id, name, tmp)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".tmp")
         shutil.copyfile(local, partial)

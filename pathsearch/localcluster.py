@@ -4,7 +4,8 @@
 MLflow tracking server (one worker, no job execution), all bound to 127.0.0.1 with token authentication on.
 Each runs in its own session, recorded in DIR/cluster.json, so `down` stops exactly those processes and
 nothing else of the user's (`ray stop` would stop every Ray on the machine). Imports no torch.
-Usage: cluster/local.sh up|down|status [--dir DIR] [--workers N] ... (python -m pathsearch.localcluster).
+Usage: python -m pathsearch.localcluster up|down|status [--dir DIR] [--workers N] ... (the repository's
+cluster/local.sh runs it with the repository's virtual environment).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from pathsearch.cluster import auth_headers, list_nodes, read_ray_token
+
+# what the user typed: cluster/local.sh sets it; installed without the repository, the module is run directly
+PROG = os.environ.get("PATHSEARCH_PROG", "python -m pathsearch.localcluster")
 
 STATE_FILE = "cluster.json"
 
@@ -58,7 +62,8 @@ def _start(name: str, cmd: list[str], env: dict[str, str], logs: Path) -> dict[s
     return {"name": name, "pid": proc.pid, "log": str(log), "command": cmd}
 
 
-def _session_pids(sid: int) -> list[int]:
+def session_pids(sid: int) -> list[int]:
+    """The processes of session `sid` (every Ray process a node's `ray start` spawned shares its session)."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -71,7 +76,7 @@ def _session_pids(sid: int) -> list[int]:
 
 
 def _alive(proc: dict[str, Any]) -> bool:
-    return bool(_session_pids(proc["pid"]))
+    return bool(session_pids(proc["pid"]))
 
 
 def _stop_sessions(sids: Sequence[int], grace_s: float = 5.0) -> None:
@@ -80,7 +85,7 @@ def _stop_sessions(sids: Sequence[int], grace_s: float = 5.0) -> None:
     state worth waiting for)."""
 
     def left() -> list[int]:
-        return [pid for sid in sids for pid in _session_pids(sid)]
+        return [pid for sid in sids for pid in session_pids(sid)]
 
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         for pid in left():
@@ -236,7 +241,7 @@ def status(folder: str | Path = "runs/cluster") -> tuple[bool, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cluster/local.sh", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("verb", choices=["up", "down", "status"])
     parser.add_argument("--dir", default="runs/cluster", help="state, logs, MLflow store and trial storage")
     parser.add_argument("--workers", type=int, default=2)
@@ -263,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"  pathsearch submit search_spaces/digits_tiny.yaml --address {state['dashboard']} "
                 f"--tracking-uri {state['tracking_uri']} --storage-path {state['storage_path']} --wait"
             )
-            print(f"stop it all: cluster/local.sh down --dir {state['dir']}")
+            print(f"stop it all: {PROG} down --dir {state['dir']}")
             return 0
         if args.verb == "down":
             stopped = down(args.dir)
@@ -273,10 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(lines))
         return 0 if healthy else 1
     except ValueError as err:
-        print(f"cluster/local.sh {args.verb}: error: {err}", file=sys.stderr)
+        print(f"{PROG} {args.verb}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
-        print(f"cluster/local.sh {args.verb}: {err}", file=sys.stderr)
+        print(f"{PROG} {args.verb}: {err}", file=sys.stderr)
         return 1
 
 

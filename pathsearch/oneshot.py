@@ -1,4 +1,4 @@
-"""One-shot path search (`search.strategy: two_stage`) and post-hoc EnsembleScale fitting (`pathsearch fit-scales`).
+"""The two-stage strategy (`search.strategy: two_stage`): one-shot path search, then confirmation.
 
 Stage 1 trains one path supernet as a Ray trial (tracked like any trial), then a Ray task caches its pooled
 per-path validation features once and lets Optuna score tens of thousands of path configurations from them
@@ -27,24 +27,19 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from ray import tune
 
-from pathsearch.config import SearchFile, load_trial_config
+from pathsearch.config import SearchFile
+from pathsearch.confirm import choose_candidates, confirm_search
 from pathsearch.paths import path_names, resolve_scale_init
-from pathsearch.search import (
-    SearchResult,
-    _init_ray,
-    baseline_point,
-    confirm_search,
-    make_sampler,
-    runnable,
-    start_search,
-)
+from pathsearch.results import SearchResult
+from pathsearch.runner import run_config, runnable
+from pathsearch.searcher import baseline_point, make_sampler
 from pathsearch.space import SearchSpace, sample_overrides
 from pathsearch.tracking import (
     ROLE_TAG,
-    SEARCH_TAG,
     MlflowTrialLogger,
-    default_tracking_uri,
     end_parent_run,
+    find_trial_run,
+    param_value,
     retry_until,
 )
 
@@ -52,23 +47,13 @@ STAGE1_FILE = "oneshot_stage1.json"  # in the run directory: what stage 2 and `r
 
 
 # ----- the two-stage search ----------------------------------------------------------------------------------------
-def run_two_stage(
-    spec: SearchFile,
-    storage_path: str | Path = "runs/search",
-    tracking_uri: str | None = None,
-    name: str | None = None,
-    address: str | None = None,
-    verbose: bool = True,
-    trainable: Any = None,
-) -> SearchResult:
+def run(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any, verbose: bool) -> SearchResult:
     """Runs a two-stage search: supernet trial, proxy search of the path entries, then the top-k trained for real.
 
     One MLflow parent run holds everything: the supernet's trial run, the stage-1 summary table, one child run per
     top-k proxy configuration, the confirmation's runs and the rank correlations. Returns the confirmation's result
     (its winner is what `pathsearch export` returns).
     """
-    run_dir, state = start_search(spec, storage_path, tracking_uri, name)
-    _init_ray(address)
     try:
         supernet = train_supernet(spec, run_dir, state, trainable)
         if verbose:
@@ -82,9 +67,15 @@ def run_two_stage(
     return _confirm_two_stage(spec, run_dir, state, trainable, verbose)
 
 
-def resume_two_stage(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any = None) -> SearchResult:
-    """Continues a two-stage search whose stage 1 finished (`resume_search` checks): its confirmation."""
-    return _confirm_two_stage(spec, run_dir, state, trainable, True)
+def check_resume(spec: SearchFile, run_dir: Path) -> None:
+    """Raises ValueError unless stage 1 finished: it is not resumable, stage 2 (the confirmation) is."""
+    if not (run_dir / STAGE1_FILE).is_file():
+        raise ValueError(f"{run_dir}: stage 1 (supernet and proxy search) did not finish: start the search again")
+
+
+def resume(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any, verbose: bool) -> SearchResult:
+    """Continues a two-stage search whose stage 1 finished: its confirmation."""
+    return _confirm_two_stage(spec, run_dir, state, trainable, verbose)
 
 
 def _confirm_two_stage(
@@ -92,8 +83,6 @@ def _confirm_two_stage(
 ) -> SearchResult:
     """Stage 2: the baseline, `search.enqueue` and the proxy's top-k confirmed on paired seeds; then how well the
     proxy ranked them against their confirmed mean val scores."""
-    from pathsearch.confirm import choose_candidates
-
     stage1 = json.loads((run_dir / STAGE1_FILE).read_text())
     metric, mode = stage1["metric"], spec.search.modes[0]
     key = f"proxy_{metric}"
@@ -123,13 +112,11 @@ def train_supernet(spec: SearchFile, run_dir: Path, state: dict[str, Any], train
         runnable(one, trainable),
         param_space={"overrides": {"train.supernet.enabled": True, "train.epochs": epochs}, "optuna_trial": "supernet"},
         tune_config=tune.TuneConfig(num_samples=1),
-        run_config=tune.RunConfig(
-            name="supernet",
-            storage_path=str(run_dir),
-            callbacks=[MlflowTrialLogger(uri, experiment_id, parent, final_epoch=epochs, run_dir=run_dir)],
-            failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            verbose=0,
+        run_config=run_config(
+            spec,
+            "supernet",
+            run_dir,
+            [MlflowTrialLogger(uri, experiment_id, parent, final_epoch=epochs, run_dir=run_dir)],
         ),
     )
     result = tuner.fit()[0]
@@ -140,8 +127,9 @@ def train_supernet(spec: SearchFile, run_dir: Path, state: dict[str, Any], train
 
     def tag() -> str:
         client = MlflowClient(uri)
-        query = f"tags.`pathsearch.trial_id` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent}'"
-        run_id = client.search_runs([experiment_id], filter_string=query, max_results=1)[0].info.run_id
+        run_id = find_trial_run(client, experiment_id, parent, trial_id)
+        if run_id is None:  # the trial logger creates it before the trial's first result
+            raise LookupError(f"no MLflow run for the supernet trial {trial_id}")
         tags = [RunTag(ROLE_TAG, "supernet"), RunTag("mlflow.runName", f"supernet {trial_id}")]
         client.log_batch(run_id, tags=tags)
         return run_id
@@ -214,7 +202,7 @@ def proxy_search(
     """
     import torch
 
-    from pathsearch.supernet import ProxyScorer
+    from pathsearch.proxy import ProxyScorer
 
     if threads:
         torch.set_num_threads(threads)
@@ -393,8 +381,8 @@ def _log_proxy_run(
     and the PathConfig it was scored with (the supernet's weights under that mask and EnsembleScale)."""
     tags = {"mlflow.parentRunId": parent, ROLE_TAG: "proxy", "pathsearch.proxy_rank": str(rank)}
     run_id = client.create_run(experiment_id, run_name=f"proxy top {rank}", tags=tags).info.run_id
-    params = [Param(k, _param(v)) for k, v in sorted(row["params"].items())]
-    params += [Param(f"config.{k}", _param(v)) for k, v in sorted(row["overrides"].items())]
+    params = [Param(k, param_value(v)) for k, v in sorted(row["params"].items())]
+    params += [Param(f"config.{k}", param_value(v)) for k, v in sorted(row["overrides"].items())]
     params.append(Param("optuna_trial", str(row["number"])))
     metrics = [Metric(f"proxy_{m}", float(row[f"proxy_{m}"]), now, 0) for m in ("val_acc", "val_loss")]
     metrics += [Metric("kept_paths", float(row["kept_paths"]), now, 0), Metric("proxy_rank", float(rank), now, 0)]
@@ -478,10 +466,6 @@ def rank_correlation(proxy: Sequence[float], trained: Sequence[float]) -> dict[s
     return {**out, "ranked_configurations": float(len(proxy))}
 
 
-def _params_key(params: Mapping[str, Any]) -> str:
-    return json.dumps(dict(params), sort_keys=True)
-
-
 def _public(row: Mapping[str, Any]) -> dict[str, Any]:
     """A stage-1 row without its lookup key, for YAML files."""
     return {k: v for k, v in row.items() if k != "key"}
@@ -500,95 +484,3 @@ def _write_table(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 def _metrics_line(metrics: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, int | float))
-
-
-def _param(value: Any) -> str:
-    text = str(value)
-    return text if len(text) <= 6000 else text[:5997] + "..."
-
-
-# ----- post-hoc EnsembleScale fitting ------------------------------------------------------------------------------
-@dataclasses.dataclass
-class FitScalesResult:
-    run_id: str  # the new child run
-    source_run_id: str
-    metrics: dict[str, float]
-    factors: dict[str, float]  # per path, multiplying the source run's EnsembleScale
-    pruned: list[str]
-    files: dict[str, Path]
-
-
-def fit_scales_run(
-    run_id: str,
-    tracking_uri: str | None = None,
-    search_file: str | Path | None = None,
-    out_dir: str | Path | None = None,
-    fit_fraction: float = 0.5,
-    steps: int = 300,
-    lr: float = 0.05,
-    prune: bool = False,
-    seed: int = 0,
-) -> FitScalesResult:
-    """Fits per-path EnsembleScale factors (and with `prune` a path mask) of a trained MLflow run on a held-out part
-    of its validation split, reports the accuracy change on the rest, and logs the result as a new child run of
-    that run (PathConfig and weights with the fitted values, metrics before and after).
-
-    The data settings come from `search_file`, else from the run's search (its parent's `search.yaml`) with the
-    run's own `config.data.*` parameters applied.
-    """
-    from pathsearch.supernet import fit_scales_of_files  # tensors: only this verb needs them
-
-    uri = tracking_uri or default_tracking_uri()
-    client = MlflowClient(uri)
-    try:
-        source = client.get_run(run_id)
-    except Exception as err:  # MLflow raises its own exception types for an unknown run id
-        raise ValueError(f"no MLflow run {run_id!r} at {uri}: {err}") from None
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="pathsearch-fit-scales-"))
-    with tempfile.TemporaryDirectory() as tmp:
-        path_config = _download(client, run_id, "path_config.yaml", tmp)
-        weights = _download(client, run_id, "model_0.safetensors", tmp)
-        if search_file is None:
-            # the search's parent run holds search.yaml (a confirmation seed's run nests one level deeper)
-            parent = source.data.tags.get(SEARCH_TAG, source.data.tags.get("mlflow.parentRunId"))
-            if parent is None:
-                raise ValueError(f"run {run_id} belongs to no search: give the search file its data came from")
-            search_file = _download(client, parent, "search.yaml", tmp)
-        raw = yaml.safe_load(Path(search_file).read_text()) or {}
-        sections = {k: raw[k] for k in ("model", "data", "train") if k in raw}
-        data = dict(sections.get("data") or {})
-        for key, text in source.data.params.items():  # the trial's own data settings, if the search varied them
-            if key.startswith("config.data."):
-                data[key[len("config.data.") :]] = yaml.safe_load(text)
-        cfg = load_trial_config(None, data={**sections, "data": data}, source=str(search_file))
-        fit, files = fit_scales_of_files(path_config, weights, cfg, out, fit_fraction, steps, lr, prune, seed)
-    names = path_names(len(fit.keep) // 2)
-    factors = dict(zip(names, fit.factors, strict=True))
-    pruned = [n for n, k in zip(names, fit.keep, strict=True) if not k]
-
-    def log() -> str:
-        now = int(time.time() * 1000)
-        name = source.data.tags.get("mlflow.runName", run_id)
-        tags = {"mlflow.parentRunId": run_id, ROLE_TAG: "fit_scales", "pathsearch.source_run": run_id}
-        child = client.create_run(source.info.experiment_id, run_name=f"fit-scales of {name}", tags=tags).info.run_id
-        settings = dict(source_run_id=run_id, fit_fraction=fit_fraction, steps=steps, lr=lr, prune=prune, seed=seed)
-        settings["pruned"] = pruned
-        params = [Param(k, _param(v)) for k, v in settings.items()]
-        params += [Param(f"factor.{n}", f"{f:.6g}") for n, f in factors.items()]
-        client.log_batch(child, metrics=[Metric(k, float(v), now, 0) for k, v in fit.metrics.items()], params=params)
-        for path in files.values():
-            client.log_artifact(child, str(path))
-        client.set_terminated(child, status="FINISHED")
-        return str(child)
-
-    child = retry_until(uri, "logging the fit-scales run", log)
-    if child is None:
-        raise RuntimeError(f"MLflow at {uri} stayed unreachable: the fitted files are in {out}")
-    return FitScalesResult(child, run_id, fit.metrics, factors, pruned, files)
-
-
-def _download(client: MlflowClient, run_id: str, name: str, folder: str) -> Path:
-    try:
-        return Path(client.download_artifacts(run_id, name, folder))
-    except Exception as err:  # MLflow raises several types for a missing artifact
-        raise ValueError(f"run {run_id} has no artifact {name!r}: {err}") from None

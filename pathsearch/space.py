@@ -13,12 +13,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pathsearch.config import parse_number
 from pathsearch.paths import path_names
 
 MASK_BY = ("path", "layer", "group", "shortest")
 SCALE_BY = ("one", "group", "path")
 DIST_KEYS = {"low", "high", "log", "step", "choices", "when"}
+
+
+def parse_number(value: Any) -> int | float | None:
+    """A YAML number, or None. PyYAML reads `1e-4` (no dot) as a string, so numeric strings count too."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 class TrialLike(Protocol):

@@ -26,6 +26,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from pathsearch.results import trained_to_end
+
 TRIAL_TAG = "pathsearch.trial_id"
 SEARCH_TAG = "pathsearch.search"  # the search's parent run id, on every run of that search at any depth
 ROLE_TAG = "pathsearch.role"  # supernet | proxy | confirmation | confirmation_seed | fit_scales (search trials: none)
@@ -35,7 +37,7 @@ RETRIES_TAG = "pathsearch.retries"  # how often Tune retried the trial from its 
 TRIAL_ARTIFACTS = ("path_config.yaml", "path_analysis.json", "path_analysis.png", "model_0.safetensors")
 PENDING_FILE = "mlflow_pending.json"  # in the run directory: operations a flush could not send before its deadline
 RETRY_EVERY_S = 3.0  # between attempts to send the queue while the server is down
-START_TIMEOUT_S = 30.0  # how long a new search waits for its tracking server
+START_TIMEOUT_S = 30.0  # how long a search waits for its tracking server; env PATHSEARCH_MLFLOW_START_TIMEOUT_S
 FLUSH_TIMEOUT_S = 300.0  # default deadline for the end-of-search flush; env PATHSEARCH_MLFLOW_FLUSH_TIMEOUT_S
 # MLflow's HTTP client reads these at request time. Its defaults (7 retries, backoff factor 2, 120 s timeout)
 # block one request against a dead server for about 4 minutes (sleeps 0, 4, 8, ... 120 s), and with it the Tune
@@ -102,10 +104,12 @@ def _deadline_s(tracking_uri: str, timeout_s: float | None) -> float:
     return 0.0 if tracking_uri in _GAVE_UP else flush_timeout_s()
 
 
-def retry_until(tracking_uri: str, what: str, call: Callable[[], T], timeout_s: float | None = None) -> T | None:
+def retry_until(
+    tracking_uri: str, what: str, call: Callable[[], T], timeout_s: float | None = None, say_gave_up: bool = True
+) -> T | None:
     """`call()` with fail-fast requests, retried every few seconds while the server is unreachable, until a
-    deadline (default: the flush timeout). Returns None, with a warning, when the deadline passes; raises what
-    is not retryable."""
+    deadline (default: the flush timeout). Returns None, with a warning (unless the caller raises its own error:
+    `say_gave_up=False`), when the deadline passes; raises what is not retryable."""
     timeout = _deadline_s(tracking_uri, timeout_s)
     started = time.monotonic()
     warned = False
@@ -119,7 +123,8 @@ def retry_until(tracking_uri: str, what: str, call: Callable[[], T], timeout_s: 
             left = started + timeout - time.monotonic()
             if left <= 0:
                 _GAVE_UP.add(tracking_uri)
-                _say(f"MLflow at {tracking_uri} still unreachable: gave up {what} ({_reason(err)})")
+                if say_gave_up:
+                    _say(f"MLflow at {tracking_uri} still unreachable: gave up {what} ({_reason(err)})")
                 return None
             if not warned:
                 _say(f"MLflow at {tracking_uri} unreachable while {what}: retrying for up to {left:.0f}s")
@@ -132,6 +137,22 @@ def retry_until(tracking_uri: str, what: str, call: Callable[[], T], timeout_s: 
             return result
 
 
+def require_server(tracking_uri: str, what: str) -> None:
+    """A ValueError within START_TIMEOUT_S when the tracking store does not answer, not a hang in MLflow's own
+    retries (a search that starts or resumes needs it before anything else happens)."""
+    client = MlflowClient(tracking_uri)
+    timeout = float(os.environ.get("PATHSEARCH_MLFLOW_START_TIMEOUT_S", START_TIMEOUT_S))
+    if retry_until(tracking_uri, what, client.search_experiments, timeout, say_gave_up=False) is None:
+        raise ValueError(f"no MLflow tracking server answers at {tracking_uri}: start it, or check --tracking-uri")
+
+
+def reopen_parent_run(tracking_uri: str, run_id: str) -> None:
+    """Sets a search's parent run RUNNING again for `resume`, failing fast when the store is down."""
+    require_server(tracking_uri, "resuming the search")
+    with fail_fast():
+        MlflowClient(tracking_uri).update_run(run_id, status="RUNNING")
+
+
 def start_parent_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any]) -> tuple[str, str]:
     """Creates the store, the experiment and the search's parent run in the driver, before any trial starts
     (two trials creating a fresh SQLite store at once raced here). Returns (experiment_id, run_id).
@@ -139,8 +160,7 @@ def start_parent_run(tracking_uri: str, experiment: str, run_name: str, params: 
     A server that does not answer within START_TIMEOUT_S is a clear error before anything else happens, not a
     four-minute hang in MLflow's own retries."""
     client = MlflowClient(tracking_uri)
-    if retry_until(tracking_uri, "starting the search", client.search_experiments, START_TIMEOUT_S) is None:
-        raise ValueError(f"no MLflow tracking server answers at {tracking_uri}: start it, or check --tracking-uri")
+    require_server(tracking_uri, "starting the search")
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         experiment_id = found.experiment_id
@@ -150,7 +170,7 @@ def start_parent_run(tracking_uri: str, experiment: str, run_name: str, params: 
             location = (Path(tracking_uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
         experiment_id = client.create_experiment(experiment, artifact_location=location)
     run = client.create_run(experiment_id, run_name=run_name, tags={"pathsearch.kind": "search"})
-    client.log_batch(run.info.run_id, params=[Param(k, _short(v)) for k, v in params.items()])
+    client.log_batch(run.info.run_id, params=[Param(k, param_value(v)) for k, v in params.items()])
     return experiment_id, run.info.run_id
 
 
@@ -201,8 +221,8 @@ class MlflowTrialLogger(Callback):
     # ----- Tune events -> operations ------------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         config = trial.config
-        params = [[k, _short(v)] for k, v in sorted(config.items()) if k not in ("overrides",)]
-        params += [[f"config.{k}", _short(v)] for k, v in sorted(config.get("overrides", {}).items())]
+        params = [[k, param_value(v)] for k, v in sorted(config.items()) if k not in ("overrides",)]
+        params += [[f"config.{k}", param_value(v)] for k, v in sorted(config.get("overrides", {}).items())]
         tags = {
             "mlflow.parentRunId": self.parent_run_id,
             SEARCH_TAG: self.parent_run_id,
@@ -238,7 +258,7 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
-        pruned = int(last.get("epoch", 0)) < self.final_epoch
+        pruned = not trained_to_end(last, self.final_epoch)
         self._finish(trial, "KILLED" if pruned else "FINISHED", "PRUNED" if pruned else "COMPLETE")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
@@ -381,9 +401,7 @@ class MlflowTrialLogger(Callback):
             raise ValueError(f"unknown operation {op['op']!r}")
 
     def _find_run(self, trial_id: str) -> str | None:
-        query = f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{SEARCH_TAG}` = '{self.parent_run_id}'"
-        existing = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
-        return existing[0].info.run_id if existing else None
+        return find_trial_run(self.client, self.experiment_id, self.parent_run_id, trial_id)
 
     def _run_id(self, trial_id: str) -> str:
         """The trial's run; after a restore (`_runs` is not pickled) found by tag."""
@@ -481,9 +499,25 @@ def end_parent_run(
     retry_until(tracking_uri, f"ending the parent run {run_id} (left RUNNING if this fails)", end)
 
 
-def _short(value: Any) -> str:
+def param_value(value: Any) -> str:
+    """A parameter value as every pathsearch run logs it: str of the value, cut to MLflow's limit."""
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def find_trial_run(client: MlflowClient, experiment_id: str, search_run_id: str, trial_id: str) -> str | None:
+    """The MLflow run of a Tune trial of a search (any stage), found by its tags; None if it has none yet."""
+    query = f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{SEARCH_TAG}` = '{search_run_id}'"
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def download_artifact(client: MlflowClient, run_id: str, name: str, folder: str | Path) -> Path:
+    """A run's artifact downloaded into `folder`; a ValueError naming the run and the file when it has none."""
+    try:
+        return Path(client.download_artifacts(run_id, name, str(folder)))
+    except Exception as err:  # MLflow raises several types for a missing artifact
+        raise ValueError(f"run {run_id} has no artifact {name!r}: {err}") from None
 
 
 def _reason(err: BaseException) -> str:
@@ -498,12 +532,3 @@ def _reason(err: BaseException) -> str:
 
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def ui_command(tracking_uri: str | None, port: int) -> tuple[list[str], dict[str, Any]]:
-    """`mlflow server` for one store on 127.0.0.1 with lean settings (one worker, no job execution)."""
-    uri = tracking_uri or default_tracking_uri()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    return cmd, env

@@ -16,7 +16,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +33,10 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader
 
+from pathsearch.analysis import analyze_paths
 from pathsearch.config import TrialConfig, load_trial_config, to_dict
 from pathsearch.data import DataBundle, load_data
-from pathsearch.model import PathEnsembleViT, analyze_paths, create_path_vit
+from pathsearch.model import PathEnsembleViT, create_path_vit
 from pathsearch.supernet import sample_supernet_masks, supernet_loss
 
 Report = Callable[[dict[str, Any], str | None], None]
@@ -54,8 +55,8 @@ class FitResult:
 
 
 @dataclass
-class _Run:
-    """One seed's model, optimiser, schedule and data order."""
+class SeedRun:
+    """One seed's model, optimiser, schedule and data order: seed s starts every configuration alike."""
 
     seed: int
     model: PathEnsembleViT
@@ -88,7 +89,8 @@ def fit(
         checkpoint_dir: a checkpoint written by an earlier `fit` to resume from (exactly).
         work_dir: where new checkpoints go (default: a fresh temporary folder); older ones are removed once the
             next is reported.
-        cpus: CPUs given to this trial; sets torch's thread count (reused Ray actors keep the last one).
+        cpus: CPUs given to this trial; sets torch's thread count unless `train.threads` does (see torch_threads;
+            reused Ray actors keep the last one).
         device: "cpu" or "cuda" (default: cuda when available).
         progress: show a progress bar per epoch (for the CLI).
 
@@ -97,10 +99,10 @@ def fit(
         left to train): that checkpoint's saved metrics (test ones included, when it has them) and no files.
 
     Raises:
-        ValueError: `cfg.train.test` is set and the data has no test split (checked before any training).
+        ValueError: `cfg.train.test` is set and the data has no test split, or OMP_NUM_THREADS is unreadable
+            (checked before any training).
     """
-    threads = cfg.train.threads or cpus or len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
+    torch.set_num_threads(torch_threads(cfg.train.threads, cpus))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bundle = load_trial_data(cfg)
     if cfg.train.test and bundle.test is None:
@@ -115,7 +117,7 @@ def fit(
     # timm's Mixup draws from numpy and its augmentations from `random`: seed both, like torch, per trial.
     np.random.seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    runs = [_build_run(cfg, bundle, cfg.train.seed + k, dev) for k in range(cfg.train.seeds)]
+    runs = [build_seed_run(cfg, bundle, cfg.train.seed + k, dev) for k in range(cfg.train.seeds)]
     start_epoch = 0
     if resume is not None:
         start_epoch = _restore(runs, Path(str(checkpoint_dir)), resume)
@@ -171,6 +173,27 @@ def fit(
     return FitResult(metrics, previous, files)
 
 
+def torch_threads(configured: int | None, cpus: int | None, environ: Mapping[str, str] = os.environ) -> int:
+    """Torch's thread count for a trial: `train.threads`; else the CPUs Ray gave the trial (its share of the node,
+    so concurrent trials do not oversubscribe it, whatever OMP_NUM_THREADS the workers inherited); else
+    OMP_NUM_THREADS (how a process is sized by hand, e.g. `pathsearch train` beside other jobs); else every core
+    this process may use. A set but unreadable OMP_NUM_THREADS is a ValueError, not silently ignored."""
+    if configured:
+        return configured
+    if cpus:
+        return cpus
+    text = environ.get("OMP_NUM_THREADS", "").strip()
+    if not text:
+        return len(os.sched_getaffinity(0))
+    try:
+        threads = int(text.split(",")[0])  # OpenMP's nested form "4,2": the outer level
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(f"OMP_NUM_THREADS={text!r}: expected a whole number >= 1 (or unset it, or set train.threads)")
+    return threads
+
+
 def load_trial_data(cfg: TrialConfig) -> DataBundle:
     d = cfg.data
     img_size = d.img_size or cfg.model.kwargs.get("img_size")
@@ -210,7 +233,7 @@ def load_checkpoint_model(
     return model.eval(), cfg
 
 
-def _build_run(cfg: TrialConfig, bundle: DataBundle, seed: int, dev: torch.device) -> _Run:
+def build_seed_run(cfg: TrialConfig, bundle: DataBundle, seed: int, dev: torch.device) -> SeedRun:
     model = build_model(cfg, bundle, seed).to(dev)
     if dev.type == "cuda" and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -236,7 +259,7 @@ def _build_run(cfg: TrialConfig, bundle: DataBundle, seed: int, dev: torch.devic
         t_in_epochs=False,
     )
     masks = torch.Generator().manual_seed(seed + 7919)  # a stream of its own: shuffling is unchanged by supernet mode
-    return _Run(seed, model, optimizer, scheduler, generator, loader, masks)
+    return SeedRun(seed, model, optimizer, scheduler, generator, loader, masks)
 
 
 def _make_mixup(cfg: TrialConfig, num_classes: int) -> Mixup | None:
@@ -259,7 +282,7 @@ def _autocast(dev: torch.device, amp: bool) -> Any:
 
 
 def _train_one_epoch(
-    run: _Run,
+    run: SeedRun,
     cfg: TrialConfig,
     epoch: int,
     criterion: nn.Module,
@@ -351,7 +374,7 @@ def _summarise(per_seed: list[dict[str, float]]) -> dict[str, Any]:
 
 
 # ----- checkpoints: safetensors for tensors, JSON for the rest -------------------------------------------------
-def _write_checkpoint(path: Path, runs: list[_Run], cfg: TrialConfig, epoch: int, metrics: dict[str, Any]) -> None:
+def _write_checkpoint(path: Path, runs: list[SeedRun], cfg: TrialConfig, epoch: int, metrics: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -381,6 +404,7 @@ def _write_checkpoint(path: Path, runs: list[_Run], cfg: TrialConfig, epoch: int
         "epoch": epoch,
         "config": to_dict(cfg),
         "metrics": metrics,
+        "threads": torch.get_num_threads(),  # what images_per_s was measured with
         "runs": run_states,
         "numpy_rng": [np_state[0], np.asarray(np_state[1]).tolist(), *[_plain(v) for v in np_state[2:]]],
         "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
@@ -401,7 +425,7 @@ def _read_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def _restore(runs: list[_Run], path: Path, state: dict[str, Any]) -> int:
+def _restore(runs: list[SeedRun], path: Path, state: dict[str, Any]) -> int:
     if len(state["runs"]) != len(runs):
         raise ValueError(f"{path}: checkpoint holds {len(state['runs'])} seeds, the config asks for {len(runs)}")
     for k, (run, saved) in enumerate(zip(runs, state["runs"], strict=True)):
@@ -449,7 +473,7 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 
 
 def _write_final_artifacts(
-    ckpt: Path, runs: list[_Run], val_loader: DataLoader[Any], dev: torch.device
+    ckpt: Path, runs: list[SeedRun], val_loader: DataLoader[Any], dev: torch.device
 ) -> dict[str, Path]:
     """Path analysis (JSON + PNG) and the final PathConfig of each seed, inside the last checkpoint."""
     files: dict[str, Path] = {}

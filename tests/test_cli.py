@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pathsearch import cli
+from pathsearch.cli import build_parser
 from pathsearch.paths import PathConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,11 +107,38 @@ def test_bad_cli_input_exits_2_with_a_message(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def parser_verbs() -> dict[str, argparse.ArgumentParser]:
+    """Every verb the CLI's parser defines, with its subparser (read from the parser: a new verb is covered)."""
+    (verbs,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(verbs.choices)
+
+
+VERBS = parser_verbs()
+
+
 def test_help_lists_every_verb():
+    assert {"demo", "train", "validate", "search", "resume", "export", "ui"} <= set(VERBS)  # the parser was read
     result = subprocess.run([sys.executable, "-m", "pathsearch.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for verb in ("demo", "train", "validate", "search", "export", "ui"):
-        assert verb in result.stdout
+    listed = {line.split()[0] for line in result.stdout.splitlines() if line.startswith("    ") and line.split()}
+    assert set(VERBS) <= listed, result.stdout
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_each_verbs_help_works_and_names_its_arguments(verb, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([verb, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: pathsearch {verb}"), out
+    flat = "".join(out.split())  # argparse wraps help text to the terminal width (at spaces and hyphens)
+    for action in VERBS[verb]._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        for name in action.option_strings or [action.metavar or action.dest]:  # --flags, or a positional's name
+            assert name in out, f"pathsearch {verb} --help does not name {name}"
+        if action.help and "%" not in action.help:
+            assert "".join(action.help.split()) in flat, f"pathsearch {verb} --help lacks: {action.help}"
 
 
 def test_ui_verb_serves_the_mlflow_ui_on_loopback(tmp_path):
@@ -145,3 +175,118 @@ def test_ui_verb_points_at_a_tracking_server_instead_of_starting_one():
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 0 and "MLflow UI at http://127.0.0.1:5999 (the tracking server serves it)" in proc.stdout
+
+
+# ----- --set, bad search files, one folder per run -------------------------------------------------------------
+TINY_TRIAL = """\
+# one trial only: no space section (pathsearch train needs none)
+model:
+  name: vit_tiny_patch16_224
+  kwargs: {depth: 2, embed_dim: 32, num_heads: 2, patch_size: 2}
+data: {name: synthetic, train_size: 64, val_size: 16}
+train: {epochs: 1, warmup_epochs: 0}
+"""
+
+
+@pytest.mark.parametrize("verb", ["train", "validate", "search", "submit"])
+def test_set_takes_several_overrides_after_one_flag(verb, capsys):
+    from pathsearch.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args([verb, "f.yaml", "--set", "a=1", "b.c=x y", "--set", "d=3", "--set", "e=4"])
+    assert args.file == "f.yaml" and args.set == ["a=1", "b.c=x y", "d=3", "e=4"]
+    if verb in ("search", "submit"):  # the next option ends the list
+        assert parser.parse_args([verb, "f.yaml", "--set", "a=1", "b=2", "--name", "n"]).name == "n"
+    # after --set, a file would be read as one more override: refused, naming it (argparse exits 2)
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args([verb, "--set", "a=1", "b=2", "f.yaml"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --set: expected KEY=VALUE, got 'f.yaml' (give a file before --set: FILE --set a=1 b=2)" in err
+
+
+def test_several_overrides_after_one_set_reach_the_search_file():
+    digits = ROOT / "search_spaces" / "digits_tiny.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "pathsearch.cli", "validate", str(digits),
+         "--set", "search.num_samples=4", "train.epochs=2", "--set", "search.seed=3"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert (resolved["search"]["num_samples"], resolved["train"]["epochs"], resolved["search"]["seed"]) == (4, 2, 3)
+
+
+def test_an_empty_or_spaceless_search_file_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Once an empty file validated (exit 0) and `search` ran a default search; a file without space searched
+    nothing. Now each is one line naming the file and key, before anything is written."""
+    from pathsearch import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "comments.yaml").write_text("# nothing yet\n")
+    (tmp_path / "spaceless.yaml").write_text(TINY_TRIAL)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    expected = {
+        "empty.yaml": "empty.yaml: top level: expected a mapping of sections",
+        "comments.yaml": "comments.yaml: top level: expected a mapping of sections",
+        "spaceless.yaml": "spaceless.yaml: space: nothing to search (no entries), got None",
+    }
+    for name, message in expected.items():
+        for verb in ("validate", "search", "submit"):
+            extra = ["--storage-path", str(tmp_path / "runs")] if verb == "search" else []
+            assert cli.main([verb, name, *extra]) == 2
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"pathsearch {verb}: error: {message}"), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run folder, no mlflow.db
+
+
+def _train(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "pathsearch.cli", "train", "tiny.yaml", "--no-progress", *args]
+    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_two_train_runs_started_together_get_two_complete_folders(tmp_path):
+    """Both runs start in one folder at once. Every default name of the next two minutes is taken already (another
+    run's folder), so both must take a suffix: they once shared runs/train/<stem>-<second> and overwrote each other."""
+    import time
+
+    (tmp_path / "tiny.yaml").write_text(TINY_TRIAL)  # no space section: `train` accepts it
+    taken = set()
+    for seconds in range(120):
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() + seconds))
+        taken.add(tmp_path / "runs" / "train" / f"tiny-{stamp}")
+    for folder in taken:
+        folder.mkdir(parents=True, exist_ok=True)
+    procs = [_train(tmp_path), _train(tmp_path)]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    folders = []
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+        checkpoint = tmp_path / next(line for line in out.splitlines() if line.startswith("checkpoint: "))[12:]
+        assert checkpoint.name == "checkpoint_0001" and checkpoint.parent not in taken
+        assert {p.name for p in checkpoint.parent.iterdir()} == {"checkpoint_0001"}  # nothing of the other run
+        assert {"state.json", "model_0.safetensors", "path_config.yaml"} <= {p.name for p in checkpoint.iterdir()}
+        folders.append(checkpoint.parent)
+    assert folders[0] != folders[1]
+    assert all(not any(folder.iterdir()) for folder in taken)  # the other runs' folders are untouched
+
+
+def test_train_refuses_an_existing_out_folder_unless_it_resumes_the_run_in_it(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY_TRIAL)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("another run's")
+    out, err = _train(tmp_path, "--out", str(other)).communicate(timeout=600)
+    assert err.strip().splitlines() == [
+        f"pathsearch train: error: --out {other}: already exists; choose another --out, "
+        "or --resume a checkpoint of the run in it"
+    ]
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    run = tmp_path / "run"
+    first = _train(tmp_path, "--out", str(run))
+    assert first.wait(timeout=600) == 0, first.communicate()[1][-3000:]
+    resumed = _train(tmp_path, "--out", str(run), "--resume", str(run / "checkpoint_0001"), "--set", "train.epochs=2")
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "epoch   2/2" in out and (run / "checkpoint_0002" / "state.json").is_file()

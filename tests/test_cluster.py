@@ -330,6 +330,6 @@ def test_killed_worker_node_trials_resume_from_checkpoints(cluster):
 
 
 def session_pids(sid: int) -> list[int]:
-    from pathsearch.localcluster import _session_pids
+    from pathsearch.localcluster import session_pids as pids
 
-    return _session_pids(sid)
+    return pids(sid)

@@ -19,10 +19,11 @@ import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pathsearch.confirm import BASELINE, describe, paired_difference
+from pathsearch.confirm import describe
 from pathsearch.export import export_best
 from pathsearch.paths import PathConfig
 from pathsearch.search import run_search
+from pathsearch.verdict import BASELINE, paired_difference
 
 sys.path.insert(0, str(Path(__file__).parent))
 import toy_search
@@ -299,14 +300,14 @@ def test_the_same_seed_gives_two_configurations_the_same_trunk_and_batch_order()
     import torch
 
     from pathsearch.config import load_trial_config
-    from pathsearch.train import _build_run, load_trial_data
+    from pathsearch.train import build_seed_run, load_trial_data
 
     def run(seed: int, **model):
         base = yaml.safe_load(DIGITS.read_text())
         sections = {"model": {**base["model"], **model, "kwargs": {**base["model"]["kwargs"], "depth": 2}},
                     "data": base["data"], "train": {**base["train"], "seed": seed}}  # fmt: skip
         cfg = load_trial_config(None, data=sections)
-        return _build_run(cfg, load_trial_data(cfg), seed, torch.device("cpu"))
+        return build_seed_run(cfg, load_trial_data(cfg), seed, torch.device("cpu"))
 
     a = run(3, pruned=["embed", "attn.1"])
     b = run(3, pruned=[], ensemble_scale={"kind": "vector", "init": 0.1}, distill={"alpha": 0.5, "students": [1]})

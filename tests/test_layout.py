@@ -1,4 +1,5 @@
-"""Checks the project's import rules (STYLE.md) from the AST, and that ruff and mypy stay clean."""
+"""Checks the project's import rules from the AST (no cycles, no private names across modules, no torch in the
+orchestration layer), and that ruff and mypy stay clean."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pathsearch"
 HEAVY_TENSOR = {"torch", "timm", "torchvision"}
 ORCHESTRATION = {"ray", "optuna", "mlflow"}
+TENSOR_MODULES = {
+    f"pathsearch.{m}" for m in ("model", "scoring", "analysis", "data", "train", "supernet", "proxy", "demo")
+}
 # module -> top-level packages it must never import at module level
 FORBIDDEN = {
     "config": HEAVY_TENSOR | ORCHESTRATION | {"numpy"},
@@ -26,8 +30,20 @@ FORBIDDEN = {
     "search": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
     "tracking": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
     "export": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
+    # `pathsearch ui`: imports tracking/export (which import ray) only inside its functions
+    "ui": HEAVY_TENSOR | {"ray", "pathsearch.model", "pathsearch.train", "pathsearch.data"},
     "confirm": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data", "pathsearch.supernet"},
     "supernet": ORCHESTRATION,
+    "scoring": ORCHESTRATION,
+    "analysis": ORCHESTRATION,
+    "proxy": ORCHESTRATION,
+    # orchestration: torch and the tensor modules only inside the functions that Ray runs
+    "results": HEAVY_TENSOR | {"ray", "mlflow", "pathsearch"},
+    "verdict": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch"},
+    "searcher": HEAVY_TENSOR | TENSOR_MODULES,
+    "runner": HEAVY_TENSOR | TENSOR_MODULES,
+    "full": HEAVY_TENSOR | TENSOR_MODULES,
+    "fitscales": HEAVY_TENSOR | TENSOR_MODULES,
     "oneshot": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data", "pathsearch.supernet"},
     # client side of a cluster: imports ray only inside the functions that need it, so `local.sh status` is quick
     "cluster": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
@@ -63,6 +79,92 @@ def test_module_respects_import_boundaries(module):
         name for name in imported for banned in FORBIDDEN[module] if name == banned or name.startswith(banned + ".")
     )
     assert not bad, f"pathsearch/{module}.py imports {bad} at module level"
+
+
+def pathsearch_imports(path: Path) -> set[str]:
+    """The pathsearch modules a file imports anywhere (module level and inside functions)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.startswith("pathsearch.")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "pathsearch":  # from pathsearch import full, oneshot
+                names |= {f"pathsearch.{a.name}" for a in node.names}
+            elif node.module.startswith("pathsearch."):
+                names.add(node.module)
+    return {n.split(".")[1] for n in names}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of a module graph (module -> modules it imports), or None."""
+    state: dict[str, str] = {}
+
+    def visit(module: str, trail: list[str]) -> list[str] | None:
+        state[module] = "open"
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == "open":
+                return [*trail[trail.index(target) :], target]
+            if target not in state and (cycle := visit(target, [*trail, target])):
+                return cycle
+        state[module] = "done"
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (cycle := visit(module, [module])):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    """Every arrow between modules points one way, function-level imports included."""
+    graph = {p.stem: pathsearch_imports(p) - {p.stem} for p in PACKAGE.glob("*.py")}
+    assert find_cycle(graph) is None, "import cycle: " + " -> ".join(find_cycle(graph) or [])
+
+
+def test_a_cycle_is_found(tmp_path):
+    """The check itself: two modules importing each other inside functions, and a longer circle."""
+    (tmp_path / "a.py").write_text("def f():\n    from pathsearch.b import g\n")
+    (tmp_path / "b.py").write_text("def g():\n    from pathsearch import a\n")
+    graph = {p.stem: pathsearch_imports(p) for p in tmp_path.glob("*.py")}
+    assert graph == {"a": {"b"}, "b": {"a"}}
+    assert find_cycle(graph) == ["a", "b", "a"]
+    assert find_cycle({"x": {"y"}, "y": {"z"}, "z": {"x"}, "w": {"x"}}) == ["x", "y", "z", "x"]
+    assert find_cycle({"x": {"y"}, "y": {"z"}, "w": {"x", "z"}}) is None
+
+
+def private_imports(path: Path) -> list[str]:
+    """`from pathsearch.x import _y` and `module._y` (module imported from pathsearch) anywhere in a file."""
+    tree = ast.parse(path.read_text())
+    found, modules = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pathsearch":
+            for alias in node.names:
+                if alias.name.startswith("_"):
+                    found.append(f"{path.name}:{node.lineno} imports {node.module}.{alias.name}")
+                elif node.module == "pathsearch":
+                    modules.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            modules |= {a.asname or a.name for a in node.names if a.name.startswith("pathsearch")}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = ast.unparse(node.value)
+            if base in modules:
+                found.append(f"{path.name}:{node.lineno} uses {base}.{node.attr}")
+    return found
+
+
+@pytest.mark.parametrize("folder", ["pathsearch", "tests", "benchmarks"])
+def test_no_private_name_crosses_a_module(folder):
+    found = [hit for path in sorted((ROOT / folder).glob("*.py")) for hit in private_imports(path)]
+    assert not found, "a private name is used outside its module (make it public where both can see it):\n" + (
+        "\n".join(found)
+    )
+
+
+def test_private_names_are_found(tmp_path):
+    path = tmp_path / "x.py"
+    path.write_text("from pathsearch.search import _base\nfrom pathsearch import data\ndata._rows(1)\n")
+    assert len(private_imports(path)) == 2
 
 
 def test_cli_help_imports_no_torch():

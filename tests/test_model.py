@@ -10,7 +10,7 @@ from timm.optim import create_optimizer_v2
 from pathsearch.model import PathEnsembleViT, create_path_vit
 from pathsearch.paths import EnsembleScaleConfig, PathConfig
 
-# Each entry: (id, timm kwargs) for the equivalence table of issue 2.
+# Each entry: (id, timm kwargs): the timm ViT variants whose path-ensemble view must equal timm's own forward.
 EQUIVALENCE_CASES = [
     ("class_token_pool", {}),
     ("avg_pool_fc_norm", {"global_pool": "avg"}),
@@ -111,7 +111,7 @@ def test_non_vit_models_are_refused():
         PathEnsembleViT(torch.nn.Sequential())
 
 
-def test_path_names_follow_the_design_note():
+def test_path_names_are_embed_then_attn_and_mlp_per_block():
     model = PathEnsembleViT(tiny_timm_vit(depth=4))
     assert model.path_names == ["embed"] + [f"{k}.{layer}" for layer in range(1, 5) for k in ("attn", "mlp")]
     assert model.num_paths == 9

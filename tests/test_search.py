@@ -26,6 +26,7 @@ import toy_search  # noqa: E402  (tests/toy_search.py)
 
 ray.cloudpickle.register_pickle_by_value(toy_search)  # workers need not import the tests folder
 toy_trial = toy_search.toy_trial
+noisy_toy_trial = toy_search.noisy_toy_trial
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,72 @@ def test_each_trial_gets_one_nested_run_with_params_metrics_artifacts(tmp_path, 
     first = study(result)[0]
     assert first["params"] and not any(first["params"].values())
     assert result.baseline is not None and result.baseline["kept_paths"] == 5
-    assert result.best is not None and result.best["val_acc"] >= result.baseline["val_acc"]
+    assert result.baseline["optuna_trial"] == 0 and result.baseline["overrides"] == {"model.pruned": []}
+    assert result.baseline["val_acc"] == pytest.approx(0.5)  # the clean toy: 0.5 + 0.04 per pruned path
+    # The clean toy's truth, not the search's max: the best trial is one that pruned the most paths (MLflow's params)
+    pruned = [json.loads(c.data.params["config.model.pruned"].replace("'", '"')) for c in children]
+    most = max(len(p) for p in pruned)
+    assert most > 0, "only the baseline was trained: nothing to choose between"
+    assert result.best is not None and len(result.best["overrides"]["model.pruned"]) == most
+    assert result.best["val_acc"] == pytest.approx(0.5 + 0.04 * most) and result.best["kept_paths"] == 5 - most
+    best_run = next(c for c in children if c.data.tags["pathsearch.trial_id"] == result.best["trial_id"])
+    assert best_run.data.metrics["val_acc"] == pytest.approx(result.best["val_acc"])
+    assert parents[0].data.metrics["best_val_acc"] == pytest.approx(0.5 + 0.04 * most)
+    assert parents[0].data.metrics["baseline_val_acc"] == pytest.approx(0.5)
+    assert PathConfig.load(result.run_dir / "best_path_config.yaml").pruned == result.best["overrides"]["model.pruned"]
+
+
+def test_under_noise_the_best_is_the_top_scored_trial_and_every_store_agrees_on_each_value(tmp_path, local_ray):
+    """The noisy toy (true optimum k = 2 shortest pruned; each configuration's val_acc carries seeded noise as large
+    as the gaps): whatever the noise shows, the search's best is the trial that scored highest, its baseline is the
+    enqueued base configuration, and Optuna, MLflow and the trainable agree on every trial's value."""
+    space = {
+        "model.pruned": {"by": "shortest", "low": 0, "high": 4},
+        "train.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+    }
+    spec = toy_spec(tmp_path, space, {"num_samples": 8, "sampler": "tpe", "max_concurrent_trials": 2})
+    spec.raw["train"]["lr"] = 1.0e-3  # the base learning rate: the baseline trains it
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_search(spec, tmp_path / "runs", uri, name="noisy", verbose=False, trainable=noisy_toy_trial)
+    noisy, names = toy_search.NOISY, path_names(2)
+
+    def score(params: dict) -> float:  # what the noisy toy reports for the configuration of these Optuna params
+        overrides = {"model.pruned": names[: params["prune.shortest"]], "train.lr": params["train.lr"]}
+        return toy_search.toy_score(noisy, params["prune.shortest"], toy_search.noise_seed(noisy, 0, overrides), "val")
+
+    trials = study(result)
+    trained = [t for t in trials if t["state"] == "COMPLETE" and not t["user_attrs"].get("pathsearch.reused")]
+    assert len(trained) == len(trials) - result.counts["reused"] and len(trained) >= 6
+    for t in trials:  # Optuna holds the trainable's value of every trial (reused ones too)
+        assert t["state"] == "COMPLETE" and t["values"] == [pytest.approx(score(t["params"]))]
+    _, parents, children = child_runs(uri)
+    runs = {int(c.data.tags["pathsearch.optuna_trial"]): c for c in children}
+    assert len(children) == len(runs) and set(runs) == {t["number"] for t in trained}
+    client = MlflowClient(uri)
+    for t in trained:  # MLflow: the same final value, at the last epoch, and the same parameters
+        run = runs[t["number"]]
+        assert run.info.status == "FINISHED" and run.data.metrics["val_acc"] == pytest.approx(t["values"][0])
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3, 4]
+        assert run.data.params["prune.shortest"] == str(t["params"]["prune.shortest"])
+        assert float(run.data.params["train.lr"]) == pytest.approx(t["params"]["train.lr"])
+    # the noise matters: some trial scored above another whose configuration is truly better
+    pairs = [(a, b) for a in trained for b in trained if a["values"][0] > b["values"][0]]
+    means = noisy["means"]
+    assert any(means[a["params"]["prune.shortest"]] < means[b["params"]["prune.shortest"]] for a, b in pairs)
+
+    top = max(trained, key=lambda t: t["values"][0])  # values are distinct floats: no tie to break
+    assert result.best is not None and result.best["optuna_trial"] == top["number"]
+    assert result.best["val_acc"] == pytest.approx(top["values"][0])
+    assert result.best["trial_id"] == runs[top["number"]].data.tags["pathsearch.trial_id"]
+    assert result.best["overrides"]["model.pruned"] == names[: top["params"]["prune.shortest"]]
+    assert PathConfig.load(result.run_dir / "best_path_config.yaml").pruned == result.best["overrides"]["model.pruned"]
+    assert result.baseline is not None and result.baseline["optuna_trial"] == 0
+    assert trials[0]["params"] == {"prune.shortest": 0, "train.lr": 1.0e-3}
+    assert result.baseline["overrides"] == {"model.pruned": [], "train.lr": 1.0e-3}
+    assert result.baseline["val_acc"] == pytest.approx(score(trials[0]["params"]))
+    assert result.baseline["trial_id"] == runs[0].data.tags["pathsearch.trial_id"]
+    assert parents[0].data.metrics["best_val_acc"] == pytest.approx(top["values"][0])
+    assert parents[0].data.metrics["baseline_val_acc"] == pytest.approx(result.baseline["val_acc"])
 
 
 def test_asha_stopped_trials_are_pruned_in_optuna_and_killed_in_mlflow(tmp_path, local_ray):
@@ -280,15 +346,29 @@ def test_multi_objective_search_keeps_and_exports_the_pareto_front(tmp_path, loc
         {"model.pruned": {"by": "shortest", "low": 0, "high": 4}},
         {"metric": ["val_acc", "kept_paths"], "mode": ["max", "min"], "sampler": "nsga2", "num_samples": 5},
     )
+    spec.search.enqueue = [{"prune.shortest": k} for k in (1, 2, 3, 4)]  # with the baseline: every k, once
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = run_search(spec, tmp_path / "runs", uri, name="pareto", verbose=False, trainable=toy_trial)
-    # toy: pruning more paths raises val_acc and lowers kept_paths, so the most-pruned trial dominates all
-    assert result.pareto and len(result.pareto) == 1
+    result = run_search(spec, tmp_path / "runs", uri, name="pareto", verbose=False, trainable=noisy_toy_trial)
+    # The noisy toy's own scores (true optimum k = 2, then seed noise) give the front: walking from the fewest kept
+    # paths (k = 4) up, a configuration is on it when its val_acc beats every configuration that keeps fewer paths.
+    noisy, names = toy_search.NOISY, path_names(2)
+    val = {k: toy_search.toy_score(noisy, k, toy_search.noise_seed(noisy, 0, {"model.pruned": names[:k]}), "val")
+           for k in range(5)}  # fmt: skip
+    expected, beaten = [], float("-inf")
+    for k in (4, 3, 2, 1, 0):
+        if val[k] > beaten:
+            expected.append(k)
+            beaten = val[k]
+    assert 1 < len(expected) < 5  # a real trade-off: neither one configuration nor all of them
+    expected.reverse()  # best val_acc first, as the front is listed
+    assert [len(r["overrides"]["model.pruned"]) for r in result.pareto] == expected
+    assert [r["val_acc"] for r in result.pareto] == pytest.approx([val[k] for k in expected])
+    assert [r["kept_paths"] for r in result.pareto] == [5 - k for k in expected]
     front = yaml.safe_load((result.run_dir / "pareto_front.yaml").read_text())
-    assert front[0]["kept_paths"] == min(r["kept_paths"] for r in [result.pareto[0]])
+    assert [(f["trial_id"], f["overrides"]) for f in front] == [(r["trial_id"], r["overrides"]) for r in result.pareto]
     exported = export_pareto("toy", tmp_path / "front.yaml", ["val_acc", "kept_paths"], ["max", "min"], uri)
-    assert len(exported) == 1
-    assert PathConfig.load(exported[0].files["path_config"]).pruned == result.pareto[0]["overrides"]["model.pruned"]
+    assert [len(PathConfig.load(e.files["path_config"]).pruned) for e in exported] == expected
+    assert [e.metrics for e in exported] == [{"val_acc": pytest.approx(val[k]), "kept_paths": 5 - k} for k in expected]
 
 
 def test_ctrl_c_interrupts_cleanly_and_resume_finishes(tmp_path):

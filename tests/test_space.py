@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import optuna
@@ -83,8 +84,44 @@ def test_conditional_entry_is_sampled_only_when_its_condition_holds(tmp_path):
 
 
 def test_tpe_runs_define_by_run_over_the_shipped_space():
+    """TPE past its random start samples only legal configurations of digits_tiny's space: the k shortest paths
+    pruned, values inside their ranges and choices, the temperature exactly when alpha is 0.5, each override the
+    very value Optuna recorded (so TPE models what was trained)."""
     spec = load_search_file(DIGITS, model_depth=model_depth)
-    assert len(sample_many(spec, n=15, sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=5))) == 15
+    base = {k: spec.raw.get(k) for k in ("model", "data", "train")}
+    names = path_names(6)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=5))
+    for _ in range(15):
+        trial = study.ask()
+        o = sample_overrides(trial, spec.space, base)
+        p = trial.params
+        conditional = {"model.distill.temperature"} if o["model.distill.alpha"] == 0.5 else set()
+        assert set(o) == {"model.pruned", "model.ensemble_scale.init", "model.distill.alpha", "train.lr"} | conditional
+        assert set(p) == {"prune.shortest", "ensemble_scale.init", "model.distill.alpha", "train.lr"} | conditional
+        assert 0 <= p["prune.shortest"] <= 6 and o["model.pruned"] == names[: p["prune.shortest"]]
+        assert o["model.ensemble_scale.init"] == p["ensemble_scale.init"] and 0.01 <= p["ensemble_scale.init"] <= 1.0
+        assert o["model.distill.alpha"] == p["model.distill.alpha"] in (0.0, 0.5)
+        assert o["train.lr"] == p["train.lr"] and 5.0e-4 <= p["train.lr"] <= 2.0e-3
+        if conditional:
+            assert o["model.distill.temperature"] == p["model.distill.temperature"] in (1.0, 2.0, 4.0)
+        study.tell(trial, len(o["model.pruned"]) + 1000 * o["train.lr"])  # an objective TPE can model
+    assert len(study.trials) == 15 and all(t.state.name == "COMPLETE" for t in study.trials)
+
+
+def test_random_samples_follow_each_entrys_distribution():
+    """400 random draws of digits_tiny's space: each choice about equally often, log ranges uniform in log space."""
+    spec = load_search_file(DIGITS, model_depth=model_depth)
+    samples = sample_many(spec, n=400)
+    counts = Counter(len(o["model.pruned"]) for o in samples)
+    assert set(counts) == set(range(7)) and all(30 <= c <= 90 for c in counts.values()), counts  # 57 expected
+    on = [o for o in samples if o["model.distill.alpha"] == 0.5]
+    assert 160 <= len(on) <= 240 and all(o["model.distill.alpha"] == 0.0 for o in samples if o not in on)
+    temperatures = Counter(o["model.distill.temperature"] for o in on)
+    assert set(temperatures) == {1.0, 2.0, 4.0} and min(temperatures.values()) >= len(on) / 3 - 25, temperatures
+    # log-uniform: half of the draws below the geometric middle (a uniform draw: 1/3 for lr, 1/11 for the init)
+    below = sum(o["train.lr"] < 1.0e-3 for o in samples), sum(o["model.ensemble_scale.init"] < 0.1 for o in samples)
+    assert all(160 <= b <= 240 for b in below), below
+    assert all(5.0e-4 <= o["train.lr"] <= 2.0e-3 and 0.01 <= o["model.ensemble_scale.init"] <= 1.0 for o in samples)
 
 
 # ----- validation: a table of malformed files, each must name its key and exit 2 ------------------------------

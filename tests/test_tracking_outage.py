@@ -23,7 +23,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pathsearch.paths import PathConfig
-from pathsearch.tracking import PENDING_FILE, MlflowTrialLogger, fail_fast, send_pending, ui_command
+from pathsearch.tracking import PENDING_FILE, MlflowTrialLogger, fail_fast, send_pending
+from pathsearch.ui import ui_command
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_search import child_runs, toy_spec  # tests/test_search.py

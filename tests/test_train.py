@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -125,11 +126,18 @@ def test_pruned_trial_changes_val_acc_but_not_trunk_compute(tmp_path):
 def test_several_seeds_report_mean_and_spread(tmp_path):
     cfg = load_trial_config(None, [*TINY, "train.epochs=1", "train.seeds=3"])
     rec = Recorder()
-    fit(cfg, rec, work_dir=tmp_path)
+    fit(cfg, rec, work_dir=tmp_path / "three")
     metrics = rec.calls[-1][0]
     assert metrics["seeds"] == 3
-    assert metrics["val_acc_std"] >= 0 and metrics["train_loss_std"] > 0
     assert (Path(rec.calls[-1][1]) / "path_config_seed2.yaml").is_file()
+    # Seed k of the three is the one-seed trial of train.seed k: the report holds their mean and sample spread.
+    one_seed = [load_trial_config(None, [*TINY, "train.epochs=1", f"train.seed={s}"]) for s in range(3)]
+    single = [fit(one, Recorder(), work_dir=tmp_path / str(s)) for s, one in enumerate(one_seed)]
+    for key in ("train_loss", "val_loss", "val_acc"):
+        values = np.array([one.metrics[key] for one in single])
+        assert metrics[key] == pytest.approx(values.mean(), rel=1e-6), key
+        assert metrics[f"{key}_std"] == pytest.approx(values.std(ddof=1), rel=1e-6, abs=1e-12), key
+    assert metrics["train_loss_std"] > 0 and metrics["val_loss_std"] > 0  # three seeds really differ
 
 
 def test_test_split_is_scored_after_the_last_epoch_only(tmp_path):
@@ -185,11 +193,47 @@ def test_train_test_without_a_test_split_is_a_clear_error(tmp_path):
     assert rec.calls == []  # refused before any training
 
 
-def test_nan_loss_fails_the_trial_at_once(tmp_path):
-    cfg = load_trial_config(None, [*TINY, "train.epochs=3", "train.lr=1.0e6"])
+class PoisonAfter(torch.utils.data.Dataset):
+    """The wrapped images until `after` of them have been read; every image read after that is NaN."""
+
+    def __init__(self, data, after: int) -> None:
+        self.data, self.after, self.reads = data, after, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        image, label = self.data[i]
+        self.reads += 1
+        return (image if self.reads <= self.after else torch.full_like(image, float("nan"))), label
+
+
+def test_nan_loss_fails_the_trial_at_once(tmp_path, monkeypatch):
+    import dataclasses
+
+    import pathsearch.train as train_module
+
+    cfg = load_trial_config(None, [*TINY, "train.epochs=3", "data.batch_size=32"])
+    load = train_module.load_trial_data
+    images = len(load(cfg).train)  # 256 synthetic images: 8 steps an epoch
+
+    def poisoned(c):  # epoch 1 and the first two batches of epoch 2 are clean; the third batch of epoch 2 is NaN
+        bundle = load(c)
+        return dataclasses.replace(bundle, train=PoisonAfter(bundle.train, images + 2 * 32))
+
+    monkeypatch.setattr(train_module, "load_trial_data", poisoned)
     rec = Recorder()
-    with pytest.raises(NonFiniteLossError, match="training loss became"):
-        fit(cfg, rec, work_dir=tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"training loss became nan at epoch 2, step 3 \(seed 0,"):
+        fit(cfg, rec, work_dir=tmp_path / "poisoned")
+    assert [m["epoch"] for m, _ in rec.calls] == [1] and math.isfinite(rec.calls[0][0]["train_loss"])
+    assert [p.name for p in (tmp_path / "poisoned").iterdir()] == ["checkpoint_0001"]  # nothing after the NaN
+    monkeypatch.undo()
+    # a diverging learning rate fails the same way, in whichever epoch its loss leaves the finite numbers
+    rec = Recorder()
+    with pytest.raises(NonFiniteLossError, match=r"training loss became \S+ at epoch (\d+)") as info:
+        fit(load_trial_config(None, [*TINY, "train.epochs=3", "train.lr=1.0e6"]), rec, work_dir=tmp_path / "lr")
+    epoch = int(re.search(r"at epoch (\d+)", str(info.value)).group(1))
+    assert [m["epoch"] for m, _ in rec.calls] == list(range(1, epoch))
     assert all(math.isfinite(m["train_loss"]) for m, _ in rec.calls)
 
 
@@ -249,3 +293,73 @@ def test_cli_train_nan_exits_1_with_a_clear_message(tmp_path):
     result = run_cli("train", spec, *sets, "--out", str(tmp_path / "r"), "--no-progress", cwd=tmp_path)
     assert result.returncode == 1
     assert "trial failed: training loss became" in result.stderr
+
+
+# ----- torch threads from the environment; supernet masks of a small keep_prob ---------------------------------
+def test_torch_threads_follow_train_threads_then_ray_then_omp_num_threads_then_every_core():
+    import os
+
+    from pathsearch.train import torch_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert torch_threads(3, 2, {"OMP_NUM_THREADS": "1"}) == 3  # train.threads wins
+    assert torch_threads(None, 2, {"OMP_NUM_THREADS": "1"}) == 2  # a Ray trial's CPUs: its share of the node
+    assert torch_threads(None, None, {"OMP_NUM_THREADS": "1"}) == 1
+    assert torch_threads(None, None, {"OMP_NUM_THREADS": "4,2"}) == 4  # OpenMP's nested form: the outer level
+    assert torch_threads(None, None, {}) == cores  # neither: every core, as before
+    assert torch_threads(None, None, {"OMP_NUM_THREADS": " "}) == cores
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ValueError, match=rf"OMP_NUM_THREADS='{bad}': expected a whole number >= 1"):
+            torch_threads(None, None, {"OMP_NUM_THREADS": bad})
+
+
+def test_cli_train_runs_on_omp_num_threads_unless_train_threads_is_set(tmp_path):
+    """`pathsearch train` once set every core, whatever OMP_NUM_THREADS said; the checkpoint records what ran."""
+    import json
+    import os
+
+    spec = str(ROOT / "search_spaces" / "digits_tiny.yaml")
+    sets = [a for o in [*TINY, "train.epochs=1", "data.train_size=64", "data.val_size=16"] for a in ("--set", o)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {
+        "omp": subprocess.Popen(
+            [sys.executable, "-m", "pathsearch.cli", "train", spec, *sets, "--out", str(tmp_path / "omp")],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ),
+        "set": subprocess.Popen(
+            [sys.executable, "-m", "pathsearch.cli", "train", spec, *sets, "--set", "train.threads=2",
+             "--out", str(tmp_path / "set")],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ),
+    }  # fmt: skip
+    for proc in runs.values():
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    threads = {n: json.loads((tmp_path / n / "checkpoint_0001" / "state.json").read_text())["threads"] for n in runs}
+    assert threads == {"omp": 1, "set": 2}
+    bad = subprocess.run(
+        [sys.executable, "-m", "pathsearch.cli", "train", spec, *sets, "--out", str(tmp_path / "bad")],
+        cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "all"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "pathsearch train: error: OMP_NUM_THREADS='all': expected a whole number >= 1" in bad.stderr
+    assert not (tmp_path / "bad").exists()  # the run's folder is removed again: nothing was written
+
+
+def test_bernoulli_supernet_masks_keep_their_distribution_when_keep_prob_is_small():
+    """Bernoulli masks redrawn until they keep >= min_kept paths: after 100 failed redraws they once came from
+    kept_count instead, silently (mean 9.5 kept paths of 13 there). Now every mask follows the conditioned law."""
+    from pathsearch.config import SupernetConfig
+    from pathsearch.supernet import sample_supernet_masks
+
+    n, p, low = 13, 0.15, 6  # P(kept >= 6) = 0.0075: about half the masks exhaust the 100 redraws
+    pmf = {k: math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(low, n + 1)}
+    mean = sum(k * v for k, v in pmf.items()) / sum(pmf.values())  # 6.19
+    cfg = SupernetConfig(enabled=True, masks_per_batch=6, distribution="bernoulli", keep_prob=p, min_kept=low)
+    gen = torch.Generator().manual_seed(0)
+    kept = torch.stack([sample_supernet_masks(n, cfg, gen)[2:] for _ in range(500)]).sum(-1).double()  # (500, 4)
+    assert kept.min() >= low
+    assert kept.mean().item() == pytest.approx(mean, abs=0.06)  # the old fallback: about 7.8
+    tiny = SupernetConfig(enabled=True, masks_per_batch=6, distribution="bernoulli", keep_prob=1e-9, min_kept=4)
+    kept = torch.stack([sample_supernet_masks(n, tiny, gen)[2:] for _ in range(50)]).sum(-1)
+    assert (kept == 4).all()  # conditioned on >= 4, a Bernoulli(1e-9) mask keeps exactly 4

@@ -15,12 +15,12 @@ from ray import tune
 from pathsearch.paths import PathConfig
 
 
-def toy_score(toy: dict, k: int, seed: int, split: str) -> float:
+def toy_score(toy: dict, k: int, seed: int | str, split: str) -> float:
     """The toy's accuracy of the configuration that prunes k paths, trained with `seed`, on `split`.
 
     Without toy["means"]: 0.5 + 0.04 k, noise-free. With it: the true mean means[k] plus seed noise, deterministic
     per (seed, k, split): a part every configuration shares on seed s (`shared_sd`: what pairing seeds cancels)
-    and a part of its own (`sd`). val and test draw independently."""
+    and a part of its own (`sd`). val and test draw independently. `seed` may be a string (see `noise_seed`)."""
     if "means" not in toy:
         return 0.5 + 0.04 * k
     shared = random.Random(f"{seed}/{split}").gauss(0.0, 1.0)
@@ -28,9 +28,29 @@ def toy_score(toy: dict, k: int, seed: int, split: str) -> float:
     return toy["means"][k] + toy.get("shared_sd", 0.0) * shared + toy.get("sd", 0.0) * own
 
 
+def noise_seed(toy: dict, seed: int, overrides: dict) -> int | str:
+    """What seeds a trial's noise: the training seed, or with toy["per_config"] the seed and the whole configuration
+    (so that configurations with the same k, e.g. other learning rates, draw noise of their own)."""
+    if not toy.get("per_config"):
+        return seed
+    config = {k: v for k, v in overrides.items() if k not in ("train.seed", "train.test")}
+    return f"{seed}/{json.dumps(config, sort_keys=True)}"
+
+
+# The noisy toy: true accuracy peaks at k = 2 shortest pruned (not at "prune the most"), and each configuration's
+# reported val_acc carries its own seeded noise (sd 0.02) as large as the gaps between the true means.
+NOISY = {"means": [0.80, 0.83, 0.86, 0.84, 0.81], "sd": 0.02, "per_config": True}
+
+
+def noisy_toy_trial(config: dict, base: dict) -> None:
+    """`toy_trial` with the NOISY knobs (knobs in base["train"]["toy"] still win)."""
+    knobs = {**NOISY, **(base["train"].get("toy") or {})}
+    toy_trial(config, {**base, "train": {**base["train"], "toy": knobs}})
+
+
 def toy_trial(config: dict, base: dict) -> None:
     """Per-epoch metrics and a checkpoint with a real PathConfig YAML. Knobs (marker_dir, fail_k, sleep, means, sd,
-    shared_sd) come from base["train"]["toy"] (in-process tests) or the PATHSEARCH_TOY environment variable
+    shared_sd, per_config) come from base["train"]["toy"] (in-process tests) or the PATHSEARCH_TOY environment variable
     (driver processes). Like `fit`, it reports test_acc/test_loss in the final report only when train.test is set."""
     toy = base["train"].get("toy") or json.loads(os.environ.get("PATHSEARCH_TOY", "{}"))
     overrides = config["overrides"]
@@ -48,7 +68,8 @@ def toy_trial(config: dict, base: dict) -> None:
         if len(pruned) == toy.get("fail_k", -1):
             raise RuntimeError(f"toy failure for k={len(pruned)}")
     epochs = base["train"]["epochs"]
-    level = toy_score(toy, len(pruned), seed, "val")
+    noise = noise_seed(toy, seed, overrides)
+    level = toy_score(toy, len(pruned), noise, "val")
     for epoch in range(start + 1, epochs + 1):
         time.sleep(toy.get("sleep", 0.0))
         folder = Path(os.getcwd()) / "toy" / f"c{epoch}"
@@ -57,7 +78,7 @@ def toy_trial(config: dict, base: dict) -> None:
         (folder / "toy.json").write_text(json.dumps({"epoch": epoch}))
         metrics = {"val_acc": level * epoch / epochs, "epoch": epoch, "kept_paths": 5 - len(pruned), "train_loss": 1.0}
         if epoch == epochs and overrides.get("train.test"):
-            metrics.update(test_acc=toy_score(toy, len(pruned), seed, "test"), test_loss=1.0)
+            metrics.update(test_acc=toy_score(toy, len(pruned), noise, "test"), test_loss=1.0)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
 
 

@@ -1,0 +1,316 @@
+"""What every strategy runs on: the trainable Ray runs (a thin adapter around `fit`), Ray's start, a new search's
+run directory and MLflow parent run, the Tuner's run settings, fit-and-finish (a search Tuner's results into files
+and MLflow), and the progress line.
+
+No tensors: torch and the model are imported only inside the trial function that Ray runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+from ray import tune
+
+from pathsearch.config import SearchFile, set_dotted, unique_run_dir
+from pathsearch.results import (
+    EXHAUSTED,
+    SearchResult,
+    best_and_baseline,
+    final_rows,
+    pareto_rows,
+    plot_study,
+    study_counts,
+    study_table,
+    trained_to_end,
+)
+from pathsearch.searcher import study_storage
+from pathsearch.tracking import close_orphan_runs, default_tracking_uri, end_parent_run, start_parent_run
+
+
+def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
+    """Ray Tune trainable: the base trial config plus this trial's overrides, trained by `fit`.
+
+    The only Ray-aware code around `fit`: it turns report(metrics, checkpoint_dir) into `tune.report` and
+    resumes from Tune's checkpoint when the trial is retried or restored.
+    """
+    import ray
+
+    from pathsearch.config import load_trial_config
+    from pathsearch.train import fit
+
+    raw = copy.deepcopy(base)
+    for key, value in config.get("overrides", {}).items():
+        set_dotted(raw, key, value)
+    cfg = load_trial_config(None, data=raw, source="trial config")
+    context = ray.get_runtime_context()
+    cpus = int(context.get_assigned_resources().get("CPU", 1)) or 1
+    node_id = context.get_node_id()  # MLflow tags the run with it: which node trained (and retrained) a trial
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report({**metrics, "node_id": node_id}, checkpoint=checkpoint)
+
+    work_dir = Path(os.getcwd()) / "checkpoints"
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        fit(cfg, report, work_dir=work_dir, cpus=cpus)
+    else:
+        with checkpoint.as_directory() as folder:
+            fit(cfg, report, checkpoint_dir=folder, work_dir=work_dir, cpus=cpus)
+
+
+def runnable(spec: SearchFile, trainable: Any) -> Any:
+    """The trainable with the base config bound and the trial's resources (search, supernet and confirmation)."""
+    resources = {k.upper() if k in ("cpu", "gpu") else k: v for k, v in spec.search.resources_per_trial.items()}
+    return tune.with_resources(tune.with_parameters(trainable or train_trial, base=spec.base), resources)
+
+
+LIBRARY_LOG = "library_output.log"  # in the run directory: Ray's and Optuna's own output, unless --verbose
+
+
+@contextmanager
+def quiet_console(run_dir: Path, library_output: bool = False) -> Iterator[None]:
+    """Keeps Ray's and Optuna's own output (log records, Python warnings, Tune's tables and hints, tracebacks of
+    trial attempts Tune retries, its advice on Ctrl-C) out of the console and in `run_dir/library_output.log`;
+    pathsearch's progress line and summary still print. With `library_output` it changes nothing."""
+    if library_output:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "1"
+        yield
+        return
+    handler = logging.FileHandler(run_dir / LIBRARY_LOG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("ray", "optuna", "mlflow", "alembic", "py.warnings")]
+    saved = [(lg, list(lg.handlers), lg.propagate) for lg in loggers]
+    # Tune's current console reporter prints its experiment table and hints with print() whatever the verbosity;
+    # its older one prints nothing at verbose=0 (Tune's documented switch between the two)
+    old_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    for lg in loggers:
+        lg.handlers, lg.propagate = [handler], False
+    logging.captureWarnings(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")  # each distinct warning once, into the log
+            yield
+    finally:
+        logging.captureWarnings(False)
+        for lg, handlers, propagate in saved:
+            lg.handlers, lg.propagate = handlers, propagate
+        handler.close()
+        if old_output is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = old_output
+
+
+def init_ray(address: str | None) -> None:
+    """Ray on this machine (on 127.0.0.1, no dashboard, worker output kept out of the console), or the cluster at
+    `address`; nothing when Ray is already up."""
+    import ray
+
+    # Tune snapshots the experiment whenever a trial replaces its kept checkpoint; that is what we want.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if ray.is_initialized():
+        return
+    if address:  # an existing cluster (`auto` inside a Ray job): its nodes keep the addresses they registered
+        ray.init(address=address)
+    else:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps a local Ray on 127.0.0.1
+        ray.init(include_dashboard=False, log_to_driver=False)  # logging: quiet_console decides where it goes
+
+
+STATE_FILE = "pathsearch_state.json"  # in the run directory: the search's name, tracking store and parent run
+
+
+def load_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], SearchFile]:
+    """An existing run directory's (resolved path, state, search file), or a ValueError naming what is missing."""
+    from pathsearch.config import load_search_file
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    state_file = run_dir / STATE_FILE
+    if not state_file.is_file():
+        raise ValueError(f"{run_dir} is not a pathsearch run directory (no {STATE_FILE})")
+    state = json.loads(state_file.read_text())
+    # the depth the search parsed its space for (a file may name a timm model without model.kwargs.depth): from the
+    # state, so the driver never imports torch; a run directory from before it was recorded is re-read by timm
+    if "depth" in state:
+        return run_dir, state, load_search_file(run_dir / "search.yaml", model_depth=lambda *_: state["depth"])
+    from pathsearch.model import model_depth
+
+    return run_dir, state, load_search_file(run_dir / "search.yaml", model_depth=model_depth)
+
+
+def run_config(spec: SearchFile, name: str, storage_path: Path, callbacks: list[Any]) -> tune.RunConfig:
+    """Tune's run settings, the same for the search, the supernet and the confirmation: retries from the last
+    checkpoint (search.max_failures), one checkpoint kept per trial, and no console output of Tune's own."""
+    return tune.RunConfig(
+        name=name,
+        storage_path=str(storage_path),
+        callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        verbose=0,
+    )
+
+
+def new_run_dir(spec: SearchFile, storage_path: str | Path, name: str | None) -> Path:
+    """A new search's folder under `storage_path`: `name`, or the file's name and the time (made atomically, so two
+    searches started in the same second get two folders). A name that exists is refused: resume that search."""
+    root = Path(storage_path).expanduser().resolve()
+    return unique_run_dir(root, Path(spec.source).stem, name, "--name", "continue that search with `pathsearch resume`")
+
+
+def start_search(spec: SearchFile, run_dir: Path, tracking_uri: str | None) -> dict[str, Any]:
+    """Writes the resolved search file and the state file into the new `run_dir` and opens the MLflow parent run;
+    returns the state. Removes `run_dir` when that fails (an unreachable store, say): nothing is left half-made."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        uri = tracking_uri or spec.tracking.tracking_uri or default_tracking_uri()
+        params = {"search_file": spec.source, **_flat("search", spec.search.__dict__)}
+        experiment_id, parent = start_parent_run(uri, spec.tracking.experiment, run_dir.name, params)
+        (run_dir / "search.yaml").write_text(spec.to_yaml())
+        MlflowClient(uri).log_artifact(parent, str(run_dir / "search.yaml"))  # from the start: fit-scales, the UI
+        state = {"name": run_dir.name, "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent}
+        state["depth"] = spec.space.depth
+        (run_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return state
+
+
+def fit_and_finish(
+    tuner: Any, spec: SearchFile, run_dir: Path, state: dict[str, Any], end: bool = True
+) -> SearchResult:
+    """Runs (or continues) the search's Tuner, then writes its results to the run directory and the parent run,
+    and ends the parent unless `end` is False and the search finished (a confirmation stage follows)."""
+    s, t = spec.search, spec.trial.train
+    status = "FAILED"
+    files: dict[str, Path] = {"search_file": run_dir / "search.yaml"}
+    best = baseline = None
+    front: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    try:
+        grid = tuner.fit()
+        # Tune ends a run on SIGINT (Ctrl-C) by returning, with the unfinished trials saved for a resume.
+        status = (
+            "KILLED"
+            if _interrupted(grid, optuna.load_study(study_name=state["name"], storage=study_storage(run_dir)))
+            else "FINISHED"
+        )
+        rows = final_rows(grid, t.epochs)
+        best, baseline = best_and_baseline(rows, s.metrics[0], s.modes[0])
+        if len(s.metrics) > 1:
+            front = pareto_rows(rows, s.metrics, s.modes)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        study = optuna.load_study(study_name=state["name"], storage=study_storage(run_dir))
+        if status != "KILLED":  # the search is over: nothing may stay RUNNING
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                study.set_user_attr(f"lost_trial_{trial.number}", True)
+                study.tell(trial.number, state=TrialState.FAIL)
+            close_orphan_runs(state["tracking_uri"], state["experiment_id"], state["parent_run_id"])
+        else:  # interrupted: runs of unfinished trials end KILLED; `resume` reopens and continues them
+            close_orphan_runs(state["tracking_uri"], state["experiment_id"], state["parent_run_id"], "INTERRUPTED")
+        counts = study_counts(study)
+        ended_early = study.user_attrs.get(EXHAUSTED)
+        files["optuna_trials"] = run_dir / "optuna_trials.json"
+        files["optuna_trials"].write_text(json.dumps(study_table(study), indent=1))
+        files.update(plot_study(study, run_dir))
+        if best is not None and best.get("checkpoint") and (end or status != "FINISHED"):  # else: the confirmed one
+            src = Path(best["checkpoint"]) / "path_config.yaml"
+            if src.is_file():
+                files["best_path_config"] = Path(shutil.copy(src, run_dir / "best_path_config.yaml"))
+        if front:
+            files["pareto_front"] = run_dir / "pareto_front.yaml"
+            files["pareto_front"].write_text(yaml.safe_dump(front, sort_keys=False))
+        summary: dict[str, float] = {f"trials_{k}": v for k, v in counts.items()}
+        for label, row in (("best", best), ("baseline", baseline)):
+            if row is not None:
+                summary[f"{label}_{s.metrics[0]}"] = row[s.metrics[0]]
+        final = status if end or status != "FINISHED" else None  # None: the parent stays open for the confirmation
+        end_parent_run(state["tracking_uri"], state["parent_run_id"], summary, list(files.values()), final)
+    result = SearchResult(run_dir, spec.tracking.experiment, state["parent_run_id"], best, baseline, counts, files)
+    result.pareto = front
+    result.rows = rows
+    result.interrupted = status == "KILLED"
+    result.ended_early = ended_early
+    return result
+
+
+def _interrupted(grid: Any, study: optuna.Study) -> bool:
+    """True when a trial Tune knows is still RUNNING in Optuna: Tune returned early on SIGINT without telling
+    the searcher. (RUNNING Optuna trials that no Tune trial knows were lost in a driver crash instead.)"""
+    live = {(result.config or {}).get("optuna_trial") for result in grid}
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    return bool(live & running)
+
+
+def _flat(prefix: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}.{k}": v for k, v in data.items()}
+
+
+class ProgressLine(tune.Callback):
+    """One line per finished trial (and per retried attempt): done / running / pending / pruned / failed / retried,
+    best so far, elapsed, ETA."""
+
+    def __init__(
+        self, total: int, metric: str, mode: str, final_epoch: int, verbose: bool, label: str = "trials"
+    ) -> None:
+        self.total, self.metric, self.mode, self.final_epoch, self.verbose = total, metric, mode, final_epoch, verbose
+        self.label = label
+        self.started = time.monotonic()
+        self.best: float | None = None
+        self.pruned = self.failed = self.done = self.retried = 0
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        if not trained_to_end(last, self.final_epoch):
+            self.pruned += 1
+        else:
+            value = last.get(self.metric)
+            if value is not None and (self.best is None or (value > self.best) == (self.mode == "max")):
+                self.best = value
+        self.done += 1
+        self._print(trials)
+
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        """A failed attempt Tune retries from the trial's last checkpoint (its traceback is in the library log)."""
+        self.retried += 1
+        self._print(trials)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.failed += 1
+        self.done += 1
+        self._print(trials)
+
+    def _print(self, trials: list[Any]) -> None:
+        if not self.verbose:
+            return
+        running = sum(tr.status == "RUNNING" for tr in trials)
+        pending = max(0, self.total - self.done - running)
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        best = "-" if self.best is None else f"{self.best:.4f}"
+        retried = f"  retried {self.retried}" if self.retried else ""
+        print(
+            f"[{elapsed:6.0f}s] {self.label} done {self.done}/{self.total}  running {running}  pending {pending}  "
+            f"pruned {self.pruned}  failed {self.failed}{retried}  best {self.metric} {best}  ETA {eta:.0f}s",
+            flush=True,
+        )

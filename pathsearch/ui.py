@@ -1,0 +1,188 @@
+"""`pathsearch ui`: MLflow's UI opened on the runs page (model-training view) of the latest search's experiment.
+A local store is served by an `mlflow server` on 127.0.0.1 in a process session of its own, whose whole group is
+stopped on SIGTERM, Ctrl-C or a hang-up; a tracking server (http/https) serves its own UI, so for one only the link
+is printed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
+
+STOP_TIMEOUT_S = 10.0  # how long the server's process group gets to exit after SIGTERM before SIGKILL
+# SIGHUP too: in a session of its own the server no longer gets the hang-up of a closed terminal, so the UI passes it on
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
+class UnknownExperiment(ValueError):
+    """`--experiment` names no experiment of the store (the CLI exits 2)."""
+
+
+def ui_command(tracking_uri: str | None, port: int) -> tuple[list[str], dict[str, Any]]:
+    """`mlflow server` for one store on 127.0.0.1 with lean settings (one worker, no job execution)."""
+    uri = tracking_uri or _default_tracking_uri()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return cmd, env
+
+
+def runs_url(base: str, experiment_id: str | None) -> str:
+    """The UI's runs page of an experiment in the model-training view (MLflow 3 otherwise opens the GenAI one), or
+    the experiments list when `experiment_id` is None. The UI routes after '#'."""
+    base = base.rstrip("/")
+    if experiment_id is None:
+        return f"{base}/#/experiments"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def latest_search(client: MlflowClient, experiment_ids: list[str] | None = None, finished: bool = False) -> Run | None:
+    """The latest-started search parent run (tag `pathsearch.kind` = search, set by `start_parent_run`) in
+    `experiment_ids` (default: every active experiment), or None. `finished`: only searches that ended normally.
+    Here rather than in export (whose `find_search` uses it) so that `pathsearch ui` imports neither ray nor Tune."""
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return None
+    query = "tags.`pathsearch.kind` = 'search'" + (" and attributes.status = 'FINISHED'" if finished else "")
+    runs = client.search_runs(experiment_ids, query, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def search_experiment(tracking_uri: str, experiment: str | None = None) -> tuple[str | None, str]:
+    """(experiment id, what it holds) for the UI to open: `experiment`'s, else that of the latest-started search
+    (running or ended) in the store; (None, why) when the store holds no search. Raises UnknownExperiment for an
+    `experiment` the store does not have."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri)
+        client.search_experiments(max_results=1)  # a URI MLflow cannot open fails here, before any server starts
+    except MlflowException as err:
+        if err.get_http_status_code() >= 500 and tracking_uri.startswith(("http://", "https://")):
+            raise  # a tracking server that is down: the caller decides
+        raise ValueError(f"--tracking-uri {tracking_uri}: {str(err).splitlines()[0]}") from None
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise UnknownExperiment(f"no MLflow experiment named {experiment!r} in {tracking_uri}")
+        run = latest_search(client, [found.experiment_id])
+        what = f"latest search {run.info.run_name}" if run is not None else "no search yet"
+        return found.experiment_id, f"experiment {experiment!r}, {what}"
+    run = latest_search(client)
+    if run is None:
+        return None, "no search in this store yet: `pathsearch search` records one"
+    name = client.get_experiment(run.info.experiment_id).name
+    return run.info.experiment_id, f"experiment {name!r}, latest search {run.info.run_name}"
+
+
+def serve(tracking_uri: str | None, port: int, experiment: str | None = None) -> int:
+    """Prints the UI's address on the latest search and, for a local store, serves it until the server exits or
+    SIGTERM, SIGINT (Ctrl-C) or SIGHUP asks it to stop. Returns the server's exit code, or 0 after a requested
+    stop (the server's whole process group is gone by then)."""
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        return _point_at_server(tracking_uri, experiment)
+    requested: list[int] = []
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        requested.append(signum)
+
+    # from here on a signal only sets the flag: no KeyboardInterrupt half-way, no server left behind
+    previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+    try:
+        uri = tracking_uri or _default_tracking_uri()
+        experiment_id, what = search_experiment(uri, experiment)  # before the server: an error starts nothing
+        if requested:
+            return 0
+        cmd, env = ui_command(uri, port)
+        server = subprocess.Popen(cmd, env=env, start_new_session=True)  # own session: the group is its own
+        print(f"MLflow UI at {runs_url(f'http://127.0.0.1:{port}', experiment_id)}", flush=True)
+        print(f"  {what}; serving {uri} (Ctrl-C stops it)", flush=True)
+        try:
+            while not requested and server.poll() is None:
+                time.sleep(0.25)  # a signal sets `requested`; the sleep ends then or at the latest in 0.25 s
+        finally:
+            stop_group(server)
+        code = server.returncode
+        return 0 if requested else (code if code >= 0 else 128 - code)  # killed by signal N: 128 + N, as a shell
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def stop_group(server: subprocess.Popen[Any]) -> None:
+    """SIGTERM to the server's whole process group (the `mlflow server` CLI and its uvicorn/gunicorn workers),
+    waits up to STOP_TIMEOUT_S for every member to exit, then SIGKILL to what is left."""
+    pgid = server.pid  # start_new_session: the server leads its own group
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if server.poll() is not None and not group_members(pgid):
+                return
+            time.sleep(0.1)
+    server.wait()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of group `pgid`, read from /proc (Linux); elsewhere [pgid] while the group
+    exists. Orphaned zombies count as gone: a container's PID 1 may never reap them."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").is_file():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return []
+        except PermissionError:
+            pass
+        return [pgid]
+    members = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        state, _ppid, group = stat[stat.rindex(")") + 2 :].split()[:3]
+        if state != "Z" and int(group) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def _default_tracking_uri() -> str:
+    from pathsearch.tracking import default_tracking_uri  # tracking imports ray: only when it is needed
+
+    return default_tracking_uri()
+
+
+def _point_at_server(tracking_uri: str, experiment: str | None) -> int:
+    """A tracking server serves the UI itself (and `mlflow server` cannot use it as a store): print its link."""
+    from pathsearch.tracking import fail_fast
+
+    try:
+        with fail_fast():  # a server that is down answers in seconds, not after MLflow's 4 minutes of retries
+            experiment_id, what = search_experiment(tracking_uri, experiment)
+    except UnknownExperiment:
+        raise
+    except Exception as err:  # unreachable, or not an MLflow server: the link to its UI is still the right one
+        print(f"MLflow UI at {tracking_uri.rstrip('/')} (the tracking server serves it)")
+        print(f"  it did not answer ({type(err).__name__}), so no search was looked up")
+        return 0
+    print(f"MLflow UI at {runs_url(tracking_uri, experiment_id)} (the tracking server serves it)")
+    print(f"  {what}")
+    return 0

@@ -1,0 +1,216 @@
+"""The confirmation's statistics and verdict as plain data: means and spreads over seeds, the paired difference with
+its t interval (scipy.stats), the verdict in plain words, the table the CLI prints and the plot.
+
+Knows nothing of Ray, MLflow or how the seeds were trained (confirm.py does that).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BASELINE = "baseline"
+
+
+CONFIDENCE = 0.95
+
+
+METHOD = "paired t over seeds (scipy.stats.ttest_rel), 95% confidence interval"
+
+
+@dataclass
+class Confirmation:
+    """What the confirmation measured, as plain data (also written to `confirmation.yaml`)."""
+
+    metric: str
+    mode: str
+    seeds: list[int]
+    candidates: list[dict[str, Any]]  # label, description, overrides, per-seed values, means and stds
+    winner: str | None
+    difference: dict[str, Any]  # the verdict's paired test difference (winner or best challenger vs baseline)
+    verdict: str
+    interrupted: bool = False
+    files: dict[str, Path] = field(default_factory=dict)
+    search_metric: str = "val_acc"  # what the candidates' search scores measured (proxy_val_acc in two_stage)
+
+    def candidate(self, label: str) -> dict[str, Any]:
+        return next(c for c in self.candidates if c["label"] == label)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN with fewer than two values)."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """a - b over paired seeds: mean, std, the t confidence interval of the mean, its p-value (two-sided) and on
+    how many seeds a beats b. When every seed gives the same difference (common with few seeds and accuracies on a
+    few hundred images) t is undefined: the interval is NaN and the p-value is the exact sign test's."""
+    from scipy.stats import binomtest, ttest_rel
+
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    mean, std = mean_std(diffs)
+    out: dict[str, Any] = {
+        "mean": mean,
+        "std": std,
+        "n": len(diffs),
+        "wins": sum(d > 0 for d in diffs),
+        "ties": sum(d == 0 for d in diffs),
+        "confidence": confidence,
+    }
+    if len(diffs) < 2:
+        out.update(ci_low=math.nan, ci_high=math.nan, p_value=math.nan)
+    elif std <= 1e-12 * max(1.0, abs(mean)):  # every seed moved alike (up to rounding): t is undefined
+        signed = len(diffs) - out["ties"]
+        p_value = float(binomtest(out["wins"], signed).pvalue) if signed else 1.0
+        out.update(ci_low=math.nan, ci_high=math.nan, p_value=p_value)
+    else:
+        test = ttest_rel(a, b)
+        ci = test.confidence_interval(confidence_level=confidence)
+        out.update(ci_low=float(ci.low), ci_high=float(ci.high), p_value=float(test.pvalue))
+    return out
+
+
+def make_verdict(
+    winner: str | None, diff: Mapping[str, Any], planned: int, paired: int, baseline: Mapping[str, Any]
+) -> str:
+    """One line in plain words: is the exported configuration better than the baseline on test, and by how much."""
+    if winner == BASELINE and not diff and paired:
+        return "no verdict: the search completed no configuration besides the baseline"
+    if winner is None or not diff:
+        return f"no verdict: only {paired} of {planned} seeds finished for every configuration"
+    if paired < 2:
+        return f"no verdict: {paired} of {planned} paired seeds finished for every configuration (2 are needed)"
+    if not math.isfinite(diff["ci_low"]):  # the same difference on every seed: no spread to measure noise by
+        same = (
+            f"{_pts(diff['mean'])} points test accuracy on each of {diff['n']} paired seeds (no spread, so no t "
+            f"interval; sign test p = {diff['p_value']:.2g})"
+        )
+        if winner != BASELINE and diff["mean"] > 0 and diff["p_value"] < 1 - CONFIDENCE:
+            return f"{diff['description']}: {same} over the baseline"
+        return f"no configuration beats the baseline beyond seed noise (best, {diff['description']}: {same})"
+    points = (
+        f"{_pts(diff['mean'])} points test accuracy (95% CI {_pts(diff['ci_low'])} to {_pts(diff['ci_high'])}, "
+        f"better on {diff['wins']} of {diff['n']} paired seeds)"
+    )
+    if winner == BASELINE:
+        return (
+            f"the baseline ({100 * baseline['test_acc_mean']:.1f}% test accuracy) is the best configuration on val: "
+            f"no configuration beats it (best challenger, {diff['description']}: {points})"
+        )
+    if diff["ci_low"] > 0:
+        return f"{diff['description']}: {points} over the baseline"
+    if diff["ci_high"] < 0:
+        return f"{diff['description']} won on val but is worse than the baseline on test: {points}"
+    return f"no configuration beats the baseline beyond seed noise (best, {diff['description']}: {points})"
+
+
+def _pts(fraction: float) -> str:
+    return f"{100 * fraction:+.1f}" if math.isfinite(fraction) else "n/a"
+
+
+def seeds_text(seeds: Sequence[int]) -> str:
+    if seeds and list(seeds) == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"({seeds[0]}-{seeds[-1]})"
+    return f"({', '.join(map(str, seeds))})"
+
+
+def format_confirmation(confirmation: Confirmation) -> str:
+    """The confirmation table, the winner's optimism and the verdict (last), as the CLI prints them."""
+    c = confirmation
+    search_metric = c.search_metric
+    lines = [
+        f"\nconfirmation over {len(c.seeds)} paired seeds {seeds_text(c.seeds)}; winner chosen by mean {c.metric}, "
+        "test read only here",
+        f"{'':<14} {'search ' + search_metric:>18} {'val_acc':>16} {'test_acc':>16}  configuration",
+    ]
+    order = sorted(c.candidates, key=lambda r: r.get("rank", 1e9))
+    for row in order:
+        label = row["label"] + (" *" if row["label"] == c.winner else "")
+        found = row.get(f"search_{search_metric}")
+        search = f"{_score(search_metric, found)}" if found is not None else "-"
+        val = _pm(row["val_acc_mean"], row["val_acc_std"])
+        test = _pm(row["test_acc_mean"], row["test_acc_std"])
+        lines.append(f"{label:<14} {search:>18} {val:>16} {test:>16}  {row['description']}")
+    if c.winner is not None:
+        w = c.candidate(c.winner)
+        found = w.get(f"search_{search_metric}")
+        if found is not None and search_metric.endswith("val_acc") and math.isfinite(w["val_acc_mean"]):
+            confirmed = w["val_acc_mean"]
+            lines.append(
+                # the search's score of the configuration it picked: one trial (a proxy score in two_stage)
+                f"optimism: the winner ({c.winner}) scored {100 * found:.2f}% {search_metric} in the search, "
+                f"{100 * confirmed:.2f}% mean val_acc confirmed ({100 * (found - confirmed):+.2f} points)"
+            )
+    lines.append(f"({METHOD}; * = winner)")
+    lines.append(f"verdict: {c.verdict}")
+    return "\n".join(lines)
+
+
+def _score(metric: str, value: float) -> str:
+    return f"{100 * value:.2f}%" if metric.endswith("acc") else f"{value:.4f}"
+
+
+def _pm(mean: float, std: float) -> str:
+    if not math.isfinite(mean):
+        return "-"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}%" if math.isfinite(std) else f"{100 * mean:.2f}%"
+
+
+def plot_confirmation(c: Confirmation, path: Path) -> Path | None:
+    """Left: test accuracy per seed for each configuration (one seed's points joined across configurations), mean and
+    95% CI of the mean marked. Right: each challenger's paired test difference from the baseline per seed, its mean
+    and paired 95% CI (what the verdict reads), against the zero line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.stats import t as student_t
+
+    order = sorted(c.candidates, key=lambda r: (r["label"] != BASELINE, r.get("rank", 1e9)))
+    if not order or not c.seeds:
+        return None
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(max(8.0, 2.6 * len(order) + 2), 4.8), width_ratios=[1, 1])
+    colors = {r["label"]: "tab:green" if r["label"] == c.winner else "tab:blue" if r["label"] == BASELINE else "0.45"
+              for r in order}  # fmt: skip
+    for seed in c.seeds:
+        ax.plot(range(len(order)), [100 * r["per_seed"][seed]["test_acc"] for r in order], color="0.85", lw=0.8)
+    for x, row in enumerate(order):
+        ys = [100 * row["per_seed"][s]["test_acc"] for s in c.seeds]
+        ax.scatter([x] * len(ys), ys, color=colors[row["label"]], s=18, zorder=2)
+        mean, std = 100 * row["test_acc_mean"], 100 * row["test_acc_std"]
+        if len(ys) > 1 and math.isfinite(std):
+            half = float(student_t.ppf(0.5 + CONFIDENCE / 2, len(ys) - 1)) * std / math.sqrt(len(ys))
+            ax.errorbar([x + 0.15], [mean], yerr=[half], fmt="none", color="black", capsize=4, zorder=3)
+        ax.hlines(mean, x - 0.25, x + 0.25, color=colors[row["label"]], lw=2.5, zorder=3)
+    labels = [r["label"] + ("\n(winner)" if r["label"] == c.winner else "") for r in order]
+    ax.set_xticks(range(len(order)), labels)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"test accuracy, {len(c.seeds)} paired seeds (bar: mean, whisker: 95% CI)", fontsize=9)
+    base = next(r for r in order if r["label"] == BASELINE)
+    others = [r for r in order if r["label"] != BASELINE]
+    for x, row in enumerate(others):
+        diffs = [100 * (row["per_seed"][s]["test_acc"] - base["per_seed"][s]["test_acc"]) for s in c.seeds]
+        d = paired_difference(diffs, [0.0] * len(diffs))
+        dx.scatter([x] * len(diffs), diffs, color=colors[row["label"]], s=18, zorder=2)
+        dx.hlines(d["mean"], x - 0.25, x + 0.25, color=colors[row["label"]], lw=2.5, zorder=3)
+        if math.isfinite(d["ci_low"]):
+            err = [[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]]
+            dx.errorbar([x + 0.15], [d["mean"]], yerr=err, fmt="none", color="black", capsize=4, zorder=3)
+    dx.axhline(0.0, color="tab:blue", lw=1, ls="--")
+    dx.set_xticks(range(len(others)), labels[1:])
+    dx.set_xlim(-0.6, max(len(others), 1) - 0.4)
+    dx.set_ylabel("test accuracy minus the baseline's, same seed (points)")
+    dx.set_title("paired difference from the baseline (whisker: 95% CI, paired t)", fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(c.verdict, 120)), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

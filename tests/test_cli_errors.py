@@ -1,0 +1,128 @@
+"""Every verb's failure paths through the real `pathsearch` command: one line on stderr, the documented exit code
+(2 bad input, 1 failure, 130 Ctrl-C), no traceback, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pathsearch.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "search_spaces" / "digits_tiny.yaml"
+PATHSEARCH = [sys.executable, "-m", "pathsearch.cli"]
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {**os.environ, "PATHSEARCH_MLFLOW_START_TIMEOUT_S": "2", **env}
+    return subprocess.run([*PATHSEARCH, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environ)
+
+
+def confirming_run_dir(tmp_path: Path, tracking_uri: str) -> Path:
+    """A run directory `resume` accepts up to its tracking store: a search that was confirming (plan written)."""
+    run_dir = tmp_path / "runs" / "stopped"
+    run_dir.mkdir(parents=True)
+    shutil.copy(DIGITS, run_dir / "search.yaml")
+    state = {"name": "stopped", "tracking_uri": tracking_uri, "experiment_id": "1", "parent_run_id": "abc", "depth": 4}
+    (run_dir / "pathsearch_state.json").write_text(json.dumps(state))
+    (run_dir / "confirm_plan.json").write_text("{}")
+    return run_dir
+
+
+def cases(tmp_path: Path) -> dict[str, list[tuple[list[str], int, str]]]:
+    """verb -> [(arguments, exit code, text the one line must contain)]."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    down = f"http://127.0.0.1:{closed_port()}"
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    dashboard = ["--address", down]
+    return {
+        "demo": [(["--epochs", "0"], 2, "--epochs must be >= 1")],
+        "train": [
+            (["missing.yaml"], 2, "missing.yaml: no such file"),
+            ([str(DIGITS), "--set", "train.epochs=many"], 2, "train.epochs"),
+        ],
+        "validate": [([str(empty)], 2, "empty file"), ([str(DIGITS), "--set", "search.sampler=best"], 2, "sampler")],
+        "search": [
+            ([str(DIGITS), "--set", "train.bogus=1"], 2, "train.bogus: unknown key"),
+            ([str(DIGITS), "--tracking-uri", down], 2, f"no MLflow tracking server answers at {down}"),
+        ],
+        "resume": [
+            ([str(tmp_path)], 2, "is not a pathsearch run directory"),
+            ([str(confirming_run_dir(tmp_path, down))], 2, f"no MLflow tracking server answers at {down}"),
+        ],
+        "export": [(["--experiment", "nope", "--out", "x.yaml", "--tracking-uri", store], 2, "no MLflow experiment")],
+        "fit-scales": [
+            (["--run-id", "abc", "--file", "missing.yaml", "--tracking-uri", store], 2, "missing.yaml: no such file"),
+            (["--run-id", "abc", "--tracking-uri", store], 2, "no MLflow run 'abc'"),
+        ],
+        "submit": [
+            ([str(DIGITS)], 2, "no cluster given"),
+            ([str(empty), *dashboard], 2, "empty file"),
+        ],
+        "status": [(["job1", *dashboard], 2, "no Ray dashboard")],
+        "logs": [(["job1", *dashboard], 2, "no Ray dashboard")],
+        "stop": [(["job1", *dashboard], 2, "no Ray dashboard")],
+        "ui": [(["--tracking-uri", "bogus://store", "--port", str(closed_port())], 2, "bogus://store")],
+    }
+
+
+VERBS = sorted(next(a for a in build_parser()._actions if a.dest == "verb").choices)  # type: ignore[arg-type]
+
+
+def test_every_verb_has_failure_cases(tmp_path):
+    assert set(VERBS) == set(cases(tmp_path)), "give each verb its failure cases here"
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_a_failing_verb_says_one_line_and_exits_with_its_code(verb, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    for args, code, text in cases(tmp_path)[verb]:
+        started = time.monotonic()
+        result = run_cli([verb, *args], cwd=work)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == code, (args, result.stdout[-2000:], result.stderr[-3000:])
+        assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+        # one line; a store that does not answer is first announced while it is waited for (it may be starting)
+        waiting = [line for line in lines[:-1] if "unreachable while" in line and "retrying for up to" in line]
+        assert len(lines) - len(waiting) == 1, lines
+        assert lines[-1].startswith(f"pathsearch {verb}: ") and text in lines[-1], lines
+        assert time.monotonic() - started < 60, f"{verb} {args} took {time.monotonic() - started:.0f} s to fail"
+    assert not (work / "runs").exists() or not any((work / "runs").rglob("search.yaml"))  # nothing half-made
+
+
+def test_ctrl_c_during_training_exits_130_with_one_line(tmp_path):
+    cfg = yaml.safe_load(DIGITS.read_text())
+    cfg["train"]["epochs"] = 500
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([*PATHSEARCH, "train", str(path), "--no-progress"], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # the first epoch's line: training is under way
+        assert first.startswith("epoch"), first
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines() == ["pathsearch train: interrupted"]
