@@ -6,6 +6,7 @@ Imports torch and timm only; never ray, optuna or mlflow.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -106,29 +107,10 @@ def mask_predictions(
         yield pending, torch.cat(parts, dim=1)
 
 
-def evaluate_masks(
-    model: PathEnsembleViT,
-    features: Tensor | PathFeatures,
-    labels: Tensor | None = None,
-    masks: Tensor | None = None,
-    scales: Tensor | None = None,
-    factors: Tensor | None = None,
-) -> Tensor:
-    """Accuracy of each mask (K,) from cached path features, as the model itself would score it.
-
-    Args:
-        model: the model the features came from (its norm and head are used).
-        features: raw pooled path features from `cache_path_features` (or the PathFeatures itself).
-        labels: (N,) targets (taken from PathFeatures when given one).
-        masks: (K, P) bool; a row that keeps no path is refused.
-        scales: optional EnsembleScale values (P, 1|D) to score instead of the model's (scope `ensemble`).
-        factors: optional (K, P) multipliers of each path's EnsembleScale, per mask.
-    """
-    features, labels, masks, scales, factors = _check_scoring(model, features, labels, masks, scales, factors)
-    acc = torch.empty(masks.shape[0], dtype=torch.float64)
-    for chunk, preds in mask_predictions(model, features, masks, scales, factors=factors):
-        acc[chunk] = (preds == labels[None]).double().mean(dim=1).cpu()
-    return acc
+def evaluate_masks(model: PathEnsembleViT, features: Tensor | PathFeatures, **kwargs: Any) -> Tensor:
+    """Accuracy of each mask (K,) from cached path features, as the model itself would score it (arguments as
+    `score_masks`; no cross-entropy computed)."""
+    return score_masks(model, features, with_loss=False, **kwargs).acc
 
 
 @dataclass
@@ -147,10 +129,19 @@ def score_masks(
     masks: Tensor | None = None,
     scales: Tensor | None = None,
     factors: Tensor | None = None,
+    with_loss: bool = True,
 ) -> MaskScores:
-    """Accuracy and cross-entropy of each mask from cached path features (arguments as `evaluate_masks`).
-
+    """Accuracy and cross-entropy of each mask from cached path features, as the model itself would score them.
     The loss breaks the many accuracy ties between masks on a small validation set.
+
+    Args:
+        model: the model the features came from (its norm and head are used).
+        features: raw pooled path features from `cache_path_features` (or the PathFeatures itself).
+        labels: (N,) targets (taken from PathFeatures when given one).
+        masks: (K, P) bool; a row that keeps no path is refused.
+        scales: optional EnsembleScale values (P, 1|D) to score instead of the model's (scope `ensemble`).
+        factors: optional (K, P) multipliers of each path's EnsembleScale, per mask.
+        with_loss: False skips the cross-entropy (`loss` is then NaN).
     """
     features, labels, masks, scales, factors = _check_scoring(model, features, labels, masks, scales, factors)
     correct = torch.zeros(masks.shape[0], dtype=torch.float64)
@@ -158,10 +149,12 @@ def score_masks(
     for chunk, images, logits in mask_logits(model, features, masks, scales, factors):
         target = labels[images]
         correct[chunk] += (logits.argmax(-1) == target[None]).double().sum(dim=1).cpu()
+        if not with_loss:
+            continue
         picked = logits.gather(-1, target[None, :, None].expand(logits.shape[0], -1, 1)).squeeze(-1)  # (k, n)
         loss[chunk] += (torch.logsumexp(logits.double(), dim=-1) - picked.double()).sum(dim=1).cpu()
     count = labels.shape[0]
-    return MaskScores(correct / count, loss / count)
+    return MaskScores(correct / count, loss / count if with_loss else torch.full_like(loss, math.nan))
 
 
 def _check_scoring(

@@ -38,6 +38,12 @@ def test_readme_main_command_searches_confirms_and_exports_a_model_that_scores_i
     result = subprocess.run([str(ROOT / "dev.sh"), "run", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "baseline" in result.stdout and "best " in result.stdout
+    # a quiet console: pathsearch's lines only; Ray's and Optuna's own output is in the run directory's log
+    assert result.stderr == "", result.stderr[-3000:]
+    for noise in ("View detailed results", "Configuration for experiment", "tensorboard", "Warning", " INFO "):
+        assert noise not in result.stdout, noise
+    log = next((tmp_path / "runs").glob("digits_tiny-*/library_output.log")).read_text()
+    assert "Started a local Ray instance" in log and "A new study created" in log  # Ray's and Optuna's lines
     lines = result.stdout.strip().splitlines()
     assert lines[-1].startswith("verdict: ") and "paired seeds" in lines[-1]  # the confirmation's verdict ends it
     assert "confirmation over 2 paired seeds (1-2)" in result.stdout and "optimism:" in result.stdout

@@ -259,10 +259,10 @@ def test_two_stage_search_records_supernet_proxy_table_top_k_trials_and_ranking(
         seeds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == config.info.run_id]
         assert sorted(r.data.tags["pathsearch.seed"] for r in seeds) == ["1", "2"]
         assert all(r.info.status == "FINISHED" and "test_acc" in r.data.metrics for r in seeds)
-    confirmed = [{k: v for k, v in r.data.params.items() if k.startswith("config.")} for r in configs]
-    for run in proxies:  # each top-k configuration was confirmed, with the very same overrides
-        assert {k: v for k, v in run.data.params.items() if k.startswith("config.")} in confirmed
-        assert "confirmed_val_acc_mean" in run.data.metrics
+    confirmed_params = [{k: v for k, v in r.data.params.items() if k.startswith("config.")} for r in configs]
+    proxy_params = [{k: v for k, v in r.data.params.items() if k.startswith("config.")} for r in proxies]
+    for params in proxy_params:  # each top-k configuration was confirmed, with the very same overrides
+        assert params in confirmed_params
 
     # ranking quality on the parent: each configuration's proxy score against its mean val_acc over its seed runs,
     # recomputed here with scipy from what those runs logged
@@ -274,8 +274,9 @@ def test_two_stage_search_records_supernet_proxy_table_top_k_trials_and_ranking(
         proxy.append(config.data.metrics["search_proxy_val_acc"])
         confirmed.append(sum(r.data.metrics["val_acc"] for r in seeds) / len(seeds))
         assert config.data.metrics["val_acc_mean"] == pytest.approx(confirmed[-1])
-    for run in proxies:  # a proxy run's confirmed mean is its own configuration's
-        own = next(c for c in configs if c.data.metrics["search_proxy_val_acc"] == run.data.metrics["proxy_val_acc"])
+    for run, params in zip(proxies, proxy_params, strict=True):  # a proxy run's confirmed mean: its configuration's
+        own = configs[confirmed_params.index(params)]
+        assert run.data.metrics["proxy_val_acc"] == own.data.metrics["search_proxy_val_acc"]
         assert run.data.metrics["confirmed_val_acc_mean"] == pytest.approx(own.data.metrics["val_acc_mean"])
     tau, rho = kendalltau(proxy, confirmed), spearmanr(proxy, confirmed)
     m = parent.data.metrics
@@ -330,7 +331,7 @@ def test_fit_scales_weights_up_the_informative_path_and_reports_what_it_fitted(p
         model.vit.head.bias.zero_()
     labels = torch.randint(0, 5, (200,), generator=gen)
     features = 2.5 * torch.randn(model.num_paths, 200, 32, generator=gen)  # noise on every path ...
-    features[1] = templates[labels] + 0.3 * torch.randn(200, 32, generator=gen)  # ... but attn.1: its class
+    features[1] = templates[labels] + 1.3 * torch.randn(200, 32, generator=gen)  # ... but attn.1: its class too
     result = fit_ensemble_scale(model, PathFeatures(features, labels), steps=100, prune=prune, seed=seed)
     m = result.metrics
     assert m["fit_images"] == 100 and m["val_images"] == 100 and len(set(result.fit_indices)) == 100
@@ -341,9 +342,9 @@ def test_fit_scales_weights_up_the_informative_path_and_reports_what_it_fitted(p
         assert (m[f"{split}_acc_before"], m[f"{split}_loss_before"]) == pytest.approx((acc, loss), rel=1e-6, abs=1e-9)
         acc, loss = scored_by_hand(model, features, labels, result.keep, result.factors, images)
         assert (m[f"{split}_acc_after"], m[f"{split}_loss_after"]) == pytest.approx((acc, loss), rel=1e-6, abs=1e-9)
-        assert m[f"{split}_acc_after"] > m[f"{split}_acc_before"] + 0.25, (split, m)  # measured: +0.43 or more
+        assert m[f"{split}_acc_after"] > m[f"{split}_acc_before"] + 0.25, (split, m)  # measured: +0.39 or more
     noise = [f for i, f in enumerate(result.factors) if i > 1 and result.keep[i]]
-    assert all(result.factors[1] > 3 * f for f in noise), result.factors  # attn.1 up against every noise path: 8x+
+    assert all(result.factors[1] > 3 * f for f in noise), result.factors  # attn.1 against every noise path: 4x+
     assert result.keep[0] is False and result.keep[1] is True  # a pruned path stays pruned; the informative one stays
     assert sum(result.keep) == model.num_paths - 1 if not prune else sum(result.keep) < model.num_paths - 1
 

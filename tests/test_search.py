@@ -235,7 +235,9 @@ def test_repeated_configuration_is_not_trained_again(tmp_path, local_ray):
     assert reused and all(t["state"] == "COMPLETE" and t["values"] for t in reused)
 
 
-def test_failing_trial_is_retried_then_recorded_as_failed(tmp_path, local_ray):
+def test_failing_trial_is_retried_then_recorded_as_failed(tmp_path, local_ray, capfd):
+    """...and the console shows only the progress line counting the retry and the failure: the attempts'
+    tracebacks go to the run directory's library log."""
     markers = tmp_path / "markers"
     markers.mkdir()
     spec = toy_spec(
@@ -246,7 +248,12 @@ def test_failing_trial_is_retried_then_recorded_as_failed(tmp_path, local_ray):
     )
     spec.search.enqueue = [{"prune.shortest": 1}]  # make sure the failing configuration is tried
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = run_search(spec, tmp_path / "runs", uri, name="t4", verbose=False, trainable=toy_trial)
+    result = run_search(spec, tmp_path / "runs", uri, name="t4", verbose=True, trainable=toy_trial)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "toy failure" not in out + err, err[-3000:]
+    assert "retried 1" in out and "failed 1" in out.splitlines()[-1], out
+    log = (result.run_dir / "library_output.log").read_text()
+    assert log.count("RuntimeError: toy failure for k=1") == 2  # both attempts' tracebacks, in the log
     attempts = [m.name.split(".")[1] for m in markers.iterdir()]
     assert attempts.count("1") == 2  # first try + one retry (max_failures: 1)
     states = {tuple(t["params"].items()): t["state"] for t in study(result)}
@@ -382,8 +389,10 @@ def test_ctrl_c_interrupts_cleanly_and_resume_finishes(tmp_path):
     args = {"file": str(tmp_path / "toy.yaml"), "storage": str(tmp_path / "runs"), "uri": uri, "name": "sigint"}
     driver = [sys.executable, str(Path(__file__).parent / "toy_search.py")]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATHSEARCH_TOY": json.dumps({"sleep": 1.5})}
-    proc = subprocess.Popen([*driver, "search", json.dumps(args)], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    console = tmp_path / "console.txt"
+    with console.open("w") as out:
+        proc = subprocess.Popen([*driver, "search", json.dumps(args)], env=env, start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     state = tmp_path / "runs" / "sigint" / "pathsearch_state.json"
     try:
         wait_for_finished_runs(proc, state, uri, 1)
@@ -391,6 +400,9 @@ def test_ctrl_c_interrupts_cleanly_and_resume_finishes(tmp_path):
         assert proc.wait(timeout=120) == 0
     finally:
         subprocess.run(["pkill", "-9", "-s", str(proc.pid)], check=False)
+    # Tune's own advice (Tuner.restore) and any traceback stay in the library log; pathsearch says `resume`
+    assert "Tuner.restore" not in console.read_text() and "Traceback" not in console.read_text()
+    assert "Tuner.restore" in (state.parent / "library_output.log").read_text()
     _, parents, children = child_runs(uri)
     assert parents[0].info.status == "KILLED"
     assert all(c.info.status != "RUNNING" for c in children)
@@ -402,3 +414,18 @@ def test_ctrl_c_interrupts_cleanly_and_resume_finishes(tmp_path):
     assert len(trial_ids) == len(set(trial_ids))
     assert parents[0].info.status == "FINISHED"
     assert all(c.info.status == "FINISHED" for c in children)
+
+
+def test_a_search_whose_every_suggestion_is_infeasible_ends_and_says_why(tmp_path, local_ray):
+    """Every mask keeps more paths than max_kept_paths allows: the searcher refuses MAX_SKIPPED suggestions in a
+    row, ends the search, and the result says why instead of ending silently with no trial."""
+    from pathsearch.searcher import MAX_SKIPPED
+
+    spec = toy_spec(tmp_path, {"model.pruned": {"by": "shortest", "low": 0, "high": 1}}, {"num_samples": 4})
+    spec.search.max_kept_paths = 2  # 5 paths, at most 1 pruned: every configuration keeps 4 or 5
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_search(spec, tmp_path / "runs", uri, name="none", verbose=False, trainable=toy_trial)
+    assert result.ended_early == f"{MAX_SKIPPED} suggestions in a row were already trained or infeasible"
+    assert result.counts["complete"] == 0 and result.counts["infeasible"] >= MAX_SKIPPED
+    assert result.best is None
+
