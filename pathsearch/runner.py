@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -79,6 +80,28 @@ def runnable(spec: SearchFile, trainable: Any) -> Any:
 
 
 LIBRARY_LOG = "library_output.log"  # in the run directory: Ray's and Optuna's own output, unless --verbose
+# Library warnings that mean the search cannot go on as asked: the quiet console says them in a line of its own
+PROBLEMS = {
+    "ray.tune.execution.insufficient_resources_manager": (
+        "no trial can start: no Ray node has the resources a trial asks for (search.resources_per_trial); the "
+        "search waits until one does (Ray's message is in {log})"
+    ),
+}
+
+
+class ProblemLine(logging.Handler):
+    """Prints one pathsearch line, once per kind, for a library warning listed in PROBLEMS."""
+
+    def __init__(self, log: Path) -> None:
+        super().__init__(logging.WARNING)
+        self.log = log
+        self.said: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        kind = next((name for name in PROBLEMS if record.name.startswith(name)), None)
+        if kind is not None and kind not in self.said:
+            self.said.add(kind)
+            print(f"pathsearch: {PROBLEMS[kind].format(log=self.log)}", file=sys.stderr, flush=True)
 
 
 @contextmanager
@@ -92,6 +115,7 @@ def quiet_console(run_dir: Path, library_output: bool = False) -> Iterator[None]
         return
     handler = logging.FileHandler(run_dir / LIBRARY_LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    problems = ProblemLine(run_dir / LIBRARY_LOG)
     loggers = [logging.getLogger(name) for name in ("ray", "optuna", "mlflow", "alembic", "py.warnings")]
     saved = [(lg, list(lg.handlers), lg.propagate) for lg in loggers]
     # Tune's current console reporter prints its experiment table and hints with print() whatever the verbosity;
@@ -99,7 +123,7 @@ def quiet_console(run_dir: Path, library_output: bool = False) -> Iterator[None]
     old_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     for lg in loggers:
-        lg.handlers, lg.propagate = [handler], False
+        lg.handlers, lg.propagate = [handler, problems], False
     logging.captureWarnings(True)
     try:
         with warnings.catch_warnings():
