@@ -47,7 +47,8 @@ def reseed(spec: Any, overrides: dict[str, Any], seeds: list[int]) -> list[float
 
     import ray
 
-    from pathsearch.config import load_trial_config, set_dotted
+    from pathsearch.config import load_trial_config
+    from pathsearch.typed import set_dotted
 
     @ray.remote(num_cpus=1)
     def train(seed: int) -> float:

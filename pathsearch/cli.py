@@ -29,7 +29,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pathsearch.config import load_trial_config, unique_run_dir
+    from pathsearch.config import load_trial_config
+    from pathsearch.rundirs import unique_run_dir
 
     cfg = load_trial_config(args.file, args.set)  # ConfigError (a ValueError): exit 2 before any work
 

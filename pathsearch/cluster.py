@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pathsearch
-from pathsearch.config import unique_run_name
+from pathsearch.rundirs import unique_run_name
 
 LOCAL_ONLY_SCHEMES = ("sqlite", "file", "")  # a store only the head node could open
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")

@@ -1,5 +1,5 @@
-"""Typed configuration of a trial (model, data, train sections of a search file): YAML loading, validation and
-dotted `--set key=value` overrides.
+"""The sections of a search file as typed dataclasses (model, data, train: the trial; search, space, tracking: the
+search), loaded from YAML with `--set` overrides (typed.py) and validated as a whole.
 
 Errors name the file, the dotted key and the value, one line per problem. Imports no torch (nor ray, optuna,
 mlflow), so configs can be read and checked anywhere.
@@ -8,31 +8,21 @@ mlflow), so configs can be read and checked anywhere.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
-import time
-import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 import yaml
 
 from pathsearch.paths import DistillConfig, EnsembleScaleConfig, PathConfig
-from pathsearch.space import parse_number, parse_space
+from pathsearch.space import parse_space
+from pathsearch.typed import ConfigError, apply_overrides, deep_copy, from_dict, set_dotted, to_dict
 
 # Top-level sections of a search file; the search-only ones (search, space, tracking) are read by the search.
 SECTIONS = {"model", "data", "train", "search", "space", "tracking"}
 DatasetName = Literal["digits", "synthetic", "cifar10", "cifar100", "imagefolder"]
-
-
-class ConfigError(ValueError):
-    """Invalid configuration; `problems` holds one line per problem, each naming file, key and value."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
 
 
 @dataclass
@@ -394,56 +384,21 @@ def load_search_file(path: str | Path, overrides: Sequence[str] = (), model_dept
     return SearchFile(source, trial, search, tracking, space, raw)
 
 
-def unique_run_name(stem: str, claim: Callable[[str], bool]) -> str:
-    """The first of `<stem>-<YYYYmmdd-HHMMSS>`, then with -2, -3, ... appended, that `claim` takes.
-
-    `claim(name)` takes the name atomically and returns False when it is taken already, so runs started in the same
-    second get different names: a folder's mkdir (unique_run_dir), a Ray job's submission id (cluster.py).
-    """
-    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    for n in itertools.count(1):
-        name = base if n == 1 else f"{base}-{n}"
-        if claim(name):
-            return name
-    raise AssertionError("unreachable")
-
-
-def unique_run_dir(
-    parent: str | Path, stem: str, name: str | Path | None = None, flag: str = "--name", or_else: str = ""
-) -> Path:
-    """Creates a run's new folder and returns it: no two runs ever share one.
-
-    Args:
-        parent: the folder it goes in (created when missing).
-        stem: without `name`: the folder is `<stem>-<YYYYmmdd-HHMMSS>`, with -2, -3, ... when that is taken (made
-            by mkdir, which fails when the folder exists, so two runs started in the same second get two folders).
-        name: the user's own name (--name, --out): exactly `parent/name` (an absolute path stands alone).
-        flag, or_else: name the option and the alternative in the error.
-
-    Raises:
-        ValueError: `name` exists already. Another run's folder is never reused: its checkpoints and results would
-            mix with the new run's.
-    """
-    root = Path(parent).expanduser()
-    if name is not None:
-        path = root / Path(name).expanduser()
-        try:
-            path.mkdir(parents=True)
-        except FileExistsError:
-            where = f"{flag} {name}: {path}" if str(path) != str(name) else f"{flag} {path}:"
-            alternative = f", or {or_else}" if or_else else ""
-            raise ValueError(f"{where} already exists; choose another {flag}{alternative}") from None
-        return path
-    root.mkdir(parents=True, exist_ok=True)
-
-    def make(candidate: str) -> bool:
-        try:
-            (root / candidate).mkdir()
-        except FileExistsError:
-            return False
-        return True
-
-    return root / unique_run_name(stem, make)
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A search file's top-level mapping, or a ConfigError naming the file (missing, not YAML, empty, a list)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"{path}: no such file"])
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{path}: not valid YAML: {err}"]) from None
+    if loaded is None:  # 0 bytes, or only blank lines and comments: a wrong or truncated file, never "all defaults"
+        known = ", ".join(sorted(SECTIONS))
+        raise ConfigError([f"{path}: top level: expected a mapping of sections ({known}), got an empty file"])
+    if not isinstance(loaded, dict):
+        raise ConfigError([f"{path}: expected a mapping at the top level, got {type(loaded).__name__}"])
+    return loaded
 
 
 def _search_depth(raw: Mapping[str, Any], model_depth: Any, source: str, problems: list[str]) -> int | None:
@@ -481,23 +436,6 @@ def _search_depth(raw: Mapping[str, Any], model_depth: Any, source: str, problem
 
 def _trial_sections(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {k: raw[k] for k in ("model", "data", "train") if k in raw}
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A search file's top-level mapping, or a ConfigError naming the file (missing, not YAML, empty, a list)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError([f"{path}: no such file"])
-    try:
-        loaded = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError([f"{path}: not valid YAML: {err}"]) from None
-    if loaded is None:  # 0 bytes, or only blank lines and comments: a wrong or truncated file, never "all defaults"
-        known = ", ".join(sorted(SECTIONS))
-        raise ConfigError([f"{path}: top level: expected a mapping of sections ({known}), got an empty file"])
-    if not isinstance(loaded, dict):
-        raise ConfigError([f"{path}: expected a mapping at the top level, got {type(loaded).__name__}"])
-    return loaded
 
 
 def _check_search(s: SearchConfig, source: str, problems: list[str]) -> None:
@@ -599,7 +537,7 @@ def _probe_space(raw: dict[str, Any], space: Any, source: str) -> list[str]:
             problems.append(f"{source}: space.{entry.key}: no such key in the model/data/train sections")
             continue
         for value in entry.dist.extremes():
-            probe = _deep_copy(raw)
+            probe = deep_copy(raw)
             set_dotted(probe, entry.key, value)
             try:
                 load_trial_config(None, data=_trial_sections(probe), source=source)
@@ -623,18 +561,6 @@ def _key_exists(key: str) -> bool:
         if parts[0] == "model" and i == 1 and part == "kwargs":
             return len(parts) == 3  # timm kwargs are free-form: model.kwargs.<name>
     return not dataclasses.is_dataclass(node)
-
-
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    """raw[a][b][c] = value for key 'a.b.c', creating sections as needed."""
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[parts[-1]] = value
 
 
 def load_trial_config(
@@ -668,141 +594,3 @@ def load_trial_config(
     return cfg
 
 
-def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str], source: str = "config") -> dict[str, Any]:
-    """Returns a copy of `raw` with dotted `a.b.c=value` overrides applied (values parsed as YAML)."""
-    out: dict[str, Any] = _deep_copy(raw)
-    problems = []
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            problems.append(f"{source}: --set {item!r}: expected dotted.key=value")
-            continue
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
-            value = text
-        parts = key.split(".")
-        if parts[0] == "space" and len(parts) > 1:  # space keys are dotted themselves: space.<key>[.<field>]
-            fields = {"low", "high", "log", "step", "choices", "when", "by"}
-            space = out.setdefault("space", {}) or {}
-            out["space"] = space
-            if parts[-1] in fields and len(parts) > 2:
-                entry = space.setdefault(".".join(parts[1:-1]), {})
-                if isinstance(entry, dict):
-                    entry[parts[-1]] = value
-                    continue
-            else:
-                space[".".join(parts[1:])] = value
-                continue
-        node = out
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                problems.append(f"{source}: --set {key}: {part!r} is not a section (it is {child!r})")
-                break
-            node = child
-        else:
-            node[parts[-1]] = value
-    if problems:
-        raise ConfigError(problems)
-    return out
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain dict of a config dataclass (for YAML, MLflow params, logs)."""
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(cls: type, data: Any, source: str, prefix: str, problems: list[str]) -> Any:
-    """Builds dataclass `cls` from `data`, converting by declared types; appends problems instead of raising."""
-    where = prefix.rstrip(".") or "top level"
-    if not isinstance(data, Mapping):
-        problems.append(f"{source}: {where}: expected a mapping, got {data!r}")
-        return cls()
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            problems.append(f"{source}: {prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
-    values = {}
-    for name in names & set(data):
-        value = _convert(hints[name], data[name], source, prefix + name, problems)
-        if value is not _MISSING:  # a bad value keeps the default, so range checks can still run on the rest
-            values[name] = value
-    return cls(**values)
-
-
-_MISSING = object()
-
-
-def _convert(tp: Any, value: Any, source: str, key: str, problems: list[str]) -> Any:
-    """Converts `value` to type `tp` or records a problem (and returns the type's neutral value)."""
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, source, key + ".", problems)  # type: ignore[arg-type]
-    result = _try_convert(tp, value)
-    if result is _MISSING:
-        problems.append(f"{source}: {key}: expected {_describe(tp)}, got {value!r}")
-    return result
-
-
-def _try_convert(tp: Any, value: Any) -> Any:
-    origin, args = get_origin(tp), get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            out = _try_convert(arg, value)
-            if out is not _MISSING:
-                return out
-        return _MISSING
-    if origin is Literal:
-        return value if value in args else _MISSING
-    if origin is list:
-        if not isinstance(value, list):
-            return _MISSING
-        items = [_try_convert(args[0], v) for v in value]
-        return _MISSING if any(i is _MISSING for i in items) else items
-    if origin is dict:
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            return _MISSING
-        converted = {k: _try_convert(args[1], v) for k, v in value.items()}
-        return _MISSING if any(v is _MISSING for v in converted.values()) else converted
-    if tp is bool:
-        return value if isinstance(value, bool) else _MISSING
-    if tp is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else _MISSING
-    if tp is float:
-        number = parse_number(value)
-        return _MISSING if number is None else float(number)
-    if tp is str:
-        return value if isinstance(value, str) else _MISSING
-    return value if isinstance(value, tp) else _MISSING
-
-
-def _describe(tp: Any) -> str:
-    origin, args = get_origin(tp), get_args(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is list:
-        return f"a list of {_describe(args[0])}"
-    if origin is dict:
-        return f"a mapping of names to {_describe(args[1])}"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value

@@ -25,7 +25,7 @@ import yaml
 from optuna.trial import TrialState
 from ray import tune
 
-from pathsearch.config import SearchFile, set_dotted, unique_run_dir
+from pathsearch.config import SearchFile
 from pathsearch.results import (
     EXHAUSTED,
     SearchResult,
@@ -37,8 +37,10 @@ from pathsearch.results import (
     study_table,
     trained_to_end,
 )
+from pathsearch.rundirs import unique_run_dir
 from pathsearch.searcher import study_storage
 from pathsearch.tracking import close_orphan_runs, default_tracking_uri, end_parent_run, start_parent_run
+from pathsearch.typed import set_dotted
 
 
 def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:

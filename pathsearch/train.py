@@ -34,10 +34,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pathsearch.analysis import analyze_paths
-from pathsearch.config import TrialConfig, load_trial_config, to_dict
+from pathsearch.config import TrialConfig, load_trial_config
 from pathsearch.data import DataBundle, load_data
 from pathsearch.model import PathEnsembleViT, create_path_vit
 from pathsearch.supernet import sample_supernet_masks, supernet_loss
+from pathsearch.typed import to_dict
 
 Report = Callable[[dict[str, Any], str | None], None]
 CHECKPOINT_VERSION = 1

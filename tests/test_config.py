@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from pathsearch.config import ConfigError, TrialConfig, apply_overrides, load_trial_config, to_dict
+from pathsearch.config import TrialConfig, load_trial_config
+from pathsearch.typed import ConfigError, apply_overrides, to_dict
 
 GOOD = """\
 # run: pathsearch train this.yaml
@@ -189,7 +190,7 @@ def test_run_folders_are_never_shared(tmp_path):
     """Two runs started in the same second get two folders (-2); an explicit name that exists is refused."""
     import time
 
-    from pathsearch.config import unique_run_dir
+    from pathsearch.rundirs import unique_run_dir
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for seconds in range(30):  # every name the next 30 s could give is another run's already

@@ -255,7 +255,8 @@ DIGITS = Path(__file__).resolve().parents[1] / "search_spaces" / "digits_tiny.ya
     ],
 )
 def test_bad_confirmation_settings_are_refused_naming_file_key_and_value(overrides, key, value):
-    from pathsearch.config import ConfigError, load_search_file
+    from pathsearch.config import load_search_file
+    from pathsearch.typed import ConfigError
 
     with pytest.raises(ConfigError) as raised:
         load_search_file(DIGITS, overrides)
@@ -273,7 +274,8 @@ def test_search_with_a_bad_confirmation_exits_2_and_writes_nothing(tmp_path):
 
 
 def test_a_confirmation_needs_a_test_split(tmp_path):
-    from pathsearch.config import ConfigError, load_search_file
+    from pathsearch.config import load_search_file
+    from pathsearch.typed import ConfigError
 
     for split in ("train", "val"):  # an image folder without test/
         (tmp_path / split).mkdir()

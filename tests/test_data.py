@@ -10,7 +10,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from pathsearch import data
-from pathsearch.config import ConfigError, load_trial_config
+from pathsearch.config import load_trial_config
 from pathsearch.data import (
     DIGITS_MEAN,
     DIGITS_STD,
@@ -19,6 +19,7 @@ from pathsearch.data import (
     load_digits_split,
     make_synthetic,
 )
+from pathsearch.typed import ConfigError
 
 
 def _rows(dataset) -> Counter:

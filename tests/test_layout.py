@@ -21,6 +21,8 @@ TENSOR_MODULES = {
 # module -> top-level packages it must never import at module level
 FORBIDDEN = {
     "config": HEAVY_TENSOR | ORCHESTRATION | {"numpy"},
+    "typed": HEAVY_TENSOR | ORCHESTRATION | {"numpy"},
+    "rundirs": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pathsearch"},
     "paths": HEAVY_TENSOR | ORCHESTRATION,
     "space": HEAVY_TENSOR | ORCHESTRATION,
     "model": ORCHESTRATION,

@@ -22,13 +22,14 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from pathsearch.config import ConfigError, SupernetConfig, load_search_file, load_trial_config
+from pathsearch.config import SupernetConfig, load_search_file, load_trial_config
 from pathsearch.model import PathEnsembleViT, create_path_vit
 from pathsearch.paths import EnsembleScaleConfig, PathConfig
 from pathsearch.proxy import ProxyScorer, fit_ensemble_scale
 from pathsearch.scoring import PathFeatures, cache_path_features, score_masks
 from pathsearch.supernet import sample_supernet_masks
 from pathsearch.train import fit, load_checkpoint_model, load_trial_data
+from pathsearch.typed import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_STAGE = ROOT / "search_spaces" / "digits_two_stage.yaml"

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pathsearch.config import ConfigError, load_search_file
+from pathsearch.config import load_search_file
 from pathsearch.model import model_depth
+from pathsearch.typed import ConfigError
 
 FILES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
 

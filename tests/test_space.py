@@ -12,10 +12,11 @@ import pytest
 import yaml
 
 from pathsearch import cli
-from pathsearch.config import ConfigError, load_search_file
+from pathsearch.config import load_search_file
 from pathsearch.model import model_depth
 from pathsearch.paths import path_names
 from pathsearch.space import sample_overrides
+from pathsearch.typed import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "search_spaces" / "digits_tiny.yaml"
