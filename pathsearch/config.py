@@ -592,5 +592,3 @@ def load_trial_config(
     if problems:
         raise ConfigError(problems)
     return cfg
-
-

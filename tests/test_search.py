@@ -430,7 +430,6 @@ def test_a_search_whose_every_suggestion_is_infeasible_ends_and_says_why(tmp_pat
     assert result.best is None
 
 
-
 def test_a_search_no_node_can_run_says_so_in_one_line(tmp_path):
     """A trial asks for more CPUs than any node has: Ray's warning (in the library log) becomes one pathsearch line
     on the console, instead of a search that waits in silence."""
