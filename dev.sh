@@ -12,8 +12,13 @@ fi
 # Reinstall only when pyproject.toml changed since the last successful install.
 stamp=.venv/.pathsearch-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e '.[dev]'
+    # pip's own notices go to a log, shown only when the install fails: the console is the job's
+    log=.venv/pip-install.log
+    echo "installing pathsearch and its dependencies into .venv (a few minutes; pip's log: $log)"
+    if ! { .venv/bin/python -m pip install --quiet --upgrade pip && .venv/bin/python -m pip install --quiet -e '.[dev]'; } >"$log" 2>&1; then
+        cat "$log" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
 

@@ -1,10 +1,10 @@
-"""Paired-seed confirmation of a search's best configurations against the baseline, and the verdict.
+"""The confirmation stage: a search's best configurations and the baseline trained again on paired seeds.
 
 After a search, the `top_k` distinct configurations with the best val score, plus the baseline, are trained again
 as ordinary Ray trials (parallel, retried, resumable) on the same fresh seeds: seed s gives every configuration the
 same initialisation, data order and augmentation draws. Only these trials read the test split. The winner is the
 best mean val score over seeds (never test); the verdict is the winner's paired difference from the baseline in
-test accuracy with a 95% confidence interval from the paired t distribution over seeds (scipy.stats.ttest_rel).
+test accuracy with a 95% confidence interval from the paired t distribution over seeds (verdict.py computes it).
 Orchestration: imports no torch, timm or model code.
 """
 

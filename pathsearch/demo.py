@@ -33,8 +33,8 @@ class DemoResult:
 def run_demo(
     out_dir: str | Path = "runs/demo", epochs: int = 15, seed: int = 0, threads: int | None = None
 ) -> DemoResult:
-    """Trains the demo ViT on an 80/20 digits split (evaluated once, at the end) and writes the path analysis
-    (JSON, PNG) and the learned PathConfig to `out_dir`."""
+    """Trains the demo ViT on the default digits split (60% train; the val images evaluated once, at the end) and
+    writes the path analysis (JSON, PNG) and the learned PathConfig to `out_dir`."""
     if epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {epochs}")
     if threads is not None and threads < 1:
