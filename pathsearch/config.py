@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathsearch.typed import ConfigError, apply_overrides, deep_copy, from_dict,
 
 # Top-level sections of a search file; the search-only ones (search, space, tracking) are read by the search.
 SECTIONS = {"model", "data", "train", "search", "space", "tracking"}
-DatasetName = Literal["digits", "synthetic", "cifar10", "cifar100", "imagefolder"]
+DatasetName = Literal["digits", "synthetic", "cifar10", "cifar100", "fashion_mnist", "mnist", "imagefolder"]
 
 
 @dataclass
@@ -67,6 +68,46 @@ class ModelConfig:
 DIGITS_IMAGES = 1797  # the UCI digits data.py loads; counted here because data.py imports torch
 CIFAR_TRAIN_IMAGES = 50000  # the official CIFAR-10/100 training set, which the validation slice is drawn from
 CIFAR_VAL_SIZE = 5000  # default size of that slice
+MNIST_TRAIN_IMAGES = 60000  # the official MNIST / Fashion-MNIST training set, which the validation slice is drawn from
+MNIST_VAL_SIZE = 5000  # default size of that slice: as CIFAR's, and MNIST's customary 55,000 / 5,000 split
+# The IDX files torchvision's MNIST / FashionMNIST read from ROOT/<folder>/raw/ (uncompressed)
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+MNIST_FOLDERS = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}  # torchvision's class names
+FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist: the four .gz files
+# name: (what errors call it, official training images, default val_size); val is a seeded slice of the training set
+HELD_OUT_VAL = {
+    "cifar10": ("CIFAR", CIFAR_TRAIN_IMAGES, CIFAR_VAL_SIZE),
+    "cifar100": ("CIFAR", CIFAR_TRAIN_IMAGES, CIFAR_VAL_SIZE),
+    "fashion_mnist": ("Fashion-MNIST", MNIST_TRAIN_IMAGES, MNIST_VAL_SIZE),
+    "mnist": ("MNIST", MNIST_TRAIN_IMAGES, MNIST_VAL_SIZE),
+}
+
+
+def default_data_root() -> Path:
+    """Where `mnist` and `fashion_mnist` live without `data.root`: $XDG_CACHE_HOME (or ~/.cache)/pathsearch/datasets."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pathsearch" / "datasets"
+
+
+def mnist_raw_folder(name: str, root: str | None) -> Path:
+    """ROOT/MNIST/raw or ROOT/FashionMNIST/raw, where torchvision reads (and downloads) the IDX files."""
+    base = Path(root).expanduser() if root else default_data_root()
+    return base / MNIST_FOLDERS[name] / "raw"
+
+
+def mnist_missing(name: str, root: str | None) -> str | None:
+    """One line naming the IDX files that ROOT lacks and where to get them; None when all four are there."""
+    raw = mnist_raw_folder(name, root)
+    missing = [f for f in MNIST_FILES if not (raw / f).is_file()]
+    if not missing:
+        return None
+    if name == "fashion_mnist":
+        where = (
+            f"Debian's package dataset-fashion-mnist ships Fashion-MNIST in {FASHION_MNIST_DEBIAN}/, which "
+            "data.download: true unpacks (without it, download fetches from the internet)"
+        )
+    else:
+        where = f"set data.download: true (needs the internet), or place the four uncompressed files in {raw}/"
+    return f"dataset {name!r}: {raw}/ lacks {', '.join(missing)} (of {', '.join(MNIST_FILES)}); {where}"
 
 
 def digits_split_sizes(
@@ -101,9 +142,10 @@ class DataConfig:
 
     digits: one seeded permutation (`split_seed`) gives `train_size` training images (default 60%), then `val_size`
     validation images (default: half the rest), then the test images. synthetic: `val_size` images (default 128)
-    each for val and test. cifar10/cifar100: val is a seeded slice of `val_size` images (default 5000) of the official
-    training set, `train_size` a subset of the rest; test is the official test set. imagefolder: root/train, root/val
-    and, when present, root/test (`train_size` and `val_size` are not used).
+    each for val and test. cifar10/cifar100, fashion_mnist/mnist: val is a seeded slice of `val_size` images (default
+    5000) of the official training set, `train_size` a subset of the rest; test is the official test set (fashion_mnist
+    and mnist: `root` defaults to `default_data_root()`). imagefolder: root/train, root/val and, when present,
+    root/test (`train_size` and `val_size` are not used).
     """
 
     name: DatasetName = "digits"
@@ -208,12 +250,13 @@ class TrialConfig:
                 train_ok = d.train_size is None or d.train_size >= 10
                 key = "val_size" if d.val_size is not None and train_ok else "train_size"
                 need(False, f"data.{key}", getattr(d, key), str(err))
-        if d.name in ("cifar10", "cifar100") and sizes_ok:
-            val = CIFAR_VAL_SIZE if d.val_size is None else d.val_size
-            left = CIFAR_TRAIN_IMAGES - val
-            need(left > 0, "data.val_size", val, f"must be < {CIFAR_TRAIN_IMAGES}, the CIFAR training images")
+        if d.name in HELD_OUT_VAL and sizes_ok:
+            what, total, default_val = HELD_OUT_VAL[d.name]
+            val = default_val if d.val_size is None else d.val_size
+            left = total - val
+            need(left > 0, "data.val_size", val, f"must be < {total}, the {what} training images")
             need(d.train_size is None or d.train_size <= left, "data.train_size", d.train_size,
-                 f"must be <= {left}, the CIFAR training images left by val_size {val}")  # fmt: skip
+                 f"must be <= {left}, the {what} training images left by val_size {val}")  # fmt: skip
         for key in ("mixup", "cutmix"):
             need(getattr(d, key) >= 0, f"data.{key}", getattr(d, key), "must be >= 0")
         need(0 <= d.label_smoothing < 1, "data.label_smoothing", d.label_smoothing, "must be in [0, 1)")
@@ -224,6 +267,9 @@ class TrialConfig:
                 need(folder.is_dir(), "data.root", d.root, f"needs a {split}/ folder ({folder} does not exist)")
         if d.root and d.name in ("cifar10", "cifar100") and not d.download:
             need(Path(d.root).expanduser().is_dir(), "data.root", d.root, "does not exist (or set data.download)")
+        if d.name in MNIST_FOLDERS and not d.download:
+            missing = mnist_missing(d.name, d.root)
+            need(missing is None, "data.root", d.root, str(missing))
         need(
             self.model.pos_embed_std is None or self.model.pos_embed_std > 0,
             "model.pos_embed_std",

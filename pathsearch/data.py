@@ -1,5 +1,6 @@
 """Datasets for pathsearch trials: `digits` (offline, built in), `synthetic` (tests), `cifar10`/`cifar100`
-(torchvision) and `imagefolder` (a root with train/, val/ and optionally test/), with timm's transforms.
+(torchvision, with timm's transforms), `fashion_mnist`/`mnist` (torchvision's parser, held as normalised tensors)
+and `imagefolder` (a root with train/, val/ and optionally test/, with timm's transforms).
 
 Each dataset has a train, a val and (except an imagefolder without test/) a test split: a search selects on val,
 only a later confirmation reads test. A dataset is loaded once per process and reused by later trials in that
@@ -18,11 +19,30 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from pathsearch.config import CIFAR_VAL_SIZE, digits_split_sizes
+from pathsearch.config import (
+    CIFAR_VAL_SIZE,
+    FASHION_MNIST_DEBIAN,
+    MNIST_FILES,
+    MNIST_VAL_SIZE,
+    digits_split_sizes,
+    mnist_missing,
+    mnist_raw_folder,
+)
 
 DIGITS_MEAN = 4.88  # pixel statistics of the 1797 images (0..16 grey levels), for normalisation
 DIGITS_STD = 6.02
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
+# pixel mean / std of each official training set (0..1 grey levels), for normalisation
+MNIST_STATS = {"fashion_mnist": (0.2860, 0.3530), "mnist": (0.1307, 0.3081)}
+# md5 of the uncompressed official Fashion-MNIST files. Debian recompressed the .gz files (other md5 sums than the ones
+# torchvision checks), but their content is upstream's: these sums check what is unpacked from them.
+FASHION_MNIST_MD5 = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+IDX_MAGIC = {"images": 2051, "labels": 2049}  # uint8 3-d and 1-d IDX files
 
 
 @dataclass
@@ -87,19 +107,20 @@ def load_digits_split(train_size: int | None = None, seed: int = 0, *, val_size:
 
 
 def cifar_split_indices(
-    total: int, val_size: int = CIFAR_VAL_SIZE, train_size: int | None = None, seed: int = 0
+    total: int, val_size: int = CIFAR_VAL_SIZE, train_size: int | None = None, seed: int = 0, what: str = "CIFAR"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, val) indices into CIFAR's official training set: one seeded permutation, whose first `val_size`
-    indices are val and the next `train_size` (default: all the rest) train. Val does not depend on train_size.
+    """(train, val) indices into CIFAR's (or `what`'s: MNIST's) official training set: one seeded permutation, whose
+    first `val_size` indices are val and the next `train_size` (default: all the rest) train. Val does not depend on
+    train_size.
 
     Raises:
         ValueError: when val_size is not in 1..total-1 or train_size does not fit in what val leaves.
     """
     if not 1 <= val_size < total:
-        raise ValueError(f"CIFAR val_size must be in 1..{total - 1} (of {total} training images), got {val_size}")
+        raise ValueError(f"{what} val_size must be in 1..{total - 1} (of {total} training images), got {val_size}")
     left = total - val_size
     if train_size is not None and not 1 <= train_size <= left:
-        raise ValueError(f"CIFAR train_size must be in 1..{left} (val_size {val_size} of {total}), got {train_size}")
+        raise ValueError(f"{what} train_size must be in 1..{left} (val_size {val_size} of {total}), got {train_size}")
     order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
     end = total if train_size is None else val_size + train_size
     return order[val_size:end], order[:val_size]
@@ -168,9 +189,13 @@ def _load(
     if name in ("cifar10", "cifar100"):
         path = _require_root(name, root, must_exist=not download)
         return _load_cifar(name, path, download, img_size, auto_augment, train_size, val_size, split_seed)
+    if name in ("fashion_mnist", "mnist"):
+        return _load_mnist(name, root, download, train_size, val_size, split_seed, img_size)
     if name == "imagefolder":
         return _load_imagefolder(_require_root(name, root, must_exist=True), img_size, auto_augment)
-    raise ValueError(f"unknown dataset {name!r}: expected digits, synthetic, cifar10, cifar100 or imagefolder")
+    raise ValueError(
+        f"unknown dataset {name!r}: expected digits, synthetic, cifar10, cifar100, fashion_mnist, mnist or imagefolder"
+    )
 
 
 def _require_root(name: str, root: str | None, must_exist: bool) -> Path:
@@ -221,6 +246,139 @@ def _load_cifar(
     train = Subset(train_view, train_idx.tolist())
     val = Subset(val_view, val_idx.tolist())
     return DataBundle(train, val, test, 10 if name == "cifar10" else 100, size, 3)
+
+
+def _load_mnist(
+    name: str,
+    root: str | None,
+    download: bool,
+    train_size: int | None,
+    val_size: int | None,
+    split_seed: int,
+    img_size: int | None,
+) -> DataBundle:
+    """MNIST or Fashion-MNIST through torchvision's own classes (download, IDX parser), held as normalised tensors.
+
+    Val is a seeded slice of the official training set, train a subset of the rest (as CIFAR's); test is the official
+    test set. Images are (1, 28, 28), resized once to `img_size` when it is given and not 28.
+    """
+    from torchvision import datasets
+
+    cls = datasets.FashionMNIST if name == "fashion_mnist" else datasets.MNIST
+    raw = mnist_raw_folder(name, root)
+    base = raw.parent.parent
+    if download and name == "fashion_mnist" and FASHION_MNIST_DEBIAN.is_dir():
+        _unpack_debian_fashion_mnist(raw)
+    train_images, train_labels = _read_mnist(name, cls, base, raw, train=True, download=download)
+    test_images, test_labels = _read_mnist(name, cls, base, raw, train=False, download=False)
+    train_idx, val_idx = cifar_split_indices(
+        len(train_labels),
+        MNIST_VAL_SIZE if val_size is None else val_size,
+        train_size,
+        split_seed,
+        what="Fashion-MNIST" if name == "fashion_mnist" else "MNIST",
+    )
+    mean, std = MNIST_STATS[name]
+    size = img_size or 28
+
+    def tensors(images: torch.Tensor, labels: torch.Tensor) -> TensorDataset:
+        x = (images[:, None].float() / 255 - mean) / std  # (N, 1, 28, 28), normalised once
+        if size != 28:
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        return TensorDataset(x, labels)
+
+    train = tensors(train_images[train_idx], train_labels[train_idx])
+    val = tensors(train_images[val_idx], train_labels[val_idx])
+    return DataBundle(train, val, tensors(test_images, test_labels), 10, size, 1)
+
+
+def _unpack_debian_fashion_mnist(raw: Path) -> None:
+    """The offline source: unpacks the IDX files that `raw` lacks from Debian's dataset-fashion-mnist package with
+    torchvision's own `extract_archive` and checks each against the official md5 sum (torchvision's
+    `check_integrity`) before it is moved into `raw`; nothing is left there from a failed file.
+
+    (torchvision's download cannot take the folder as a `file://` mirror: its `_urlretrieve` reads `response.length`,
+    which only HTTP responses have, and it checks the .gz md5 sums of upstream's files, which Debian's are not.)
+    """
+    import tempfile
+    import zlib
+
+    from torchvision.datasets.utils import check_integrity, extract_archive
+
+    missing = [f for f in MNIST_FILES if not (raw / f).is_file()]
+    if not missing:
+        return
+    raw.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=raw) as scratch:
+        for filename in missing:
+            source = FASHION_MNIST_DEBIAN / f"{filename}.gz"
+            if not source.is_file():
+                return  # an incomplete package: torchvision's download fetches what is left
+            try:
+                unpacked = Path(extract_archive(str(source), scratch))
+            except (OSError, EOFError, zlib.error) as err:
+                raise ValueError(f"dataset 'fashion_mnist': cannot unpack {source}: {err}") from None
+            if not check_integrity(str(unpacked), FASHION_MNIST_MD5[filename]):
+                raise ValueError(
+                    f"dataset 'fashion_mnist': {source} does not hold the official {filename} (md5 differs); "
+                    "reinstall Debian's dataset-fashion-mnist package"
+                )
+            unpacked.replace(raw / filename)
+
+
+def _read_mnist(
+    name: str, cls: Any, base: Path, raw: Path, train: bool, download: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, 28, 28) uint8, labels (N,) int64) of one official split, read by torchvision's class; every way
+    it fails is a one-line ValueError naming the file (or the missing files)."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    prefix = "train" if train else "t10k"
+    files = {"images": raw / f"{prefix}-images-idx3-ubyte", "labels": raw / f"{prefix}-labels-idx1-ubyte"}
+    try:
+        dataset = cls(str(base), train=train, download=download)
+    except (AssertionError, RuntimeError, OSError, ValueError, TypeError, KeyError, IndexError) as err:
+        # torchvision's "Dataset not found", a download every mirror failed (OSError: urllib's URLError or a timeout,
+        # which its mirror loop lets out), or its IDX parser failing
+        missing = mnist_missing(name, str(base))
+        if missing is not None:
+            if not download:
+                raise ValueError(missing) from None
+            tried = " ".join(str(err).split())  # torchvision's "Error downloading ...: Tried <mirror>, got: ..."
+            raise ValueError(f"{missing}; download failed: {tried}") from None
+        if isinstance(err, OSError):
+            raise
+        for kind, path in files.items():  # which file: read each again with torchvision's reader
+            try:
+                (read_image_file if kind == "images" else read_label_file)(str(path))
+            except Exception as bad:  # any failure of the parser is this file's
+                raise ValueError(_idx_problem(name, path, kind, bad)) from None
+        raise ValueError(f"dataset {name!r}: {files['images']}, {files['labels']}: unreadable ({err})") from None
+    images, labels = dataset.data, dataset.targets
+    if tuple(images.shape[1:]) != (28, 28):
+        raise ValueError(f"dataset {name!r}: {files['images']}: images of {tuple(images.shape[1:])} pixels, not 28x28")
+    if len(images) != len(labels):
+        raise ValueError(
+            f"dataset {name!r}: {files['images']} holds {len(images)} images but {files['labels']} {len(labels)} labels"
+        )
+    if len(labels) and int(labels.max()) > 9:
+        raise ValueError(f"dataset {name!r}: {files['labels']}: a label {int(labels.max())}, outside 0..9")
+    return images, labels
+
+
+def _idx_problem(name: str, path: Path, kind: str, err: BaseException) -> str:
+    """One line on an IDX file torchvision's parser rejected: a wrong magic number, else truncated or corrupt."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    magic = int.from_bytes(head, "big") if len(head) == 4 else None
+    expected = IDX_MAGIC[kind]
+    if magic != expected:
+        return (
+            f"dataset {name!r}: {path}: magic number {magic} where an uncompressed IDX {kind} file has {expected}: "
+            "not MNIST-format data"
+        )
+    why = " ".join(str(err).split()) or type(err).__name__
+    return f"dataset {name!r}: {path}: truncated or corrupt IDX {kind} file (torchvision: {why})"
 
 
 def _load_imagefolder(root: Path, img_size: int | None, auto_augment: str | None) -> DataBundle:

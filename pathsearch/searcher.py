@@ -156,6 +156,8 @@ DATA_SHAPES: dict[str, dict[str, int]] = {
     "synthetic": {"num_classes": 4, "in_chans": 1, "img_size": 8},
     "cifar10": {"num_classes": 10, "img_size": 32},
     "cifar100": {"num_classes": 100, "img_size": 32},
+    "fashion_mnist": {"num_classes": 10, "in_chans": 1, "img_size": 28},
+    "mnist": {"num_classes": 10, "in_chans": 1, "img_size": 28},
 }
 
 

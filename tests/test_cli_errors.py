@@ -1,5 +1,6 @@
-"""Every verb's failure paths through the real `pathsearch` command: one line on stderr, the documented exit code
-(2 bad input, 1 failure, 130 Ctrl-C), no traceback, nothing left behind."""
+"""Every verb's failure paths through the CLI's entry point: one line on stderr, the documented exit code (2 bad
+input, 1 failure, 130 Ctrl-C), no traceback, nothing left behind. `main()` runs in this process (an exception it let
+out would fail the test); two checks run the real command in a process of its own."""
 
 from __future__ import annotations
 
@@ -33,6 +34,19 @@ def closed_port() -> int:
 def run_cli(args: list[str], cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {**os.environ, "PATHSEARCH_MLFLOW_START_TIMEOUT_S": "2", **env}
     return subprocess.run([*PATHSEARCH, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environ)
+
+
+def run_main(args: list[str], cwd: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    """`pathsearch ARGS` through cli.main in this process; (exit code, stdout, stderr) at the file-descriptor level."""
+    from pathsearch.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("PATHSEARCH_MLFLOW_START_TIMEOUT_S", "2")
+    monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "WARNING")  # what main() sets: restored after the test
+    capfd.readouterr()
+    code = main(args)
+    out, err = capfd.readouterr()
+    return code, out, err
 
 
 def confirming_run_dir(tmp_path: Path, tracking_uri: str) -> Path:
@@ -92,21 +106,30 @@ def test_every_verb_has_failure_cases(tmp_path):
 
 
 @pytest.mark.parametrize("verb", VERBS)
-def test_a_failing_verb_says_one_line_and_exits_with_its_code(verb, tmp_path):
+def test_a_failing_verb_says_one_line_and_exits_with_its_code(verb, tmp_path, capfd, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     for args, code, text in cases(tmp_path)[verb]:
         started = time.monotonic()
-        result = run_cli([verb, *args], cwd=work)
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert result.returncode == code, (args, result.stdout[-2000:], result.stderr[-3000:])
-        assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+        returned, out, err = run_main([verb, *args], work, capfd, monkeypatch)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert returned == code, (args, out[-2000:], err[-3000:])
+        assert "Traceback" not in err + out, err[-3000:]
         # one line; a store that does not answer is first announced while it is waited for (it may be starting)
         waiting = [line for line in lines[:-1] if "unreachable while" in line and "retrying for up to" in line]
         assert len(lines) - len(waiting) == 1, lines
         assert lines[-1].startswith(f"pathsearch {verb}: ") and text in lines[-1], lines
         assert time.monotonic() - started < 60, f"{verb} {args} took {time.monotonic() - started:.0f} s to fail"
     assert not (work / "runs").exists() or not any((work / "runs").rglob("search.yaml"))  # nothing half-made
+
+
+def test_the_real_command_fails_in_one_line_without_a_traceback(tmp_path):
+    result = run_cli(["search", str(DIGITS), "--set", "search.sampler=best", "train.bogus=1"], cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()  # one line per problem, each naming its key
+    assert len(lines) == 2 and all(line.startswith("pathsearch search: error: ") for line in lines), lines
+    assert "search.sampler" in "".join(lines) and "train.bogus" in "".join(lines)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_ctrl_c_during_training_exits_130_with_one_line(tmp_path):

@@ -46,7 +46,7 @@ def test_every_problem_is_reported_with_file_key_and_value(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(
         "model: {pruned: [embed, nope.3]}\n"
-        "data: {name: mnist, batch_size: 0}\n"
+        "data: {name: svhn, batch_size: 0}\n"
         "train: {epochs: three, lr: -1.0, colour: red}\n"
     )
     with pytest.raises(ConfigError) as info:
@@ -54,7 +54,7 @@ def test_every_problem_is_reported_with_file_key_and_value(tmp_path):
     problems = info.value.problems
     text = "\n".join(problems)
     assert all(p.startswith(str(path)) for p in problems)
-    assert "data.name" in text and "'mnist'" in text
+    assert "data.name" in text and "'svhn'" in text
     assert "train.epochs" in text and "'three'" in text
     assert "train.colour: unknown key" in text
 

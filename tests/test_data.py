@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import gzip
+import hashlib
+import struct
+import subprocess
+import sys
 import warnings
 from collections import Counter
 
@@ -204,3 +209,159 @@ def test_split_sizes_are_validated_with_file_key_and_value(tmp_path):
     text = _problems(tmp_path, f"{{name: cifar100, root: {tmp_path}, train_size: 45001}}")
     assert "data.train_size: must be <= 45000, the CIFAR training images left by val_size 5000, got 45001" in text
     assert load_trial_config(None, ["data.train_size=300", "data.val_size=1496"]).data.val_size == 1496
+
+
+# --- fashion_mnist and mnist: torchvision's classes, held as normalised tensors ---------------------------------------
+
+
+def _write_mnist(raw, train=120, test=30, seed=0):
+    """Tiny MNIST-format files (IDX: big-endian magic 2051 images / 2049 labels, then the sizes) with the names
+    torchvision reads from ROOT/MNIST/raw/, uncompressed; torchvision only checks that they exist."""
+    rng = np.random.default_rng(seed)
+    raw.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for prefix, n in (("train", train), ("t10k", test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+        written[prefix] = (images, labels)
+    return written
+
+
+def _run_train(tmp_path, data_section: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "bad.yaml").write_text(
+        "model: {kwargs: {depth: 2, embed_dim: 32, num_heads: 2, patch_size: 7}}\n"
+        f"data: {data_section}\ntrain: {{epochs: 1, warmup_epochs: 0}}\n"
+    )
+    cmd = [sys.executable, "-m", "pathsearch.cli", "train", "bad.yaml", "--no-progress"]
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(
+    not data.FASHION_MNIST_DEBIAN.is_dir(),
+    reason=f"needs Debian's dataset-fashion-mnist package ({data.FASHION_MNIST_DEBIAN} does not exist)",
+)
+def test_fashion_mnist_is_unpacked_from_debians_package_and_split_like_cifar(tmp_path):
+    from torchvision import datasets
+
+    bundle = load_data("fashion_mnist", root=str(tmp_path), download=True, train_size=1000, val_size=500)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    for name, md5 in data.FASHION_MNIST_MD5.items():  # the official files, where torchvision reads them
+        assert hashlib.md5((raw / name).read_bytes()).hexdigest() == md5
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (1000, 500, 10000)  # type: ignore[arg-type]
+    assert (bundle.num_classes, bundle.img_size, bundle.in_chans) == (10, 28, 1)
+    official = datasets.FashionMNIST(str(tmp_path), train=True)
+    assert len(official) == 60000
+    train_idx, val_idx = cifar_split_indices(60000, 500, 1000, seed=0)
+    assert not set(train_idx.tolist()) & set(val_idx.tolist())
+    mean, std = data.MNIST_STATS["fashion_mnist"]
+    for split, idx in ((bundle.train, train_idx), (bundle.val, val_idx)):  # drawn from the training set, normalised
+        images, labels = split.tensors  # type: ignore[attr-defined]
+        assert images.shape[1:] == (1, 28, 28) and images.dtype == torch.float32
+        assert torch.equal(((images[:, 0] * std + mean) * 255).round().to(torch.uint8), official.data[idx])
+        assert torch.equal(labels, official.targets[idx])
+    test_images, test_labels = bundle.test.tensors  # type: ignore[union-attr]
+    assert test_images.shape == (10000, 1, 28, 28) and sorted(test_labels.unique().tolist()) == list(range(10))
+    assert torch.equal(test_labels, datasets.FashionMNIST(str(tmp_path), train=False).targets)
+    again = load_data("fashion_mnist", root=str(tmp_path), train_size=1000, val_size=500)  # files there: no download
+    assert torch.equal(again.val.tensors[0], bundle.val.tensors[0])  # type: ignore[attr-defined]
+    other = load_data("fashion_mnist", root=str(tmp_path), train_size=1000, val_size=500, split_seed=1)
+    assert not torch.equal(other.val.tensors[1], bundle.val.tensors[1])  # type: ignore[attr-defined]
+    full = load_data("fashion_mnist", root=str(tmp_path))  # defaults: val 5000, train all the rest
+    assert (len(full.train), len(full.val), len(full.test)) == (55000, 5000, 10000)  # type: ignore[arg-type]
+    assert abs(float(full.train.tensors[0].mean())) < 0.01  # type: ignore[attr-defined]
+
+
+def test_mnist_reads_idx_files_placed_under_root(tmp_path):
+    written = _write_mnist(tmp_path / "MNIST" / "raw")
+    bundle = load_data("mnist", root=str(tmp_path), train_size=50, val_size=20, split_seed=3)
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (50, 20, 30)  # type: ignore[arg-type]
+    assert (bundle.num_classes, bundle.img_size, bundle.in_chans) == (10, 28, 1)
+    _, val_idx = cifar_split_indices(120, 20, 50, seed=3)
+    mean, std = data.MNIST_STATS["mnist"]
+    images, labels = bundle.val.tensors  # type: ignore[attr-defined]
+    assert images.shape == (20, 1, 28, 28)
+    restored = ((images[:, 0] * std + mean) * 255).round().to(torch.uint8)
+    assert torch.equal(restored, torch.from_numpy(written["train"][0][val_idx.numpy()]))
+    assert torch.equal(labels, torch.from_numpy(written["train"][1][val_idx.numpy()]).long())
+    test_images = bundle.test.tensors[0]  # type: ignore[union-attr]
+    assert torch.equal(
+        ((test_images[:, 0] * std + mean) * 255).round().to(torch.uint8), torch.from_numpy(written["t10k"][0])
+    )
+    resized = load_data("mnist", root=str(tmp_path), train_size=50, val_size=20, img_size=32)
+    assert resized.img_size == 32 and resized.train.tensors[0].shape == (50, 1, 32, 32)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"MNIST val_size must be in 1\.\.119 \(of 120 training images\), got 5000"):
+        load_data("mnist", root=str(tmp_path))
+
+
+def test_missing_mnist_files_name_the_files_and_where_to_get_them(tmp_path, monkeypatch):
+    """Through `pathsearch train` (the config check: exit 2 before a run folder), then load_data itself."""
+    result = _run_train(tmp_path, f"{{name: fashion_mnist, root: {tmp_path / 'data'}}}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, lines
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    assert (
+        f"data.root: dataset 'fashion_mnist': {raw}/ lacks train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        in lines[0]
+    )
+    assert "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte" in lines[0]
+    assert (
+        "Debian's package dataset-fashion-mnist ships Fashion-MNIST in /usr/share/datasets/fashion-mnist/" in lines[0]
+    )
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+    with pytest.raises(ValueError, match=r"MNIST/raw/ lacks t10k-labels-idx1-ubyte .*set data\.download: true"):
+        _write_mnist(tmp_path / "MNIST" / "raw")
+        (tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").unlink()
+        load_data("mnist", root=str(tmp_path))
+    # download allowed, every mirror failing (no network needed): torchvision's attempts, on one line
+    from torchvision import datasets
+
+    monkeypatch.setattr(datasets.MNIST, "mirrors", ["file:///nonexistent-mirror/"])
+    with pytest.raises(ValueError) as info:
+        load_data("mnist", root=str(tmp_path / "empty"), download=True)
+    message = str(info.value)
+    assert "\n" not in message and "lacks train-images-idx3-ubyte" in message
+    assert "download failed: Error downloading train-images-idx3-ubyte.gz: Tried file:///nonexistent-mirror/" in message
+
+
+def test_a_bad_idx_file_is_one_line_naming_it(tmp_path):
+    """A wrong magic number through `pathsearch train` (found when the data loads: exit 2, no run folder left), a
+    truncated file and a gzip file under the uncompressed name through load_data."""
+    raw = tmp_path / "MNIST" / "raw"
+    _write_mnist(raw)
+    images = raw / "train-images-idx3-ubyte"
+    images.write_bytes(struct.pack(">I", 2052) + images.read_bytes()[4:])
+    result = _run_train(tmp_path, f"{{name: mnist, root: {tmp_path}, train_size: 50, val_size: 20}}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        f"pathsearch train: error: dataset 'mnist': {images}: magic number 2052 where an uncompressed IDX images "
+        "file has 2051: not MNIST-format data"
+    ]
+    assert not any((tmp_path / "runs" / "train").iterdir())  # the run's folder was removed again
+    _write_mnist(raw)
+    labels = raw / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-5])
+    with pytest.raises(ValueError, match=rf"{labels}: truncated or corrupt IDX labels file \(torchvision: shape"):
+        load_data("mnist", root=str(tmp_path), train_size=50, val_size=20)
+    _write_mnist(raw)
+    (raw / "train-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, 100) + bytes(100))  # valid, too few
+    with pytest.raises(ValueError, match=rf"{images} holds 120 images but .*train-labels-idx1-ubyte 100 labels"):
+        load_data("mnist", root=str(tmp_path), train_size=50, val_size=20)
+    _write_mnist(raw)
+    images.write_bytes(gzip.compress(images.read_bytes()))
+    with pytest.raises(ValueError, match=rf"{images}: magic number 52\d+ where an uncompressed IDX images file"):
+        load_data("mnist", root=str(tmp_path), train_size=50, val_size=20)
+
+
+def test_mnist_split_sizes_are_validated_against_the_60000_training_images(tmp_path):
+    text = _problems(tmp_path, "{name: fashion_mnist, download: true, train_size: 55001}")
+    assert (
+        "data.train_size: must be <= 55000, the Fashion-MNIST training images left by val_size 5000, got 55001" in text
+    )
+    text = _problems(tmp_path, "{name: mnist, download: true, val_size: 60000}")
+    assert "data.val_size: must be < 60000, the MNIST training images, got 60000" in text
+    text = _problems(tmp_path, "{name: mnist, download: true, val_size: 10000, train_size: 50001}")
+    assert "data.train_size: must be <= 50000, the MNIST training images left by val_size 10000, got 50001" in text
+    assert load_trial_config(None, ["data.name=mnist", "data.download=true", "data.train_size=55000"]).data.train_size
