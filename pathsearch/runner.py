@@ -112,7 +112,6 @@ def quiet_console(run_dir: Path, library_output: bool = False) -> Iterator[None]
     trial attempts Tune retries, its advice on Ctrl-C) out of the console and in `run_dir/library_output.log`;
     pathsearch's progress line and summary still print. With `library_output` it changes nothing."""
     if library_output:
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "1"
         yield
         return
     handler = logging.FileHandler(run_dir / LIBRARY_LOG)
