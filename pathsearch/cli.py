@@ -6,6 +6,7 @@ Bad input (ValueError from config/model validation) exits with code 2 and a one-
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -419,7 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     submitted job), 130 interrupted (Ctrl-C). With -v a failure shows its traceback."""
     args = build_parser().parse_args(argv)
     if not args.verbose:  # MLflow's INFO lines (store creation, migrations) are its business, not the user's
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+        logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])  # if it already was
     try:
         return int(args.func(args))
     except ValueError as err:  # bad input (ConfigError included): one line per problem, exit code 2

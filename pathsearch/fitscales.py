@@ -49,11 +49,11 @@ def fit_scales_run(
     The data settings come from `search_file`, else from the run's search (its parent's `search.yaml`) with the
     run's own `config.data.*` parameters applied.
     """
+    given = read_yaml(search_file) if search_file is not None else None  # bad input first, before any work
     from pathsearch.proxy import fit_scales_of_files  # tensors: only this verb needs them
 
     uri = tracking_uri or default_tracking_uri()
     client = MlflowClient(uri)
-    given = read_yaml(search_file) if search_file is not None else None  # bad input first, before any work
     try:
         source = client.get_run(run_id)
     except Exception as err:  # MLflow raises its own exception types for an unknown run id

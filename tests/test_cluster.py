@@ -236,32 +236,30 @@ def postgres_mlflow(cluster):
 
 
 @needs_netns
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_multinode_search_logs_one_run_per_trial_and_exports(cluster, backend, request):
+def test_multinode_search_on_postgresql_logs_one_run_per_trial_confirms_and_exports(cluster, postgres_mlflow):
+    """The search and its confirmation on two worker nodes, tracked by an MLflow server on PostgreSQL (the other
+    cluster tests use the local cluster's SQLite-backed server)."""
     ns, state = cluster
-    uri = request.getfixturevalue("postgres_mlflow") if backend == "postgresql" else state["tracking_uri"]
-    experiment = f"multinode_{backend}"
-    proc = submit(ns, state, experiment, *(CONFIRM if backend == "sqlite" else []), uri=uri)
+    uri, experiment = postgres_mlflow, "multinode"
+    proc = submit(ns, state, experiment, *CONFIRM, uri=uri)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert f"job {experiment}: SUCCEEDED" in proc.stdout
     runs = ns.runs(uri, experiment)
     children = check_search_runs(runs, trials=4)
     assert len({r["node_id"] for r in children}) == 2  # the trials ran on both worker nodes
-    if backend == "sqlite":  # confirmation trials are ordinary Ray trials on the cluster too
-        assert "verdict: " in proc.stdout
-        seeds = [r for r in runs if r["role"] == "confirmation_seed"]
-        assert sorted(r["seed"] for r in seeds) == ["1", "1", "2", "2"]
-        assert {r["status"] for r in seeds} == {"FINISHED"} and all("test_acc" in r["metrics"] for r in seeds)
-        assert len({r["node_id"] for r in seeds}) == 2
-    out = Path(state["dir"]) / f"best-{backend}.yaml"
+    assert "verdict: " in proc.stdout  # confirmation trials are ordinary Ray trials on the cluster too
+    seeds = [r for r in runs if r["role"] == "confirmation_seed"]
+    assert sorted(r["seed"] for r in seeds) == ["1", "1", "2", "2"]
+    assert {r["status"] for r in seeds} == {"FINISHED"} and all("test_acc" in r["metrics"] for r in seeds)
+    assert len({r["node_id"] for r in seeds}) == 2
+    out = Path(state["dir"]) / "best.yaml"
     ns.run(
         [PY, "-m", "pathsearch.cli", "export", "--experiment", experiment, "--tracking-uri", uri, "--out", str(out)],
         check=True,
     )
     assert PathConfig.load(out).depth == 2
-    if backend == "sqlite":  # a second job of the same name is refused before anything runs
-        again = submit(ns, state, experiment, "--no-check", uri=uri)
-        assert again.returncode == 2 and f"a job named '{experiment}' already exists" in again.stderr
+    again = submit(ns, state, experiment, "--no-check", uri=uri)  # a second job of the same name: refused first
+    assert again.returncode == 2 and f"a job named '{experiment}' already exists" in again.stderr
 
 
 def wait_for_running_trials(ns: Namespace, uri: str, experiment: str, job, count: int, steps: int) -> list[dict]:
