@@ -1,8 +1,11 @@
 """Training throughput of `fit` against a bare training loop over the same timm ViT, data, batch and threads.
 
 Run: .venv/bin/python benchmarks/train_throughput.py [--rounds 5] [--epochs 3] [--threads 2] [--device cpu]
+     [--file search_spaces/fashion_mnist_vit.yaml] [--set key=value ...]
 Rounds alternate fit / bare loop. Prints images/s of each and the ratio (target >= 0.95): fit's own
 `images_per_s` (training steps only), and end to end (fit's wall time, with evaluation, checkpoint and analysis).
+Also the data-loading share of fit's training time (target < 10%): one epoch of fit's own shuffled batches drawn
+from the same DataLoader settings with no model at all, divided by fit's training time per epoch.
 """
 
 from __future__ import annotations
@@ -43,6 +46,23 @@ def bare_loop(cfg, bundle, device: torch.device, amp: bool) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def loading_seconds(cfg, bundle) -> float:
+    """Seconds to draw one epoch of shuffled training batches as fit's loader does (same batch size, workers,
+    generator), with nothing computed on them: the data-loading part of a training epoch."""
+    generator = torch.Generator().manual_seed(0)
+    loader = DataLoader(
+        bundle.train,
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=cfg.data.num_workers,
+    )
+    start = time.perf_counter()
+    for _batch in loader:
+        pass
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--file", default=str(ROOT / "search_spaces" / "digits_tiny.yaml"))
@@ -58,14 +78,16 @@ def main() -> None:
     device = torch.device(args.device)
     amp = device.type == "cuda" and cfg.train.amp
     bundle = load_trial_data(cfg)
-    fit_ips, fit_e2e, bare_ips = [], [], []
+    fit_ips, fit_e2e, bare_ips, loading = [], [], [], []
     for r in range(args.rounds + 1):  # round 0 warms up both
         with TemporaryDirectory() as tmp:
             start = time.perf_counter()
             result = fit(cfg, lambda m, c: None, work_dir=tmp, device=args.device)
             wall = time.perf_counter() - start
         bare = bare_loop(cfg, bundle, device, amp)
+        load = loading_seconds(cfg, bundle)
         if r > 0:
+            loading.append(load)
             fit_ips.append(result.metrics["images_per_s"])
             fit_e2e.append(cfg.train.epochs * len(bundle.train) / wall)  # type: ignore[arg-type]
             bare_ips.append(bare)
@@ -77,6 +99,12 @@ def main() -> None:
     print(f"bare loop        {b:8.0f} img/s")
     print(f"fit (training)   {f:8.0f} img/s   ratio {f / b:.3f}")
     print(f"fit (end to end) {e:8.0f} img/s   ratio {e / b:.3f}   (includes evaluation, checkpoint, path analysis)")
+    epoch_seconds = len(bundle.train) / f  # type: ignore[arg-type]
+    share = statistics.median(loading) / epoch_seconds
+    print(
+        f"data loading     {statistics.median(loading):8.3f} s/epoch  share {100 * share:.1f}% of fit's training time "
+        f"({epoch_seconds:.2f} s/epoch)"
+    )
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +41,8 @@ def test_model_overhead_benchmark_prints_ratios():
 def test_train_throughput_benchmark_prints_ratios():
     out = run_benchmark("train_throughput.py", "--rounds", "1", "--epochs", "1")
     assert re.search(r"fit \(training\) +\d+ img/s +ratio \d+\.\d{3}", out)
+    share = float(re.search(r"data loading +[\d.]+ s/epoch +share ([\d.]+)% of fit's training time", out).group(1))
+    assert 0 < share < 100
 
 
 def test_mlflow_logging_benchmark_counts_requests_against_a_real_server():
@@ -61,3 +66,77 @@ def test_selection_benchmark_measures_agreement_and_racing_on_a_score_table():
     assert race["same_winner"] == 1.0 and race["trials_used"] < 1.0  # b leaves the race early
     tied = {"baseline": [0.8, 0.9] * 4, "a": [0.9, 0.8] * 4}  # no difference: nothing can leave
     assert simulate_racing(tied, keep="baseline")["trials_used"] == 1.0
+
+
+def _method_records(effects: dict[str, float], seeds: range, depth: int = 6) -> list[dict]:
+    """A synthetic score table for benchmarks/method.py: each arm's test accuracy is the baseline's plus a known
+    effect plus small noise of its own; the baseline's per-seed level varies a lot (what pairing cancels)."""
+    import random
+
+    import method
+
+    from pathsearch.paths import path_names
+
+    rng = random.Random(0)
+    names = path_names(depth)
+    records = []
+    for seed in seeds:
+        level = 0.80 + 0.03 * rng.gauss(0, 1)  # large shared seed noise
+        rows = []
+        for name in names:  # single-path accuracy grows with the path's layer; removing embed helps
+            layer = 0 if name == "embed" else int(name.split(".")[1])
+            loo = level + (0.01 + 0.001 * rng.gauss(0, 1) if name == "embed" else -0.002 * layer)
+            rows.append({"path": name, "single_acc": 0.1 + 0.1 * layer + 0.005 * rng.gauss(0, 1), "loo_acc": loo})
+        for arm in method.arms(depth):
+            effect = effects.get(arm.label, 0.0) if arm.label != "baseline" else 0.0
+            noise = 0.0 if arm.label == "baseline" else 0.002 * rng.gauss(0, 1)
+            record = {"dataset": "digits", "depth": depth, "claim": arm.claim, "arm": arm.label, "seed": seed,
+                      "test_acc": level + effect + noise, "val_acc": level, "seconds": 1.0}  # fmt: skip
+            if arm.label == "baseline":
+                record["analysis"] = {"full_acc": level, "rows": rows}
+            records.append(record)
+    return records
+
+
+def test_method_benchmark_recovers_known_paired_effects_and_says_which_held():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import method
+
+    effects = {"prune 3 shortest": 0.02, "prune 6 shortest": -0.03}  # every other arm: no effect
+    rows, curves = method.summarise(_method_records(effects, range(1, 7)), ["digits"], [6])
+    by_arm = {r["arm"]: r for r in rows}
+    gain, loss, null = by_arm["prune 3 shortest"], by_arm["prune 6 shortest"], by_arm["scale init 0.1"]
+    assert gain["ci_low"] < 0.02 < gain["ci_high"] and gain["held"] == "yes" and gain["wins"] == 6
+    assert loss["ci_low"] < -0.03 < loss["ci_high"] and loss["held"] == "no: opposite effect"
+    assert null["ci_low"] < 0 < null["ci_high"] and null["held"] == "no detectable effect"
+    # pairing is what finds them: the shared seed noise (sd 3 points) dwarfs the effects (2-3 points)
+    assert gain["value_std"] > 0.02
+    short_vs_long = next(r for r in rows if r["arm"].startswith("single path"))
+    assert short_vs_long["held"] == "yes" and short_vs_long["effect"] == pytest.approx(
+        0.4, abs=0.01
+    )  # layers 5-6 vs 1-2
+    removal = next(r for r in rows if r["arm"].startswith("leave one out"))
+    assert "(embed)" in removal["arm"] and removal["held"].endswith(": embed")  # only embed hurts, on every seed
+    assert removal["effect"] == pytest.approx(0.01, abs=0.002)
+    assert len(curves[("digits", 6)]["single"]) == 13
+
+
+def test_method_benchmark_trains_every_arm_on_paired_seeds_and_continues_where_it_stopped(tmp_path):
+    args = ["--datasets", "digits", "--depths", "3", "--seeds", "2", "--no-search", "--set", "train.epochs=1",
+            "--out", str(tmp_path), "--work", str(tmp_path / "work")]  # fmt: skip
+    out = run_benchmark("method.py", *args)
+    assert "grid: 0 of 14 runs already" in out
+    records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    arms = {r["arm"] for r in records}
+    assert len(arms) == 7 and sorted((r["arm"], r["seed"]) for r in records) == sorted(
+        (a, s) for a in arms for s in (1, 2)
+    )
+    assert all(0 <= r["test_acc"] <= 1 for r in records)
+    table = (tmp_path / "method.md").read_text()
+    for claim in ("path analysis", "pruning the k shortest", "EnsembleScale", "self-distillation"):
+        assert claim in table
+    for png in ("analysis", "pruning", "ensemble_scale", "distillation"):
+        assert (tmp_path / f"{png}.png").stat().st_size > 1000
+    again = run_benchmark("method.py", *args)  # everything is in runs.jsonl: nothing is trained again
+    assert "grid: 14 of 14 runs already" in again
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 14
