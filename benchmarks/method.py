@@ -252,6 +252,7 @@ def effect_row(
         "ci_high": d["ci_high"],
         "p_value": d["p_value"],
         "wins": d["wins"],
+        "q_value": math.nan,  # set by adjust_for_many_comparisons
         "held": held(d),
     }
 
@@ -375,17 +376,18 @@ def write_table(rows: Sequence[Mapping[str, Any]], md: Path, csv_path: Path) -> 
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        "| dataset | depth | claim | arm | seeds | accuracy % (mean ± std) | effect, points | 95% CI | p | better on "
-        "| held? |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | depth | claim | arm | seeds | accuracy % (mean ± std) | effect, points | 95% CI | p | q (BH) "
+        "| better on | held? |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ci = "-" if math.isnan(r["ci_low"]) else f"{pts(r['ci_low'])} to {pts(r['ci_high'])}"
         p = "-" if math.isnan(r["p_value"]) else f"{r['p_value']:.3f}"
+        q = "-" if math.isnan(r["q_value"]) else f"{r['q_value']:.3f}"
         better = "-" if r["claim"] == "baseline" else f"{r['wins']}/{r['seeds']}"
         lines.append(
             f"| {r['dataset']} | {r['depth']} | {CLAIMS.get(r['claim'], r['claim'])} | {r['arm']} | {r['seeds']} | "
-            f"{pts(r['value_mean'], False)} ± {pts(r['value_std'], False)} | {pts(r['effect'])} | {ci} | {p} | "
+            f"{pts(r['value_mean'], False)} ± {pts(r['value_std'], False)} | {pts(r['effect'])} | {ci} | {p} | {q} | "
             f"{better} | {r['held']} |"
         )
     md.write_text("\n".join(lines) + "\n")
@@ -471,11 +473,24 @@ def plot_analysis(curves: Mapping[tuple[str, int], Any], path: Path) -> Path | N
     return path
 
 
+def adjust_for_many_comparisons(rows: Sequence[dict[str, Any]]) -> None:
+    """Benjamini-Hochberg q-values (scipy.stats.false_discovery_control) over every effect in the table: with a few
+    dozen comparisons at 95%, one or two intervals exclude 0 by chance alone. The leave-one-out row is left out: it
+    is the best of many paths, picked after looking, so its p-value is optimistic whatever the correction."""
+    from scipy.stats import false_discovery_control
+
+    tested = [r for r in rows if not math.isnan(r["p_value"]) and not r["arm"].startswith("leave one out")]
+    if tested:
+        for r, q in zip(tested, false_discovery_control([r["p_value"] for r in tested]), strict=True):
+            r["q_value"] = float(q)
+
+
 def report(records: Sequence[Mapping[str, Any]], datasets: Sequence[str], depths: Sequence[int], out: Path) -> None:
     rows, curves = summarise(records, datasets, depths)
     if not rows:
         print("no results yet")
         return
+    adjust_for_many_comparisons(rows)
     write_table(rows, out / "method.md", out / "method.csv")
     plot_analysis(curves, out / "analysis.png")
     for claim in ("pruning", "ensemble_scale", "distillation", "search"):

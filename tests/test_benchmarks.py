@@ -119,6 +119,10 @@ def test_method_benchmark_recovers_known_paired_effects_and_says_which_held():
     assert "(embed)" in removal["arm"] and removal["held"].endswith(": embed")  # only embed hurts, on every seed
     assert removal["effect"] == pytest.approx(0.01, abs=0.002)
     assert len(curves[("digits", 6)]["single"]) == 13
+    method.adjust_for_many_comparisons(rows)  # Benjamini-Hochberg over the table's effects
+    assert gain["q_value"] < 0.05 and null["q_value"] >= null["p_value"]
+    assert all(r["q_value"] >= r["p_value"] for r in rows if r["q_value"] == r["q_value"])
+    assert removal["q_value"] != removal["q_value"]  # the picked-after-looking row is not tested (NaN)
 
 
 def test_method_benchmark_trains_every_arm_on_paired_seeds_and_continues_where_it_stopped(tmp_path):

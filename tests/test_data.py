@@ -295,6 +295,43 @@ def test_mnist_reads_idx_files_placed_under_root(tmp_path):
         load_data("mnist", root=str(tmp_path))
 
 
+def test_mnist_downloads_through_torchvisions_own_code_from_an_http_mirror(tmp_path, monkeypatch):
+    """download: true fetches with torchvision's own downloader (HTTP, md5 check, gunzip) from a mirror on loopback
+    serving tiny IDX files: the path that fetches the real files where the internet is reachable."""
+    import functools
+    import http.server
+    import threading
+
+    from torchvision import datasets
+
+    mirror = tmp_path / "mirror"
+    written = _write_mnist(mirror, train=60, test=20, seed=5)
+    resources = []
+    for plain in sorted(mirror.iterdir()):
+        packed = plain.with_name(plain.name + ".gz")
+        packed.write_bytes(gzip.compress(plain.read_bytes()))
+        resources.append((packed.name, hashlib.md5(packed.read_bytes()).hexdigest()))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(mirror))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(datasets.MNIST, "mirrors", [f"http://127.0.0.1:{server.server_port}/"])
+        monkeypatch.setattr(datasets.MNIST, "resources", resources)
+        bundle = load_data("mnist", root=str(tmp_path / "data"), download=True, train_size=30, val_size=10)
+    finally:
+        server.shutdown()
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    for plain in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
+        assert (raw / plain).read_bytes() == (mirror / plain).read_bytes()  # fetched and unpacked where it reads
+    mean, std = data.MNIST_STATS["mnist"]
+    test_images, test_labels = bundle.test.tensors  # type: ignore[union-attr]
+    restored = ((test_images[:, 0] * std + mean) * 255).round().to(torch.uint8)
+    assert torch.equal(restored, torch.from_numpy(written["t10k"][0]))
+    assert torch.equal(test_labels, torch.from_numpy(written["t10k"][1]).long())
+    assert (len(bundle.train), len(bundle.val)) == (30, 10)  # type: ignore[arg-type]
+
+
 def test_missing_mnist_files_name_the_files_and_where_to_get_them(tmp_path, monkeypatch):
     """Through `pathsearch train` (the config check: exit 2 before a run folder), then load_data itself."""
     result = _run_train(tmp_path, f"{{name: fashion_mnist, root: {tmp_path / 'data'}}}")
