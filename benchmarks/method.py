@@ -369,13 +369,28 @@ def pts(value: float, sign: bool = True) -> str:
     return "-" if math.isnan(value) else f"{100 * value:+.2f}" if sign else f"{100 * value:.2f}"
 
 
-def write_table(rows: Sequence[Mapping[str, Any]], md: Path, csv_path: Path) -> None:
+def budget(dataset: str) -> str:
+    """One line on what every run of `dataset` trained on and for how long (from its search file)."""
+    from pathsearch.config import load_trial_config
+
+    cfg = load_trial_config(FILES[dataset])
+    k, d, t = cfg.model.kwargs, cfg.data, cfg.train
+    train = "60% of the 1,797" if d.train_size is None else f"{d.train_size:,}"
+    return (
+        f"{dataset} ({FILES[dataset].relative_to(ROOT)}): {train} training images, {t.epochs} epochs, batch "
+        f"{d.batch_size}, {t.opt} lr {t.lr:g} wd {t.weight_decay:g}; ViT embed_dim {k['embed_dim']}, {k['num_heads']} "
+        f"heads, patch {k['patch_size']} on {k['img_size']}x{k['img_size']} images"
+    )
+
+
+def write_table(rows: Sequence[Mapping[str, Any]], md: Path, csv_path: Path, header: Sequence[str] = ()) -> None:
     fields = list(rows[0])
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     lines = [
+        *header,
         "| dataset | depth | claim | arm | seeds | accuracy % (mean ± std) | effect, points | 95% CI | p | q (BH) "
         "| better on | held? |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -491,7 +506,18 @@ def report(records: Sequence[Mapping[str, Any]], datasets: Sequence[str], depths
         print("no results yet")
         return
     adjust_for_many_comparisons(rows)
-    write_table(rows, out / "method.md", out / "method.csv")
+    header = [
+        "# What the method does here: every effect on paired seeds",
+        "",
+        "Written by `benchmarks/method.py` (its docstring says what each arm is). Test accuracy of each arm and its "
+        "paired difference from the baseline (same seeds, same data order) with a 95% t interval over seeds; q is "
+        "the Benjamini-Hochberg-adjusted p over the table. The path-analysis rows are on the val split of the "
+        "baseline's models. Every run is in `runs.jsonl`. Budgets:",
+        "",
+        *[f"- {budget(d)}" for d in datasets],
+        "",
+    ]
+    write_table(rows, out / "method.md", out / "method.csv", header)
     plot_analysis(curves, out / "analysis.png")
     for claim in ("pruning", "ensemble_scale", "distillation", "search"):
         plot_effects(rows, claim, out / f"{claim}.png")
