@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pathsearch.config import load_trial_config
-from pathsearch.train import build_model, fit, load_trial_data
+from pathsearch.train import build_model, build_seed_run, fit, load_trial_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,16 +47,9 @@ def bare_loop(cfg, bundle, device: torch.device, amp: bool) -> float:
 
 
 def loading_seconds(cfg, bundle) -> float:
-    """Seconds to draw one epoch of shuffled training batches as fit's loader does (same batch size, workers,
-    generator), with nothing computed on them: the data-loading part of a training epoch."""
-    generator = torch.Generator().manual_seed(0)
-    loader = DataLoader(
-        bundle.train,
-        batch_size=cfg.data.batch_size,
-        shuffle=True,
-        generator=generator,
-        num_workers=cfg.data.num_workers,
-    )
+    """Seconds to draw one epoch of training batches from fit's own loader (build_seed_run's: shuffled, same batch
+    size, workers and generator), with nothing computed on them: the data-loading part of a training epoch."""
+    loader = build_seed_run(cfg, bundle, seed=0, dev=torch.device("cpu")).train_loader
     start = time.perf_counter()
     for _batch in loader:
         pass
