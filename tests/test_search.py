@@ -278,7 +278,7 @@ def test_driver_killed_then_resumed_keeps_one_run_per_trial(tmp_path):
         "file": str(tmp_path / "toy.yaml"), "storage": str(tmp_path / "runs"), "uri": uri, "name": "crash",
     }  # fmt: skip
     driver = [sys.executable, str(Path(__file__).parent / "toy_search.py")]
-    knobs = json.dumps({"marker_dir": str(markers), "sleep": 1.5})  # Ray workers inherit the driver's environment
+    knobs = json.dumps({"marker_dir": str(markers), "sleep": 0.75})  # Ray workers inherit the driver's environment
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATHSEARCH_TOY": knobs}
     proc = subprocess.Popen(
         [*driver, "search", json.dumps(args)], env=env, start_new_session=True,
@@ -388,7 +388,7 @@ def test_ctrl_c_interrupts_cleanly_and_resume_finishes(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = {"file": str(tmp_path / "toy.yaml"), "storage": str(tmp_path / "runs"), "uri": uri, "name": "sigint"}
     driver = [sys.executable, str(Path(__file__).parent / "toy_search.py")]
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATHSEARCH_TOY": json.dumps({"sleep": 1.5})}
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATHSEARCH_TOY": json.dumps({"sleep": 0.75})}
     console = tmp_path / "console.txt"
     with console.open("w") as out:
         proc = subprocess.Popen([*driver, "search", json.dumps(args)], env=env, start_new_session=True,
