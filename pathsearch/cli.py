@@ -140,10 +140,13 @@ def _print_result(result: Any, metrics: list[str], modes: list[str]) -> None:
         print(f"Pareto front over {', '.join(f'{m} ({o})' for m, o in zip(metrics, modes, strict=True))}")
     for label, path in result.files.items():
         print(f"{label}: {path}")
-    print(f"run directory: {result.run_dir}")
+    if result.stored_at:
+        print(f"run directory: {result.stored_at} (this machine's working copy: {result.run_dir})")
+    else:
+        print(f"run directory: {result.run_dir}")
     print(f"MLflow experiment {result.experiment!r}, parent run {result.parent_run_id}")
     if result.interrupted:
-        print(f"the search was interrupted; continue it with: pathsearch resume {result.run_dir}")
+        print(f"the search was interrupted; continue it with: pathsearch resume {result.stored_at or result.run_dir}")
     elif result.confirmation is not None:
         from pathsearch.verdict import format_confirmation
 
@@ -348,12 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("file")
     _add_set(search)
     search.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
-    search.add_argument("--storage-path", default="runs/search", help="where Ray Tune keeps trials and checkpoints")
+    search.add_argument(
+        "--storage-path",
+        default="runs/search",
+        help="where the search keeps its state: a folder, or an object store URI (s3://bucket/prefix, gs://...; "
+        "endpoint and credentials from the store's environment variables, e.g. AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID)",
+    )
     search.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     search.add_argument("--name", default=None, help="run name (default: file name + time)")
     search.set_defaults(func=_search)
     resume = verbs.add_parser("resume", help="continue an interrupted search from its run directory")
-    resume.add_argument("run_dir")
+    resume.add_argument("run_dir", help="the run directory, or its URI in an object store (s3://bucket/prefix/NAME)")
     resume.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     resume.set_defaults(func=_resume)
     export = verbs.add_parser(
@@ -387,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--address", default=None, help="Ray dashboard http://HEAD:8265 (default: $RAY_ADDRESS)")
     _add_set(submit)
     submit.add_argument("--tracking-uri", default=None, help="MLflow server every node can reach (required)")
-    submit.add_argument("--storage-path", default=None, help="shared folder or s3://... for trials (required)")
+    submit.add_argument(
+        "--storage-path", default=None, help="a folder every node mounts, or s3://... / gs://... (required)"
+    )
     submit.add_argument("--name", default=None, help="job id and run name (default: file name + time)")
     submit.add_argument("--wait", action="store_true", help="follow the logs; exit 0 succeeded, 1 failed, 3 stopped")
     submit.add_argument("--no-check", action="store_true", help="skip the check from every node before submitting")

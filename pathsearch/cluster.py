@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pathsearch
+from pathsearch import storage
 from pathsearch.rundirs import unique_run_name
 
 LOCAL_ONLY_SCHEMES = ("sqlite", "file", "")  # a store only the head node could open
@@ -146,11 +147,11 @@ def check_reachable_by_form(tracking_uri: str, storage_path: str, nodes: Sequenc
                 f"--storage-path {storage_path}: a relative path names a folder inside the job's temporary "
                 "working directory on the head node; give an absolute path on a filesystem every node mounts"
             )
-    else:  # the driver keeps its Optuna journal and state files beside the trials, as plain files
-        problems.append(
-            f"--storage-path {storage_path}: {scheme}:// is not supported (the search keeps its Optuna journal there "
-            "as a file); give a folder every node mounts: NFS, EFS, a ReadWriteMany volume"
-        )
+    else:  # an object store: its scheme must open, and no credentials may travel in the URI (each node has its own)
+        try:
+            storage.filesystem(storage_path)
+        except ValueError as err:
+            problems.append(str(err))
     return problems
 
 
@@ -173,7 +174,7 @@ def check_from_node(tracking_uri: str, storage_path: str, marker: str) -> list[s
         if fs.get_file_info(f"{root}/{marker}").type == pyarrow.fs.FileType.NotFound:
             problems.append(f"{where} cannot see --storage-path {storage_path} (not the same filesystem)")
     except Exception as err:  # any failure to open the store is the finding itself
-        problems.append(f"{where} cannot open --storage-path {storage_path}: {err}")
+        problems.append(f"{where} cannot open --storage-path {storage_path}: {str(err).strip().splitlines()[0]}")
     scheme, _ = _scheme_host(tracking_uri)
     if scheme in ("http", "https"):
         try:
@@ -195,6 +196,11 @@ def preflight(tracking_uri: str, storage_path: str) -> list[str]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ray.init(address="auto")
+    if storage.is_remote(storage_path):
+        try:  # from the driver's node first: the bucket, the credentials, the endpoint (one line if not)
+            storage.check(storage_path)
+        except ValueError as err:
+            return [f"node {ray.util.get_node_ip_address()} (the driver's): {err}"]
     marker = f".pathsearch-preflight-{uuid.uuid4().hex}"
     fs, root = pyarrow.fs.FileSystem.from_uri(_as_uri(storage_path))
     fs.create_dir(root, recursive=True)
@@ -318,10 +324,16 @@ def submit_search(
 
 def submit_resume(run_dir: str, address: str | None, name: str | None = None) -> Submission:
     """Submits `pathsearch resume RUN_DIR` as a Ray job: a stopped or crashed cluster search continues where it
-    was (RUN_DIR is on the shared storage path, as the search's driver wrote it)."""
+    was (RUN_DIR is on the shared storage path, as the search's driver wrote it, or its URI in an object store:
+    the job's driver makes a working copy from there, on whichever node it runs)."""
     address = dashboard_address(address)
-    if not Path(run_dir).is_absolute():
+    remote = storage.is_remote(run_dir)
+    if remote:
+        run_dir = run_dir.rstrip("/")
+        storage.filesystem(run_dir, "--resume")  # a scheme pyarrow opens, no credentials in it
+    elif not Path(run_dir).is_absolute():
         raise ValueError(f"--resume {run_dir}: give the run directory's absolute path on the shared storage")
+    run_name = storage.name_of(run_dir) if remote else Path(run_dir).name
     list_nodes(address)  # proves the address and the token
     client = job_client(address)
     env, folder = _runtime_env(None)
@@ -337,10 +349,21 @@ def submit_resume(run_dir: str, address: str | None, name: str | None = None) ->
         )
 
     with folder:
-        name, job_id = claim_job_name(name, f"{Path(run_dir).name}-resumed", submit)
-    state = Path(run_dir) / "pathsearch_state.json"  # readable here when this machine mounts the storage too
-    uri = json.loads(state.read_text())["tracking_uri"] if state.is_file() else "(the run's own)"
-    return Submission(job_id, address, Path(run_dir).name, uri, str(Path(run_dir).parent))
+        name, job_id = claim_job_name(name, f"{run_name}-resumed", submit)
+    return Submission(job_id, address, run_name, _tracking_uri_of(run_dir), _parent(run_dir))
+
+
+def _tracking_uri_of(run_dir: str) -> str:
+    """The run's tracking URI when this machine can read its state (it mounts the storage, or has the store's
+    credentials), else a placeholder: the job reads it where it runs."""
+    try:
+        return str(json.loads(storage.read_text(storage.join(run_dir, "pathsearch_state.json")))["tracking_uri"])
+    except (OSError, ValueError, KeyError):
+        return "(the run's own)"
+
+
+def _parent(run_dir: str) -> str:
+    return storage.parent_of(run_dir) if storage.is_remote(run_dir) else str(Path(run_dir).parent)
 
 
 def _submit_job(client: Any, **job: Any) -> str | None:

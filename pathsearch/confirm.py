@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -25,6 +25,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from pathsearch import storage
 from pathsearch.config import SearchFile
 from pathsearch.results import SearchResult
 from pathsearch.runner import ProgressLine, run_config, runnable
@@ -234,6 +235,7 @@ def make_plan(
     if retry_until(uri, "creating the confirmation runs", create) is None:
         raise ValueError(f"MLflow at {uri} stayed unreachable: the confirmation did not start (resume it later)")
     plan.save(run_dir / PLAN_FILE)
+    storage.upload(run_dir, state, [PLAN_FILE])  # a run kept in an object store: what `resume` needs, there now
     return plan
 
 
@@ -259,7 +261,7 @@ def make_confirm_tuner(
         run_config=run_config(
             spec,
             CONFIRM_DIR,
-            run_dir,
+            storage.run_uri(run_dir, state),
             [logger, ProgressLine(total, plan.metric, plan.mode, t.epochs, verbose, "confirmation")],
         ),
     )
@@ -279,11 +281,11 @@ def restore_confirm_tuner(
                 client.update_run(c.run_id, status="RUNNING")
 
     retry_until(uri, "reopening the confirmation runs", reopen)
-    folder = run_dir / CONFIRM_DIR
-    if tune.Tuner.can_restore(str(folder)):
+    folder = storage.join(storage.run_uri(run_dir, state), CONFIRM_DIR)
+    if tune.Tuner.can_restore(folder):
         # the param space again: Tune's snapshot of a sample_from does not resolve after a restore
         trainable = runnable(spec, trainable)
-        return tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True, param_space=param_space(plan))
+        return tune.Tuner.restore(folder, trainable=trainable, resume_errored=True, param_space=param_space(plan))
     return make_confirm_tuner(spec, run_dir, state, plan, trainable, verbose)
 
 
@@ -325,6 +327,7 @@ def confirm_search(
         raise
     finally:
         end_parent_run(state["tracking_uri"], state["parent_run_id"], {}, [], status)
+        storage.upload(run_dir, state)  # the verdict's files
     result.confirmation = confirmation
     result.interrupted = confirmation.interrupted
     result.files.update(confirmation.files)
@@ -355,7 +358,7 @@ def run_confirmation(
             continue
         if result.error is None and m.get("epoch") == final_epoch:
             values = {k: float(m[k]) for k in ("val_acc", "val_loss", "test_acc", "test_loss") if k in m}
-            checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+            checkpoint = storage.checkpoint_location(result.checkpoint) if result.checkpoint is not None else None
             per[label][seed] = {**values, "trial_id": m.get("trial_id"), "checkpoint": checkpoint}
         elif result.error is None:
             unfinished += 1
@@ -441,10 +444,10 @@ def _write_files(
         files["confirmation_plot"] = plot
     if c.winner is not None:
         seed = next((s for s in c.seeds if per[c.winner].get(s, {}).get("checkpoint")), None)
-        if seed is not None:
-            src = Path(per[c.winner][seed]["checkpoint"]) / "path_config.yaml"
-            if src.is_file():
-                files["best_path_config"] = Path(shutil.copy(src, run_dir / "best_path_config.yaml"))
+        if seed is not None and storage.copy_out(
+            per[c.winner][seed]["checkpoint"], "path_config.yaml", run_dir / "best_path_config.yaml"
+        ):
+            files["best_path_config"] = run_dir / "best_path_config.yaml"
     return files
 
 
@@ -470,10 +473,10 @@ def _log(
             seeds = per[row["label"]]
             first = next((s for s in c.seeds if s in seeds and seeds[s].get("checkpoint")), None)
             if first is not None:  # learned EnsembleScale values differ by seed: say whose these are
-                src = Path(seeds[first]["checkpoint"]) / "path_config.yaml"
-                if src.is_file():
-                    client.log_artifact(run_id, str(src))
-                    client.set_tag(run_id, "pathsearch.path_config_seed", str(first))
+                with tempfile.TemporaryDirectory() as tmp:
+                    if storage.fetch(seeds[first]["checkpoint"], ["path_config.yaml"], Path(tmp)):
+                        client.log_artifact(run_id, str(Path(tmp) / "path_config.yaml"))
+                        client.set_tag(run_id, "pathsearch.path_config_seed", str(first))
             client.set_terminated(run_id, status="FINISHED")
         summary: dict[str, float] = {}
         d = c.difference

@@ -15,11 +15,20 @@ from typing import Any
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from pathsearch import storage
 from pathsearch.config import SearchFile
 from pathsearch.confirm import PLAN_FILE, confirm_search
 from pathsearch.results import SearchResult
 from pathsearch.runner import ProgressLine, fit_and_finish, run_config, runnable
-from pathsearch.searcher import PathOptunaSearch, baseline_point, define_space, make_sampler, study_storage
+from pathsearch.searcher import (
+    JOURNAL,
+    PathOptunaSearch,
+    baseline_point,
+    define_space,
+    make_sampler,
+    restoring_into,
+    study_storage,
+)
 from pathsearch.tracking import MlflowTrialLogger
 
 
@@ -30,11 +39,12 @@ def run(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any, 
     )
 
 
-def check_resume(spec: SearchFile, run_dir: Path) -> None:
+def check_resume(spec: SearchFile, run_dir: Path, state: dict[str, Any]) -> None:
     """Raises ValueError when the search cannot be continued (before anything is reopened)."""
     confirming = spec.search.confirm.enabled and (run_dir / PLAN_FILE).is_file()
-    if not confirming and not tune.Tuner.can_restore(str(run_dir)):
-        raise ValueError(f"{run_dir} has no Tune state to resume from (the search stopped before its first snapshot)")
+    where = storage.run_uri(run_dir, state)
+    if not confirming and not tune.Tuner.can_restore(where):
+        raise ValueError(f"{where} has no Tune state to resume from (the search stopped before its first snapshot)")
 
 
 def resume(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any, verbose: bool) -> SearchResult:
@@ -43,8 +53,10 @@ def resume(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: An
     if spec.search.confirm.enabled and (run_dir / PLAN_FILE).is_file():  # the search was over
         result = SearchResult(run_dir, spec.tracking.experiment, state["parent_run_id"], None, None)
         return confirm_search(spec, run_dir, state, result, trainable, verbose)
-    tuner = tune.Tuner.restore(str(run_dir), trainable=runnable(spec, trainable), resume_errored=True)
-    return _search_then_confirm(tuner, spec, run_dir, state, trainable, verbose)
+    where = storage.run_uri(run_dir, state)
+    tuner = tune.Tuner.restore(where, trainable=runnable(spec, trainable), resume_errored=True)
+    with restoring_into(run_dir):  # Tune restores the searcher in fit(): its study is this run's journal
+        return _search_then_confirm(tuner, spec, run_dir, state, trainable, verbose)
 
 
 def _search_then_confirm(
@@ -76,6 +88,8 @@ def make_tuner(
         sampler=make_sampler(s.sampler, s.seed),
         points_to_evaluate=[baseline_point(spec.space, base), *s.enqueue],
         storage=study_storage(run_dir),  # on disk: the Optuna history survives a driver crash
+        journal=str(run_dir / JOURNAL),
+        snapshot_journal=bool(state.get("storage")),  # a run kept in an object store: the journal goes there too
         study_name=name,
         final_epoch=t.epochs,
         num_paths=spec.space.num_paths,
@@ -107,7 +121,7 @@ def make_tuner(
         run_config=run_config(
             spec,
             name,
-            run_dir.parent,
+            storage.tune_root(run_dir, state),
             [
                 MlflowTrialLogger(uri, experiment_id, parent, final_epoch=t.epochs, run_dir=run_dir),
                 ProgressLine(s.num_samples, s.metrics[0], s.modes[0], t.epochs, verbose),

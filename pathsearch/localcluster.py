@@ -134,9 +134,11 @@ def up(
     mlflow_port: int | None = 5000,
     backend_store_uri: str | None = None,
     timeout_s: float = 120,
+    artifacts_destination: str | None = None,
 ) -> dict[str, Any]:
     """Starts the cluster and returns its state (also written to DIR/cluster.json). On failure, stops what it
-    started before raising."""
+    started before raising. Every process inherits this environment: an object store's endpoint and credentials
+    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) set here reach the nodes and the MLflow server."""
     root = Path(folder).expanduser().resolve()
     state = read_state(root)
     if state and any(_alive(p) for p in state["processes"]):
@@ -178,10 +180,11 @@ def up(
         if mlflow_port:
             store = backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"
             server = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store]
-            server += ["--artifacts-destination", str(root / "mlartifacts"), "--host", host]
+            artifacts = artifacts_destination or str(root / "mlartifacts")  # e.g. s3://bucket/mlflow: served by it
+            server += ["--artifacts-destination", artifacts, "--host", host]
             server += ["--port", str(mlflow_port), "--workers", "1"]
             procs.append(_start("mlflow", server, {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, logs))
-            state["backend_store_uri"] = store
+            state["backend_store_uri"], state["artifacts_destination"] = store, artifacts
             save()
         headers, _ = auth_headers()
         _wait_until("the Ray head", lambda: _http_ok(f"{dashboard}/api/version", headers), procs[:1], timeout_s)
@@ -251,17 +254,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dashboard-port", type=int, default=8265)
     parser.add_argument("--mlflow-port", type=int, default=5000, help="0: no MLflow server")
     parser.add_argument("--backend-store-uri", default=None, help="MLflow store (default sqlite:///DIR/mlflow.db)")
+    parser.add_argument(
+        "--artifacts-destination",
+        default=None,
+        help="where the MLflow server keeps artifacts (default DIR/mlartifacts; s3://bucket/prefix with AWS_* set)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.verb == "up":
             state = up(
                 args.dir, args.workers, args.cpus_per_worker, args.host, args.ray_port, args.dashboard_port,
-                args.mlflow_port or None, args.backend_store_uri,
+                args.mlflow_port or None, args.backend_store_uri, artifacts_destination=args.artifacts_destination,
             )  # fmt: skip
             print(f"Ray head     {state['ray_address']}, dashboard {state['dashboard']}")
             print(f"workers      {args.workers} node(s) x {args.cpus_per_worker:g} CPU")
             if state["tracking_uri"]:
-                print(f"MLflow       {state['tracking_uri']} (store {state['backend_store_uri']})")
+                where = f"store {state['backend_store_uri']}, artifacts {state['artifacts_destination']}"
+                print(f"MLflow       {state['tracking_uri']} ({where})")
             print(f"storage      {state['storage_path']}")
             print("submit a search:")
             print(

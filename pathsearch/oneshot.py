@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from ray import tune
 
+from pathsearch import storage
 from pathsearch.config import SearchFile
 from pathsearch.confirm import choose_candidates, confirm_search
 from pathsearch.paths import path_names, resolve_scale_init
@@ -67,7 +68,7 @@ def run(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any, 
     return _confirm_two_stage(spec, run_dir, state, trainable, verbose)
 
 
-def check_resume(spec: SearchFile, run_dir: Path) -> None:
+def check_resume(spec: SearchFile, run_dir: Path, state: dict[str, Any]) -> None:
     """Raises ValueError unless stage 1 finished: it is not resumable, stage 2 (the confirmation) is."""
     if not (run_dir / STAGE1_FILE).is_file():
         raise ValueError(f"{run_dir}: stage 1 (supernet and proxy search) did not finish: start the search again")
@@ -115,7 +116,7 @@ def train_supernet(spec: SearchFile, run_dir: Path, state: dict[str, Any], train
         run_config=run_config(
             spec,
             "supernet",
-            run_dir,
+            storage.run_uri(run_dir, state),
             [MlflowTrialLogger(uri, experiment_id, parent, final_epoch=epochs, run_dir=run_dir)],
         ),
     )
@@ -137,7 +138,7 @@ def train_supernet(spec: SearchFile, run_dir: Path, state: dict[str, Any], train
     return {
         "trial_id": trial_id,
         "run_id": retry_until(uri, "tagging the supernet run", tag),
-        "checkpoint": result.checkpoint.path,
+        "checkpoint": storage.checkpoint_location(result.checkpoint),
         "metrics": {k: v for k, v in metrics.items() if k in ("val_acc", "val_loss", "val_acc_full", "train_loss")},
         "seconds": float(metrics.get("time_total_s", 0.0)),
         "cpus": float(cpus),
@@ -209,7 +210,8 @@ def proxy_search(
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per trial would be tens of thousands
     try:
-        scorer = ProxyScorer.from_checkpoint(checkpoint_dir)
+        with storage.local_folder(checkpoint_dir) as folder:  # a copy, when the supernet is kept in a store
+            scorer = ProxyScorer.from_checkpoint(str(folder))
         depth = scorer.model.depth
         if depth != space.depth:
             raise ValueError(f"the supernet has depth {depth}, the search space was parsed for depth {space.depth}")
@@ -355,6 +357,7 @@ def _record_stage1(
         "proxy_runs": proxy_runs,
     }
     (run_dir / STAGE1_FILE).write_text(json.dumps(record, indent=1))
+    storage.upload(run_dir, state)  # stage 1's files: a resume continues from them
     if verbose:
         per_s = len(rows) / max(stage1["seconds"], 1e-9)
         print(

@@ -1,6 +1,6 @@
 """What a search produced, as plain data: the final row of every trial that trained to the end, the best and the
 baseline, the Pareto front, the Optuna study as a table with its counts, and Optuna's plots. `export` uses the
-Pareto rule too. Imports no torch and no other pathsearch module.
+Pareto rule too. Imports no torch; of pathsearch only `storage` (where a checkpoint lives).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 import optuna
 from optuna.trial import TrialState
+
+from pathsearch.storage import checkpoint_location
 
 T = TypeVar("T")
 INFEASIBLE = "pathsearch.infeasible"  # Optuna user attrs: refused before training (why), reused result (True)
@@ -40,6 +42,7 @@ class SearchResult:
     confirmation: Any = None  # pathsearch.verdict.Confirmation, when search.confirm is on and it finished
     rows: list[dict[str, Any]] = field(default_factory=list)  # the final result of every trial that trained to the end
     ended_early: str | None = None  # why the searcher ended the search before num_samples trials, if it did
+    stored_at: str | None = None  # the run folder's URI when it is kept in an object store (run_dir: a working copy)
 
 
 METRIC_KEYS = ("val_acc", "val_acc_std", "val_loss", "val_acc_full", "train_loss", "kept_paths", "params", "epoch")
@@ -58,7 +61,7 @@ def final_rows(grid: Any, final_epoch: int) -> list[dict[str, Any]]:
                 "trial_id": m.get("trial_id"),
                 "optuna_trial": config.get("optuna_trial"),
                 "overrides": config.get("overrides", {}),
-                "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
+                "checkpoint": checkpoint_location(result.checkpoint) if result.checkpoint is not None else None,
             }
         )
     return rows

@@ -25,6 +25,7 @@ import yaml
 from optuna.trial import TrialState
 from ray import tune
 
+from pathsearch import storage
 from pathsearch.config import SearchFile
 from pathsearch.results import (
     EXHAUSTED,
@@ -37,7 +38,7 @@ from pathsearch.results import (
     study_table,
     trained_to_end,
 )
-from pathsearch.rundirs import unique_run_dir
+from pathsearch.rundirs import unique_run_dir, unique_run_name
 from pathsearch.searcher import study_storage
 from pathsearch.tracking import close_orphan_runs, default_tracking_uri, end_parent_run, start_parent_run
 from pathsearch.typed import set_dotted
@@ -161,14 +162,20 @@ STATE_FILE = "pathsearch_state.json"  # in the run directory: the search's name,
 
 
 def load_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], SearchFile]:
-    """An existing run directory's (resolved path, state, search file), or a ValueError naming what is missing."""
+    """An existing run directory's (resolved path, state, search file), or a ValueError naming what is missing.
+
+    A run folder in an object store (a URI) is first copied to a fresh local working copy (its path is returned);
+    Tune reads its own part from the store."""
     from pathsearch.config import load_search_file
 
-    run_dir = Path(run_dir).expanduser().resolve()
+    uri = str(run_dir).rstrip("/") if storage.is_remote(run_dir) else None
+    run_dir = storage.download_run(uri) if uri else Path(run_dir).expanduser().resolve()
     state_file = run_dir / STATE_FILE
     if not state_file.is_file():
-        raise ValueError(f"{run_dir} is not a pathsearch run directory (no {STATE_FILE})")
+        raise ValueError(f"{uri or run_dir} is not a pathsearch run directory (no {STATE_FILE})")
     state = json.loads(state_file.read_text())
+    if uri:  # the store it is found in now (a bucket may have been copied or renamed since)
+        state["storage"] = storage.parent_of(uri)
     # the depth the search parsed its space for (a file may name a timm model without model.kwargs.depth): from the
     # state, so the driver never imports torch; a run directory from before it was recorded is re-read by timm
     if "depth" in state:
@@ -178,7 +185,7 @@ def load_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], SearchFile]:
     return run_dir, state, load_search_file(run_dir / "search.yaml", model_depth=model_depth)
 
 
-def run_config(spec: SearchFile, name: str, storage_path: Path, callbacks: list[Any]) -> tune.RunConfig:
+def run_config(spec: SearchFile, name: str, storage_path: str, callbacks: list[Any]) -> tune.RunConfig:
     """Tune's run settings, the same for the search, the supernet and the confirmation: retries from the last
     checkpoint (search.max_failures), one checkpoint kept per trial, and no console output of Tune's own."""
     return tune.RunConfig(
@@ -191,16 +198,42 @@ def run_config(spec: SearchFile, name: str, storage_path: Path, callbacks: list[
     )
 
 
-def new_run_dir(spec: SearchFile, storage_path: str | Path, name: str | None) -> Path:
+RESUME_HINT = "continue that search with `pathsearch resume`"
+
+
+def new_run_dir(spec: SearchFile, storage_path: str | Path, name: str | None) -> tuple[Path, str | None]:
     """A new search's folder under `storage_path`: `name`, or the file's name and the time (made atomically, so two
-    searches started in the same second get two folders). A name that exists is refused: resume that search."""
-    root = Path(storage_path).expanduser().resolve()
-    return unique_run_dir(root, Path(spec.source).stem, name, "--name", "continue that search with `pathsearch resume`")
+    searches started in the same second get two folders). A name that exists is refused: resume that search.
+
+    Returns (the run directory, None) for a local `storage_path`; for an object store URI, (this machine's working
+    copy, the URI), after proving the store can be written (ValueError: one line, before anything is made).
+    """
+    stem = Path(spec.source).stem
+    if not storage.is_remote(storage_path):
+        return unique_run_dir(Path(storage_path).expanduser().resolve(), stem, name, "--name", RESUME_HINT), None
+    root = str(storage_path).rstrip("/")
+    storage.check(root)
+
+    def claim(candidate: str) -> bool:  # free in the store, and not in use by another search on this machine
+        if storage.exists(storage.join(root, candidate)):
+            return False
+        try:
+            storage.local_copy(candidate).mkdir(parents=True)
+        except FileExistsError:
+            return False
+        return True
+
+    if name is not None:
+        if not claim(name):
+            raise ValueError(f"--name {name}: {storage.join(root, name)} already exists; {RESUME_HINT}")
+        return storage.local_copy(name), root
+    return storage.local_copy(unique_run_name(stem, claim)), root
 
 
-def start_search(spec: SearchFile, run_dir: Path, tracking_uri: str | None) -> dict[str, Any]:
-    """Writes the resolved search file and the state file into the new `run_dir` and opens the MLflow parent run;
-    returns the state. Removes `run_dir` when that fails (an unreachable store, say): nothing is left half-made."""
+def start_search(spec: SearchFile, run_dir: Path, tracking_uri: str | None, store: str | None = None) -> dict[str, Any]:
+    """Writes the resolved search file and the state file into the new `run_dir` (and the object store `store`
+    keeps the run in) and opens the MLflow parent run; returns the state. Removes `run_dir` when that fails (an
+    unreachable tracking server, say): nothing is left half-made."""
     from mlflow.tracking import MlflowClient
 
     try:
@@ -211,7 +244,10 @@ def start_search(spec: SearchFile, run_dir: Path, tracking_uri: str | None) -> d
         MlflowClient(uri).log_artifact(parent, str(run_dir / "search.yaml"))  # from the start: fit-scales, the UI
         state = {"name": run_dir.name, "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent}
         state["depth"] = spec.space.depth
+        if store:
+            state["storage"] = store
         (run_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
+        storage.upload(run_dir, state)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
@@ -258,10 +294,9 @@ def fit_and_finish(
         files["optuna_trials"] = run_dir / "optuna_trials.json"
         files["optuna_trials"].write_text(json.dumps(study_table(study), indent=1))
         files.update(plot_study(study, run_dir))
-        if best is not None and best.get("checkpoint") and (end or status != "FINISHED"):  # else: the confirmed one
-            src = Path(best["checkpoint"]) / "path_config.yaml"
-            if src.is_file():
-                files["best_path_config"] = Path(shutil.copy(src, run_dir / "best_path_config.yaml"))
+        source = best.get("checkpoint") if best is not None and (end or status != "FINISHED") else None  # else: the
+        if source and storage.copy_out(source, "path_config.yaml", run_dir / "best_path_config.yaml"):  # confirmed one
+            files["best_path_config"] = run_dir / "best_path_config.yaml"
         if front:
             files["pareto_front"] = run_dir / "pareto_front.yaml"
             files["pareto_front"].write_text(yaml.safe_dump(front, sort_keys=False))
@@ -271,6 +306,7 @@ def fit_and_finish(
                 summary[f"{label}_{s.metrics[0]}"] = row[s.metrics[0]]
         final = status if end or status != "FINISHED" else None  # None: the parent stays open for the confirmation
         end_parent_run(state["tracking_uri"], state["parent_run_id"], summary, list(files.values()), final)
+        storage.upload(run_dir, state)  # the journal, the results, the log, a saved MLflow queue
     result = SearchResult(run_dir, spec.tracking.experiment, state["parent_run_id"], best, baseline, counts, files)
     result.pareto = front
     result.rows = rows

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pathsearch import full, oneshot
+from pathsearch import full, oneshot, storage
 from pathsearch.config import SearchFile
 from pathsearch.results import SearchResult
 from pathsearch.runner import init_ray, load_run, new_run_dir, quiet_console, start_search
@@ -37,11 +37,11 @@ def run_search(
     (otherwise it goes to `ray.log` in the run directory).
     """
     strategy = STRATEGIES[spec.search.strategy]
-    run_dir = new_run_dir(spec, storage_path, name)
+    run_dir, store = new_run_dir(spec, storage_path, name)
     with quiet_console(run_dir, library_output):
-        state = start_search(spec, run_dir, tracking_uri)
+        state = start_search(spec, run_dir, tracking_uri, store)
         init_ray(address)
-        return strategy.run(spec, run_dir, state, trainable, verbose)
+        return _located(strategy.run(spec, run_dir, state, trainable, verbose), run_dir, state)
 
 
 def resume_search(
@@ -55,8 +55,13 @@ def resume_search(
     MLflow runs; the strategy continues where it stopped (its search, or its confirmation)."""
     run_dir, state, spec = load_run(run_dir)
     strategy = STRATEGIES[spec.search.strategy]
-    strategy.check_resume(spec, run_dir)
+    strategy.check_resume(spec, run_dir, state)
     reopen_parent_run(state["tracking_uri"], state["parent_run_id"])
     with quiet_console(run_dir, library_output):
         init_ray(address)
-        return strategy.resume(spec, run_dir, state, trainable, verbose)
+        return _located(strategy.resume(spec, run_dir, state, trainable, verbose), run_dir, state)
+
+
+def _located(result: SearchResult, run_dir: Path, state: dict[str, Any]) -> SearchResult:
+    result.stored_at = storage.run_uri(run_dir, state) if state.get("storage") else None
+    return result

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from pathsearch.results import EXHAUSTED, INFEASIBLE, REUSED, trained_to_end
 from pathsearch.space import SearchSpace, lookup_value, sample_overrides
 
 SAMPLERS = ("tpe", "nsga2", "random", "gp", "qmc")
+JOURNAL = "optuna_journal.log"  # in the run directory: the study's full history
 MAX_SKIPPED = 200  # suggestions in a row that may be reused or infeasible before the search ends
 
 
@@ -50,9 +53,13 @@ class PathOptunaSearch(OptunaSearch):
         num_samples: int | None = None,
         max_params: int | None = None,
         base: dict[str, Any] | None = None,
+        journal: str | None = None,
+        snapshot_journal: bool = False,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        self.journal = journal  # the study's journal file (its storage), rebound on restore (see `restore`)
+        self.snapshot_journal = snapshot_journal  # copy it into each of Tune's experiment snapshots
         self.max_params = max_params
         self.base = base or {"model": {}}
         self._param_cache: dict[str, int] = {}
@@ -145,6 +152,34 @@ class PathOptunaSearch(OptunaSearch):
             if all(isinstance(v, int | float) and math.isfinite(v) for v in values):
                 self.finished[self.trial_keys[trial_id]] = [float(v) for v in values]  # type: ignore[arg-type]
 
+    # ----- snapshots: Tune calls save() at each experiment snapshot and restore() when a search is resumed ------
+    def save(self, checkpoint_path: str) -> None:
+        """The searcher into Tune's snapshot folder; for a run kept in an object store, its Optuna journal too.
+
+        How the study reaches the store: the journal (a file Optuna appends to) is copied into the folder Tune
+        uploads as one snapshot, beside the searcher state that refers to its trials, so the store always holds a
+        journal at least as new as the searcher it restores. Optuna's RDB storage on the tracking server's
+        database was the other way; it would tie a search to a SQL server that a file store or a laptop has not.
+        (Not for a local run: Tune's snapshot folder is copied into the run directory, over the live journal.)
+        """
+        super().save(checkpoint_path)
+        if self.snapshot_journal and self.journal and Path(self.journal).is_file():
+            shutil.copy(self.journal, Path(checkpoint_path).parent / JOURNAL)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Tune's saved searcher; its study (pickled with the journal's path where the search started) is opened
+        again on the journal of the run directory being resumed, which may be another folder on another machine."""
+        super().restore(checkpoint_path)
+        if _RESTORING_INTO:
+            self.rebind(_RESTORING_INTO[-1] / JOURNAL)
+
+    def rebind(self, journal: Path) -> None:
+        storage = study_journal(journal)
+        study = optuna.load_study(study_name=self._study_name, storage=storage, sampler=self._sampler)
+        self._storage, self.journal = storage, str(journal)
+        self._ot_study = study  # type: ignore[assignment]  # Ray annotates it None (set in set_search_properties)
+        self._ot_trials = {tid: optuna.Trial(study, t._trial_id) for tid, t in self._ot_trials.items()}
+
     def study(self) -> optuna.Study:
         assert self._ot_study is not None, "the study is created when Tune sets the search properties"
         return self._ot_study
@@ -195,7 +230,24 @@ def baseline_point(space: SearchSpace, base: Mapping[str, Any]) -> dict[str, Any
 def study_storage(run_dir: Path) -> Any:
     """The search's Optuna study storage: a journal file in the run directory, so that the history survives a
     driver crash and `resume` continues it."""
+    return study_journal(run_dir / JOURNAL)
+
+
+def study_journal(path: Path) -> Any:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    return JournalStorage(JournalFileBackend(str(run_dir / "optuna_journal.log")))
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+_RESTORING_INTO: list[Path] = []  # the run directory whose search Tune is restoring (see PathOptunaSearch.restore)
+
+
+@contextmanager
+def restoring_into(run_dir: Path) -> Iterator[None]:
+    """While a resumed search's Tuner restores its searcher: the study is reopened on `run_dir`'s journal."""
+    _RESTORING_INTO.append(run_dir)
+    try:
+        yield
+    finally:
+        _RESTORING_INTO.pop()

@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from pathsearch.results import trained_to_end
+from pathsearch.storage import checkpoint_location, fetch
 
 TRIAL_TAG = "pathsearch.trial_id"
 SEARCH_TAG = "pathsearch.search"  # the search's parent run id, on every run of that search at any depth
@@ -266,11 +267,10 @@ class MlflowTrialLogger(Callback):
 
     def _finish(self, trial: Any, status: str, state: str) -> None:
         checkpoint = getattr(trial, "checkpoint", None)
-        folder = Path(checkpoint.path) if checkpoint is not None else None
-        if folder is not None and folder.is_dir():  # Tune keeps a finished trial's last checkpoint: paths suffice
-            files = [str(folder / name) for name in TRIAL_ARTIFACTS if (folder / name).is_file()]
-            if files:  # its own operation: files MLflow refuses must not cost the run its final status
-                self._send({"op": "artifacts", "trial": trial.trial_id, "files": files})
+        if checkpoint is not None:  # Tune keeps a finished trial's last checkpoint (locally or in a store): its place
+            # suffices; its own operation: files MLflow refuses must not cost the run its final status
+            folder = checkpoint_location(checkpoint)
+            self._send({"op": "artifacts", "trial": trial.trial_id, "folder": folder, "names": list(TRIAL_ARTIFACTS)})
         self._send({"op": "end", "trial": trial.trial_id, "state": state, "status": status})
 
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
@@ -388,10 +388,13 @@ class MlflowTrialLogger(Callback):
         elif op["op"] == "artifacts":
             run_id = self._run_id(trial_id)
             with tempfile.TemporaryDirectory() as tmp:  # the chosen files only, not the whole checkpoint
-                for f in op["files"]:
+                if "folder" in op:
+                    fetch(op["folder"], op["names"], Path(tmp))
+                for f in op.get("files", []):  # a queue saved by an older pathsearch: local paths
                     if Path(f).is_file():
                         shutil.copy(f, tmp)
-                client.log_artifacts(run_id, tmp)
+                if any(Path(tmp).iterdir()):
+                    client.log_artifacts(run_id, tmp)
         elif op["op"] == "end":
             run_id = self._run_id(trial_id)
             client.log_batch(run_id, tags=[RunTag("pathsearch.state", op["state"])])
@@ -513,7 +516,13 @@ def find_trial_run(client: MlflowClient, experiment_id: str, search_run_id: str,
 
 
 def download_artifact(client: MlflowClient, run_id: str, name: str, folder: str | Path) -> Path:
-    """A run's artifact downloaded into `folder`; a ValueError naming the run and the file when it has none."""
+    """A run's artifact downloaded into `folder`; a ValueError naming the run and the file when it has none.
+
+    Through the tracking server, unless MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD says otherwise: a server whose
+    artifacts are in an object store (`--artifacts-destination s3://...`) offers MLflow 3 clients presigned URLs on
+    the store's endpoint as the server sees it, which the machine exporting may not reach (an in-cluster endpoint).
+    """
+    os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
     try:
         return Path(client.download_artifacts(run_id, name, str(folder)))
     except Exception as err:  # MLflow raises several types for a missing artifact

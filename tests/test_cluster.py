@@ -57,7 +57,11 @@ def test_server_and_shared_path_pass_the_form_checks():
     assert "relative path names a store" in check_reachable_by_form("sqlite:///mlflow.db", "/s/runs", head_only)[0]
     one_host = [{"node_ip": "127.0.0.1"}] * 3  # cluster/local.sh: nodes share this machine's loopback and disk
     assert check_reachable_by_form("http://127.0.0.1:5000", "/tmp/runs", one_host) == []
-    assert "s3:// is not supported" in check_reachable_by_form("http://m:5000", "s3://bucket/runs", one_host)[0]
+    assert check_reachable_by_form("http://m:5000", "s3://bucket/runs", NODES) == []  # every node reads the store
+    unknown = check_reachable_by_form("http://m:5000", "nosuch://bucket/runs", NODES)
+    assert len(unknown) == 1 and "pyarrow cannot open nosuch:// URIs" in unknown[0]
+    secret = check_reachable_by_form("http://m:5000", "s3://bucket/runs?secret_key=hush", NODES)
+    assert len(secret) == 1 and "credentials in the URI" in secret[0] and "hush" not in secret[0]
 
 
 def test_token_is_read_the_way_the_ray_cli_reads_it(tmp_path, monkeypatch):

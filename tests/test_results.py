@@ -77,7 +77,7 @@ def test_two_searches_started_in_the_same_second_get_two_folders(tmp_path):
         "model: {name: vit_tiny_patch16_224, kwargs: {depth: 2}}\nspace: {train.lr: {low: 0.001, high: 0.01}}\n"
     )
     spec = load_search_file(path)
-    folders = [new_run_dir(spec, tmp_path / "runs", None) for _ in range(3)]
+    folders = [new_run_dir(spec, tmp_path / "runs", None)[0] for _ in range(3)]
     assert len(set(folders)) == 3 and all(f.is_dir() and f.name.startswith("demo-") for f in folders)
     with pytest.raises(ValueError, match="already exists"):
         new_run_dir(spec, tmp_path / "runs", folders[0].name)  # a name given twice is refused, not shared

@@ -1,0 +1,267 @@
+"""Where a search keeps its state: a local folder, or any URI that pyarrow's filesystems open (s3://bucket/prefix,
+gs://bucket/prefix, ...). Endpoints and credentials come from each store's own environment variables (for S3:
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION; for GCS:
+GOOGLE_APPLICATION_CREDENTIALS), never from a search file, a URI, a log line or MLflow.
+
+With a URI, the run folder `<URI>/<name>` lives in the store, and this machine keeps a working copy of it
+(`local_copy`). Tune writes its own part (experiment state, trial checkpoints) to the store itself. pathsearch's
+files (the search file, the state file, the confirmation's plan, the results) are written to the working copy and
+uploaded right after (`upload`); the Optuna journal, which Optuna appends to all the time, is uploaded with each of
+Tune's experiment snapshots (searcher.PathOptunaSearch.save), so that the store is never more than one snapshot
+behind. `download_run` makes a fresh working copy from the store: `resume URI` on a machine that never saw the run.
+
+Handwritten because pyarrow has no notion of a query string that must survive joining paths, nor of a preflight
+with a deadline; the reading and writing itself is pyarrow's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+SECRET_KEYS = ("access_key", "secret_key", "session_token")  # pyarrow reads these from an s3:// query string
+CHECK_TIMEOUT_S = 30.0  # how long the preflight waits for the store; env PATHSEARCH_STORAGE_TIMEOUT_S
+T = TypeVar("T")
+
+
+def is_remote(path: str | Path) -> bool:
+    """True for a URI of an object store (s3://, gs://, ...); False for a folder or a file:// URI."""
+    scheme = urllib.parse.urlsplit(str(path)).scheme
+    return len(scheme) > 1 and scheme.lower() != "file"  # "C:" is a drive, not a scheme
+
+
+def join(uri: str, *parts: str) -> str:
+    """`uri` with `parts` appended to its path; a query string (?endpoint_override=...) stays at the end."""
+    split = urllib.parse.urlsplit(uri)
+    path = "/".join([split.path.rstrip("/"), *(p.strip("/") for p in parts)])
+    return urllib.parse.urlunsplit((split.scheme, split.netloc, path, split.query, ""))
+
+
+def name_of(uri: str) -> str:
+    """The last part of a URI's path (a run's name)."""
+    return urllib.parse.urlsplit(uri).path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent_of(uri: str) -> str:
+    split = urllib.parse.urlsplit(uri)
+    path = split.path.rstrip("/").rsplit("/", 1)[0]
+    return urllib.parse.urlunsplit((split.scheme, split.netloc, path, split.query, ""))
+
+
+def filesystem(uri: str, flag: str = "--storage-path") -> tuple[Any, str]:
+    """(pyarrow filesystem, path in it) for a store URI; ValueError naming the URI when pyarrow cannot open it or
+    it carries credentials."""
+    import pyarrow.fs
+
+    split = urllib.parse.urlsplit(uri)
+    query = urllib.parse.parse_qs(split.query)
+    if split.username or split.password or any(k in query for k in SECRET_KEYS):
+        raise ValueError(
+            f"{flag} {_redact(uri)}: credentials in the URI end up in logs and MLflow; set them in the store's "
+            "environment variables instead (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3://)"
+        )
+    try:
+        return pyarrow.fs.FileSystem.from_uri(uri)
+    except Exception as err:  # pyarrow's ArrowInvalid / OSError: an unknown scheme, a filesystem it cannot load
+        why = _first_line(err)
+        raise ValueError(f"{flag} {uri}: pyarrow cannot open {split.scheme}:// URIs here ({why})") from None
+
+
+def check(uri: str, flag: str = "--storage-path", timeout_s: float | None = None) -> None:
+    """Proves that the store at `uri` can be written and read, before any trial starts: the bucket exists, the
+    credentials are accepted, the endpoint answers (within `timeout_s`). ValueError with one line otherwise."""
+    import pyarrow.fs
+
+    fs, root = filesystem(uri, flag)
+    bucket = root.split("/", 1)[0]
+    probe = f"{root.rstrip('/')}/.pathsearch-probe-{uuid.uuid4().hex}"
+
+    def attempt() -> None:
+        if fs.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound:
+            raise FileNotFoundError(f"the bucket {bucket!r} does not exist (or these credentials cannot see it)")
+        with fs.open_output_stream(probe) as out:
+            out.write(b"pathsearch")
+        with fs.open_input_stream(probe) as src:
+            if src.read() != b"pathsearch":
+                raise OSError("what was written there reads back differently")
+        fs.delete_file(probe)
+
+    timeout = float(os.environ.get("PATHSEARCH_STORAGE_TIMEOUT_S", CHECK_TIMEOUT_S)) if timeout_s is None else timeout_s
+    try:
+        _with_deadline(attempt, timeout)
+    except TimeoutError:
+        why = f"the store did not answer within {timeout:.0f}s (endpoint: {_endpoint()})"
+        raise ValueError(f"{flag} {uri}: {why}") from None
+    except Exception as err:  # whatever the store answered is the finding: unreachable, refused, missing
+        raise ValueError(f"{flag} {uri}: cannot write there: {_first_line(err)}") from None
+
+
+def exists(location: str) -> bool:
+    """True when a file or folder is at `location` (a local path or a store URI)."""
+    import pyarrow.fs
+
+    if not is_remote(location):
+        return Path(location).exists()
+    fs, path = filesystem(location)
+    return bool(fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound)
+
+
+def read_text(location: str) -> str:
+    """The text of the file at `location` (a local path or a store URI)."""
+    if not is_remote(location):
+        return Path(location).read_text()
+    fs, path = filesystem(location)
+    with fs.open_input_stream(path) as src:
+        return bytes(src.read()).decode()
+
+
+def fetch(location: str, names: Iterable[str], dest: Path) -> list[Path]:
+    """Copies the files `names` that exist in the folder at `location` (a local path or a store URI) into the
+    folder `dest`; returns the copies."""
+    return [dest / name for name in names if copy_out(location, name, dest / name)]
+
+
+def copy_out(location: str, name: str, target: Path) -> bool:
+    """Copies the file `name` of the folder at `location` to `target`; False when there is no such file."""
+    import pyarrow.fs
+
+    if not is_remote(location):
+        if not (Path(location) / name).is_file():
+            return False
+        shutil.copy(Path(location) / name, target)
+        return True
+    fs, path = filesystem(join(location, name))
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return False
+    pyarrow.fs.copy_files(path, str(target), source_filesystem=fs)
+    return True
+
+
+@contextmanager
+def local_folder(location: str) -> Iterator[Path]:
+    """The folder at `location` as a local folder: itself, or a temporary copy of a folder in a store."""
+    import pyarrow.fs
+
+    if not is_remote(location):
+        yield Path(location)
+        return
+    fs, path = filesystem(location)
+    with tempfile.TemporaryDirectory(prefix="pathsearch-") as tmp:
+        pyarrow.fs.copy_files(path, tmp, source_filesystem=fs)
+        yield Path(tmp)
+
+
+def checkpoint_location(checkpoint: Any) -> str:
+    """Where a Tune checkpoint lives: a local path, or a URI when Tune keeps it in an object store."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return str(checkpoint.path)
+    scheme = {"gcs": "gs"}.get(checkpoint.filesystem.type_name, checkpoint.filesystem.type_name)
+    return f"{scheme}://{checkpoint.path}"
+
+
+# ----- a run folder in a store, and this machine's working copy of it ------------------------------------------
+def run_uri(run_dir: Path, state: Mapping[str, Any]) -> str:
+    """Where the run folder lives: `<storage>/<name>` in a store, or the local run directory (Tune's experiments
+    of the confirmation and the supernet are folders in it)."""
+    return join(state["storage"], state["name"]) if state.get("storage") else str(run_dir)
+
+
+def tune_root(run_dir: Path, state: Mapping[str, Any]) -> str:
+    """The storage path of the search's own Tune experiment (named after the run): the store, or the local
+    run directory's parent (the experiment is the run directory itself)."""
+    return str(state["storage"]) if state.get("storage") else str(run_dir.parent)
+
+
+def local_copy(name: str) -> Path:
+    """This machine's working copy of a run kept in a store: `$PATHSEARCH_WORK_DIR/<name>`, by default under
+    ~/.cache/pathsearch/runs. Only a cache: the store holds everything a resume needs."""
+    root = os.environ.get("PATHSEARCH_WORK_DIR") or Path.home() / ".cache" / "pathsearch" / "runs"
+    return Path(root).expanduser().resolve() / name
+
+
+def upload(run_dir: Path, state: Mapping[str, Any], names: Iterable[str] | None = None) -> None:
+    """Uploads pathsearch's files of the working copy (`names`, or every file at its top level) to the run folder
+    in the store; nothing for a local run."""
+    import pyarrow.fs
+
+    if not state.get("storage"):
+        return
+    chosen = sorted(p.name for p in run_dir.iterdir() if p.is_file() and not _tunes(p.name)) if names is None else names
+    for name in chosen:
+        if (run_dir / name).is_file():
+            fs, path = filesystem(join(run_uri(run_dir, state), name))
+            pyarrow.fs.copy_files(str(run_dir / name), path, destination_filesystem=fs)
+
+
+def download_run(uri: str) -> Path:
+    """A fresh working copy of the run folder at `uri`: pathsearch's files at its top level (Tune reads its
+    experiment state and trial folders from the store itself, and an old copy of them here must never be uploaded
+    back). ValueError when it is not there."""
+    import pyarrow.fs
+
+    fs, path = filesystem(uri, "resume")
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=False))
+    except FileNotFoundError:
+        raise ValueError(f"{uri}: no such run folder in the store") from None
+    except OSError as err:
+        raise ValueError(f"{uri}: cannot read the store: {_first_line(err)}") from None
+    local = local_copy(name_of(uri))
+    shutil.rmtree(local, ignore_errors=True)  # the store is the truth: a stale copy here is not used
+    local.mkdir(parents=True)
+    for info in infos:
+        if info.type == pyarrow.fs.FileType.File and not _tunes(info.base_name):
+            pyarrow.fs.copy_files(info.path, str(local / info.base_name), source_filesystem=fs)
+    return local
+
+
+def _tunes(name: str) -> bool:
+    """Tune's own files at the top of an experiment folder (its state, searcher and callback snapshots, marker)."""
+    return name.startswith(".") or name.endswith(".pkl") or name.startswith(("experiment_state", "basic-variant-state"))
+
+
+# ----- helpers -------------------------------------------------------------------------------------------------
+def _with_deadline(fn: Callable[[], T], timeout_s: float) -> T:
+    """fn() in a daemon thread; TimeoutError when it has not returned after `timeout_s` (pyarrow's own retries to
+    an endpoint that does not answer can take minutes; the thread is left to end on its own)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # handed to the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")  # type: ignore[return-value]
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the store's default"
+
+
+def _redact(uri: str) -> str:
+    split = urllib.parse.urlsplit(uri)
+    netloc = split.hostname or ""
+    return urllib.parse.urlunsplit((split.scheme, netloc, split.path, "", ""))
