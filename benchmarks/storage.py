@@ -4,9 +4,9 @@ Run: .venv/bin/python benchmarks/storage.py [--rounds 2] [--file search_spaces/d
 One process, one local Ray; the same search (the digits demo, as shipped, by default) runs with `--storage-path` a
 local folder and `s3://...` on moto's S3 server on 127.0.0.1 (moto[server], the dev extra; tests/s3server.py),
 alternating local / s3 / s3 / local ... so machine noise hits both. Prints each run's wall time, the median ratio
-s3 / local (target <= 1.10), and what one trial costs the store: the bytes it keeps (checkpoints, trial files) and
-an upper bound of the bytes written (each PUT of a key counted at the key's final size; Tune rewrites its
-experiment snapshot many times).
+s3 / local (target <= 1.10), the CPU the S3 server itself took from the same cores, and what one trial costs the
+store: the bytes it keeps (its last checkpoint) and about how many it wrote (every checkpoint, and Tune's
+experiment snapshot, rewritten many times), with the PUT requests.
 """
 
 from __future__ import annotations
@@ -46,37 +46,49 @@ def main() -> None:
         spec = load_search_file(args.file, args.set, model_depth=model_depth)
         ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
         walls: dict[str, list[float]] = {"local": [], "s3": []}
+        server_cpu: dict[str, list[float]] = {"local": [], "s3": []}  # the S3 server runs on these same cores
         trials: dict[str, int] = {}
         for r in range(args.rounds):
             for kind in ("local", "s3") if r % 2 == 0 else ("s3", "local"):
                 name = f"bench-{kind}-{r}"
                 where = f"s3://{s3.bucket}/bench" if kind == "s3" else str(Path(tmp) / "runs")
-                started = time.perf_counter()
+                started, served = time.perf_counter(), cpu_seconds(s3.proc.pid)
                 result = run_search(spec, where, f"sqlite:///{tmp}/mlflow.db", name=name, verbose=False)
                 walls[kind].append(time.perf_counter() - started)
+                server_cpu[kind].append(cpu_seconds(s3.proc.pid) - served)
                 trained = sum(v for k, v in result.counts.items() if k in ("complete", "pruned", "failed"))
                 if result.confirmation is not None:  # its trials: every configuration on every seed
                     trained += len(result.confirmation.candidates) * len(result.confirmation.seeds)
                 trials[name] = trained
-                print(f"{name}: {walls[kind][-1]:.1f} s, {trials[name]} trials trained", flush=True)
+                print(
+                    f"{name}: {walls[kind][-1]:.1f} s, {trials[name]} trials trained, the S3 server used "
+                    f"{server_cpu[kind][-1]:.1f} CPU s",
+                    flush=True,
+                )
         ray.shutdown()
         ratio = statistics.median(s / loc for s, loc in zip(walls["s3"], walls["local"], strict=True))
         print(f"\n{args.file} (digits demo as shipped{' with ' + ' '.join(args.set) if args.set else ''})")
         print(f"wall time: local {fmt(walls['local'])}, s3 {fmt(walls['s3'])}")
         print(f"s3 / local: {ratio:.3f} (median of {args.rounds} paired ratios; target <= 1.10)")
+        print(
+            f"the S3 server itself used {statistics.median(server_cpu['s3']):.1f} CPU s per s3 run, on the same "
+            f"{os.cpu_count()} cores as the trials (a cloud store's CPU is elsewhere)"
+        )
         stored, written, puts = bytes_per_run(s3, Path(tmp) / "moto.log")
         for name in sorted(stored):
             n = max(1, trials.get(name, 1))
             print(
                 f"{name}: {n} trials; stored {stored[name] / 1e6:.1f} MB ({stored[name] / n / 1e6:.2f} MB per trial), "
-                f"written <= {written[name] / 1e6:.1f} MB ({written[name] / n / 1e6:.2f} MB per trial) in {puts[name]} "
-                "PUT requests"
+                f"written about {written[name] / 1e6:.1f} MB ({written[name] / n / 1e6:.2f} MB per trial) in "
+                f"{puts[name]} PUT requests"
             )
 
 
 def bytes_per_run(s3: S3Server, log: Path) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
-    """Per run: bytes its objects hold now, an upper bound of bytes written (PUTs per key x the key's final size),
-    and its PUT requests, from moto's request log."""
+    """Per run: bytes its objects hold now, an estimate of the bytes written, and its PUT requests, from moto's
+    request log (which has no sizes): each PUT counted at the size of a kept object of the same file name in that
+    run (a deleted checkpoint's files have the sizes of the kept checkpoint's; Tune's snapshot files grow, so
+    counting them at their final size makes the estimate an upper bound)."""
     sizes: dict[str, int] = {}
     for page in s3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix="bench/"):
         sizes.update({item["Key"]: item["Size"] for item in page.get("Contents", [])})
@@ -89,14 +101,24 @@ def bytes_per_run(s3: S3Server, log: Path) -> tuple[dict[str, int], dict[str, in
     stored: dict[str, int] = collections.defaultdict(int)
     written: dict[str, int] = collections.defaultdict(int)
     puts: dict[str, int] = collections.defaultdict(int)
+    size_of: dict[tuple[str, str], int] = {}  # (run, file name) -> largest kept object of that name
     for key, size in sizes.items():
         run = key.split("/")[1]
-        if not run:  # the prefix's own folder marker
-            continue
-        stored[run] += size
-        written[run] += size * max(1, put_counts.get(key, 1))
-        puts[run] += put_counts.get(key, 0)
+        if run:  # not the prefix's own folder marker
+            stored[run] += size
+            size_of[run, key.rsplit("/", 1)[-1]] = max(size, size_of.get((run, key.rsplit("/", 1)[-1]), 0))
+    for key, count in put_counts.items():
+        run = key.split("/")[1]
+        if run:
+            written[run] += count * size_of.get((run, key.rsplit("/", 1)[-1]), 0)
+            puts[run] += count
     return stored, written, puts
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def urllib_unquote(text: str) -> str:

@@ -38,7 +38,7 @@ def run_search(
     """
     strategy = STRATEGIES[spec.search.strategy]
     run_dir, store = new_run_dir(spec, storage_path, name)
-    with quiet_console(run_dir, library_output):
+    with quiet_console(run_dir, library_output), storage.tune_settings(store):
         state = start_search(spec, run_dir, tracking_uri, store)
         init_ray(address)
         return _located(strategy.run(spec, run_dir, state, trainable, verbose), run_dir, state)
@@ -57,7 +57,7 @@ def resume_search(
     strategy = STRATEGIES[spec.search.strategy]
     strategy.check_resume(spec, run_dir, state)
     reopen_parent_run(state["tracking_uri"], state["parent_run_id"])
-    with quiet_console(run_dir, library_output):
+    with quiet_console(run_dir, library_output), storage.tune_settings(state.get("storage")):
         init_ray(address)
         return _located(strategy.resume(spec, run_dir, state, trainable, verbose), run_dir, state)
 

@@ -29,7 +29,7 @@ class S3Server:
     def __init__(
         self, bucket: str = "pathsearch", host: str = "127.0.0.1", port: int | None = None, log: Path | None = None
     ) -> None:
-        self.bucket, self.host, self.port = bucket, host, port or free_port()
+        self.bucket, self.host, self.port = bucket, host, free_port() if port is None else port
         self.log = log  # the server's request log (one line per request), when given
         self.endpoint = f"http://{host}:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -102,3 +102,24 @@ class S3Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+def main() -> None:
+    """`python tests/s3server.py serve PORT`: runs the server (e.g. inside a network namespace) and prints its
+    environment as one JSON line once it takes requests; stops on SIGTERM. `python tests/s3server.py keys PREFIX`
+    prints the keys under PREFIX as JSON, with the store's environment already set."""
+    if sys.argv[1] == "serve":
+        with S3Server(port=int(sys.argv[2])) as server:
+            print(json.dumps(server.env), flush=True)
+            stop = {signal.SIGTERM, signal.SIGINT}
+            signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # now, not before: the server must not inherit the mask
+            signal.sigwait(stop)  # then the `with` stops the server
+    else:
+        server = S3Server(port=0)
+        server.endpoint, server.key, server.secret = (os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                                                             "AWS_SECRET_ACCESS_KEY"))  # fmt: skip
+        print(json.dumps(server.keys(sys.argv[2])))
+
+
+if __name__ == "__main__":
+    main()

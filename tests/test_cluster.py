@@ -125,27 +125,41 @@ def cluster():
     token.chmod(0o600)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["RAY_AUTH_TOKEN_PATH"] = str(token)
+    env["PATHSEARCH_WORK_DIR"] = str(folder / "work")  # the drivers' working copies of runs kept in S3
     subprocess.run(["ip", "netns", "add", name], check=True)
     subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
     ns = Namespace(name, env)
+    s3 = None
     try:
-        ns.run([str(ROOT / "cluster/local.sh"), "up", "--dir", str(folder), "--workers", "2"], timeout=240, check=True)
+        if shutil.which("moto_server", path=str(Path(PY).parent)):  # an S3 server in the namespace (dev extra)
+            s3 = ns.popen([PY, str(ROOT / "tests/s3server.py"), "serve", "5002"])
+            line = s3.stdout.readline()
+            assert line.startswith("{"), line + s3.stdout.read()[-3000:]
+            env.update(json.loads(line))  # every node and the MLflow server get the store's endpoint and key
+        up = [str(ROOT / "cluster/local.sh"), "up", "--dir", str(folder), "--workers", "2"]
+        up += ["--artifacts-destination", "s3://pathsearch/mlflow"] if s3 else []  # MLflow's artifacts in S3 too
+        ns.run(up, timeout=240, check=True)
         state = json.loads((folder / "cluster.json").read_text())
         yield ns, state
     finally:
         down = ns.run([str(ROOT / "cluster/local.sh"), "down", "--dir", str(folder)], timeout=120)
+        if s3 is not None:
+            s3.terminate()
+            s3.wait(timeout=30)
         subprocess.run(["ip", "netns", "delete", name])
         shutil.rmtree(folder, ignore_errors=True)
         assert down.returncode == 0, down.stderr
 
 
-def submit(ns: Namespace, state: dict, experiment: str, *extra: str, uri: str | None = None, background=False):
+def submit(
+    ns: Namespace, state: dict, experiment: str, *extra: str, uri: str | None = None, background=False, store=None
+):
     """`pathsearch submit --wait` of the small search; in the background (skipping the preflight job, which the
     foreground submissions run), the test watches it meanwhile."""
     args = [PY, "-m", "pathsearch.cli", "submit", str(ROOT / "search_spaces/digits_tiny.yaml"), "--wait"]
     args += ["--no-check"] if background else []
     args += ["--address", state["dashboard"], "--tracking-uri", uri or state["tracking_uri"]]
-    args += ["--storage-path", state["storage_path"], "--name", experiment, *SMALL]
+    args += ["--storage-path", store or state["storage_path"], "--name", experiment, *SMALL]
     args += ["--set", f"tracking.experiment={experiment}", *extra]
     return ns.popen(args) if background else ns.run(args, timeout=600)
 
@@ -305,6 +319,61 @@ def test_stopped_search_closes_its_runs_and_resumes_on_the_cluster(cluster):
         # logged but its checkpoint is not the one resumed from (seen once in CI here: flaky if asserted exact)
         steps = run["val_acc_steps"]
         assert sorted(set(steps)) == list(range(1, 13)) and len(steps) - len(set(steps)) <= 1, run
+
+
+needs_s3 = pytest.mark.skipif(
+    shutil.which("moto_server", path=str(Path(PY).parent)) is None, reason="needs moto[server] (the dev extra)"
+)
+
+
+@needs_netns
+@needs_s3
+def test_search_kept_in_s3_survives_its_killed_driver_and_resumes_from_the_bucket(cluster):
+    """No shared disk: trials, checkpoints, the journal and pathsearch's files in S3 (moto's server in the
+    namespace), MLflow's artifacts there too. kill -9 of the job's driver, its working copy deleted, then
+    `submit --resume s3://...`: one FINISHED run per trial, every epoch logged; `export --with-weights` reads the
+    weights back from MLflow's artifacts in the bucket."""
+    from safetensors.torch import load_file
+
+    from pathsearch.model import create_path_vit
+
+    ns, state = cluster
+    experiment, store = "s3search", "s3://pathsearch/cluster"
+    missing = submit(ns, state, "nobucket", store="s3://no-such-bucket/runs")  # the preflight asks the store first
+    assert missing.returncode == 2 and "the bucket 'no-such-bucket' does not exist" in missing.stderr, missing.stderr
+    extra = ["--set", "train.epochs=12", "--set", "data.train_size=600", "--set", "search.num_samples=2"]
+    job = submit(ns, state, experiment, *extra, background=True, store=store)
+    wait_for_running_trials(ns, state["tracking_uri"], experiment, job, count=1, steps=2)
+    drivers = subprocess.run(["pgrep", "-f", f"pathsearch.cli search search.yaml .*--name {experiment}"],
+                             capture_output=True, text=True).stdout.split()  # fmt: skip
+    assert len(drivers) == 1, drivers
+    os.kill(int(drivers[0]), 9)
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == 1, output[-3000:]  # --wait exits 1 for a failed job
+    work = Path(state["dir"]) / "work" / experiment
+    assert (work / "pathsearch_state.json").is_file()
+    shutil.rmtree(work)  # the head's copy is gone, as with a replaced head node: only the bucket holds the run
+    keys = json.loads(ns.run([PY, str(ROOT / "tests/s3server.py"), "keys", f"cluster/{experiment}/"]).stdout)
+    assert {f"cluster/{experiment}/{f}" for f in ("optuna_journal.log", "pathsearch_state.json", "tuner.pkl")} <= set(
+        keys
+    ) and any("/checkpoint_" in k for k in keys), keys
+    resume = [PY, "-m", "pathsearch.cli", "submit", "--resume", f"{store}/{experiment}", "--address"]
+    proc = ns.run([*resume, state["dashboard"], "--wait"], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    runs = ns.runs(state["tracking_uri"], experiment)
+    children = [r for r in runs if r["parent"] and r["role"] is None]
+    finished = [r for r in children if r["status"] == "FINISHED"]
+    assert len(finished) == 2 and len({r["trial_id"] for r in children}) == len(children)
+    assert all(r["state"] == "LOST" for r in children if r["status"] != "FINISHED")  # never in a snapshot
+    for run in finished:  # every epoch logged across the kill (the ones after the last snapshot, again)
+        assert sorted(set(run["val_acc_steps"])) == list(range(1, 13)), run
+    out = Path(state["dir"]) / "s3best.yaml"
+    export = [PY, "-m", "pathsearch.cli", "export", "--experiment", experiment, "--out", str(out), "--with-weights"]
+    ns.run([*export, "--tracking-uri", state["tracking_uri"]], check=True)
+    mlflow_keys = json.loads(ns.run([PY, str(ROOT / "tests/s3server.py"), "keys", "mlflow/"]).stdout)
+    assert any(k.endswith("/model_0.safetensors") for k in mlflow_keys)  # the server keeps artifacts in S3
+    model = create_path_vit(path_config=PathConfig.load(out))
+    model.load_state_dict(load_file(str(out.with_suffix(".safetensors"))))
 
 
 @needs_netns

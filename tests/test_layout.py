@@ -18,11 +18,14 @@ ORCHESTRATION = {"ray", "optuna", "mlflow"}
 TENSOR_MODULES = {
     f"pathsearch.{m}" for m in ("model", "scoring", "analysis", "data", "train", "supernet", "proxy", "demo")
 }
+MODULES = {f"pathsearch.{p.stem}" for p in PACKAGE.glob("*.py")}
 # module -> top-level packages it must never import at module level
 FORBIDDEN = {
     "config": HEAVY_TENSOR | ORCHESTRATION | {"numpy"},
     "typed": HEAVY_TENSOR | ORCHESTRATION | {"numpy"},
     "rundirs": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pathsearch"},
+    # object stores through pyarrow, imported inside the functions that open one
+    "storage": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pathsearch", "pyarrow"},
     "paths": HEAVY_TENSOR | ORCHESTRATION,
     "space": HEAVY_TENSOR | ORCHESTRATION,
     "model": ORCHESTRATION,
@@ -40,7 +43,7 @@ FORBIDDEN = {
     "analysis": ORCHESTRATION,
     "proxy": ORCHESTRATION,
     # orchestration: torch and the tensor modules only inside the functions that Ray runs
-    "results": HEAVY_TENSOR | {"ray", "mlflow", "pathsearch"},
+    "results": HEAVY_TENSOR | {"ray", "mlflow"} | (MODULES - {"pathsearch.storage"}),  # where a checkpoint lives
     "verdict": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch"},
     "searcher": HEAVY_TENSOR | TENSOR_MODULES,
     "runner": HEAVY_TENSOR | TENSOR_MODULES,

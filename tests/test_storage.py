@@ -95,7 +95,8 @@ def test_killed_search_resumes_from_the_bucket_alone(tmp_path, s3):
     assert any(n.startswith("experiment_state-") for n in names)
     checkpoints = {k.rsplit("/", 2)[-2] for k in keys if "/checkpoint_" in k}
     assert checkpoints and all(k.rsplit("/", 1)[-1] != "toy.pkl" for k in keys)
-    # nothing of the run is left on this machine: the working copy and Ray's temp dir (sessions, spilled state)
+    # nothing of the run is left on this machine: the working copy and Ray's temp dir (sessions, Tune's staging)
+    assert list(Path(ray_tmp).glob("ray/session_*")), "the driver's Ray did not use RAY_TMPDIR"
     shutil.rmtree(work)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     env["RAY_TMPDIR"] = short_temp()
@@ -159,10 +160,12 @@ def mlflow_on_s3(tmp_path, s3):
 
 
 def test_real_search_in_the_bucket_and_export_with_weights_from_mlflow_artifacts_there(tmp_path, s3, mlflow_on_s3):
+    import optuna
     from safetensors.torch import load_file
 
     from pathsearch.model import create_path_vit
     from pathsearch.paths import PathConfig
+    from pathsearch.searcher import study_journal
 
     env = {**os.environ, **s3.env, "PATHSEARCH_WORK_DIR": str(tmp_path / "work")}
     env.pop("RAY_ADDRESS", None)
@@ -173,6 +176,12 @@ def test_real_search_in_the_bucket_and_export_with_weights_from_mlflow_artifacts
     assert done.returncode == 0, done.stderr[-3000:]
     assert "s3://pathsearch/real/real" in done.stdout  # the summary says where the run lives
     keys = s3.keys("real/real/")
+    names = {k.rsplit("/", 1)[-1] for k in keys}
+    assert {"optuna_journal.log", "optuna_trials.json", "pathsearch_state.json", "tuner.pkl"} <= names, names
+    assert any(n.startswith("experiment_state-") for n in names)
+    (tmp_path / "journal.log").write_bytes(s3.read("real/real/optuna_journal.log"))  # the study, from the bucket
+    study = optuna.load_study(study_name="real", storage=study_journal(tmp_path / "journal.log"))
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     assert any(k.endswith("/model_0.safetensors") and "/checkpoint_" in k for k in keys)
     assert not any(k.endswith((".pt", ".pth")) or ("/checkpoint_" in k and k.endswith(".pkl")) for k in keys)
     assert any(k.startswith("mlflow/") and k.endswith("model_0.safetensors") for k in s3.keys("mlflow/"))
