@@ -149,7 +149,7 @@ def check_reachable_by_form(tracking_uri: str, storage_path: str, nodes: Sequenc
             )
     else:  # an object store: its scheme must open, and no credentials may travel in the URI (each node has its own)
         try:
-            storage.filesystem(storage_path)
+            storage.check_form(storage_path)
         except ValueError as err:
             problems.append(str(err))
     return problems
@@ -330,7 +330,7 @@ def submit_resume(run_dir: str, address: str | None, name: str | None = None) ->
     remote = storage.is_remote(run_dir)
     if remote:
         run_dir = run_dir.rstrip("/")
-        storage.filesystem(run_dir, "--resume")  # a scheme pyarrow opens, no credentials in it
+        storage.check_form(run_dir, "--resume")  # a scheme pyarrow opens, no credentials in it
     elif not Path(run_dir).is_absolute():
         raise ValueError(f"--resume {run_dir}: give the run directory's absolute path on the shared storage")
     run_name = storage.name_of(run_dir) if remote else Path(run_dir).name

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 SECRET_KEYS = ("access_key", "secret_key", "session_token")  # pyarrow reads these from an s3:// query string
+SCHEMES = {"s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss"}  # pyarrow.fs.FileSystem.from_uri's object stores
 CHECK_TIMEOUT_S = 30.0  # how long the preflight waits for the store; env PATHSEARCH_STORAGE_TIMEOUT_S
 T = TypeVar("T")
 
@@ -56,11 +57,9 @@ def parent_of(uri: str) -> str:
     return urllib.parse.urlunsplit((split.scheme, split.netloc, path, split.query, ""))
 
 
-def filesystem(uri: str, flag: str = "--storage-path") -> tuple[Any, str]:
-    """(pyarrow filesystem, path in it) for a store URI; ValueError naming the URI when pyarrow cannot open it or
-    it carries credentials."""
-    import pyarrow.fs
-
+def check_form(uri: str, flag: str = "--storage-path") -> None:
+    """What can be told from a store URI alone, without contacting the store (pyarrow asks S3 for a bucket's
+    region when it opens an s3:// URI without one): a scheme pyarrow's filesystems open, no credentials in it."""
     split = urllib.parse.urlsplit(uri)
     query = urllib.parse.parse_qs(split.query)
     if split.username or split.password or any(k in query for k in SECRET_KEYS):
@@ -68,6 +67,18 @@ def filesystem(uri: str, flag: str = "--storage-path") -> tuple[Any, str]:
             f"{flag} {_redact(uri)}: credentials in the URI end up in logs and MLflow; set them in the store's "
             "environment variables instead (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3://)"
         )
+    if split.scheme.lower() not in SCHEMES:
+        known = ", ".join(f"{s}://" for s in sorted(SCHEMES))
+        raise ValueError(f"{flag} {uri}: pyarrow cannot open {split.scheme}:// URIs (it opens {known} and folders)")
+
+
+def filesystem(uri: str, flag: str = "--storage-path") -> tuple[Any, str]:
+    """(pyarrow filesystem, path in it) for a store URI; ValueError naming the URI when pyarrow cannot open it or
+    it carries credentials."""
+    import pyarrow.fs
+
+    check_form(uri, flag)
+    split = urllib.parse.urlsplit(uri)
     try:
         return pyarrow.fs.FileSystem.from_uri(uri)
     except Exception as err:  # pyarrow's ArrowInvalid / OSError: an unknown scheme, a filesystem it cannot load
