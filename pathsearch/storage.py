@@ -62,7 +62,8 @@ def check_form(uri: str, flag: str = "--storage-path") -> None:
     region when it opens an s3:// URI without one): a scheme pyarrow's filesystems open, no credentials in it."""
     split = urllib.parse.urlsplit(uri)
     query = urllib.parse.parse_qs(split.query)
-    if split.username or split.password or any(k in query for k in SECRET_KEYS):
+    # "@" after the scheme: user:secret@bucket (a secret with "/" in it hides the "@" from urlsplit's netloc)
+    if "@" in uri.partition("://")[2].partition("?")[0] or any(k in query for k in SECRET_KEYS):
         raise ValueError(
             f"{flag} {_redact(uri)}: credentials in the URI end up in logs and MLflow; set them in the store's "
             "environment variables instead (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3://)"
@@ -298,6 +299,6 @@ def _endpoint() -> str:
 
 
 def _redact(uri: str) -> str:
-    split = urllib.parse.urlsplit(uri)
-    netloc = split.hostname or ""
-    return urllib.parse.urlunsplit((split.scheme, netloc, split.path, "", ""))
+    """The URI without anything before its last "@" (credentials) and without its query."""
+    scheme, _, rest = uri.partition("://")
+    return f"{scheme}://{rest.partition('?')[0].rpartition('@')[2]}"

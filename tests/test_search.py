@@ -351,7 +351,9 @@ def test_max_params_cap_counts_the_model_before_training(tmp_path, local_ray):
     "before it) tune.Tuner() fails to pickle its state ('cannot pickle _thread.lock'); some earlier test leaves a lock "
     "that this multi-objective NSGA-II search's Tuner state picks up",
 )
-def test_multi_objective_search_keeps_and_exports_the_pareto_front(tmp_path, local_ray):
+def test_multi_objective_search_keeps_and_exports_the_pareto_front(tmp_path, local_ray, monkeypatch):
+    from ray import tune
+
     from pathsearch.export import export_pareto
 
     spec = toy_spec(
@@ -361,7 +363,20 @@ def test_multi_objective_search_keeps_and_exports_the_pareto_front(tmp_path, loc
     )
     spec.search.enqueue = [{"prune.shortest": k} for k in (1, 2, 3, 4)]  # with the baseline: every k, once
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = run_search(spec, tmp_path / "runs", uri, name="pareto", verbose=False, trainable=noisy_toy_trial)
+    captured: dict = {}  # what the search hands tune.Tuner: on the pickling failure, name the object that fails
+    real_tuner = tune.Tuner
+
+    def capture(*args, **kwargs):
+        captured.update(kwargs)
+        return real_tuner(*args, **kwargs)
+
+    monkeypatch.setattr(tune, "Tuner", capture)
+    try:
+        result = run_search(spec, tmp_path / "runs", uri, name="pareto", verbose=False, trainable=noisy_toy_trial)
+    except TypeError as err:
+        if "pickle" not in str(err):
+            raise
+        pytest.xfail(f"{err}: the first object that does not pickle is {unpicklable(captured, 'Tuner kwargs')}")
     # The noisy toy's own scores (true optimum k = 2, then seed noise) give the front: walking from the fewest kept
     # paths (k = 4) up, a configuration is on it when its val_acc beats every configuration that keeps fewer paths.
     noisy, names = toy_search.NOISY, path_names(2)
@@ -382,6 +397,29 @@ def test_multi_objective_search_keeps_and_exports_the_pareto_front(tmp_path, loc
     exported = export_pareto("toy", tmp_path / "front.yaml", ["val_acc", "kept_paths"], ["max", "min"], uri)
     assert [len(PathConfig.load(e.files["path_config"]).pruned) for e in exported] == expected
     assert [e.metrics for e in exported] == [{"val_acc": pytest.approx(val[k]), "kept_paths": 5 - k} for k in expected]
+
+
+def unpicklable(obj, path: str, depth: int = 0) -> str | None:
+    """The path of the first object inside `obj` that ray.cloudpickle cannot pickle (None when `obj` pickles)."""
+    from ray import cloudpickle
+
+    try:
+        cloudpickle.dumps(obj)
+        return None
+    except Exception:
+        pass
+    if isinstance(obj, dict):
+        children = [(f"{path}[{k!r}]", v) for k, v in obj.items()]
+    elif isinstance(obj, list | tuple | set):
+        children = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+    else:
+        state = obj.__getstate__() if depth < 15 else None  # what pickle takes (a custom __getstate__ included)
+        children = [(f"{path}.{k}", v) for k, v in state.items()] if isinstance(state, dict) else []
+    for child_path, child in children:
+        found = unpicklable(child, child_path, depth + 1)
+        if found is not None:
+            return found
+    return f"{path} ({type(obj).__module__}.{type(obj).__qualname__})"
 
 
 def test_ctrl_c_interrupts_cleanly_and_resume_finishes(tmp_path):

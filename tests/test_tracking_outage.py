@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from ray import tune
 
 from pathsearch.paths import PathConfig
 from pathsearch.tracking import PENDING_FILE, MlflowTrialLogger, fail_fast, send_pending
@@ -145,7 +146,7 @@ def fake_trial(trial_id: str, checkpoint: Path, epochs: int) -> SimpleNamespace:
         trial_id=trial_id,
         config={"optuna_trial": 0, "overrides": {"model.pruned": ["mlp.1"]}},
         last_result={"epoch": epochs},
-        checkpoint=SimpleNamespace(path=str(checkpoint)),
+        checkpoint=tune.Checkpoint.from_directory(str(checkpoint)),  # Tune's own, on the local filesystem
     )
 
 
