@@ -247,7 +247,7 @@ def start_search(spec: SearchFile, run_dir: Path, tracking_uri: str | None, stor
         if store:
             state["storage"] = store
         (run_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
-        storage.upload(run_dir, state)
+        storage.upload(run_dir, state, ["search.yaml", STATE_FILE])  # the state last: it marks a run folder
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
