@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -201,7 +202,7 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        return PicklableNSGAIISampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "gp":
@@ -209,6 +210,21 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     if name == "qmc":
         return optuna.samplers.QMCSampler(seed=seed)
     raise ValueError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
+
+
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """NSGA-II that pickles: Optuna 5.1's genetic samplers hold a threading.Lock (`_thread_lock`) and define no
+    __getstate__, and Tune pickles the searcher with its sampler (when the Tuner is made, and at every experiment
+    snapshot). The lock is left out and made anew."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
 
 
 def baseline_point(space: SearchSpace, base: Mapping[str, Any]) -> dict[str, Any]:
