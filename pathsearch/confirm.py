@@ -283,6 +283,7 @@ def restore_confirm_tuner(
     retry_until(uri, "reopening the confirmation runs", reopen)
     folder = storage.join(storage.run_uri(run_dir, state), CONFIRM_DIR)
     if tune.Tuner.can_restore(folder):
+        storage.recover_checkpoints(folder)
         # the param space again: Tune's snapshot of a sample_from does not resolve after a restore
         trainable = runnable(spec, trainable)
         return tune.Tuner.restore(folder, trainable=trainable, resume_errored=True, param_space=param_space(plan))

@@ -54,6 +54,7 @@ def resume(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: An
         result = SearchResult(run_dir, spec.tracking.experiment, state["parent_run_id"], None, None)
         return confirm_search(spec, run_dir, state, result, trainable, verbose)
     where = storage.run_uri(run_dir, state)
+    storage.recover_checkpoints(where)
     tuner = tune.Tuner.restore(where, trainable=runnable(spec, trainable), resume_errored=True)
     with restoring_into(run_dir):  # Tune restores the searcher in fit(): its study is this run's journal
         return _search_then_confirm(tuner, spec, run_dir, state, trainable, verbose)

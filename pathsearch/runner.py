@@ -63,9 +63,12 @@ def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     cpus = int(context.get_assigned_resources().get("CPU", 1)) or 1
     node_id = context.get_node_id()  # MLflow tags the run with it: which node trained (and retrained) a trial
 
+    reports: list[Any] = []
+
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report({**metrics, "node_id": node_id}, checkpoint=checkpoint)
+        reports.append(metrics.get("epoch"))
 
     work_dir = Path(os.getcwd()) / "checkpoints"
     checkpoint = tune.get_checkpoint()
@@ -73,7 +76,11 @@ def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
         fit(cfg, report, work_dir=work_dir, cpus=cpus)
     else:
         with checkpoint.as_directory() as folder:
-            fit(cfg, report, checkpoint_dir=folder, work_dir=work_dir, cpus=cpus)
+            result = fit(cfg, report, checkpoint_dir=folder, work_dir=work_dir, cpus=cpus)
+            if not reports and result.metrics:  # restored at its last epoch: Tune hears the final result again
+                # (its snapshot may be older than the checkpoint, see storage.recover_checkpoints; MLflow does
+                # not log an epoch its run already holds)
+                report(result.metrics, folder)
 
 
 def runnable(spec: SearchFile, trainable: Any) -> Any:
@@ -193,6 +200,7 @@ def run_config(spec: SearchFile, name: str, storage_path: str, callbacks: list[A
         storage_path=str(storage_path),
         callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+        # (a snapshot stored before Tune deleted the checkpoint it names is repaired on resume: recover_checkpoints)
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=0,
     )

@@ -131,8 +131,21 @@ class PathOptunaSearch(OptunaSearch):
             self._param_cache[key] = model_params(name, kwargs)
         return self._param_cache[key]
 
+    def _told(self, trial_id: str) -> bool:
+        """True when the study already holds this trial's end: Tune restored it from a snapshot older than the study
+        (the journal is written at once, the snapshot later), and it reports or ends again."""
+        ot_trial = self._ot_trials.get(trial_id)
+        return ot_trial is not None and self.study().get_trials(deepcopy=False)[ot_trial.number].state.is_finished()
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if not self._told(trial_id):
+            super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        if self._told(trial_id):
+            self._completed_trials.add(trial_id)
             return
         ot_trial = self._ot_trials[trial_id]
         if result is not None and isinstance(self.metric, str):

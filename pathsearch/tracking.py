@@ -203,6 +203,7 @@ class MlflowTrialLogger(Callback):
         self.run_dir = str(run_dir) if run_dir is not None else None  # where a flush that times out saves the queue
         self._pending: list[Op] = []  # oldest first; kept in the pickled state
         self._runs: dict[str, str] = {}  # trial id -> run id, of the runs this process has open
+        self._logged: dict[str, int] = {}  # trial id -> last epoch its reopened run already holds
         self._nodes: dict[str, str] = {}  # trial id -> the node it last reported from (tagged when it changes)
         self._client: MlflowClient | None = None
         self._next_try = 0.0  # monotonic time before which the queue is not sent again (set while down)
@@ -374,15 +375,21 @@ class MlflowTrialLogger(Callback):
                 run_id = self._find_run(trial_id)
                 if run_id is not None:  # a restored trial (or a create whose answer was lost): reopen it
                     client.update_run(run_id, status="RUNNING")
+                    # a trial restored from a snapshot older than its run retrains (or reports again) epochs the
+                    # run already holds: those are not logged twice
+                    logged = client.get_run(run_id).data.metrics.get("epoch")
+                    if logged is not None:
+                        self._logged[trial_id] = int(logged)
                 else:
                     run = client.create_run(self.experiment_id, run_name=f"trial {trial_id}", tags=op["tags"])
                     run_id = run.info.run_id
                 self._runs[trial_id] = run_id
             client.log_batch(run_id, params=[Param(k, v) for k, v in op["params"]])  # same values: a no-op
         elif op["op"] == "metrics":
-            metrics = [Metric(k, v, t, s) for k, v, t, s in op["metrics"]]
+            metrics = [Metric(k, v, t, s) for k, v, t, s in op["metrics"] if s > self._logged.get(trial_id, 0)]
             tags = [RunTag(k, v) for k, v in op.get("tags", [])]
-            client.log_batch(self._run_id(trial_id), metrics=metrics, tags=tags)
+            if metrics or tags:
+                client.log_batch(self._run_id(trial_id), metrics=metrics, tags=tags)
         elif op["op"] == "tags":
             client.log_batch(self._run_id(trial_id), tags=[RunTag(k, v) for k, v in op["tags"]])
         elif op["op"] == "artifacts":
@@ -425,7 +432,7 @@ class MlflowTrialLogger(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_runs"] = {}  # looked up again by tag after a restore
+        state["_runs"], state["_logged"] = {}, {}  # looked up again by tag after a restore
         state["_client"] = None
         state["_next_try"], state["_down_since"] = 0.0, None
         return state
@@ -433,6 +440,7 @@ class MlflowTrialLogger(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a logger pickled before the queue existed (a search started with an older pathsearch) still restores
         defaults: dict[str, Any] = {"run_dir": None, "_pending": [], "_nodes": {}, "_next_try": 0.0, "groups": {}}
+        defaults["_logged"] = {}
         defaults["_down_since"] = None
         self.__dict__.update({**defaults, **state})
 

@@ -88,17 +88,19 @@ def make_verdict(
         return f"no verdict: only {paired} of {planned} seeds finished for every configuration"
     if paired < 2:
         return f"no verdict: {paired} of {planned} paired seeds finished for every configuration (2 are needed)"
+    # seeds a configuration did not finish (a trial that failed for good) leave the verdict on fewer: said in it
+    short = f"; {planned - paired} of {planned} planned seeds did not finish" if paired < planned else ""
     if not math.isfinite(diff["ci_low"]):  # the same difference on every seed: no spread to measure noise by
         same = (
             f"{_pts(diff['mean'])} points test accuracy on each of {diff['n']} paired seeds (no spread, so no t "
-            f"interval; sign test p = {diff['p_value']:.2g})"
+            f"interval; sign test p = {diff['p_value']:.2g}{short})"
         )
         if winner != BASELINE and diff["mean"] > 0 and diff["p_value"] < 1 - CONFIDENCE:
             return f"{diff['description']}: {same} over the baseline"
         return f"no configuration beats the baseline beyond seed noise (best, {diff['description']}: {same})"
     points = (
         f"{_pts(diff['mean'])} points test accuracy (95% CI {_pts(diff['ci_low'])} to {_pts(diff['ci_high'])}, "
-        f"better on {diff['wins']} of {diff['n']} paired seeds)"
+        f"better on {diff['wins']} of {diff['n']} paired seeds{short})"
     )
     if winner == BASELINE:
         return (

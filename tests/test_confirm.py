@@ -233,8 +233,15 @@ def test_driver_stopped_during_confirmation_then_resumed_keeps_one_finished_run_
         if run.info.status == "FINISHED":
             key = (run.data.tags["pathsearch.candidate"], run.data.tags["pathsearch.seed"])
             finished[key] = finished.get(key, 0) + 1
-    assert sorted(finished) == sorted((c, s) for c in ("baseline", "top 1") for s in ("2", "3", "4", "5"))
-    assert set(finished.values()) == {1}
+    runs = sorted(
+        (r.data.tags.get("pathsearch.candidate"), r.data.tags.get("pathsearch.seed"), r.info.status,
+         r.data.tags.get("pathsearch.state")) for r in seed_runs
+    )  # fmt: skip
+    expected = sorted((c, s) for c in ("baseline", "top 1") for s in ("2", "3", "4", "5"))
+    assert sorted(finished) == expected, f"{runs}\n{resume.stdout[-3000:]}"
+    assert set(finished.values()) == {1}, runs
+    # the verdict rests on every planned seed (a trial that failed after the resume would have left it 3 of 4)
+    assert yaml.safe_load((plan.parent / "confirmation.yaml").read_text())["seeds"] == [2, 3, 4, 5]
     configs = [c for c in children if c.data.tags.get("pathsearch.role") == "confirmation"]
     assert len(configs) == 2 and all(c.info.status == "FINISHED" for c in configs)
 
@@ -349,3 +356,6 @@ def test_the_winner_is_chosen_on_val_and_judged_on_test():
                {"baseline": [0.80, 0.82, 0.50], "top 1": [0.83, 0.84, None]}, [1, 2, 3])  # fmt: skip
     assert c.seeds == [1, 2] and c.difference["n"] == 2
     assert c.candidate("baseline")["test_acc_mean"] == pytest.approx(0.81)  # seed 3 (0.50) is not counted
+    assert "1 of 3 planned seeds did not finish" in c.verdict  # the verdict says it rests on fewer seeds
+    assert "did not finish" not in _table({"baseline": [0.8, 0.81], "top 1": [0.85, 0.86]},
+                                          {"baseline": [0.8, 0.82], "top 1": [0.83, 0.84]}, [1, 2]).verdict  # fmt: skip

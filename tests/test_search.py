@@ -320,6 +320,48 @@ def test_driver_killed_then_resumed_keeps_one_run_per_trial(tmp_path):
     assert set(starts) == set(trial_ids)  # the others were started (or restored) after the kill
 
 
+def test_resume_recovers_a_checkpoint_tune_deleted_before_its_snapshot_was_stored(tmp_path, local_ray):
+    """Tune deletes a trial's older checkpoint as soon as it registers a newer one, before the snapshot that names
+    the newer one is stored: a driver killed in between left a snapshot naming a deleted checkpoint, and the resumed
+    trial failed on every retry (a confirmation lost a seed that way). Made here by hand: each trial's named
+    checkpoint moved to the next index, as the newer one would be. `recover_checkpoints` puts it back, both trials
+    finish from where they were (one mid-trial, one at its last epoch), and MLflow holds each epoch once."""
+    from ray import tune
+
+    from pathsearch import storage
+    from pathsearch.tracking import SEARCH_TAG, MlflowTrialLogger
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    # first attempts fail: k = 1 after epoch 2 of 3, k = 2 after its last epoch
+    base = {"train": {"epochs": 3, "toy": {"marker_dir": str(markers), "fail_after": {"1": 2, "2": 3}}}}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("recover")
+    parent = client.create_run(experiment_id, tags={"pathsearch.kind": "search"}).info.run_id
+    trainable = tune.with_parameters(toy_search.toy_trial, base=base)
+    space = {"overrides": tune.grid_search([{"model.pruned": path_names(2)[:k]} for k in (1, 2)])}
+    logger = MlflowTrialLogger(uri, experiment_id, parent, 3)
+    keep_one = tune.CheckpointConfig(num_to_keep=1)  # as searches keep them
+    run_config = tune.RunConfig(name="exp", storage_path=str(tmp_path), callbacks=[logger], checkpoint_config=keep_one)
+    first = tune.Tuner(trainable, param_space=space, run_config=run_config).fit()
+    assert all(r.error is not None for r in first) and len(first) == 2
+    folder = str(tmp_path / "exp")
+    named = {t.trial_id: Path(t.checkpoint.path) for t in tune.ExperimentAnalysis(folder).trials}
+    for path in named.values():  # what the race leaves: the named checkpoint gone, the newer one beside it
+        path.rename(path.with_name(f"checkpoint_{int(path.name.split('_')[1]) + 1:06d}"))
+    assert sorted(storage.recover_checkpoints(folder)) == sorted(named)
+    assert all(path.is_dir() for path in named.values())
+    second = tune.Tuner.restore(folder, trainable=trainable, resume_errored=True).fit()
+    assert [r.error for r in second] == [None, None] and [r.metrics["epoch"] for r in second] == [3, 3]
+    starts = sorted(m.name.split(".")[1:3] for m in markers.iterdir() if not m.name.startswith("failed"))
+    assert starts == [["1", "0"], ["1", "2"], ["2", "0"], ["2", "3"]]  # (k, epoch each attempt started from)
+    runs = client.search_runs([experiment_id], f"tags.`{SEARCH_TAG}` = '{parent}'")
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    for run in runs:  # k = 2 reported its last epoch again: not logged twice
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3]
+
+
 def test_caps_reject_configurations_before_training(tmp_path, local_ray):
     # depth-2 digits ViT: 5 paths. Keep at most 3, so k < 2 shortest pruned is refused before any training.
     spec = toy_spec(tmp_path, {"model.pruned": {"by": "shortest", "low": 0, "high": 4}}, {"num_samples": 3})

@@ -49,9 +49,10 @@ def noisy_toy_trial(config: dict, base: dict) -> None:
 
 
 def toy_trial(config: dict, base: dict) -> None:
-    """Per-epoch metrics and a checkpoint with a real PathConfig YAML. Knobs (marker_dir, fail_k, sleep, means, sd,
-    shared_sd, per_config) come from base["train"]["toy"] (in-process tests) or the PATHSEARCH_TOY environment variable
-    (driver processes). Like `fit`, it reports test_acc/test_loss in the final report only when train.test is set."""
+    """Per-epoch metrics and a checkpoint with a real PathConfig YAML. Knobs (marker_dir, fail_k, fail_after: {k:
+    epoch} where the first attempt fails after reporting that epoch, sleep, means, sd, shared_sd, per_config) come
+    from base["train"]["toy"] (in-process tests) or the PATHSEARCH_TOY environment variable (driver processes).
+    Like `fit`, it reports test_acc/test_loss in the final report only when train.test is set."""
     toy = base["train"].get("toy") or json.loads(os.environ.get("PATHSEARCH_TOY", "{}"))
     overrides = config["overrides"]
     pruned = overrides.get("model.pruned", [])
@@ -70,7 +71,8 @@ def toy_trial(config: dict, base: dict) -> None:
     epochs = base["train"]["epochs"]
     noise = noise_seed(toy, seed, overrides)
     level = toy_score(toy, len(pruned), noise, "val")
-    for epoch in range(start + 1, epochs + 1):
+    # like train_trial: a trial restored at its last epoch reports that epoch again
+    for epoch in range(min(start + 1, epochs), epochs + 1):
         time.sleep(toy.get("sleep", 0.0))
         folder = Path(os.getcwd()) / "toy" / f"c{epoch}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -80,6 +82,10 @@ def toy_trial(config: dict, base: dict) -> None:
         if epoch == epochs and overrides.get("train.test"):
             metrics.update(test_acc=toy_score(toy, len(pruned), noise, "test"), test_loss=1.0)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+        failed = Path(toy.get("marker_dir") or ".") / f"failed.{len(pruned)}"
+        if epoch == toy.get("fail_after", {}).get(str(len(pruned))) and not failed.exists():
+            failed.write_text("")  # the first attempt only
+            raise RuntimeError(f"toy failure after epoch {epoch} for k={len(pruned)}")
 
 
 def main() -> None:
