@@ -203,7 +203,7 @@ class MlflowTrialLogger(Callback):
         self.run_dir = str(run_dir) if run_dir is not None else None  # where a flush that times out saves the queue
         self._pending: list[Op] = []  # oldest first; kept in the pickled state
         self._runs: dict[str, str] = {}  # trial id -> run id, of the runs this process has open
-        self._logged: dict[str, int] = {}  # trial id -> last epoch its reopened run already holds
+        self._logged: dict[str, int] = {}  # trial id -> the last epoch its run holds (logged, or found on reopening)
         self._nodes: dict[str, str] = {}  # trial id -> the node it last reported from (tagged when it changes)
         self._client: MlflowClient | None = None
         self._next_try = 0.0  # monotonic time before which the queue is not sent again (set while down)
@@ -390,6 +390,8 @@ class MlflowTrialLogger(Callback):
             tags = [RunTag(k, v) for k, v in op.get("tags", [])]
             if metrics or tags:
                 client.log_batch(self._run_id(trial_id), metrics=metrics, tags=tags)
+            if metrics:  # a retried trial restored at its last epoch reports it again: not logged twice
+                self._logged[trial_id] = max(m.step for m in metrics)
         elif op["op"] == "tags":
             client.log_batch(self._run_id(trial_id), tags=[RunTag(k, v) for k, v in op["tags"]])
         elif op["op"] == "artifacts":

@@ -362,6 +362,29 @@ def test_resume_recovers_a_checkpoint_tune_deleted_before_its_snapshot_was_store
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3]
 
 
+def test_a_trial_retried_after_its_last_epoch_logs_each_epoch_once(tmp_path, local_ray):
+    """A trial that fails after reporting its last epoch is retried from that checkpoint (search.max_failures) and
+    reports the epoch again (so that Tune hears its end): its run is FINISHED and holds each epoch once."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    spec = toy_spec(
+        tmp_path,
+        {"model.pruned": {"by": "shortest", "low": 0, "high": 1}},
+        {"num_samples": 2, "max_failures": 1},
+        train={"marker_dir": str(markers), "fail_after": {"1": 4}},  # k = 1: its first attempt fails after epoch 4
+    )
+    spec.search.enqueue = [{"prune.shortest": 1}]  # with the baseline (k = 0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_search(spec, tmp_path / "runs", uri, name="retry", verbose=False, trainable=toy_trial)
+    client, _, children = child_runs(uri)
+    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+    assert [c.data.tags.get("pathsearch.retries") for c in children].count("1") == 1  # k = 1 was retried
+    starts = sorted(m.name.split(".")[1:3] for m in markers.iterdir() if not m.name.startswith("failed"))
+    assert starts == [["0", "0"], ["1", "0"], ["1", "4"]]  # (k, epoch each attempt started from)
+    for run in children:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3, 4]
+
+
 def test_caps_reject_configurations_before_training(tmp_path, local_ray):
     # depth-2 digits ViT: 5 paths. Keep at most 3, so k < 2 shortest pruned is refused before any training.
     spec = toy_spec(tmp_path, {"model.pruned": {"by": "shortest", "low": 0, "high": 4}}, {"num_samples": 3})
