@@ -385,6 +385,27 @@ def test_a_trial_retried_after_its_last_epoch_logs_each_epoch_once(tmp_path, loc
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3, 4]
 
 
+def test_a_trial_the_study_already_ended_is_not_reported_again():
+    """Optuna's journal is written when a trial ends, Tune's snapshot later: after a resume Tune may run a trial again
+    (or hear its last epoch again) that the study already holds as COMPLETE. Reporting to it raised
+    UpdateFinishedTrialError and ended the resumed search; the study keeps its first result."""
+    from ray import tune
+
+    from pathsearch.searcher import PathOptunaSearch
+
+    searcher = PathOptunaSearch(
+        space={"overrides": {"train.lr": tune.uniform(1e-3, 1e-2)}},
+        metric="val_acc", mode="max", final_epoch=4, num_paths=5, max_kept_paths=None, num_samples=2,
+    )  # fmt: skip
+    assert "overrides" in searcher.suggest("t1")
+    searcher.study().tell(0, 0.9)  # what the journal holds after a resume
+    result = {"val_acc": 0.5, "training_iteration": 4, "epoch": 4}
+    searcher.on_trial_result("t1", result)
+    searcher.on_trial_complete("t1", result)
+    (trial,) = searcher.study().trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 0.9 and not trial.intermediate_values
+
+
 def test_caps_reject_configurations_before_training(tmp_path, local_ray):
     # depth-2 digits ViT: 5 paths. Keep at most 3, so k < 2 shortest pruned is refused before any training.
     spec = toy_spec(tmp_path, {"model.pruned": {"by": "shortest", "low": 0, "high": 4}}, {"num_samples": 3})
