@@ -194,8 +194,13 @@ class TrainConfig:
     seed: int = 0
     seeds: int = 1
     eval_every: int = 1  # epochs between evaluations (= reports and checkpoints); the last epoch always reports
-    amp: bool = True  # used on CUDA only
-    channels_last: bool = True  # used on CUDA only
+    amp: bool = True  # bf16 autocast, on CUDA only
+    # channels_last memory format, on CUDA only: only the patch embedding is a convolution, and converting costs a
+    # copy of every batch
+    channels_last: bool = False
+    # torch.compile the training step's forward and loss (one compile per seed, tens of seconds on a GPU: pays off
+    # for long trials of large models; benchmarks/gpu.py measures it)
+    compile: bool = False
     # torch threads; default: the CPUs Ray gave the trial, else $OMP_NUM_THREADS, else every core this process may use
     threads: int | None = None
     test: bool = False  # evaluate the test split after the last epoch (test_acc, test_loss in the final report only)
@@ -502,8 +507,8 @@ def _check_search(s: SearchConfig, source: str, problems: list[str]) -> None:
     need(s.time_budget_s is None or s.time_budget_s > 0, "time_budget_s", s.time_budget_s, "must be > 0")
     need(s.max_kept_paths is None or s.max_kept_paths >= 1, "max_kept_paths", s.max_kept_paths, "must be >= 1")
     need(s.max_params is None or s.max_params >= 1, "max_params", s.max_params, "must be >= 1")
-    need(all(v > 0 for v in s.resources_per_trial.values()), "resources_per_trial", s.resources_per_trial,
-         "needs positive amounts")  # fmt: skip
+    for name, amount in s.resources_per_trial.items():
+        problems.extend(resource_problems(name, amount, source))
     need(len(s.metrics) == 1 or s.scheduler == "none", "scheduler", s.scheduler,
          "ASHA needs a single metric; use scheduler: none with several")  # fmt: skip
     need(len(s.metrics) > 1 or s.sampler != "nsga2", "sampler", s.sampler, "nsga2 is for several metrics")
@@ -526,6 +531,22 @@ def _check_search(s: SearchConfig, source: str, problems: list[str]) -> None:
     need(c.first_seed is None or c.first_seed >= 0, "confirm.first_seed", c.first_seed, "must be >= 0")
     need(c.max_concurrent_trials is None or c.max_concurrent_trials >= 1, "confirm.max_concurrent_trials",
          c.max_concurrent_trials, "must be >= 1")  # fmt: skip
+
+
+def resource_problems(name: str, amount: Any, source: str) -> list[str]:
+    """What is wrong with one `search.resources_per_trial` entry: a non-number, a non-positive or infinite amount,
+    or a GPU amount that is neither a fraction of one GPU (0 < gpu <= 1: trials share it) nor a whole number."""
+    key = f"{source}: search.resources_per_trial.{name}"
+    if isinstance(amount, bool) or not isinstance(amount, int | float):
+        return [f"{key}: must be a number, got {amount!r}"]
+    if not (amount > 0 and math.isfinite(amount)):
+        return [f"{key}: must be a finite number > 0, got {amount!r}"]
+    if name == "gpu" and amount > 1 and amount != int(amount):
+        return [
+            f"{key}: must be a share of one GPU (0 < gpu <= 1, e.g. 0.25 packs 4 trials on a GPU) or a whole number "
+            f"of GPUs, got {amount!r}"
+        ]
+    return []
 
 
 def _check_test_split(trial: TrialConfig, search: SearchConfig, space: Any, source: str) -> list[str]:

@@ -11,13 +11,14 @@ Imports torch, torchvision, timm and numpy; never ray, optuna or mlflow.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from pathsearch.config import (
     CIFAR_VAL_SIZE,
@@ -71,6 +72,83 @@ class DataBundle:
 
 _CACHE: dict[tuple[Any, ...], DataBundle] = {}
 _warned_no_test = False  # the missing imagefolder test/ is said once per process, not once per trial
+
+
+class TensorBatches:
+    """Batches of an in-memory TensorDataset, cut on the tensors' own device: no per-image Python, no collation, no
+    host copy per batch (on a GPU the dataset is copied there once and every batch is an index_select).
+
+    Hand-written because torch's DataLoader fetches and collates image by image. It draws from its generator (and,
+    like the DataLoader, from torch's global RNG once per pass) exactly as `DataLoader(dataset, batch_size,
+    shuffle, generator=generator, drop_last=drop_last)` does, so the same seed gives the same batches in the same
+    order and a checkpointed generator resumes the same order.
+    """
+
+    def __init__(
+        self,
+        tensors: tuple[torch.Tensor, ...],
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        self.tensors = tensors
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = generator
+        self.drop_last = drop_last
+        self.num_items = len(tensors[0])
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_items // self.batch_size
+        return -(-self.num_items // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        # DataLoader's iterator draws a base seed for its workers from the generator (the global RNG without one)
+        # before its sampler draws the permutation: the same draws, in the same order, keep the same batches
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        device = self.tensors[0].device
+        order = torch.randperm(self.num_items, generator=self.generator) if self.shuffle else None
+        if order is not None:  # one host-to-device copy per pass, queued without waiting
+            order = order.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else order.to(device)
+        for k in range(len(self)):
+            start = k * self.batch_size
+            if order is None:
+                yield tuple(t[start : start + self.batch_size] for t in self.tensors)
+            else:
+                index = order[start : start + self.batch_size]
+                yield tuple(t.index_select(0, index) for t in self.tensors)
+        if order is not None:  # RandomSampler draws a second, empty, permutation when it is exhausted (its
+            torch.randperm(self.num_items, generator=self.generator)  # `num_samples % n` tail): so do we
+
+
+def make_loader(
+    dataset: Dataset[Any],
+    batch_size: int,
+    device: torch.device,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+    num_workers: int = 0,
+) -> TensorBatches | DataLoader[Any]:
+    """The loader of one split for a trial on `device`: an in-memory TensorDataset (digits, synthetic, mnist,
+    fashion_mnist) is moved there once and batched there (`TensorBatches`); any other dataset (CIFAR, imagefolder:
+    decoded and augmented per image on the CPU) goes through a DataLoader that pins memory on CUDA and keeps its
+    workers alive between epochs. Both give the same batches for the same generator."""
+    if isinstance(dataset, TensorDataset):
+        tensors = tuple(t.to(device) for t in dataset.tensors)
+        return TensorBatches(tensors, batch_size, shuffle, generator, drop_last)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
 
 
 def load_digits_split(train_size: int | None = None, seed: int = 0, *, val_size: int | None = None) -> DigitsSplit:

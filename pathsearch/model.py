@@ -88,6 +88,7 @@ class PathEnsembleViT(nn.Module):
         )
         self.distill = DistillConfig(cfg.distill.alpha, cfg.distill.temperature, list(cfg.distill.students))
         self._students = [student_indices(s, self.depth) for s in self.distill.students]
+        self._masks_cache: tuple[Any, Tensor] | None = None
         self.set_path_mask(cfg.keep_mask(self.depth))
         if cfg.model_name is not None:
             self.model_name, self.model_kwargs = cfg.model_name, dict(cfg.model_kwargs)
@@ -174,9 +175,12 @@ class PathEnsembleViT(nn.Module):
 
     def forward_ensemble(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         """The ensemble feature z = sum_i m_i s_i ⊙ p_i, pooled ((B, D)) or per token ((B, N, D))."""
+        if self.pool_mode != "tokens":
+            # pooled paths are small: one stack, one weighted sum (a few kernels, not two per path)
+            return combine_paths(self._weights(self.keep[None]), self.forward_paths(x, attn_mask))[0]
         scales = self.ensemble_scale.unbind(0)
         z: Tensor | None = None
-        # Summed in path order so that with every m_i = s_i = 1 it is bit-for-bit timm's trunk sum.
+        # per-token paths are large: summed as they come, so no (P, B, N, D) stack is held
         for i, feature in enumerate(self.iter_paths(x, attn_mask)):
             if self._keep[i]:
                 term = feature * scales[i]
@@ -207,13 +211,22 @@ class PathEnsembleViT(nn.Module):
 
         A student is the sum of its paths that the mask keeps; a student left with no kept path is skipped.
         """
-        masks = [self._keep]
-        for indices in self._students:
-            member = [keep and i in indices for i, keep in enumerate(self._keep)]
-            if any(member):
-                masks.append(member)
-        logits = self.forward_masks(self.forward_paths(x), torch.tensor(masks))  # (1 + students, B, C)
+        features = self.forward_paths(x)
+        logits = self.forward_masks(features, self._student_masks(features.device))  # (1 + students, B, C)
         return logits[0], list(logits[1:])
+
+    def _student_masks(self, device: torch.device) -> Tensor:
+        """(1 + students, P) bool: the configured mask, then each student's kept paths; made once per mask and
+        device (a tensor made from Python lists on a GPU would copy from the host every step)."""
+        key = (tuple(self._keep), str(device))
+        if self._masks_cache is None or self._masks_cache[0] != key:
+            masks = [self._keep]
+            for indices in self._students:
+                member = [keep and i in indices for i, keep in enumerate(self._keep)]
+                if any(member):
+                    masks.append(member)
+            self._masks_cache = (key, torch.tensor(masks, device=device))
+        return self._masks_cache[1]
 
     def distillation_loss(self, logits: Tensor, student_logits: Sequence[Tensor]) -> Tensor:
         """alpha * sum_k T^2 KL(softmax(teacher / T) || softmax(student_k / T)) with this model's settings."""

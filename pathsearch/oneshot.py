@@ -32,7 +32,7 @@ from pathsearch.config import SearchFile
 from pathsearch.confirm import choose_candidates, confirm_search
 from pathsearch.paths import path_names, resolve_scale_init
 from pathsearch.results import SearchResult
-from pathsearch.runner import run_config, runnable
+from pathsearch.runner import run_config, runnable, trial_device
 from pathsearch.searcher import baseline_point, make_sampler
 from pathsearch.space import SearchSpace, sample_overrides
 from pathsearch.tracking import (
@@ -152,7 +152,8 @@ def _proxy_search_remote(spec: SearchFile, supernet: dict[str, Any]) -> dict[str
 
     s, two = spec.search, spec.search.two_stage
     base = spec.base
-    task = ray.remote(proxy_search).options(num_cpus=supernet["cpus"], max_retries=s.max_failures)
+    gpus = float(s.resources_per_trial.get("gpu", 0.0))  # the supernet trial's GPU share: scoring runs there too
+    task = ray.remote(proxy_search).options(num_cpus=supernet["cpus"], num_gpus=gpus, max_retries=s.max_failures)
     return dict(
         ray.get(
             task.remote(
@@ -201,17 +202,19 @@ def proxy_search(
     (`rows`), the scored `points` and the `top` k distinct other configurations, best first, each with the
     PathConfig it scored, and timings.
     """
+    import ray
     import torch
 
     from pathsearch.proxy import ProxyScorer
 
+    device = trial_device(ray.get_runtime_context().get_assigned_resources())[0] if ray.is_initialized() else "cpu"
     if threads:
         torch.set_num_threads(threads)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per trial would be tens of thousands
     try:
         with storage.local_folder(checkpoint_dir) as folder:  # a copy, when the supernet is kept in a store
-            scorer = ProxyScorer.from_checkpoint(str(folder))
+            scorer = ProxyScorer.from_checkpoint(str(folder), device=device)
         depth = scorer.model.depth
         if depth != space.depth:
             raise ValueError(f"the supernet has depth {depth}, the search space was parsed for depth {space.depth}")

@@ -60,7 +60,13 @@ def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
         set_dotted(raw, key, value)
     cfg = load_trial_config(None, data=raw, source="trial config")
     context = ray.get_runtime_context()
-    cpus = int(context.get_assigned_resources().get("CPU", 1)) or 1
+    assigned = context.get_assigned_resources()
+    cpus = int(assigned.get("CPU", 1)) or 1
+    device, gpu_fraction = trial_device(assigned)
+    if device == "cpu":
+        # Ray no longer hides the GPUs from a task given none: a CPU trial on a GPU node must neither train on a
+        # GPU it does not hold nor open a CUDA context there
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     node_id = context.get_node_id()  # MLflow tags the run with it: which node trained (and retrained) a trial
 
     reports: list[Any] = []
@@ -72,15 +78,26 @@ def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
 
     work_dir = Path(os.getcwd()) / "checkpoints"
     checkpoint = tune.get_checkpoint()
+    on = {"cpus": cpus, "device": device, "gpu_fraction": gpu_fraction}
     if checkpoint is None:
-        fit(cfg, report, work_dir=work_dir, cpus=cpus)
+        fit(cfg, report, work_dir=work_dir, **on)
     else:
         with checkpoint.as_directory() as folder:
-            result = fit(cfg, report, checkpoint_dir=folder, work_dir=work_dir, cpus=cpus)
+            result = fit(cfg, report, checkpoint_dir=folder, work_dir=work_dir, **on)
             if not reports and result.metrics:  # restored at its last epoch: Tune hears the final result again
                 # (its snapshot may be older than the checkpoint, see storage.recover_checkpoints; MLflow does
                 # not log an epoch its run already holds)
                 report(result.metrics, folder)
+
+
+def trial_device(assigned: Mapping[str, float]) -> tuple[str, float | None]:
+    """(device, GPU share) of a Ray task or trial from the resources Ray assigned it: "cuda" with the share when it
+    holds part of a GPU (None: one or more whole GPUs), else "cpu". Ray sets CUDA_VISIBLE_DEVICES for a task that
+    holds a GPU, so "cuda" is that GPU."""
+    gpus = float(assigned.get("GPU", 0.0))
+    if gpus <= 0:
+        return "cpu", None
+    return "cuda", gpus if gpus < 1 else None
 
 
 def runnable(spec: SearchFile, trainable: Any) -> Any:

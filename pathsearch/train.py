@@ -14,11 +14,13 @@ import os
 import random
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +32,12 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from torch import nn
-from torch.utils.data import DataLoader
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from pathsearch.analysis import analyze_paths
 from pathsearch.config import TrialConfig, load_trial_config
-from pathsearch.data import DataBundle, load_data
+from pathsearch.data import DataBundle, TensorBatches, load_data, make_loader
 from pathsearch.model import PathEnsembleViT, create_path_vit
 from pathsearch.supernet import sample_supernet_masks, supernet_loss
 from pathsearch.typed import to_dict
@@ -64,8 +66,9 @@ class SeedRun:
     optimizer: torch.optim.Optimizer
     scheduler: CosineLRScheduler
     loader_generator: torch.Generator
-    train_loader: DataLoader[Any]
+    train_loader: TensorBatches | DataLoader[Any]
     mask_generator: torch.Generator  # the supernet's mask sampling (train.supernet), checkpointed like the rest
+    loss_fn: Callable[..., torch.Tensor]  # the step's forward and loss (compiled with train.compile)
 
 
 def fit(
@@ -74,8 +77,9 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     work_dir: str | Path | None = None,
     cpus: int | None = None,
-    device: str | None = None,
+    device: str | torch.device | None = None,
     progress: bool = False,
+    gpu_fraction: float | None = None,
 ) -> FitResult:
     """Trains `cfg.train.seeds` seeds of one configuration, reporting mean (and std) metrics every epoch.
 
@@ -92,19 +96,27 @@ def fit(
             next is reported.
         cpus: CPUs given to this trial; sets torch's thread count unless `train.threads` does (see torch_threads;
             reused Ray actors keep the last one).
-        device: "cpu" or "cuda" (default: cuda when available).
+        device: where the trial trains: "cpu", "cuda", "cuda:1", ... (default: cuda when a GPU is visible, else
+            cpu). Data held in memory, features, masks and scales stay there; a training step never waits on the host.
         progress: show a progress bar per epoch (for the CLI).
+        gpu_fraction: the share of the GPU this trial was given (Ray's fractional `gpu`): its memory is capped to it.
 
     Returns:
         The last report's metrics, checkpoint and final files. Resumed from a checkpoint of the last epoch (nothing
         left to train): that checkpoint's saved metrics (test ones included, when it has them) and no files.
 
     Raises:
-        ValueError: `cfg.train.test` is set and the data has no test split, or OMP_NUM_THREADS is unreadable
-            (checked before any training).
+        ValueError: `cfg.train.test` is set and the data has no test split, OMP_NUM_THREADS is unreadable, the
+            device is not there, or train.compile is set on a torch without torch.compile (checked before any
+            training).
     """
     torch.set_num_threads(torch_threads(cfg.train.threads, cpus))
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
+    if cfg.train.compile:
+        check_compile()
+    if dev.type == "cuda" and gpu_fraction is not None and gpu_fraction < 1:
+        # a fractional GPU shares the device with other trials: its allocator may take only its share
+        torch.cuda.set_per_process_memory_fraction(gpu_fraction, dev)
     bundle = load_trial_data(cfg)
     if cfg.train.test and bundle.test is None:
         where = f" at {cfg.data.root}" if cfg.data.root else ""
@@ -118,13 +130,14 @@ def fit(
     # timm's Mixup draws from numpy and its augmentations from `random`: seed both, like torch, per trial.
     np.random.seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    runs = [build_seed_run(cfg, bundle, cfg.train.seed + k, dev) for k in range(cfg.train.seeds)]
+    mixup = _make_mixup(cfg, bundle.num_classes)
+    criterion = _make_criterion(cfg, mixup is not None)
+    train_data = _on_device(bundle.train, dev)  # one copy on the device, shared by the seeds
+    runs = [build_seed_run(cfg, bundle, cfg.train.seed + k, dev, criterion, train_data) for k in range(cfg.train.seeds)]
     start_epoch = 0
     if resume is not None:
         start_epoch = _restore(runs, Path(str(checkpoint_dir)), resume)
-    val_loader = DataLoader(bundle.val, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
-    mixup = _make_mixup(cfg, bundle.num_classes)
-    criterion = _make_criterion(cfg, mixup is not None)
+    val_loader = make_loader(bundle.val, cfg.data.eval_batch_size, dev, num_workers=cfg.data.num_workers)
     out_root = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="pathsearch-trial-"))
     out_root.mkdir(parents=True, exist_ok=True)
     previous: Path | None = None
@@ -136,7 +149,7 @@ def fit(
         per_seed: list[dict[str, float]] = []
         for run in runs:
             started = time.perf_counter()
-            loss, seen = _train_one_epoch(run, cfg, epoch, criterion, mixup, dev, amp, progress)
+            loss, seen = _train_one_epoch(run, cfg, epoch, mixup, dev, amp, progress)
             train_seconds += time.perf_counter() - started
             train_images += seen
             per_seed.append({"train_loss": loss})
@@ -147,7 +160,7 @@ def fit(
             entry.update(_evaluate(run.model, val_loader, dev, amp))
         if last and cfg.train.test:
             assert bundle.test is not None  # checked before training
-            test_loader = DataLoader(bundle.test, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
+            test_loader = make_loader(bundle.test, cfg.data.eval_batch_size, dev, num_workers=cfg.data.num_workers)
             for run, entry in zip(runs, per_seed, strict=True):
                 scores = _evaluate(run.model, test_loader, dev, amp, prefix="test")
                 entry.update(test_acc=scores["test_acc"], test_loss=scores["test_loss"])
@@ -160,7 +173,7 @@ def fit(
             seeds=len(runs),
         )
         ckpt = out_root / f"checkpoint_{epoch + 1:04d}"
-        _write_checkpoint(ckpt, runs, cfg, epoch + 1, metrics)
+        _write_checkpoint(ckpt, runs, cfg, epoch + 1, metrics, dev)
         if last:
             files = _write_final_artifacts(ckpt, runs, val_loader, dev)
         report(metrics, str(ckpt))
@@ -193,6 +206,36 @@ def torch_threads(configured: int | None, cpus: int | None, environ: Mapping[str
     if threads < 1:
         raise ValueError(f"OMP_NUM_THREADS={text!r}: expected a whole number >= 1 (or unset it, or set train.threads)")
     return threads
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device a trial trains on: `device`, or cuda when a GPU is visible, else cpu. A CUDA device that is not
+    there is a ValueError (bad input), not a fall-back to the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r}: {err}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is visible to this process (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {str(device)!r}: only {count} CUDA GPU(s) are visible (cuda:0..cuda:{count - 1})")
+    return dev
+
+
+def check_compile() -> None:
+    """Raises ValueError when this torch cannot compile (train.compile): torch.compile missing or Dynamo not
+    supported on this Python."""
+    compile_fn = getattr(torch, "compile", None)
+    supported = getattr(getattr(torch, "_dynamo", None), "is_dynamo_supported", None)
+    if compile_fn is None or supported is None or not supported():
+        raise ValueError(
+            f"train.compile: torch {torch.__version__} cannot compile on this Python ({sys.version.split()[0]}): "
+            "set train.compile: false"
+        )
 
 
 def load_trial_data(cfg: TrialConfig) -> DataBundle:
@@ -234,20 +277,32 @@ def load_checkpoint_model(
     return model.eval(), cfg
 
 
-def build_seed_run(cfg: TrialConfig, bundle: DataBundle, seed: int, dev: torch.device) -> SeedRun:
+def build_seed_run(
+    cfg: TrialConfig,
+    bundle: DataBundle,
+    seed: int,
+    dev: torch.device,
+    criterion: nn.Module | None = None,
+    train_data: Any = None,
+) -> SeedRun:
+    """Seed `seed`'s model, optimiser, schedule, data order and step function on `dev`. `train_data`: the training
+    split already moved to `dev` (`bundle.train` by default)."""
     model = build_model(cfg, bundle, seed).to(dev)
     if dev.type == "cuda" and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     t = cfg.train
-    optimizer = create_optimizer_v2(model, t.opt, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = create_optimizer_v2(model, t.opt, lr=t.lr, weight_decay=t.weight_decay, **_fused(t.opt, dev))
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        bundle.train,
-        batch_size=cfg.data.batch_size,
+    # timm's Mixup needs an even batch: a last, odd, batch would stop the trial, so with mixup it is dropped
+    drop_last = cfg.data.mixup > 0 or cfg.data.cutmix > 0
+    loader = make_loader(
+        train_data if train_data is not None else _on_device(bundle.train, dev),
+        cfg.data.batch_size,
+        dev,
         shuffle=True,
         generator=generator,
+        drop_last=drop_last,
         num_workers=cfg.data.num_workers,
-        pin_memory=dev.type == "cuda",
     )
     steps = t.epochs * len(loader)
     scheduler = CosineLRScheduler(
@@ -260,7 +315,22 @@ def build_seed_run(cfg: TrialConfig, bundle: DataBundle, seed: int, dev: torch.d
         t_in_epochs=False,
     )
     masks = torch.Generator().manual_seed(seed + 7919)  # a stream of its own: shuffling is unchanged by supernet mode
-    return SeedRun(seed, model, optimizer, scheduler, generator, loader, masks)
+    loss_fn = partial(step_loss, model, criterion or _make_criterion(cfg, drop_last))
+    if t.compile:
+        loss_fn = torch.compile(loss_fn)
+    return SeedRun(seed, model, optimizer, scheduler, generator, loader, masks, loss_fn)
+
+
+def _on_device(dataset: Any, dev: torch.device) -> Any:
+    """An in-memory TensorDataset moved to `dev` once (make_loader batches it there); other datasets unchanged."""
+    if isinstance(dataset, TensorDataset):
+        return TensorDataset(*(t.to(dev) for t in dataset.tensors))
+    return dataset
+
+
+def _fused(opt: str, dev: torch.device) -> dict[str, Any]:
+    """torch's fused Adam/AdamW kernels on CUDA (one kernel for all parameters instead of several per tensor)."""
+    return {"fused": True} if dev.type == "cuda" and opt.lower() in ("adam", "adamw") else {}
 
 
 def _make_mixup(cfg: TrialConfig, num_classes: int) -> Mixup | None:
@@ -282,16 +352,114 @@ def _autocast(dev: torch.device, amp: bool) -> Any:
     return torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
 
 
+def step_loss(
+    model: PathEnsembleViT,
+    criterion: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    masks: Tensor | None = None,
+    distill: bool = False,
+) -> Tensor:
+    """One training step's loss: the configured ensemble; with `masks` (K, P) the supernet's masks on one trunk pass;
+    with `distill` plus the self-distillation term. All on the inputs' device, no host sync."""
+    if masks is not None:  # one trunk forward, then the head on each sampled mask (path supernet)
+        logits = model.forward_masks(model.forward_paths(images), masks)  # (K, B, C)
+        return supernet_loss(model, logits, targets, criterion)
+    if distill:
+        logits, students = model.forward_with_students(images)
+        return criterion(logits, targets) + model.distillation_loss(logits, students)
+    return criterion(model(images), targets)
+
+
+def train_step(run: SeedRun, cfg: TrialConfig, images: Tensor, targets: Tensor, amp: bool) -> Tensor:
+    """Forward, backward and optimiser step of one batch (already on the model's device); returns the loss, still on
+    the device: reading it (`.item()`) would make the host wait for the GPU every step."""
+    model = run.model
+    masks = None
+    if cfg.train.supernet.enabled:
+        masks = sample_supernet_masks(model.num_paths, cfg.train.supernet, run.mask_generator)  # (K, P), CPU
+        masks = masks.pin_memory().to(images.device, non_blocking=True) if images.is_cuda else masks.to(images.device)
+    with _autocast(images.device, amp):
+        loss = run.loss_fn(images, targets, masks, model.distill.alpha > 0)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.train.grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    run.optimizer.step()
+    return loss.detach()
+
+
+class LossGuard:
+    """Stops a trial at its first non-finite training loss without a host sync per step.
+
+    Hand-written because neither torch nor timm offers it: the losses of the last `window` steps are kept on the
+    device; when the window is full they are copied to the host without blocking and the window before it (whose
+    copy is done by then) is read. So a NaN is reported within two windows of its step, with that step's epoch,
+    number and learning rate, and `check()` (end of each epoch, before any checkpoint) reads everything left.
+    """
+
+    def __init__(self, device: torch.device, window: int = 16) -> None:
+        self.window = window
+        self.values = torch.empty(window, dtype=torch.float32, device=device)  # (window,)
+        self.labels: list[tuple[int, int, int, float]] = []  # (epoch, step, seed, lr) of each slot
+        self.pending: tuple[Tensor, Any, list[tuple[int, int, int, float]]] | None = None
+
+    def add(self, loss: Tensor, epoch: int, step: int, seed: int, lr: float) -> None:
+        self.values[len(self.labels)] = loss  # a device-side copy
+        self.labels.append((epoch, step, seed, lr))
+        if len(self.labels) == self.window:
+            self._send()
+
+    def check(self) -> None:
+        """Reads every loss added so far (one host sync); raises NonFiniteLossError at the first non-finite one."""
+        self._send()
+        self._read()
+
+    def _send(self) -> None:
+        self._read()
+        if not self.labels:
+            return
+        count = len(self.labels)
+        if self.values.is_cuda:
+            host = torch.empty(count, dtype=torch.float32, pin_memory=True)
+            host.copy_(self.values[:count], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.values.device))
+            self.values = torch.empty_like(self.values)  # the copy may still read the old buffer
+        else:
+            host, done = self.values[:count].clone(), None
+        self.pending, self.labels = (host, done, self.labels), []
+
+    def _read(self) -> None:
+        if self.pending is None:
+            return
+        host, done, labels = self.pending
+        self.pending = None
+        if done is not None:
+            done.synchronize()  # recorded a window ago: normally long finished
+        for value, (epoch, step, seed, lr) in zip(host.tolist(), labels, strict=True):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"training loss became {value} at epoch {epoch + 1}, step {step + 1} (seed {seed}, "
+                    f"lr {lr:.3g}): the trial failed"
+                )
+
+
+def _autocast(dev: torch.device, amp: bool) -> Any:
+    return torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+
+
 def _train_one_epoch(
     run: SeedRun,
     cfg: TrialConfig,
     epoch: int,
-    criterion: nn.Module,
     mixup: Mixup | None,
     dev: torch.device,
     amp: bool,
     progress: bool,
 ) -> tuple[float, int]:
+    """One epoch of one seed; returns (mean training loss, images seen). The host waits for the device once, at
+    the end (LossGuard.check and the loss sum)."""
     model = run.model
     model.train()
     steps_per_epoch = len(run.train_loader)
@@ -300,9 +468,9 @@ def _train_one_epoch(
         from tqdm import tqdm
 
         batches = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs} seed {run.seed}", leave=False)
-    distill = model.distill.alpha > 0
-    supernet = cfg.train.supernet
-    total, seen = 0.0, 0
+    guard = LossGuard(dev)
+    total = torch.zeros((), dtype=torch.float64, device=dev)  # sum of loss * batch size
+    seen = 0
     for i, (images, targets) in enumerate(batches):
         step = epoch * steps_per_epoch + i
         images, targets = images.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
@@ -310,52 +478,44 @@ def _train_one_epoch(
             images = images.contiguous(memory_format=torch.channels_last)
         if mixup is not None:
             images, targets = mixup(images, targets)
-        with _autocast(dev, amp):
-            if supernet.enabled:  # one trunk forward, then the head on each sampled mask (path supernet)
-                masks = sample_supernet_masks(model.num_paths, supernet, run.mask_generator)  # (K, P)
-                logits = model.forward_masks(model.forward_paths(images), masks.to(dev))  # (K, B, C)
-                loss = supernet_loss(model, logits, targets, criterion)
-            elif distill:
-                logits, students = model.forward_with_students(images)
-                loss = criterion(logits, targets) + model.distillation_loss(logits, students)
-            else:
-                loss = criterion(model(images), targets)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise NonFiniteLossError(
-                f"training loss became {value} at epoch {epoch + 1}, step {i + 1} (seed {run.seed}, "
-                f"lr {run.optimizer.param_groups[0]['lr']:.3g}): the trial failed"
-            )
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        run.optimizer.step()
+        lr = run.optimizer.param_groups[0]["lr"]
+        loss = train_step(run, cfg, images, targets, amp)
+        guard.add(loss, epoch, i, run.seed, lr)
         run.scheduler.step_update(step + 1)
-        total += value * len(images)
+        total += loss.double() * len(images)
         seen += len(images)
-    return total / max(seen, 1), seen
+    guard.check()
+    return float(total) / max(seen, 1), seen
 
 
-@torch.no_grad()
+def evaluate_sums(
+    model: PathEnsembleViT, loader: Iterable[Any], dev: torch.device, amp: bool
+) -> tuple[Tensor, int]:
+    """Summed cross-entropy and correct counts of the model as configured and with every path kept, over a loader,
+    accumulated on the device: ((3,) float64 [loss sum, correct, correct with all paths], images)."""
+    model.eval()
+    masks = torch.stack([model.keep, torch.ones_like(model.keep)])  # (2, P): as configured, all paths
+    sums = torch.zeros(3, dtype=torch.float64, device=dev)
+    count = 0
+    with torch.no_grad():
+        for images, targets in loader:
+            images, targets = images.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
+            with _autocast(dev, amp):
+                features = model.forward_paths(images)  # (P, B, ...)
+                logits = model.forward_masks(features, masks)  # (2, B, C)
+            sums[0] += F.cross_entropy(logits[0].float(), targets, reduction="sum")
+            sums[1:] += (logits.argmax(-1) == targets).sum(dim=1)
+            count += len(targets)
+    return sums, count
+
+
 def _evaluate(
-    model: PathEnsembleViT, loader: DataLoader[Any], dev: torch.device, amp: bool, prefix: str = "val"
+    model: PathEnsembleViT, loader: Iterable[Any], dev: torch.device, amp: bool, prefix: str = "val"
 ) -> dict[str, float]:
     """`<prefix>_loss` / `<prefix>_acc` of the model as configured and `<prefix>_acc_full` (every path kept) on the
-    loader's split, one trunk pass each batch."""
-    model.eval()
-    kept = torch.tensor(model.path_mask, device=dev)
-    masks = torch.stack([kept, torch.ones_like(kept)])  # (2, P): as configured, all paths
-    loss_sum, correct, correct_full, count = 0.0, 0, 0, 0
-    for images, targets in loader:
-        images, targets = images.to(dev), targets.to(dev)
-        with _autocast(dev, amp):
-            features = model.forward_paths(images)  # (P, B, ...)
-            logits = model.forward_masks(features, masks)  # (2, B, C)
-        loss_sum += F.cross_entropy(logits[0].float(), targets, reduction="sum").item()
-        correct += (logits[0].argmax(-1) == targets).sum().item()
-        correct_full += (logits[1].argmax(-1) == targets).sum().item()
-        count += len(targets)
+    loader's split, one trunk pass each batch and one host sync in all."""
+    sums, count = evaluate_sums(model, loader, dev, amp)
+    loss_sum, correct, correct_full = sums.tolist()
     return {
         f"{prefix}_loss": loss_sum / count,
         f"{prefix}_acc": correct / count,
@@ -375,7 +535,9 @@ def _summarise(per_seed: list[dict[str, float]]) -> dict[str, Any]:
 
 
 # ----- checkpoints: safetensors for tensors, JSON for the rest -------------------------------------------------
-def _write_checkpoint(path: Path, runs: list[SeedRun], cfg: TrialConfig, epoch: int, metrics: dict[str, Any]) -> None:
+def _write_checkpoint(
+    path: Path, runs: list[SeedRun], cfg: TrialConfig, epoch: int, metrics: dict[str, Any], dev: torch.device
+) -> None:
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -396,8 +558,8 @@ def _write_checkpoint(path: Path, runs: list[SeedRun], cfg: TrialConfig, epoch: 
         )
     np_state: tuple[Any, ...] = tuple(np.random.get_state())
     rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
+    if dev.type == "cuda":  # a CPU trial never touches CUDA (no context on a GPU node it was given no GPU of)
+        rng["cuda"] = torch.cuda.get_rng_state(dev)
     save_file(rng, str(tmp / "rng.safetensors"))
     py_state = random.getstate()
     state = {
@@ -440,8 +602,9 @@ def _restore(runs: list[SeedRun], path: Path, state: dict[str, Any]) -> int:
             run.mask_generator.set_state(torch.tensor(saved["mask_generator"], dtype=torch.uint8))
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    device = next(runs[0].model.parameters()).device
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
     np_state = state["numpy_rng"]
     np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
     py_state = state["python_rng"]
@@ -474,7 +637,7 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 
 
 def _write_final_artifacts(
-    ckpt: Path, runs: list[SeedRun], val_loader: DataLoader[Any], dev: torch.device
+    ckpt: Path, runs: list[SeedRun], val_loader: Iterable[Any], dev: torch.device
 ) -> dict[str, Path]:
     """Path analysis (JSON + PNG) and the final PathConfig of each seed, inside the last checkpoint."""
     files: dict[str, Path] = {}
