@@ -121,25 +121,37 @@ def analysis_masks(keep: Sequence[bool]) -> tuple[Tensor, list[str]]:
 
 
 @torch.no_grad()
-def analyze_paths(model: PathEnsembleViT, loader: Iterable[Any], device: str | torch.device = "cpu") -> PathAnalysis:
-    """Single-path, leave-one-out and prefix-ensemble accuracy of every path, from ONE trunk forward per batch."""
-    masks, labels = analysis_masks(model.path_mask)
-    valid = masks.any(dim=1)
-    correct = torch.zeros(masks.shape[0], dtype=torch.float64)
+def count_correct(
+    model: PathEnsembleViT, loader: Iterable[Any], masks: Tensor, device: str | torch.device = "cpu"
+) -> tuple[Tensor, int]:
+    """Correct predictions of each (M, P) mask over a loader, from one trunk forward per batch, counted on `device`:
+    ((M,) float64 there, images)."""
+    masks = masks.to(device)
+    correct = torch.zeros(masks.shape[0], dtype=torch.float64, device=device)
     total = 0
     was_training = model.training
     model.eval()
     try:
         for images, targets in loader:
-            features = model.forward_paths(images.to(device)).float()  # (P, B, ...)
-            targets = targets.to(features.device)
-            for chunk, preds in mask_predictions(model, features, masks[valid]):
-                correct[valid.nonzero().flatten()[chunk]] += (preds == targets[None]).double().sum(dim=1).cpu()
+            features = model.forward_paths(images.to(device, non_blocking=True)).float()  # (P, B, ...)
+            targets = targets.to(features.device, non_blocking=True)
+            for chunk, preds in mask_predictions(model, features, masks):
+                correct[chunk] += (preds == targets[None]).sum(dim=1)
             total += targets.shape[0]
     finally:
         model.train(was_training)
+    return correct, total
+
+
+def analyze_paths(model: PathEnsembleViT, loader: Iterable[Any], device: str | torch.device = "cpu") -> PathAnalysis:
+    """Single-path, leave-one-out and prefix-ensemble accuracy of every path, from ONE trunk forward per batch."""
+    masks, labels = analysis_masks(model.path_mask)
+    valid = masks.any(dim=1)
+    counted, total = count_correct(model, loader, masks[valid], device)
     if total == 0:
         raise ValueError("analyze_paths got an empty loader")
+    correct = torch.zeros(masks.shape[0], dtype=torch.float64)
+    correct[valid] = counted.cpu()  # the one host copy
     acc = {
         label: (float(c / total) if ok else None) for label, c, ok in zip(labels, correct, valid.tolist(), strict=True)
     }

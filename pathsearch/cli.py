@@ -17,9 +17,11 @@ INTERRUPTED = 130  # exit code after Ctrl-C, as a shell reports a command SIGINT
 
 def _demo(args: argparse.Namespace) -> int:
     from pathsearch.demo import run_demo
+    from pathsearch.train import resolve_device
 
-    print(f"training a depth-6 path-ensemble ViT on digits for {args.epochs} epochs ...", flush=True)
-    result = run_demo(out_dir=args.out, epochs=args.epochs, seed=args.seed, threads=args.threads)
+    device = resolve_device(args.device)  # a missing GPU is bad input: exit 2 before any work
+    print(f"training a depth-6 path-ensemble ViT on digits for {args.epochs} epochs on {device} ...", flush=True)
+    result = run_demo(out_dir=args.out, epochs=args.epochs, seed=args.seed, threads=args.threads, device=device)
     print(result.analysis.format_table())
     for label, path in result.files.items():
         print(f"{label}: {path}")
@@ -34,6 +36,11 @@ def _train(args: argparse.Namespace) -> int:
     from pathsearch.rundirs import unique_run_dir
 
     cfg = load_trial_config(args.file, args.set)  # ConfigError (a ValueError): exit 2 before any work
+    from pathsearch.train import check_compile, resolve_device
+
+    device = resolve_device(args.device)  # so are a device that is not there and a torch that cannot compile
+    if cfg.train.compile:
+        check_compile()
 
     # Every run gets a folder of its own (two runs in one folder would mix checkpoints and results): a new one under
     # runs/train/ (-2, -3, ... when started in the same second), or --out when it does not exist yet. A resumed run
@@ -47,6 +54,7 @@ def _train(args: argparse.Namespace) -> int:
         out = Path(args.out)
     from pathsearch.train import NonFiniteLossError, fit, load_trial_data
 
+
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         std = f" ± {100 * metrics['val_acc_std']:.2f}" if "val_acc_std" in metrics else ""
         print(
@@ -57,7 +65,9 @@ def _train(args: argparse.Namespace) -> int:
         )
 
     try:
-        result = fit(cfg, report, checkpoint_dir=args.resume, work_dir=out, progress=not args.no_progress)
+        result = fit(
+            cfg, report, checkpoint_dir=args.resume, work_dir=out, device=device, progress=not args.no_progress
+        )
     except BaseException as err:
         if made and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # failed before writing anything (bad input: exit 2): no empty folder left behind
@@ -65,7 +75,7 @@ def _train(args: argparse.Namespace) -> int:
             print(f"pathsearch train: trial failed: {err}", file=sys.stderr)
             return 1
         raise
-    print("final metrics:")
+    print(f"final metrics (trained on {device}):")
     for key, value in result.metrics.items():
         print(f"  {key}: {value:.6g}" if isinstance(value, float) else f"  {key}: {value}")
     test = load_trial_data(cfg).test  # loaded once per process: fit already holds it
@@ -215,7 +225,9 @@ def _int_arg(flag: str, text: str) -> int:
 
 def _fit_scales(args: argparse.Namespace) -> int:
     from pathsearch.fitscales import fit_scales_run
+    from pathsearch.train import resolve_device
 
+    device = resolve_device(args.device)
     if args.threads is not None:
         import torch
 
@@ -230,6 +242,7 @@ def _fit_scales(args: argparse.Namespace) -> int:
         lr=args.lr,
         prune=args.prune,
         seed=args.seed,
+        device=device,
     )
     m = result.metrics
     print(f"fitted on {int(m['fit_images'])} held-out images, reported on the other {int(m['val_images'])}:")
@@ -327,6 +340,12 @@ def _add_set(verb: argparse.ArgumentParser, help_text: str = "override(s): --set
     )
 
 
+def _add_device(verb: argparse.ArgumentParser) -> None:
+    verb.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pathsearch", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -335,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=15)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    _add_device(demo)
     demo.set_defaults(func=_demo)
     train = verbs.add_parser("train", help="run one trial of a search file's base configuration (no Ray)")
     train.add_argument("file", help="search file (YAML) whose model/data/train sections define the trial")
@@ -342,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="folder for checkpoints and results (default runs/train/...)")
     train.add_argument("--resume", default=None, metavar="CHECKPOINT_DIR", help="continue from a checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
+    _add_device(train)
     train.set_defaults(func=_train)
     validate = verbs.add_parser("validate", help="check a search file and print it resolved (exit 2 if invalid)")
     validate.add_argument("file")
@@ -388,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0, help="seed of the fit/validation split")
     fit.add_argument("--out", default=None, help="folder for the fitted path_config.yaml and weights")
     fit.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    _add_device(fit)
     fit.set_defaults(func=_fit_scales)
     submit = verbs.add_parser("submit", help="run a search on a Ray cluster as a Ray job (Jobs API)")
     submit.add_argument("file", nargs="?", help="search file (or --resume RUN_DIR)")

@@ -263,7 +263,9 @@ def _load(
         split = load_digits_split(train_size, split_seed, val_size=val_size)
         return DataBundle(split.train, split.val, split.test, split.num_classes, split.img_size, split.in_chans)
     if name == "synthetic":
-        return make_synthetic(train_size=train_size or 256, val_size=val_size or 128, seed=split_seed)
+        return make_synthetic(
+            train_size=train_size or 256, val_size=val_size or 128, seed=split_seed, img_size=img_size or 8
+        )
     if name in ("cifar10", "cifar100"):
         path = _require_root(name, root, must_exist=not download)
         return _load_cifar(name, path, download, img_size, auto_augment, train_size, val_size, split_seed)

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from pathsearch.analysis import PathAnalysis
 from pathsearch.config import load_trial_config
 from pathsearch.train import fit
@@ -31,7 +33,11 @@ class DemoResult:
 
 
 def run_demo(
-    out_dir: str | Path = "runs/demo", epochs: int = 15, seed: int = 0, threads: int | None = None
+    out_dir: str | Path = "runs/demo",
+    epochs: int = 15,
+    seed: int = 0,
+    threads: int | None = None,
+    device: str | torch.device | None = None,
 ) -> DemoResult:
     """Trains the demo ViT on the default digits split (60% train; the val images evaluated once, at the end) and
     writes the path analysis (JSON, PNG) and the learned PathConfig to `out_dir`."""
@@ -50,7 +56,7 @@ def run_demo(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        result = fit(cfg, lambda metrics, checkpoint_dir: None, work_dir=tmp)
+        result = fit(cfg, lambda metrics, checkpoint_dir: None, work_dir=tmp, device=device)
         files = {label: Path(shutil.copy(path, out / path.name)) for label, path in result.files.items()}
     analysis = PathAnalysis.load_json(files["path_analysis_json"])
     return DemoResult(analysis, files, time.perf_counter() - start)

@@ -41,6 +41,7 @@ def fit_scales_run(
     lr: float = 0.05,
     prune: bool = False,
     seed: int = 0,
+    device: Any = None,
 ) -> FitScalesResult:
     """Fits per-path EnsembleScale factors (and with `prune` a path mask) of a trained MLflow run on a held-out part
     of its validation split, reports the accuracy change on the rest, and logs the result as a new child run of
@@ -75,7 +76,9 @@ def fit_scales_run(
             if key.startswith("config.data."):
                 data[key[len("config.data.") :]] = yaml.safe_load(text)
         cfg = load_trial_config(None, data={**sections, "data": data}, source=str(search_file))
-        fit, files = fit_scales_of_files(path_config, weights, cfg, out, fit_fraction, steps, lr, prune, seed)
+        fit, files = fit_scales_of_files(
+            path_config, weights, cfg, out, fit_fraction, steps, lr, prune, seed, device
+        )
     names = path_names(len(fit.keep) // 2)
     factors = dict(zip(names, fit.factors, strict=True))
     pruned = [n for n, k in zip(names, fit.keep, strict=True) if not k]

@@ -20,7 +20,8 @@ from pathsearch.config import TrialConfig
 from pathsearch.model import PathEnsembleViT, create_path_vit
 from pathsearch.paths import PathConfig
 from pathsearch.scoring import MaskScores, PathFeatures, cache_path_features, score_masks
-from pathsearch.train import load_checkpoint_model, load_trial_data
+from pathsearch.data import make_loader
+from pathsearch.train import load_checkpoint_model, load_trial_data, resolve_device
 
 
 # ----- scoring path configurations of a trained supernet ---------------------------------------------------------
@@ -34,16 +35,16 @@ class ProxyScorer:
     seconds: float = 0.0  # spent loading and caching
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | Path, device: str = "cpu") -> ProxyScorer:
-        """Rebuilds the model of a `fit` checkpoint and caches its validation features (one trunk pass)."""
+    def from_checkpoint(cls, checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> ProxyScorer:
+        """Rebuilds the model of a `fit` checkpoint on `device` and caches its validation features there (one trunk
+        pass); every score is then computed there."""
         import time
 
-        from torch.utils.data import DataLoader
-
         started = time.perf_counter()
-        model, cfg = load_checkpoint_model(checkpoint_dir, device=device)
-        loader = DataLoader(load_trial_data(cfg).val, batch_size=cfg.data.eval_batch_size)
-        features = cache_path_features(model, loader, device=device)
+        dev = resolve_device(device)
+        model, cfg = load_checkpoint_model(checkpoint_dir, device=dev)
+        loader = make_loader(load_trial_data(cfg).val, cfg.data.eval_batch_size, dev)
+        features = cache_path_features(model, loader, device=dev)
         return cls(model, features, time.perf_counter() - started)
 
     def score(self, masks: Tensor, factors: Tensor | None = None) -> MaskScores:
@@ -101,14 +102,15 @@ def fit_ensemble_scale(
     if steps < 0 or not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"steps must be >= 0 and lr a finite number > 0, got steps={steps}, lr={lr}")
     num_images = features.labels.shape[0]
-    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+    device = features.features.device
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed)).to(device)
     cut = round(fit_fraction * num_images)
     if not 1 <= cut < num_images:
         raise ValueError(f"fit_fraction {fit_fraction} leaves an empty split of {num_images} images")
     fit = PathFeatures(features.features[:, order[:cut]], features.labels[order[:cut]])
     held = PathFeatures(features.features[:, order[cut:]], features.labels[order[cut:]])
-    start_keep = torch.tensor(model.path_mask)
-    ones = torch.ones(1, model.num_paths, dtype=torch.float64)
+    start_keep = torch.tensor(model.path_mask, device=device)
+    ones = torch.ones(1, model.num_paths, dtype=torch.float64, device=device)
 
     before = [score_masks(model, split, masks=start_keep[None], factors=ones) for split in (fit, held)]
     factors = _descend(model, fit, start_keep, steps, lr)
@@ -133,15 +135,16 @@ def fit_ensemble_scale(
         "kept_paths": float(keep.sum()),
     }
     metrics["val_acc_delta"] = metrics["val_acc_after"] - metrics["val_acc_before"]
-    return ScaleFit([float(f) for f in factors], keep.tolist(), metrics, order[:cut].tolist())
+    return ScaleFit(factors.tolist(), keep.tolist(), metrics, order[:cut].tolist())
 
 
 def _descend(model: PathEnsembleViT, fit: PathFeatures, keep: Tensor, steps: int, lr: float) -> Tensor:
     """Adam on log-factors (positive factors; 0 = factor 1) over the whole fit split; returns the best factors."""
-    log_factors = torch.zeros(model.num_paths, dtype=torch.float32, requires_grad=True)
+    device = fit.features.device
+    log_factors = torch.zeros(model.num_paths, dtype=torch.float32, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([log_factors], lr=lr)
     best: tuple[float, float] | None = None  # (accuracy, -loss), compared as a tuple
-    best_factors = torch.ones(model.num_paths, dtype=torch.float64)
+    best_factors = torch.ones(model.num_paths, dtype=torch.float64, device=device)
     was_training = model.training
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
@@ -173,7 +176,7 @@ def _prune_greedily(model: PathEnsembleViT, fit: PathFeatures, keep: Tensor, fac
     while int(keep.sum()) > 1:
         kept = keep.nonzero().flatten().tolist()
         candidates = keep[None].repeat(len(kept), 1)
-        candidates[torch.arange(len(kept)), kept] = False
+        candidates[torch.arange(len(kept), device=keep.device), kept] = False
         scored = score_masks(model, fit, masks=candidates, factors=factors[None].expand(len(kept), -1))
         options = [(float(a), -float(b)) for a, b in zip(scored.acc, scored.loss, strict=True)]
         best = max(range(len(kept)), key=lambda i: options[i])
@@ -193,11 +196,12 @@ def fit_scales_of_files(
     lr: float = 0.05,
     prune: bool = False,
     seed: int = 0,
+    device: str | torch.device | None = None,
 ) -> tuple[ScaleFit, dict[str, Path]]:
     """`fit_ensemble_scale` for a trained run's files (PathConfig + safetensors weights) on the validation split of
-    `cfg`'s data; writes the fitted PathConfig and weights (EnsembleScale and mask updated) to `out_dir`."""
+    `cfg`'s data, on `device` (default: cuda when visible); writes the fitted PathConfig and weights (EnsembleScale
+    and mask updated) to `out_dir`."""
     from safetensors.torch import load_file, save_file
-    from torch.utils.data import DataLoader
 
     config = PathConfig.load(path_config)
     if config.ensemble_scale.scope != "ensemble":  # the fit scores cached path features, which `both` scales change
@@ -205,10 +209,12 @@ def fit_scales_of_files(
             f"{path_config}: ensemble_scale.scope is {config.ensemble_scale.scope!r}: fit-scales fits scales of the "
             "ensemble feature only (scope 'ensemble'); with 'both' they also change the trunk"
         )
-    model = create_path_vit(path_config=config)
-    model.load_state_dict(load_file(str(weights)))
-    loader = DataLoader(load_trial_data(cfg).val, batch_size=cfg.data.eval_batch_size)
-    result = fit_ensemble_scale(model, cache_path_features(model, loader), fit_fraction, steps, lr, prune, seed)
+    dev = resolve_device(device)
+    model = create_path_vit(path_config=config).to(dev)
+    model.load_state_dict(load_file(str(weights), device=str(dev)))
+    loader = make_loader(load_trial_data(cfg).val, cfg.data.eval_batch_size, dev)
+    features = cache_path_features(model, loader, device=dev)
+    result = fit_ensemble_scale(model, features, fit_fraction, steps, lr, prune, seed)
     apply_scale_fit(model, result)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

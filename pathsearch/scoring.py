@@ -30,14 +30,14 @@ class PathFeatures:
 def cache_path_features(
     model: PathEnsembleViT, loader: Iterable[Any], device: str | torch.device = "cpu"
 ) -> PathFeatures:
-    """One trunk forward per batch; keeps every path's pooled output."""
+    """One trunk forward per batch on `device` (the model's); keeps every path's pooled output there, float32."""
     was_training = model.training
     model.eval()
     feats, labels = [], []
     try:
         for images, targets in loader:
-            feats.append(model.forward_paths(images.to(device)).float().cpu())
-            labels.append(targets.cpu())
+            feats.append(model.forward_paths(images.to(device, non_blocking=True)).float())  # (P, B, ...)
+            labels.append(targets.to(device, non_blocking=True))
     finally:
         model.train(was_training)
     return PathFeatures(torch.cat(feats, dim=1), torch.cat(labels))
@@ -52,7 +52,8 @@ def mask_logits(
     factors: Tensor | None = None,
     mask_chunk: int | None = None,
 ) -> Iterator[tuple[slice, slice, Tensor]]:
-    """Logits for each mask from cached raw path features: yields (mask slice, image slice, (k, n, C) logits).
+    """Logits for each mask from cached raw path features: yields (mask slice, image slice, (k, n, C) logits), on the
+    features' device.
 
     features (P, N, D) or (P, N, T, D); masks (K, P) bool; scales (P, 1|D), default the model's EnsembleScale;
     factors (K, P): per-mask multipliers of each path's EnsembleScale (default 1), so that a search can score
@@ -66,8 +67,7 @@ def mask_logits(
     num_images = features.shape[1]
     if head is not None and features.dim() == 3:
         fast = _NormHeadAlgebra(features, scales, *head)
-        # Chunks of about 4M logits (16 MB) stay cache-friendly; larger ones ran several times slower.
-        step = mask_chunk or max(1, (1 << 22) // (fast.num_images * fast.num_classes))
+        step = mask_chunk or max(1, logits_budget(features.device) // (fast.num_images * fast.num_classes))
         for start in range(0, weights.shape[0], step):
             yield slice(start, start + step), slice(0, num_images), fast.logits(weights[start : start + step])
         return
@@ -80,6 +80,12 @@ def mask_logits(
             z = combine_paths(full[chunk], features[:, n0 : n0 + image_chunk])  # (k, n, [T,] D)
             logits = model.forward_head(z.flatten(0, 1))
             yield chunk, slice(n0, n0 + z.shape[1]), logits.view(z.shape[0], z.shape[1], -1)
+
+
+def logits_budget(device: torch.device) -> int:
+    """How many logits one chunk of masks may hold: on a CPU about 4M (16 MB) stay cache-friendly (larger chunks ran
+    several times slower); on a GPU 64M (256 MB, a few times that with the chunk's temporaries) keep it busy."""
+    return 1 << 26 if device.type == "cuda" else 1 << 22
 
 
 @torch.no_grad()
@@ -144,17 +150,34 @@ def score_masks(
         with_loss: False skips the cross-entropy (`loss` is then NaN).
     """
     features, labels, masks, scales, factors = _check_scoring(model, features, labels, masks, scales, factors)
-    correct = torch.zeros(masks.shape[0], dtype=torch.float64)
-    loss = torch.zeros(masks.shape[0], dtype=torch.float64)
+    correct, loss = mask_sums(model, features, labels, masks, scales, factors, with_loss)
+    count = labels.shape[0]
+    correct, loss = correct.cpu(), loss.cpu()  # the one host copy
+    return MaskScores(correct / count, loss / count if with_loss else torch.full_like(loss, math.nan))
+
+
+@torch.no_grad()
+def mask_sums(
+    model: PathEnsembleViT,
+    features: Tensor,
+    labels: Tensor,
+    masks: Tensor,
+    scales: Tensor | None = None,
+    factors: Tensor | None = None,
+    with_loss: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Correct predictions and summed cross-entropy of each mask, accumulated on the features' device: two (K,)
+    float64 tensors there (the loss stays 0 without `with_loss`). Arguments as `score_masks`, unchecked."""
+    correct = torch.zeros(masks.shape[0], dtype=torch.float64, device=features.device)
+    loss = torch.zeros(masks.shape[0], dtype=torch.float64, device=features.device)
     for chunk, images, logits in mask_logits(model, features, masks, scales, factors):
         target = labels[images]
-        correct[chunk] += (logits.argmax(-1) == target[None]).double().sum(dim=1).cpu()
+        correct[chunk] += (logits.argmax(-1) == target[None]).sum(dim=1)
         if not with_loss:
             continue
         picked = logits.gather(-1, target[None, :, None].expand(logits.shape[0], -1, 1)).squeeze(-1)  # (k, n)
-        loss[chunk] += (torch.logsumexp(logits.double(), dim=-1) - picked.double()).sum(dim=1).cpu()
-    count = labels.shape[0]
-    return MaskScores(correct / count, loss / count if with_loss else torch.full_like(loss, math.nan))
+        loss[chunk] += (torch.logsumexp(logits.double(), dim=-1) - picked.double()).sum(dim=1)
+    return correct, loss
 
 
 def _check_scoring(
@@ -215,23 +238,24 @@ class _NormHeadAlgebra:
 
     def __init__(self, features: Tensor, scales: Tensor, norm: nn.LayerNorm, head: nn.Linear) -> None:
         num_paths, num_images, dim = features.shape
+        on = {"dtype": torch.float64, "device": features.device}  # everything lives where the features are
         q = features.double() * scales.double()[:, None, :]  # (P, N, D)
         c = q - q.mean(dim=-1, keepdim=True)
-        gamma = norm.weight.double() if norm.weight is not None else torch.ones(dim, dtype=torch.float64)
-        beta = norm.bias.double() if norm.bias is not None else torch.zeros(dim, dtype=torch.float64)
-        weight = head.weight.double().to(c.device)  # (C, D)
-        bias = head.bias.double() if head.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+        gamma = norm.weight.to(**on) if norm.weight is not None else torch.ones(dim, **on)
+        beta = norm.bias.to(**on) if norm.bias is not None else torch.zeros(dim, **on)
+        weight = head.weight.to(**on)  # (C, D)
+        bias = head.bias.to(**on) if head.bias is not None else torch.zeros(weight.shape[0], **on)
         self.num_classes = weight.shape[0]
         self.num_images = num_images
         self.dim = dim
         self.eps = norm.eps
-        self.h = ((c * gamma.to(c.device)) @ weight.T).reshape(num_paths, -1).float()  # (P, N*C)
-        self.offset = (weight @ beta.to(c.device) + bias.to(c.device)).float()  # (C,)
+        self.h = ((c * gamma) @ weight.T).reshape(num_paths, -1).float()  # (P, N*C)
+        self.offset = (weight @ beta + bias).float()  # (C,)
         gram = torch.einsum("pnd,qnd->npq", c, c)  # (N, P, P)
         # Only the upper triangle is needed (G is symmetric): off-diagonal terms counted twice.
-        iu = torch.triu_indices(num_paths, num_paths)
+        iu = torch.triu_indices(num_paths, num_paths, device=features.device)
         self.iu = iu
-        factor = torch.where(iu[0] == iu[1], 1.0, 2.0).double()
+        factor = torch.where(iu[0] == iu[1], 1.0, 2.0).to(**on)
         self.gram = (gram[:, iu[0], iu[1]] * factor).T.contiguous()  # (P(P+1)/2, N)
 
     def logits(self, weights: Tensor) -> Tensor:

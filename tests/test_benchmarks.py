@@ -13,9 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_benchmark(name: str, *args: str) -> str:
+def run_benchmark(name: str, *args: str, timeout: float = 300) -> str:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True, timeout=300
+        [sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -25,6 +25,38 @@ def test_mask_eval_benchmark_agrees_with_the_model():
     out = run_benchmark("mask_eval.py", "--masks", "500", "--images", "120")
     assert "spot-check mismatches: 0/5" in out
     assert re.search(r"[\d,]+ masks/s", out)
+
+
+def test_gpu_benchmark_quick_on_cpu_prints_every_section_and_scores_masks_as_the_model(tmp_path):
+    out = run_benchmark("gpu.py", "--quick", "--device", "cpu", "--json", str(tmp_path / "gpu.json"), timeout=600)
+    assert out.startswith("command: python3 benchmarks/gpu.py --quick --device cpu")
+    number = r" +[\d,]+(\.\d+)? "
+    for row in (
+        r"a fashion_mnist eager: fit / bare",
+        r"a vit_s_tiny_synthetic eager: fit / bare",
+        r"b vit_tiny b8 eager: path / timm step",
+        r"b vit_small b8 compiled \(eager backend\): path / timm step",
+        r"b vit_base b8 eager: path / timm step",
+        r"c plain N=2: aggregate img/s \(wall\)",
+        r"c best aggregate img/s \(plain, N=\d+\)",
+        r"d 1000 images: masks/s",
+    ):
+        assert re.search(rf"^{row}{number}", out, re.MULTILINE), row
+    assert out.count("mismatches: 0/20") == 2
+    figures = json.loads((tmp_path / "gpu.json").read_text())
+    assert not figures["failed"] and {f["section"] for f in figures["figures"]} == set("abcd")
+
+
+def test_gpu_benchmark_imports_no_ray_optuna_or_mlflow():
+    # the GPU machine has none of them: importing any (None in sys.modules) raises ImportError
+    code = (
+        "import sys; sys.modules.update(ray=None, optuna=None, mlflow=None); "
+        f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); sys.argv = ['gpu.py', '--help']; "
+        "import gpu; gpu.main()"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--sections" in result.stdout
 
 
 def test_path_analysis_benchmark_agrees_with_naive_loop():

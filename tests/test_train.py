@@ -271,7 +271,7 @@ def test_cli_train_end_to_end(tmp_path):
     sets = [a for o in [*TINY, "train.epochs=2", "train.test=true"] for a in ("--set", o)]
     result = run_cli("train", str(ROOT / "search_spaces" / "digits_tiny.yaml"), *sets, "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "final metrics:" in result.stdout and "val_acc_full" in result.stdout
+    assert "final metrics (trained on cpu):" in result.stdout and "val_acc_full" in result.stdout
     assert "test (128 images, seeds 0): test_acc " in result.stdout  # synthetic data: 128 test images
     assert f"path_config: {out}/checkpoint_0002/path_config.yaml" in result.stdout
     assert (out / "checkpoint_0002" / "path_analysis.png").is_file()
