@@ -32,7 +32,7 @@ from pathsearch.config import SearchFile
 from pathsearch.confirm import choose_candidates, confirm_search
 from pathsearch.paths import path_names, resolve_scale_init
 from pathsearch.results import SearchResult
-from pathsearch.runner import run_config, runnable, trial_device
+from pathsearch.runner import claim_device, run_config, runnable
 from pathsearch.searcher import baseline_point, make_sampler
 from pathsearch.space import SearchSpace, sample_overrides
 from pathsearch.tracking import (
@@ -207,7 +207,7 @@ def proxy_search(
 
     from pathsearch.proxy import ProxyScorer
 
-    device = trial_device(ray.get_runtime_context().get_assigned_resources())[0] if ray.is_initialized() else "cpu"
+    device = claim_device(ray.get_runtime_context().get_assigned_resources())[0]
     if threads:
         torch.set_num_threads(threads)
     verbosity = optuna.logging.get_verbosity()

@@ -62,11 +62,7 @@ def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     context = ray.get_runtime_context()
     assigned = context.get_assigned_resources()
     cpus = int(assigned.get("CPU", 1)) or 1
-    device, gpu_fraction = trial_device(assigned)
-    if device == "cpu":
-        # Ray no longer hides the GPUs from a task given none: a CPU trial on a GPU node must neither train on a
-        # GPU it does not hold nor open a CUDA context there
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    device, gpu_fraction = claim_device(assigned)
     node_id = context.get_node_id()  # MLflow tags the run with it: which node trained (and retrained) a trial
 
     reports: list[Any] = []
@@ -98,6 +94,16 @@ def trial_device(assigned: Mapping[str, float]) -> tuple[str, float | None]:
     if gpus <= 0:
         return "cpu", None
     return "cuda", gpus if gpus < 1 else None
+
+
+def claim_device(assigned: Mapping[str, float]) -> tuple[str, float | None]:
+    """`trial_device` for the Ray task this runs in; a task given no GPU is also hidden from every GPU. Ray no
+    longer blanks CUDA_VISIBLE_DEVICES for such tasks, and a CPU trial on a GPU node must neither train on a GPU it
+    does not hold nor open a CUDA context there (torch's own Adam step asks CUDA for its stream when it sees one)."""
+    device, share = trial_device(assigned)
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    return device, share
 
 
 def runnable(spec: SearchFile, trainable: Any) -> Any:

@@ -130,7 +130,7 @@ def fit(
     # timm's Mixup draws from numpy and its augmentations from `random`: seed both, like torch, per trial.
     np.random.seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    mixup = _make_mixup(cfg, bundle.num_classes)
+    mixup = make_mixup(cfg, bundle.num_classes)
     criterion = _make_criterion(cfg, mixup is not None)
     train_data = _on_device(bundle.train, dev)  # one copy on the device, shared by the seeds
     runs = [build_seed_run(cfg, bundle, cfg.train.seed + k, dev, criterion, train_data) for k in range(cfg.train.seeds)]
@@ -333,7 +333,7 @@ def _fused(opt: str, dev: torch.device) -> dict[str, Any]:
     return {"fused": True} if dev.type == "cuda" and opt.lower() in ("adam", "adamw") else {}
 
 
-def _make_mixup(cfg: TrialConfig, num_classes: int) -> Mixup | None:
+def make_mixup(cfg: TrialConfig, num_classes: int) -> Mixup | None:
     d = cfg.data
     if d.mixup <= 0 and d.cutmix <= 0:
         return None
@@ -371,10 +371,14 @@ def step_loss(
     return criterion(model(images), targets)
 
 
-def train_step(run: SeedRun, cfg: TrialConfig, images: Tensor, targets: Tensor, amp: bool) -> Tensor:
-    """Forward, backward and optimiser step of one batch (already on the model's device); returns the loss, still on
-    the device: reading it (`.item()`) would make the host wait for the GPU every step."""
+def train_step(
+    run: SeedRun, cfg: TrialConfig, images: Tensor, targets: Tensor, amp: bool, mixup: Mixup | None = None
+) -> Tensor:
+    """Mixup/CutMix, forward, backward and optimiser step of one batch (already on the model's device); returns the
+    loss, still on the device: reading it (`.item()`) would make the host wait for the GPU every step."""
     model = run.model
+    if mixup is not None:
+        images, targets = mixup(images, targets)
     masks = None
     if cfg.train.supernet.enabled:
         masks = sample_supernet_masks(model.num_paths, cfg.train.supernet, run.mask_generator)  # (K, P), CPU
@@ -476,10 +480,8 @@ def _train_one_epoch(
         images, targets = images.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
         if dev.type == "cuda" and cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if mixup is not None:
-            images, targets = mixup(images, targets)
         lr = run.optimizer.param_groups[0]["lr"]
-        loss = train_step(run, cfg, images, targets, amp)
+        loss = train_step(run, cfg, images, targets, amp, mixup)
         guard.add(loss, epoch, i, run.seed, lr)
         run.scheduler.step_update(step + 1)
         total += loss.double() * len(images)
