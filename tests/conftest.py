@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import timm
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests run where torch sees a CUDA GPU and are skipped, with the reason, elsewhere."""
+    if torch.cuda.is_available() or os.environ.get("PATHSEARCH_GPU_TESTS_ON") == "cpu":  # see tests/test_gpu.py
+        return
+    skip = pytest.mark.skip(reason=f"no CUDA GPU visible (torch {torch.__version__}: torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
 
 TINY = dict(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=3, num_heads=2, num_classes=5)
 
