@@ -135,7 +135,8 @@ def bare_epoch_seconds(cfg: TrialConfig, dev: torch.device, compiled: bool, back
     if channels_last:
         vit = vit.to(memory_format=torch.channels_last)
     t = cfg.train
-    opt = create_optimizer_v2(vit, t.opt, lr=t.lr, weight_decay=t.weight_decay)
+    fused = {"fused": True} if dev.type == "cuda" else {}  # as fit's optimiser there
+    opt = create_optimizer_v2(vit, t.opt, lr=t.lr, weight_decay=t.weight_decay, **fused)
     net = torch.compile(vit, backend=backend) if compiled else vit
     gen = torch.Generator().manual_seed(t.seed)
     loader = make_loader(bundle.train, cfg.data.batch_size, dev, shuffle=True, generator=gen)
@@ -236,8 +237,9 @@ def section_b(args: argparse.Namespace, dev: torch.device) -> None:
         torch.manual_seed(0)
         model = create_path_vit(name, path_config=cfg, num_classes=1000, **kwargs).to(dev).train()
         # separate AdamW states over the same (shared) weights, so both sides take a full optimiser step
-        opt_path = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05)
-        opt_timm = create_optimizer_v2(model.vit, "adamw", lr=1e-4, weight_decay=0.05)
+        fused = {"fused": True} if dev.type == "cuda" else {}
+        opt_path = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05, **fused)
+        opt_timm = create_optimizer_v2(model.vit, "adamw", lr=1e-4, weight_decay=0.05, **fused)
         x = torch.randn(batch, 3, img, img, device=dev)  # (B, 3, H, W)
         y = torch.randint(0, 1000, (batch,), device=dev)  # (B,)
         short = name.split("_patch")[0]

@@ -54,7 +54,6 @@ def _train(args: argparse.Namespace) -> int:
         out = Path(args.out)
     from pathsearch.train import NonFiniteLossError, fit, load_trial_data
 
-
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         std = f" ± {100 * metrics['val_acc_std']:.2f}" if "val_acc_std" in metrics else ""
         print(

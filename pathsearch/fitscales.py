@@ -76,9 +76,7 @@ def fit_scales_run(
             if key.startswith("config.data."):
                 data[key[len("config.data.") :]] = yaml.safe_load(text)
         cfg = load_trial_config(None, data={**sections, "data": data}, source=str(search_file))
-        fit, files = fit_scales_of_files(
-            path_config, weights, cfg, out, fit_fraction, steps, lr, prune, seed, device
-        )
+        fit, files = fit_scales_of_files(path_config, weights, cfg, out, fit_fraction, steps, lr, prune, seed, device)
     names = path_names(len(fit.keep) // 2)
     factors = dict(zip(names, fit.factors, strict=True))
     pruned = [n for n, k in zip(names, fit.keep, strict=True) if not k]

@@ -74,12 +74,11 @@ def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
 
     work_dir = Path(os.getcwd()) / "checkpoints"
     checkpoint = tune.get_checkpoint()
-    on = {"cpus": cpus, "device": device, "gpu_fraction": gpu_fraction}
     if checkpoint is None:
-        fit(cfg, report, work_dir=work_dir, **on)
+        fit(cfg, report, work_dir=work_dir, cpus=cpus, device=device, gpu_fraction=gpu_fraction)
     else:
         with checkpoint.as_directory() as folder:
-            result = fit(cfg, report, checkpoint_dir=folder, work_dir=work_dir, **on)
+            result = fit(cfg, report, folder, work_dir, cpus=cpus, device=device, gpu_fraction=gpu_fraction)
             if not reports and result.metrics:  # restored at its last epoch: Tune hears the final result again
                 # (its snapshot may be older than the checkpoint, see storage.recover_checkpoints; MLflow does
                 # not log an epoch its run already holds)

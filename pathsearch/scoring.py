@@ -238,13 +238,13 @@ class _NormHeadAlgebra:
 
     def __init__(self, features: Tensor, scales: Tensor, norm: nn.LayerNorm, head: nn.Linear) -> None:
         num_paths, num_images, dim = features.shape
-        on = {"dtype": torch.float64, "device": features.device}  # everything lives where the features are
+        f64, dev = torch.float64, features.device  # everything lives where the features are
         q = features.double() * scales.double()[:, None, :]  # (P, N, D)
         c = q - q.mean(dim=-1, keepdim=True)
-        gamma = norm.weight.to(**on) if norm.weight is not None else torch.ones(dim, **on)
-        beta = norm.bias.to(**on) if norm.bias is not None else torch.zeros(dim, **on)
-        weight = head.weight.to(**on)  # (C, D)
-        bias = head.bias.to(**on) if head.bias is not None else torch.zeros(weight.shape[0], **on)
+        gamma = norm.weight.to(dev, f64) if norm.weight is not None else torch.ones(dim, dtype=f64, device=dev)
+        beta = norm.bias.to(dev, f64) if norm.bias is not None else torch.zeros(dim, dtype=f64, device=dev)
+        weight = head.weight.to(dev, f64)  # (C, D)
+        bias = head.bias.to(dev, f64) if head.bias is not None else torch.zeros(weight.shape[0], dtype=f64, device=dev)
         self.num_classes = weight.shape[0]
         self.num_images = num_images
         self.dim = dim
@@ -255,7 +255,7 @@ class _NormHeadAlgebra:
         # Only the upper triangle is needed (G is symmetric): off-diagonal terms counted twice.
         iu = torch.triu_indices(num_paths, num_paths, device=features.device)
         self.iu = iu
-        factor = torch.where(iu[0] == iu[1], 1.0, 2.0).to(**on)
+        factor = torch.where(iu[0] == iu[1], 1.0, 2.0).to(dev, f64)
         self.gram = (gram[:, iu[0], iu[1]] * factor).T.contiguous()  # (P(P+1)/2, N)
 
     def logits(self, weights: Tensor) -> Tensor:

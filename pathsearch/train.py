@@ -220,7 +220,9 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ValueError(f"device {str(device)!r}: no CUDA GPU is visible to this process (torch {torch.__version__})")
+            raise ValueError(
+                f"device {str(device)!r}: no CUDA GPU is visible to this process (torch {torch.__version__})"
+            )
         if dev.index is not None and dev.index >= count:
             raise ValueError(f"device {str(device)!r}: only {count} CUDA GPU(s) are visible (cuda:0..cuda:{count - 1})")
     return dev
@@ -315,7 +317,7 @@ def build_seed_run(
         t_in_epochs=False,
     )
     masks = torch.Generator().manual_seed(seed + 7919)  # a stream of its own: shuffling is unchanged by supernet mode
-    loss_fn = partial(step_loss, model, criterion or _make_criterion(cfg, drop_last))
+    loss_fn: Callable[..., Tensor] = partial(step_loss, model, criterion or _make_criterion(cfg, drop_last))
     if t.compile:
         loss_fn = torch.compile(loss_fn)
     return SeedRun(seed, model, optimizer, scheduler, generator, loader, masks, loss_fn)
@@ -449,10 +451,6 @@ class LossGuard:
                 )
 
 
-def _autocast(dev: torch.device, amp: bool) -> Any:
-    return torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
-
-
 def _train_one_epoch(
     run: SeedRun,
     cfg: TrialConfig,
@@ -490,9 +488,7 @@ def _train_one_epoch(
     return float(total) / max(seen, 1), seen
 
 
-def evaluate_sums(
-    model: PathEnsembleViT, loader: Iterable[Any], dev: torch.device, amp: bool
-) -> tuple[Tensor, int]:
+def evaluate_sums(model: PathEnsembleViT, loader: Iterable[Any], dev: torch.device, amp: bool) -> tuple[Tensor, int]:
     """Summed cross-entropy and correct counts of the model as configured and with every path kept, over a loader,
     accumulated on the device: ((3,) float64 [loss sum, correct, correct with all paths], images)."""
     model.eval()

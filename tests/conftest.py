@@ -9,11 +9,14 @@ import timm
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+
 def pytest_collection_modifyitems(config, items):
     """`gpu`-marked tests run where torch sees a CUDA GPU and are skipped, with the reason, elsewhere."""
     if torch.cuda.is_available() or os.environ.get("PATHSEARCH_GPU_TESTS_ON") == "cpu":  # see tests/test_gpu.py
         return
-    skip = pytest.mark.skip(reason=f"no CUDA GPU visible (torch {torch.__version__}: torch.cuda.is_available() is False)")
+    skip = pytest.mark.skip(
+        reason=f"no CUDA GPU visible (torch {torch.__version__}: torch.cuda.is_available() is False)"
+    )
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -335,3 +335,69 @@ def test_checks_report_a_shipped_file_with_one_thing_taken_out(name, old, new, e
 
 def test_a_yaml_file_of_no_known_kind_fails():
     assert any("no known kind" in p for p in problems_in("cluster/x.yaml", "# Start: kubectl apply -f x\nfoo: 1\n"))
+
+
+# ----- every shipped search file's trial fits a worker of every shipped cluster file ------------------------------
+SEARCH_FILES = sorted((ROOT / "search_spaces").glob("*.yaml"))
+
+
+def worker_offers(doc: Any) -> list[dict[str, float]]:
+    """What one worker node of a launcher config or a KubeRay resource offers Ray: {"cpu": n, "gpu": n}."""
+    kind = kind_of(doc)
+    if kind == "launcher":
+        head = doc.get("head_node_type")
+        nodes = doc.get("available_node_types") or {}
+        return [
+            {name.lower(): float(v) for name, v in (node.get("resources") or {}).items()}
+            for key, node in nodes.items()
+            if key != head
+        ]
+    if kind != "kuberay":
+        return []
+    spec = doc.get("spec") or {}
+    spec = spec.get("rayClusterSpec", spec)  # a RayJob holds its cluster's spec
+    offers = []
+    for group in spec.get("workerGroupSpecs") or []:
+        params = group.get("rayStartParams") or {}
+        limits = dig(group, "template.spec.containers")[0].get("resources", {}).get("limits", {})
+        cpu = params.get("num-cpus", limits.get("cpu", 0))
+        gpu = params.get("num-gpus", limits.get("nvidia.com/gpu", 0))
+        offers.append({"cpu": float(str(cpu).rstrip("m")) / (1000 if str(cpu).endswith("m") else 1), "gpu": float(gpu)})
+    return offers
+
+
+def fits(trial: dict[str, float], offer: dict[str, float]) -> bool:
+    return all(offer.get(name, 0.0) >= amount for name, amount in trial.items())
+
+
+def unplaceable(search_text: str, cluster_files: dict[str, str]) -> list[str]:
+    """Pairs (search file's trial, cluster file) where no worker of the cluster can take the trial: Tune would wait."""
+    trial = yaml.safe_load(search_text)["search"].get("resources_per_trial", {"cpu": 1})
+    problems = []
+    for name, text in cluster_files.items():
+        offers = [o for doc in yaml.safe_load_all(text) if doc is not None for o in worker_offers(doc)]
+        if offers and not any(fits(trial, o) for o in offers):
+            problems.append(f"{trial} fits no worker of {name} ({offers})")
+    return problems
+
+
+CLUSTER_TEXTS = {rel(p): p.read_text() for p in YAML_FILES}
+
+
+def test_cluster_files_describe_their_workers():
+    offers = {name: [o for d in yaml.safe_load_all(t) if d is not None for o in worker_offers(d)]
+              for name, t in CLUSTER_TEXTS.items()}  # fmt: skip
+    assert offers["cluster/aws-gpu.yaml"] == [{"cpu": 8.0, "gpu": 1.0}]
+    assert {"cpu": 8.0, "gpu": 1.0} in offers["cluster/kuberay/raycluster.yaml"]
+
+
+@pytest.mark.parametrize("path", SEARCH_FILES, ids=lambda p: p.name)
+def test_every_search_files_trial_fits_a_worker_of_every_cluster_file(path):
+    assert unplaceable(path.read_text(), CLUSTER_TEXTS) == []
+
+
+def test_a_trial_larger_than_every_worker_is_found():
+    text = (ROOT / "search_spaces/imagenet_deit_small.yaml").read_text()
+    bigger = re.sub(r"resources_per_trial: \{[^}]*\}", "resources_per_trial: {cpu: 10, gpu: 1}", text)
+    assert bigger != text
+    assert any("cluster/aws-gpu.yaml" in p for p in unplaceable(bigger, CLUSTER_TEXTS))

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from pathsearch.analysis import analysis_masks, count_correct
@@ -210,15 +209,22 @@ def test_train_compile_trains_the_same_model(tmp_path):
     [
         ("{cpu: 1, gpu: -1}", "search.resources_per_trial.gpu: must be a finite number > 0, got -1"),
         ("{cpu: 1, gpu: 1.5}", "search.resources_per_trial.gpu: must be a share of one GPU (0 < gpu <= 1"),
-        ("{cpu: 1, gpu: two}", "search.resources_per_trial: expected a mapping of names to float, got {'cpu': 1, 'gpu': 'two'}"),
+        (
+            "{cpu: 1, gpu: two}",
+            "search.resources_per_trial: expected a mapping of names to float, got {'cpu': 1, 'gpu': 'two'}",
+        ),
         ("{cpu: .inf}", "search.resources_per_trial.cpu: must be a finite number > 0, got inf"),
-        ("{cpu: 1, gpu: true}", "search.resources_per_trial: expected a mapping of names to float, got {'cpu': 1, 'gpu': True}"),
+        (
+            "{cpu: 1, gpu: true}",
+            "search.resources_per_trial: expected a mapping of names to float, got {'cpu': 1, 'gpu': True}",
+        ),
     ],
 )
 def test_bad_gpu_amounts_exit_2_naming_key_and_value(tmp_path, resources, wanted):
     path = ROOT / "search_spaces/digits_tiny.yaml"
     result = subprocess.run(
-        [sys.executable, "-m", "pathsearch.cli", "validate", str(path), "--set", f"search.resources_per_trial={resources}"],
+        [sys.executable, "-m", "pathsearch.cli", "validate", str(path), "--set",
+         f"search.resources_per_trial={resources}"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr

@@ -27,7 +27,7 @@ from pathsearch.demo import run_demo
 from pathsearch.model import create_path_vit
 from pathsearch.paths import EnsembleScaleConfig, PathConfig
 from pathsearch.proxy import ProxyScorer, fit_ensemble_scale
-from pathsearch.scoring import cache_path_features, evaluate_masks
+from pathsearch.scoring import evaluate_masks
 from pathsearch.train import LossGuard, NonFiniteLossError, build_seed_run, fit, load_trial_data, make_mixup, train_step
 
 pytestmark = pytest.mark.gpu
