@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from pathsearch.analysis import analysis_masks, count_correct
+from pathsearch.cli import main
 from pathsearch.config import load_search_file, load_trial_config
 from pathsearch.data import TensorBatches, make_loader
 from pathsearch.model import create_path_vit
@@ -220,17 +221,11 @@ def test_train_compile_trains_the_same_model(tmp_path):
         ),
     ],
 )
-def test_bad_gpu_amounts_exit_2_naming_key_and_value(tmp_path, resources, wanted):
+def test_bad_gpu_amounts_exit_2_naming_key_and_value(tmp_path, capsys, resources, wanted):
     path = ROOT / "search_spaces/digits_tiny.yaml"
-    result = subprocess.run(
-        [sys.executable, "-m", "pathsearch.cli", "validate", str(path), "--set",
-         f"search.resources_per_trial={resources}"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
+    assert main(["validate", str(path), "--set", f"search.resources_per_trial={resources}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and wanted in lines[0], lines
-    assert "Traceback" not in result.stderr
 
 
 def test_fractional_and_whole_gpus_are_valid():
@@ -241,24 +236,20 @@ def test_fractional_and_whole_gpus_are_valid():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where no CUDA GPU is visible")
 @pytest.mark.parametrize("verb", ["train", "demo"])
-def test_device_cuda_without_a_gpu_exits_2_and_writes_nothing(tmp_path, verb):
+def test_device_cuda_without_a_gpu_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, verb):
+    monkeypatch.chdir(tmp_path)
     args = ["train", str(ROOT / "search_spaces/digits_tiny.yaml")] if verb == "train" else ["demo"]
-    result = subprocess.run([sys.executable, "-m", "pathsearch.cli", *args, "--device", "cuda"], capture_output=True,
-                            text=True, timeout=120, cwd=tmp_path)  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == [
+    assert main([*args, "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"pathsearch {verb}: error: device 'cuda': no CUDA GPU is visible to this process (torch {torch.__version__})"
     ]
     assert list(tmp_path.iterdir()) == []
 
 
-def test_train_compile_on_a_torch_without_it_exits_2_and_writes_nothing(tmp_path):
-    script = (
-        "import sys, torch; del torch.compile; from pathsearch.cli import main; "
-        f"sys.exit(main(['train', {str(ROOT / 'search_spaces/digits_tiny.yaml')!r}, '--set', 'train.compile=true']))"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
+def test_train_compile_on_a_torch_without_it_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delattr(torch, "compile")  # a torch from before torch.compile
+    assert main(["train", str(ROOT / "search_spaces/digits_tiny.yaml"), "--set", "train.compile=true"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pathsearch train: error: train.compile: torch "), lines
     assert list(tmp_path.iterdir()) == []
