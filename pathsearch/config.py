@@ -18,7 +18,7 @@ from typing import Any, Literal, get_type_hints
 import yaml
 
 from pathsearch.paths import DistillConfig, EnsembleScaleConfig, PathConfig
-from pathsearch.space import parse_space
+from pathsearch.space import lookup_value, parse_space
 from pathsearch.typed import ConfigError, apply_overrides, deep_copy, from_dict, set_dotted, to_dict
 
 # Top-level sections of a search file; the search-only ones (search, space, tracking) are read by the search.
@@ -427,12 +427,42 @@ def load_search_file(path: str | Path, overrides: Sequence[str] = (), model_dept
     if not problems:
         problems += _probe_space(raw, space, source)
     if not problems:
+        problems += _check_baseline(raw, space, source)
+    if not problems:
         problems += _check_test_split(trial, search, space, source)
     if not problems and search.strategy == "two_stage":
         problems += _check_two_stage(trial, space, source)
     if problems:
         raise ConfigError(problems)
     return SearchFile(source, trial, search, tracking, space, raw)
+
+
+def _check_baseline(raw: Mapping[str, Any], space: Any, source: str) -> list[str]:
+    """Every search trains the baseline first, as a point of its space that Optuna is told to try (no path pruned,
+    EnsembleScale init 1.0, every other searched key at its base value): each of those values must be a point of
+    its entry, or the search would stop once it had started."""
+    base = _trial_sections(raw)
+    problems = []
+    for entry in space.entries:
+        value: Any
+        if entry.key == "model.pruned":
+            if entry.by != "shortest":
+                continue  # flags: keeping every path is always a point
+            value, what = 0, "pruning no path, k = 0"
+        elif entry.key == "model.ensemble_scale.init":
+            value, what = 1.0, "EnsembleScale init 1.0"
+        else:
+            value = lookup_value({}, base, entry.key)
+            if value is None or any(lookup_value({}, base, k) != v for k, v in entry.when.items()):
+                continue  # not set in the base (sampled for the baseline too), or its condition does not hold
+            what = f"the base value {entry.key}: {value!r}"
+        why = entry.dist.excludes(value)
+        if why is not None:
+            problems.append(
+                f"{source}: space.{entry.key}: the baseline ({what}) is trained first as a point of the space, but "
+                f"{why}; widen the space or change the base value, got {value!r}"
+            )
+    return problems
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -66,6 +66,27 @@ class Dist:
             return trial.suggest_int(name, self.low, self.high, step=int(self.step or 1), log=self.log)
         return trial.suggest_float(name, float(self.low), float(self.high), step=self.step, log=self.log)
 
+    def excludes(self, value: Any) -> str | None:
+        """Why `value` is not a point of this distribution (for an enqueued point such as the baseline), or None."""
+        if self.choices is not None:
+            if any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in self.choices):
+                return None
+            return f"it is not one of the choices {self.choices}"
+        number = parse_number(value)
+        assert self.low is not None and self.high is not None
+        if number is None:
+            return f"the space samples numbers from {self.low} to {self.high}"
+        if not self.low <= number <= self.high:
+            return f"it is outside the range {self.low} to {self.high}"
+        whole = isinstance(self.low, int) and isinstance(self.high, int) and not isinstance(self.step, float)
+        if whole and number != int(number):
+            return f"the space samples whole numbers from {self.low} to {self.high}"
+        if self.step is not None:
+            steps = (number - self.low) / self.step
+            if abs(steps - round(steps)) > 1e-9:
+                return f"it is not on the grid {self.low}, {self.low + self.step}, ... (step {self.step})"
+        return None
+
     def extremes(self) -> list[Any]:
         """Points that validation probes: both ends of a range, or every choice."""
         return list(self.choices) if self.choices is not None else [self.low, self.high]
@@ -161,6 +182,12 @@ def _parse_dist(spec: Mapping[str, Any], where: str, problems: list[str]) -> Dis
         if odd:  # Optuna stores categorical choices as plain scalars only
             problems.append(f"{where}.choices: entries must be numbers, strings, booleans or null, got {odd[0]!r}")
             return None
+        seen: list[Any] = []
+        for choice in choices:
+            if Dist(choices=seen).excludes(choice) is None:
+                problems.append(f"{where}.choices: {choice!r} is listed twice (each choice once), got {choices!r}")
+                return None
+            seen.append(choice)
         return Dist(choices=list(choices))
     if "low" not in spec or "high" not in spec:
         problems.append(f"{where}: expected low and high (or choices), got {dict(spec)!r}")

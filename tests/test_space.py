@@ -15,7 +15,7 @@ from pathsearch import cli
 from pathsearch.config import load_search_file
 from pathsearch.model import model_depth
 from pathsearch.paths import path_names
-from pathsearch.space import sample_overrides
+from pathsearch.space import parse_space, sample_overrides
 from pathsearch.typed import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,3 +260,55 @@ def test_search_on_an_invalid_file_exits_2_and_writes_nothing(tmp_path, capsys, 
     assert code == 2
     assert "search.metric: unknown metric" in err and "train.lr" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run folder, no MLflow store
+
+
+BAD_BASELINE = """\
+model:
+  name: vit_tiny_patch16_224
+  kwargs: {img_size: 8, patch_size: 2, in_chans: 1, embed_dim: 32, depth: 2, num_heads: 2}
+  distill: {alpha: 0.5, temperature: 2.0, students: [3]}
+data: {name: digits}
+train: {epochs: 1, lr: 1.0e-2}
+search: {num_samples: 2}
+space:
+  model.distill.temperature: {choices: [1.0, 4.0]}
+  train.lr: {low: 1.0e-4, high: 1.0e-3, log: true}
+  model.ensemble_scale.init: {low: 0.01, high: 0.5}
+  model.pruned: {by: shortest, low: 1, high: 3}
+  train.epochs: {choices: [2, 3], when: {model.distill.alpha: 0.5}}
+  train.warmup_epochs: {choices: [0.0, 1.0], when: {model.distill.alpha: 0.0}}
+"""
+
+
+@pytest.mark.parametrize("verb", ["validate", "search"])
+def test_a_baseline_outside_its_space_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys, verb):
+    """The baseline is trained first, as a point of the space: a base value that is not one stopped `search` after it
+    had made a run folder and an MLflow run, with a message that named nothing ("'2.0' not in (1.0, 4.0).")."""
+    from pathsearch.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD_BASELINE)
+    monkeypatch.chdir(tmp_path)
+    assert main([verb, str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    expected = {  # key: (the baseline's value, why)
+        "model.distill.temperature": ("2.0", "it is not one of the choices [1.0, 4.0]"),
+        "train.lr": ("0.01", "it is outside the range 0.0001 to 0.001"),
+        "model.ensemble_scale.init": ("1.0", "it is outside the range 0.01 to 0.5"),
+        "model.pruned": ("0", "it is outside the range 1 to 3"),
+        "train.epochs": ("1", "it is not one of the choices [2, 3]"),  # its condition holds for the base
+    }  # train.warmup_epochs: its condition does not hold for the base, so the baseline does not set it
+    assert len(lines) == len(expected), lines
+    for line, (key, (value, why)) in zip(lines, expected.items(), strict=True):
+        assert line.startswith(f"pathsearch {verb}: error: {path}: space.{key}: the baseline ("), line
+        assert f"is trained first as a point of the space, but {why}" in line and line.endswith(f"got {value}"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no run folder, no MLflow store
+
+
+def test_a_choice_listed_twice_is_refused():
+    problems: list[str] = []
+    parse_space({"train.lr": {"choices": [1.0, 4.0, 4.0]}}, 2, "f.yaml", problems)
+    assert problems == ["f.yaml: space.train.lr.choices: 4.0 is listed twice (each choice once), got [1.0, 4.0, 4.0]"]
+    problems = []
+    parse_space({"x.flag": {"choices": [1, True]}}, 2, "f.yaml", problems)  # 1 and True are two choices for Optuna
+    assert problems == []
