@@ -54,6 +54,9 @@ def _train(args: argparse.Namespace) -> int:
         out = Path(args.out)
     from pathsearch.train import NonFiniteLossError, fit, load_trial_data
 
+    # a progress bar redraws itself with carriage returns: only on a terminal, never into a log or a pipe
+    progress = not args.no_progress and sys.stderr.isatty()
+
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         std = f" ± {100 * metrics['val_acc_std']:.2f}" if "val_acc_std" in metrics else ""
         print(
@@ -64,9 +67,7 @@ def _train(args: argparse.Namespace) -> int:
         )
 
     try:
-        result = fit(
-            cfg, report, checkpoint_dir=args.resume, work_dir=out, device=device, progress=not args.no_progress
-        )
+        result = fit(cfg, report, checkpoint_dir=args.resume, work_dir=out, device=device, progress=progress)
     except BaseException as err:
         if made and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # failed before writing anything (bad input: exit 2): no empty folder left behind
@@ -320,7 +321,7 @@ def _stop(args: argparse.Namespace) -> int:
 def _ui(args: argparse.Namespace) -> int:
     from pathsearch.ui import serve
 
-    return serve(args.tracking_uri, args.port, args.experiment)
+    return serve(args.tracking_uri, args.port, args.experiment, verbose=args.verbose)
 
 
 def _override(text: str) -> str:

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import FrameType
@@ -87,10 +88,11 @@ def search_experiment(tracking_uri: str, experiment: str | None = None) -> tuple
     return run.info.experiment_id, f"experiment {name!r}, latest search {run.info.run_name}"
 
 
-def serve(tracking_uri: str | None, port: int, experiment: str | None = None) -> int:
+def serve(tracking_uri: str | None, port: int, experiment: str | None = None, verbose: bool = False) -> int:
     """Prints the UI's address on the latest search and, for a local store, serves it until the server exits or
     SIGTERM, SIGINT (Ctrl-C) or SIGHUP asks it to stop. Returns the server's exit code, or 0 after a requested
-    stop (the server's whole process group is gone by then)."""
+    stop (the server's whole process group is gone by then). MLflow's own output (start-up lines, uvicorn's log,
+    its warnings) goes to a log file whose path is printed, or to the console with `verbose`."""
     if tracking_uri and tracking_uri.startswith(("http://", "https://")):
         return _point_at_server(tracking_uri, experiment)
     requested: list[int] = []
@@ -106,15 +108,23 @@ def serve(tracking_uri: str | None, port: int, experiment: str | None = None) ->
         if requested:
             return 0
         cmd, env = ui_command(uri, port)
-        server = subprocess.Popen(cmd, env=env, start_new_session=True)  # own session: the group is its own
+        log = None if verbose else Path(tempfile.mkstemp(prefix=f"pathsearch-ui-{port}-", suffix=".log")[1])
+        with open(log or os.devnull, "w") as sink:
+            output: dict[str, Any] = {} if log is None else {"stdout": sink, "stderr": subprocess.STDOUT}
+            server = subprocess.Popen(cmd, env=env, start_new_session=True, **output)  # own session: its own group
         print(f"MLflow UI at {runs_url(f'http://127.0.0.1:{port}', experiment_id)}", flush=True)
         print(f"  {what}; serving {uri} (Ctrl-C stops it)", flush=True)
+        if log is not None:
+            print(f"  MLflow's own output: {log} (-v shows it here)", flush=True)
         try:
             while not requested and server.poll() is None:
                 time.sleep(0.25)  # a signal sets `requested`; the sleep ends then or at the latest in 0.25 s
         finally:
             stop_group(server)
         code = server.returncode
+        if code and not requested and log is not None:  # the server failed by itself: say why, from its log
+            for line in log.read_text(errors="replace").strip().splitlines()[-5:]:
+                print(f"  mlflow: {line}", file=sys.stderr)
         return 0 if requested else (code if code >= 0 else 128 - code)  # killed by signal N: 128 + N, as a shell
     finally:
         for sig, handler in previous.items():

@@ -275,6 +275,7 @@ def test_cli_train_end_to_end(tmp_path):
     assert "test (128 images, seeds 0): test_acc " in result.stdout  # synthetic data: 128 test images
     assert f"path_config: {out}/checkpoint_0002/path_config.yaml" in result.stdout
     assert (out / "checkpoint_0002" / "path_analysis.png").is_file()
+    assert "\r" not in result.stdout + result.stderr  # no progress-bar frames in a pipe or a log
 
 
 def test_cli_train_bad_input_exits_2_and_writes_nothing(tmp_path):
