@@ -428,6 +428,7 @@ def load_search_file(path: str | Path, overrides: Sequence[str] = (), model_dept
         problems += _probe_space(raw, space, source)
     if not problems:
         problems += _check_baseline(raw, space, source)
+        problems += _check_enqueue(search, space, source)
     if not problems:
         problems += _check_test_split(trial, search, space, source)
     if not problems and search.strategy == "two_stage":
@@ -462,6 +463,21 @@ def _check_baseline(raw: Mapping[str, Any], space: Any, source: str) -> list[str
                 f"{source}: space.{entry.key}: the baseline ({what}) is trained first as a point of the space, but "
                 f"{why}; widen the space or change the base value, got {value!r}"
             )
+    return problems
+
+
+def _check_enqueue(search: SearchConfig, space: Any, source: str) -> list[str]:
+    """`search.enqueue` points are told to Optuna as they are: each name must be a parameter of the space and each
+    value a point of its distribution."""
+    dists = space.param_dists()
+    problems = []
+    for i, point in enumerate(search.enqueue):
+        for name, value in point.items():
+            where = f"{source}: search.enqueue[{i}].{name}"
+            if name not in dists:
+                problems.append(f"{where}: not a parameter of the space (its parameters: {', '.join(dists)})")
+            elif (why := dists[name].excludes(value)) is not None:
+                problems.append(f"{where}: an enqueued point must be a point of the space, but {why}, got {value!r}")
     return problems
 
 

@@ -109,6 +109,10 @@ class SearchSpace:
     def num_paths(self) -> int:
         return 2 * self.depth + 1
 
+    def param_dists(self) -> dict[str, Dist]:
+        """Every Optuna parameter name the space can sample, with its distribution."""
+        return {name: entry.dist for entry in self.entries for name in _param_names(entry, self.depth)}
+
     def param_names(self) -> list[str]:
         """Every Optuna parameter name the space can sample (dotted; also MLflow's param names)."""
         names: list[str] = []

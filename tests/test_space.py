@@ -312,3 +312,26 @@ def test_a_choice_listed_twice_is_refused():
     problems = []
     parse_space({"x.flag": {"choices": [1, True]}}, 2, "f.yaml", problems)  # 1 and True are two choices for Optuna
     assert problems == []
+
+
+def test_enqueued_points_must_be_parameters_and_points_of_the_space(tmp_path, monkeypatch, capsys):
+    from pathsearch.cli import main
+
+    path = tmp_path / "enqueue.yaml"
+    path.write_text(
+        BAD_BASELINE.replace("temperature: 2.0", "temperature: 1.0").replace("lr: 1.0e-2", "lr: 1.0e-3")
+        .replace("{low: 0.01, high: 0.5}", "{low: 0.01, high: 1.0}").replace("low: 1, high: 3", "low: 0, high: 3")
+        .replace("{choices: [2, 3]", "{choices: [1, 3]")
+        .replace("search: {num_samples: 2}",
+                 "search: {num_samples: 2, enqueue: [{prune.shortest: 4, train.lr: 1.0e-3}, {prune.embed: true}]}")
+    )  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"pathsearch validate: error: {path}: search.enqueue[0].prune.shortest: an enqueued point must be a point of "
+        "the space, but it is outside the range 0 to 3, got 4",
+        f"pathsearch validate: error: {path}: search.enqueue[1].prune.embed: not a parameter of the space (its "
+        "parameters: model.distill.temperature, train.lr, ensemble_scale.init, prune.shortest, train.epochs, "
+        "train.warmup_epochs)",
+    ], lines
