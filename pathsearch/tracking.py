@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import requests
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from ray.tune import Callback
 
 from pathsearch.results import trained_to_end
@@ -175,6 +176,22 @@ def start_parent_run(tracking_uri: str, experiment: str, run_name: str, params: 
     return experiment_id, run.info.run_id
 
 
+def dataset_inputs(text: str) -> list[DatasetInput]:
+    """MLflow dataset inputs from a trial's `dataset_inputs` report (JSON: name, context, size, digest, source):
+    the data itself is not uploaded, only its name, digest, size and where it came from."""
+    inputs = []
+    for split in json.loads(text):
+        dataset = Dataset(
+            name=split["name"],
+            digest=split["digest"],
+            source_type="pathsearch",
+            source=json.dumps(split["source"]),
+            profile=json.dumps({"num_rows": split["size"]}),
+        )
+        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split["context"])]))
+    return inputs
+
+
 class MlflowTrialLogger(Callback):
     """Logs each Tune trial to a nested MLflow run: params once, one batched request per result, artifacts and
     status at the end, all through an ordered queue of operations that survives an MLflow outage.
@@ -205,6 +222,7 @@ class MlflowTrialLogger(Callback):
         self._runs: dict[str, str] = {}  # trial id -> run id, of the runs this process has open
         self._logged: dict[str, int] = {}  # trial id -> the last epoch its run holds (logged, or found on reopening)
         self._nodes: dict[str, str] = {}  # trial id -> the node it last reported from (tagged when it changes)
+        self._inputs: dict[str, str] = {}  # trial id -> the splits it read (JSON, from its reports), logged at its end
         self._client: MlflowClient | None = None
         self._next_try = 0.0  # monotonic time before which the queue is not sent again (set while down)
         self._down_since: float | None = None  # start of the current outage, for its two log lines
@@ -246,6 +264,8 @@ class MlflowTrialLogger(Callback):
             for k, v in result.items()
             if k in REPORTED and isinstance(v, int | float) and not isinstance(v, bool)
         ]
+        if isinstance(result.get("dataset_inputs"), str):  # logged with the run's end: no request per result
+            self._inputs[trial.trial_id] = result["dataset_inputs"]
         tags = []
         node = result.get("node_id")  # train_trial reports it: where the trial runs, after a retry too
         if isinstance(node, str) and self._nodes.get(trial.trial_id) != node:
@@ -272,6 +292,9 @@ class MlflowTrialLogger(Callback):
             # suffices; its own operation: files MLflow refuses must not cost the run its final status
             folder = checkpoint_location(checkpoint)
             self._send({"op": "artifacts", "trial": trial.trial_id, "folder": folder, "names": list(TRIAL_ARTIFACTS)})
+        inputs = self._inputs.pop(trial.trial_id, None)
+        if inputs is not None:  # the runs page's Dataset column and MLflow's dataset filters read these
+            self._send({"op": "inputs", "trial": trial.trial_id, "inputs": inputs})
         self._send({"op": "end", "trial": trial.trial_id, "state": state, "status": status})
 
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
@@ -404,6 +427,8 @@ class MlflowTrialLogger(Callback):
                         shutil.copy(f, tmp)
                 if any(Path(tmp).iterdir()):
                     client.log_artifacts(run_id, tmp)
+        elif op["op"] == "inputs":  # logging the same dataset and context again adds nothing
+            client.log_inputs(self._run_id(trial_id), datasets=dataset_inputs(op["inputs"]))
         elif op["op"] == "end":
             run_id = self._run_id(trial_id)
             client.log_batch(run_id, tags=[RunTag("pathsearch.state", op["state"])])

@@ -90,7 +90,8 @@ def fit(
     Args:
         cfg: the validated trial configuration.
         report: called as report(metrics, checkpoint_dir) after each epoch; the last call's checkpoint also holds
-            the path analysis (JSON + PNG) and the final PathConfig with learned EnsembleScale values.
+            the path analysis (JSON + PNG) and the final PathConfig with learned EnsembleScale values. Besides the
+            numbers, `metrics["dataset_inputs"]` describes the splits the trial read (JSON, see `dataset_inputs`).
         checkpoint_dir: a checkpoint written by an earlier `fit` to resume from (exactly).
         work_dir: where new checkpoints go (default: a fresh temporary folder); older ones are removed once the
             next is reported.
@@ -176,7 +177,7 @@ def fit(
         _write_checkpoint(ckpt, runs, cfg, epoch + 1, metrics, dev)
         if last:
             files = _write_final_artifacts(ckpt, runs, val_loader, dev)
-        report(metrics, str(ckpt))
+        report({**metrics, "dataset_inputs": dataset_inputs(cfg, bundle, test=last and cfg.train.test)}, str(ckpt))
         train_images, train_seconds = 0, 0.0
         if previous is not None and previous.exists():
             shutil.rmtree(previous)
@@ -206,6 +207,27 @@ def torch_threads(configured: int | None, cpus: int | None, environ: Mapping[str
     if threads < 1:
         raise ValueError(f"OMP_NUM_THREADS={text!r}: expected a whole number >= 1 (or unset it, or set train.threads)")
     return threads
+
+
+def dataset_inputs(cfg: TrialConfig, bundle: DataBundle, test: bool = False) -> str:
+    """The splits a trial read, as JSON for a tracker: [{name, context, size, digest, source}], one per split
+    (train, validation, and test when it was scored). The digest identifies the split's definition (dataset, root,
+    split seed, sizes, image size), not its bytes: hashing an image folder would mean reading it all."""
+    import hashlib
+
+    d = cfg.data
+    source = {"dataset": d.name, "root": d.root, "split_seed": d.split_seed, "img_size": bundle.img_size}
+    splits = [("train", bundle.train), ("validation", bundle.val)]
+    if test and bundle.test is not None:
+        splits.append(("test", bundle.test))
+    out = []
+    for context, split in splits:
+        size = len(split)  # type: ignore[arg-type]
+        key = json.dumps({**source, "split": context, "size": size}, sort_keys=True)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        out.append({"name": f"{d.name}-{context}", "context": context, "size": size, "digest": digest,
+                    "source": source})  # fmt: skip
+    return json.dumps(out)
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

@@ -22,6 +22,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# One trial of a tiny ViT on the synthetic data (pathsearch.config overrides), and the kinds of training step the
+# product runs, each as the overrides that turn it on (tests/test_device.py on meta, tests/test_gpu.py on CUDA)
+TINY_TRIAL = [
+    "data.name=synthetic",
+    "model.kwargs.depth=2",
+    "model.kwargs.embed_dim=32",
+    "model.kwargs.num_heads=2",
+    "model.kwargs.patch_size=2",
+    "train.warmup_epochs=0",
+]
+STEP_KINDS = {
+    "plain": [],
+    "distillation": ["model.distill.alpha=0.5", "model.distill.students=[3]"],
+    "supernet": ["train.supernet.enabled=true"],
+    "grad_clip_and_pruning": ["train.grad_clip=1.0", "model.pruned=[embed, attn.1]"],
+    "mixup_cutmix_smoothing": ["data.mixup=0.8", "data.cutmix=1.0", "data.label_smoothing=0.1"],
+    "drop_path_vector_scale_scope_both": [
+        "model.kwargs.drop_path_rate=0.1",
+        "model.ensemble_scale.kind=vector",
+        "model.ensemble_scale.scope=both",
+    ],
+}
+
 TINY = dict(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=3, num_heads=2, num_classes=5)
 
 

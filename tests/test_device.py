@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import STEP_KINDS, TINY_TRIAL
 from torch.utils.data import DataLoader, TensorDataset
 
 from pathsearch.analysis import analysis_masks, count_correct
@@ -34,27 +35,11 @@ from pathsearch.train import (
 
 ROOT = Path(__file__).resolve().parents[1]
 META = torch.device("meta")
-TINY = [
-    "data.name=synthetic",
-    "model.kwargs.depth=2",
-    "model.kwargs.embed_dim=32",
-    "model.kwargs.num_heads=2",
-    "model.kwargs.patch_size=2",
-    "train.warmup_epochs=0",
-]
-STEPS = {  # each kind of training step the product runs
-    "plain": [],
-    "distillation": ["model.distill.alpha=0.5", "model.distill.students=[3]"],
-    "supernet": ["train.supernet.enabled=true"],
-    "grad_clip_and_pruning": ["train.grad_clip=1.0", "model.pruned=[embed, attn.1]"],
-    "mixup_cutmix_smoothing": ["data.mixup=0.8", "data.cutmix=1.0", "data.label_smoothing=0.1"],
-    "vector_scale_scope_both": ["model.ensemble_scale.kind=vector", "model.ensemble_scale.scope=both"],
-}
 
 
-@pytest.mark.parametrize("kind", list(STEPS))
+@pytest.mark.parametrize("kind", list(STEP_KINDS))
 def test_training_steps_run_on_the_meta_device(kind):
-    cfg = load_trial_config(None, [*TINY, *STEPS[kind]])
+    cfg = load_trial_config(None, [*TINY_TRIAL, *STEP_KINDS[kind]])
     bundle = load_trial_data(cfg)
     run = build_seed_run(cfg, bundle, 0, META)
     mixup = make_mixup(cfg, bundle.num_classes)
@@ -74,7 +59,7 @@ def test_evaluation_analysis_and_mask_scoring_stay_on_the_meta_device(pool):
     model = create_path_vit("vit_tiny_patch16_224", img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=2,
                             num_heads=2, num_classes=4, **kwargs).to(META)  # fmt: skip
     model.set_path_mask({"embed": False})
-    bundle = load_trial_data(load_trial_config(None, TINY))
+    bundle = load_trial_data(load_trial_config(None, TINY_TRIAL))
     val = make_loader(bundle.val, 64, META)
     sums, count = evaluate_sums(model, val, META, amp=False)
     assert sums.device == META and count == len(bundle.val)
@@ -133,8 +118,8 @@ def test_a_cpu_trial_calls_nothing_that_opens_a_cuda_context(tmp_path, monkeypat
     for name in ("_lazy_init", "init", "get_rng_state", "set_rng_state", "synchronize", "current_stream",
                  "set_per_process_memory_fraction", "mem_get_info"):  # fmt: skip
         monkeypatch.setattr(torch.cuda, name, touched)
-    cfg = load_trial_config(None, [*TINY, "train.epochs=2"])
-    first = fit(load_trial_config(None, [*TINY, "train.epochs=1"]), lambda m, c: None, work_dir=tmp_path / "a",
+    cfg = load_trial_config(None, [*TINY_TRIAL, "train.epochs=2"])
+    first = fit(load_trial_config(None, [*TINY_TRIAL, "train.epochs=1"]), lambda m, c: None, work_dir=tmp_path / "a",
                 device="cpu")  # fmt: skip
     result = fit(cfg, lambda m, c: None, checkpoint_dir=first.checkpoint_dir, work_dir=tmp_path / "b", device="cpu")
     assert result.metrics["epoch"] == 2
@@ -171,7 +156,7 @@ def test_in_memory_data_trains_exactly_as_through_a_dataloader(tmp_path, monkeyp
     """The device loader is an implementation detail: fit through it equals fit through torch's DataLoader."""
     import pathsearch.train as train_module
 
-    cfg = load_trial_config(None, [*TINY, "train.epochs=2", "model.kwargs.drop_path_rate=0.1"])
+    cfg = load_trial_config(None, [*TINY_TRIAL, "train.epochs=2", "model.kwargs.drop_path_rate=0.1"])
     seen = []
     fast = fit(cfg, lambda m, c: seen.append(m), work_dir=tmp_path / "fast", device="cpu")
     assert isinstance(build_seed_run(cfg, load_trial_data(cfg), 0, torch.device("cpu")).train_loader, TensorBatches)
@@ -188,7 +173,7 @@ def test_in_memory_data_trains_exactly_as_through_a_dataloader(tmp_path, monkeyp
 
 def test_mixup_trains_when_the_last_batch_would_be_odd(tmp_path):
     """timm's Mixup refuses an odd batch: with mixup the last, partial, batch is dropped (65 images, batch 32)."""
-    cfg = load_trial_config(None, [*TINY, "data.train_size=65", "data.batch_size=32", "data.mixup=0.8",
+    cfg = load_trial_config(None, [*TINY_TRIAL, "data.train_size=65", "data.batch_size=32", "data.mixup=0.8",
                                    "train.epochs=1"])  # fmt: skip
     seen = []
     fit(cfg, lambda m, c: seen.append(m), work_dir=tmp_path / "run", device="cpu")
@@ -197,7 +182,7 @@ def test_mixup_trains_when_the_last_batch_would_be_odd(tmp_path):
 
 def test_train_compile_trains_the_same_model(tmp_path):
     """train.compile (torch.compile of the step's forward and loss) learns what the eager step learns."""
-    args = [*TINY, "train.epochs=1", "data.train_size=64"]
+    args = [*TINY_TRIAL, "train.epochs=1", "data.train_size=64"]
     eager = fit(load_trial_config(None, args), lambda m, c: None, work_dir=tmp_path / "eager", device="cpu")
     compiled = fit(load_trial_config(None, [*args, "train.compile=true"]), lambda m, c: None,
                    work_dir=tmp_path / "compiled", device="cpu")  # fmt: skip

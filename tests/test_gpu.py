@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import STEP_KINDS, TINY_TRIAL
 from safetensors.torch import load_file
 
 from pathsearch.analysis import analyze_paths
@@ -33,27 +34,11 @@ from pathsearch.train import LossGuard, NonFiniteLossError, build_seed_run, fit,
 pytestmark = pytest.mark.gpu
 DEVICE = torch.device(os.environ.get("PATHSEARCH_GPU_TESTS_ON", "cuda"))
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.name=synthetic",
-    "model.kwargs.depth=2",
-    "model.kwargs.embed_dim=32",
-    "model.kwargs.num_heads=2",
-    "model.kwargs.patch_size=2",
-    "train.warmup_epochs=0",
-]
-STEPS = {
-    "plain": [],
-    "distillation": ["model.distill.alpha=0.5", "model.distill.students=[3]"],
-    "supernet": ["train.supernet.enabled=true"],
-    "grad_clip_and_pruning": ["train.grad_clip=1.0", "model.pruned=[embed, attn.1]"],
-    "mixup_cutmix_smoothing": ["data.mixup=0.8", "data.cutmix=1.0", "data.label_smoothing=0.1"],
-    "drop_path_vector_scale": ["model.kwargs.drop_path_rate=0.1", "model.ensemble_scale.kind=vector"],
-}
 
 
-@pytest.mark.parametrize("kind", list(STEPS))
+@pytest.mark.parametrize("kind", list(STEP_KINDS))
 def test_a_training_step_makes_no_host_sync(kind):
-    cfg = load_trial_config(None, [*TINY, *STEPS[kind], "data.batch_size=32"])  # 8 steps an epoch
+    cfg = load_trial_config(None, [*TINY_TRIAL, *STEP_KINDS[kind], "data.batch_size=32"])  # 8 steps an epoch
     amp = DEVICE.type == "cuda"  # bf16 autocast, as fit uses it there
     bundle = load_trial_data(cfg)
     run = build_seed_run(cfg, bundle, 0, DEVICE)
@@ -79,7 +64,7 @@ def test_a_training_step_makes_no_host_sync(kind):
 
 
 def test_fit_trains_several_seeds_scores_test_and_resumes(tmp_path):
-    args = [*TINY, "train.seeds=2", "model.distill.alpha=0.5", "model.distill.students=[3]"]
+    args = [*TINY_TRIAL, "train.seeds=2", "model.distill.alpha=0.5", "model.distill.students=[3]"]
     reports = []
     whole = fit(load_trial_config(None, [*args, "train.epochs=2"]), lambda m, c: reports.append(m),
                 work_dir=tmp_path / "whole", device=DEVICE)  # fmt: skip
@@ -101,7 +86,7 @@ def test_fit_trains_several_seeds_scores_test_and_resumes(tmp_path):
     resumed = fit(cfg, lambda m, c: None, checkpoint_dir=kept, work_dir=tmp_path / "resumed", device=DEVICE)
     for key in ("train_loss", "val_loss", "val_acc"):
         assert resumed.metrics[key] == pytest.approx(whole.metrics[key], rel=1e-3, abs=1e-3), key
-    tested = fit(load_trial_config(None, [*TINY, "train.epochs=1", "train.test=true"]), lambda m, c: None,
+    tested = fit(load_trial_config(None, [*TINY_TRIAL, "train.epochs=1", "train.test=true"]), lambda m, c: None,
                  work_dir=tmp_path / "tested", device=DEVICE)  # fmt: skip
     assert 0 <= tested.metrics["test_acc"] <= 1
 
@@ -109,13 +94,13 @@ def test_fit_trains_several_seeds_scores_test_and_resumes(tmp_path):
 def test_the_nan_guard_stops_a_diverging_trial(tmp_path):
     reports = []
     with pytest.raises(NonFiniteLossError, match=r"training loss became \S+ at epoch \d+, step \d+ \(seed 0, lr "):
-        fit(load_trial_config(None, [*TINY, "train.epochs=3", "train.lr=1.0e6"]), lambda m, c: reports.append(m),
+        fit(load_trial_config(None, [*TINY_TRIAL, "train.epochs=3", "train.lr=1.0e6"]), lambda m, c: reports.append(m),
             work_dir=tmp_path / "lr", device=DEVICE)  # fmt: skip
     assert all(math.isfinite(m["train_loss"]) for m in reports)
 
 
 def _trained_model(tmp_path: Path, extra: list[str] = ()) -> tuple[Path, object]:
-    cfg = load_trial_config(None, [*TINY, "train.epochs=1", *extra])
+    cfg = load_trial_config(None, [*TINY_TRIAL, "train.epochs=1", *extra])
     return fit(cfg, lambda m, c: None, work_dir=tmp_path / "run", device=DEVICE).checkpoint_dir, cfg
 
 

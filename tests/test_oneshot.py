@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import json
 import math
 import os
 import subprocess
@@ -233,6 +234,8 @@ def test_two_stage_search_records_supernet_proxy_table_top_k_trials_and_ranking(
     assert supernet[0].data.params["config.train.supernet.enabled"] == "True"
     history = client.get_metric_history(supernet[0].info.run_id, "val_acc")
     assert [m.step for m in history] == list(range(3, SUPERNET_EPOCHS + 1, 3))  # tracked like any trial
+    supernet_inputs = client.get_run(supernet[0].info.run_id).inputs.dataset_inputs  # it never reads test
+    assert sorted(i.tags[0].value for i in supernet_inputs) == ["train", "validation"]
 
     # stage 1 in aggregate: one table of every evaluation on the parent, not one run each
     table = client.download_artifacts(parent.info.run_id, "proxy_scores.csv", str(two_stage["root"]))
@@ -260,6 +263,12 @@ def test_two_stage_search_records_supernet_proxy_table_top_k_trials_and_ranking(
         seeds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == config.info.run_id]
         assert sorted(r.data.tags["pathsearch.seed"] for r in seeds) == ["1", "2"]
         assert all(r.info.status == "FINISHED" and "test_acc" in r.data.metrics for r in seeds)
+        for seed_run in seeds:  # each split it read, as an MLflow dataset input: the runs page's Dataset column
+            inputs = client.get_run(seed_run.info.run_id).inputs.dataset_inputs
+            contexts = {i.tags[0].value: i.dataset for i in inputs}
+            assert sorted(contexts) == ["test", "train", "validation"], contexts
+            assert contexts["validation"].name == "digits-validation" and len(contexts["validation"].digest) == 16
+            assert json.loads(contexts["train"].profile)["num_rows"] > 0
     confirmed_params = [{k: v for k, v in r.data.params.items() if k.startswith("config.")} for r in configs]
     proxy_params = [{k: v for k, v in r.data.params.items() if k.startswith("config.")} for r in proxies]
     for params in proxy_params:  # each top-k configuration was confirmed, with the very same overrides

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRIAL as TINY
 from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
@@ -19,14 +21,6 @@ from pathsearch.paths import PathConfig
 from pathsearch.train import NonFiniteLossError, fit
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.name=synthetic",
-    "model.kwargs.depth=2",
-    "model.kwargs.embed_dim=32",
-    "model.kwargs.num_heads=2",
-    "model.kwargs.patch_size=2",
-    "train.warmup_epochs=0",
-]
 METRICS = {"train_loss", "val_loss", "val_acc", "val_acc_full", "kept_paths", "params", "images_per_s", "epoch"}
 
 
@@ -45,6 +39,8 @@ def test_fit_reports_every_epoch_with_finite_metrics_and_a_checkpoint(tmp_path):
     assert [m["epoch"] for m, _ in rec.calls] == [1, 2]
     for metrics, _ in rec.calls:
         assert set(metrics) >= METRICS
+        splits = json.loads(metrics.pop("dataset_inputs"))  # what it read, for a tracker: never the test split
+        assert [(s["context"], s["size"]) for s in splits] == [("train", 256), ("validation", 128)]
         assert all(math.isfinite(v) for v in metrics.values())
         assert 0.0 <= metrics["val_acc"] <= 1.0 and metrics["kept_paths"] == 5
         assert not [key for key in metrics if key.startswith("test")]  # train.test is off by default
@@ -148,6 +144,9 @@ def test_test_split_is_scored_after_the_last_epoch_only(tmp_path):
     assert [m["epoch"] for m, _ in rec.calls] == [1, 2]
     assert not [key for key in rec.calls[0][0] if key.startswith("test")]
     final = rec.calls[-1][0]
+    read = [json.loads(m.pop("dataset_inputs")) for m, _ in rec.calls]  # the test split only with the last report
+    assert [[s["context"] for s in splits] for splits in read] == [["train", "validation"], ["train", "validation",
+                                                                                              "test"]]  # fmt: skip
     assert {key for key in final if key.startswith("test")} == {
         "test_acc",
         "test_loss",
