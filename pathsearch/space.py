@@ -167,9 +167,14 @@ def parse_space(raw: Any, depth: int, source: str, problems: list[str]) -> Searc
     for entry in entries:
         for cond in entry.when:
             if cond == entry.key:
-                problems.append(f"{source}: space.{entry.key}.when: an entry cannot depend on itself")
+                problems.append(
+                    f"{source}: space.{entry.key}.when: an entry cannot depend on itself, got {dict(entry.when)!r}"
+                )
             elif order.get(cond, -1) > order[entry.key]:
-                problems.append(f"{source}: space.{entry.key}.when: {cond!r} must come before it in the file")
+                problems.append(
+                    f"{source}: space.{entry.key}.when: {cond!r} must come before it in the file (conditions read "
+                    f"values sampled earlier), got {dict(entry.when)!r}"
+                )
     return SearchSpace(entries, depth)
 
 
@@ -177,7 +182,7 @@ def _parse_dist(spec: Mapping[str, Any], where: str, problems: list[str]) -> Dis
     if "choices" in spec:
         choices = spec["choices"]
         if set(spec) & {"low", "high", "log", "step"}:
-            problems.append(f"{where}: give either choices or low/high, not both")
+            problems.append(f"{where}: give either choices or low/high, not both, got {dict(spec)!r}")
             return None
         if not isinstance(choices, list) or not choices:
             problems.append(f"{where}.choices: expected a non-empty list, got {choices!r}")
@@ -219,7 +224,7 @@ def _parse_dist(spec: Mapping[str, Any], where: str, problems: list[str]) -> Dis
         problems.append(f"{where}: log scale needs low > 0, got {low}")
         return None
     if log and step is not None:
-        problems.append(f"{where}: Optuna does not combine log with step")
+        problems.append(f"{where}: Optuna does not combine log with step, got log: true, step: {step!r}")
         return None
     return Dist(low=low, high=high, log=log, step=parse_number(step) if step is not None else None)
 

@@ -335,3 +335,23 @@ def test_enqueued_points_must_be_parameters_and_points_of_the_space(tmp_path, mo
         "parameters: model.distill.temperature, train.lr, ensemble_scale.init, prune.shortest, train.epochs, "
         "train.warmup_epochs)",
     ], lines
+
+
+@pytest.mark.parametrize(
+    ("raw", "wanted"),
+    [
+        ({"train.lr": {"low": 0.1, "high": 1.0, "when": {"train.lr": 0.5}}},
+         "space.train.lr.when: an entry cannot depend on itself, got {'train.lr': 0.5}"),
+        ({"train.lr": {"low": 0.1, "high": 1.0, "when": {"train.epochs": 3}}, "train.epochs": {"choices": [3, 4]}},
+         "space.train.lr.when: 'train.epochs' must come before it in the file (conditions read values sampled "
+         "earlier), got {'train.epochs': 3}"),
+        ({"train.lr": {"low": 0.1, "high": 1.0, "choices": [0.5]}},
+         "space.train.lr: give either choices or low/high, not both, got {'low': 0.1, 'high': 1.0, 'choices': [0.5]}"),
+        ({"train.lr": {"low": 0.1, "high": 1.0, "log": True, "step": 0.1}},
+         "space.train.lr: Optuna does not combine log with step, got log: true, step: 0.1"),
+    ],
+)  # fmt: skip
+def test_every_space_problem_names_file_key_and_value(raw, wanted):
+    problems: list[str] = []
+    parse_space(raw, 2, "f.yaml", problems)
+    assert problems == [f"f.yaml: {wanted}"]
