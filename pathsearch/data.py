@@ -123,6 +123,14 @@ class TensorBatches:
             torch.randperm(self.num_items, generator=self.generator)  # `num_samples % n` tail): so do we
 
 
+def on_device(dataset: Any, device: torch.device) -> Any:
+    """An in-memory TensorDataset with its tensors on `device` (no copy when they are there already: several loaders,
+    one per seed, can share one copy); any other dataset unchanged."""
+    if isinstance(dataset, TensorDataset):
+        return TensorDataset(*(t.to(device) for t in dataset.tensors))
+    return dataset
+
+
 def make_loader(
     dataset: Dataset[Any],
     batch_size: int,
@@ -137,8 +145,7 @@ def make_loader(
     decoded and augmented per image on the CPU) goes through a DataLoader that pins memory on CUDA and keeps its
     workers alive between epochs. Both give the same batches for the same generator."""
     if isinstance(dataset, TensorDataset):
-        tensors = tuple(t.to(device) for t in dataset.tensors)
-        return TensorBatches(tensors, batch_size, shuffle, generator, drop_last)
+        return TensorBatches(on_device(dataset, device).tensors, batch_size, shuffle, generator, drop_last)
     return DataLoader(
         dataset,
         batch_size=batch_size,

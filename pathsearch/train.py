@@ -33,11 +33,11 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from pathsearch.analysis import analyze_paths
 from pathsearch.config import TrialConfig, load_trial_config
-from pathsearch.data import DataBundle, TensorBatches, load_data, make_loader
+from pathsearch.data import DataBundle, TensorBatches, load_data, make_loader, on_device
 from pathsearch.model import PathEnsembleViT, create_path_vit
 from pathsearch.supernet import sample_supernet_masks, supernet_loss
 from pathsearch.typed import to_dict
@@ -133,7 +133,7 @@ def fit(
     random.seed(cfg.train.seed)
     mixup = make_mixup(cfg, bundle.num_classes)
     criterion = _make_criterion(cfg, mixup is not None)
-    train_data = _on_device(bundle.train, dev)  # one copy on the device, shared by the seeds
+    train_data = on_device(bundle.train, dev)  # one copy on the device, shared by the seeds
     runs = [build_seed_run(cfg, bundle, cfg.train.seed + k, dev, criterion, train_data) for k in range(cfg.train.seeds)]
     start_epoch = 0
     if resume is not None:
@@ -320,7 +320,7 @@ def build_seed_run(
     # timm's Mixup needs an even batch: a last, odd, batch would stop the trial, so with mixup it is dropped
     drop_last = cfg.data.mixup > 0 or cfg.data.cutmix > 0
     loader = make_loader(
-        train_data if train_data is not None else _on_device(bundle.train, dev),
+        train_data if train_data is not None else bundle.train,
         cfg.data.batch_size,
         dev,
         shuffle=True,
@@ -343,13 +343,6 @@ def build_seed_run(
     if t.compile:
         loss_fn = torch.compile(loss_fn)
     return SeedRun(seed, model, optimizer, scheduler, generator, loader, masks, loss_fn)
-
-
-def _on_device(dataset: Any, dev: torch.device) -> Any:
-    """An in-memory TensorDataset moved to `dev` once (make_loader batches it there); other datasets unchanged."""
-    if isinstance(dataset, TensorDataset):
-        return TensorDataset(*(t.to(dev) for t in dataset.tensors))
-    return dataset
 
 
 def _fused(opt: str, dev: torch.device) -> dict[str, Any]:
