@@ -98,11 +98,12 @@ def run(uri: str, tmp: Path, trials: int, reports: int) -> None:
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-    from pathsearch.tracking import MlflowTrialLogger, start_parent_run
+    from pathsearch.tracking.logger import MlflowTrialLogger
+    from pathsearch.tracking.runs import SearchRuns
 
     count_requests()
-    experiment_id, parent = start_parent_run(uri, "pathsearch-bench", "bench", {})
-    ours = timed(MlflowTrialLogger)(uri, experiment_id, parent, final_epoch=reports)
+    runs = SearchRuns.start(uri, "pathsearch-bench", "bench", {})
+    ours = timed(MlflowTrialLogger)(uri, runs.experiment_id, runs.parent_run_id, final_epoch=reports)
     theirs = timed(MLflowLoggerCallback)(tracking_uri=uri, experiment_name="ray-bench", save_artifact=False)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     tune.Tuner(

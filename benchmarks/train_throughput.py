@@ -95,7 +95,7 @@ def main() -> None:
     epoch_seconds = len(bundle.train) / f  # type: ignore[arg-type]
     share = statistics.median(loading) / epoch_seconds
     print(
-        f"data loading     {statistics.median(loading):8.3f} s/epoch  share {100 * share:.1f}% of fit's training time "
+        f"data loading     {statistics.median(loading):8.5f} s/epoch  share {100 * share:.2f}% of fit's training time "
         f"({epoch_seconds:.2f} s/epoch)"
     )
 

@@ -182,6 +182,8 @@ def _export(args: argparse.Namespace) -> int:
     from pathsearch.export import export_best, export_pareto
 
     if args.pareto:
+        if args.register is not None:
+            raise ValueError(f"--register {args.register}: a Pareto front is not one model; export it without --pareto")
         metrics = args.metric or ["val_acc", "kept_paths"]
         modes = args.mode or ["max", "min"][: len(metrics)]
         if len(modes) != len(metrics):
@@ -194,7 +196,15 @@ def _export(args: argparse.Namespace) -> int:
     metric, mode = (args.metric or ["val_acc"])[0], (args.mode or ["max"])[0]
     seed = args.seed if args.seed in (None, "all") else _int_arg("--seed", args.seed)
     result = export_best(
-        args.experiment, args.out, args.tracking_uri, metric, mode, args.with_weights, run_id=args.run_id, seed=seed
+        args.experiment,
+        args.out,
+        args.tracking_uri,
+        metric,
+        mode,
+        args.with_weights,
+        run_id=args.run_id,
+        seed=seed,
+        register=args.register,
     )
     p = result.provenance
     if p.get("confirmed"):
@@ -213,6 +223,9 @@ def _export(args: argparse.Namespace) -> int:
         print(f"  run {result.run_id}: {metric} {result.metrics.get(metric)}")
     for label, path in result.files.items():
         print(f"{label}: {path}")
+    if result.registered is not None:
+        name, version = result.registered
+        print(f"registered: model {name!r} version {version} (mlflow.pyfunc.load_model('models:/{name}/{version}'))")
     return 0
 
 
@@ -396,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--mode", action="append", choices=["max", "min"], default=None)
     export.add_argument("--pareto", action="store_true", help="export every Pareto-front configuration")
     export.add_argument("--with-weights", action="store_true", help="also write the weights (.safetensors)")
+    export.add_argument(
+        "--register", default=None, metavar="NAME", help="also register the confirmed winner in MLflow's Model Registry"
+    )
     export.add_argument("--out", required=True, help="output PathConfig file (.yaml or .json)")
     export.set_defaults(func=_export)
     fit = verbs.add_parser("fit-scales", help="fit a trained run's EnsembleScale (and mask) on held-out data")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -21,23 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
 from ray import tune
 
 from pathsearch import storage
 from pathsearch.config import SearchFile
 from pathsearch.results import SearchResult
 from pathsearch.runner import ProgressLine, run_config, runnable
-from pathsearch.tracking import (
-    ROLE_TAG,
-    SEARCH_TAG,
-    MlflowTrialLogger,
-    close_orphan_runs,
-    end_parent_run,
-    param_value,
-    retry_until,
-)
+from pathsearch.tracking.runs import NOTE_TAG, PARENT_TAG, ROLE_TAG, RunLog, SearchRuns
 from pathsearch.verdict import (
     BASELINE,
     METHOD,
@@ -211,29 +200,26 @@ def make_plan(
     seeds' runs nest under it. Written before any confirmation trial starts, so `resume` finds both."""
     metric, mode = selection_metric(spec)
     plan = Plan(metric, mode, confirm_seeds(spec), candidates, search_metric)
-    uri, parent = state["tracking_uri"], state["parent_run_id"]
-    base = spec.base
-
-    def create() -> bool:
-        client = MlflowClient(uri)
-        for c in plan.candidates:
-            if c.run_id is not None:
-                continue
-            tags = {
-                "mlflow.parentRunId": parent,
-                SEARCH_TAG: parent,
-                ROLE_TAG: "confirmation",
-                "pathsearch.candidate": c.label,
-                "mlflow.note.content": plain_words(c, base),
-            }
-            c.run_id = client.create_run(state["experiment_id"], run_name=f"confirm {c.label}", tags=tags).info.run_id
-            params = [Param(f"config.{k}", param_value(v)) for k, v in sorted(c.overrides.items())]
-            params += [Param("source", c.source), Param("seeds", param_value(plan.seeds))]
-            client.log_batch(c.run_id, params=params)
-        return True
-
-    if retry_until(uri, "creating the confirmation runs", create) is None:
-        raise ValueError(f"MLflow at {uri} stayed unreachable: the confirmation did not start (resume it later)")
+    new = [c for c in plan.candidates if c.run_id is None]
+    logs = [
+        RunLog(
+            name=f"confirm {c.label}",
+            tags={ROLE_TAG: "confirmation", "pathsearch.candidate": c.label, NOTE_TAG: plain_words(c, spec.base)},
+            params={
+                **{f"config.{k}": v for k, v in sorted(c.overrides.items())},
+                "source": c.source,
+                "seeds": plan.seeds,
+            },
+        )
+        for c in new
+    ]
+    ids = SearchRuns.of(state).write(logs, "creating the confirmation runs")
+    if ids is None:
+        raise ValueError(
+            f"MLflow at {state['tracking_uri']} stayed unreachable: the confirmation did not start (resume it later)"
+        )
+    for c, run_id in zip(new, ids, strict=True):
+        c.run_id = run_id
     plan.save(run_dir / PLAN_FILE)
     storage.upload(run_dir, state, [PLAN_FILE])  # a run kept in an object store: what `resume` needs, there now
     return plan
@@ -245,12 +231,11 @@ def make_confirm_tuner(
     """One Tune trial per (seed, configuration), seed-major; FIFO, retried from checkpoints like search trials."""
     s, t = spec.search, spec.trial.train
     groups = {
-        c.label: {"mlflow.parentRunId": str(c.run_id), ROLE_TAG: "confirmation_seed", "pathsearch.candidate": c.label}
+        c.label: {PARENT_TAG: str(c.run_id), ROLE_TAG: "confirmation_seed", "pathsearch.candidate": c.label}
         for c in plan.candidates
     }
     total = len(plan.seeds) * len(plan.candidates)
-    uri = state["tracking_uri"]
-    logger = MlflowTrialLogger(uri, state["experiment_id"], state["parent_run_id"], t.epochs, run_dir, groups)
+    logger = SearchRuns.of(state).trial_logger(t.epochs, run_dir, groups)
     return tune.Tuner(
         runnable(spec, trainable),
         param_space=param_space(plan),
@@ -272,15 +257,8 @@ def restore_confirm_tuner(
 ) -> tune.Tuner:
     """The confirmation's Tuner after an interruption: restored from Tune's snapshot (finished trials are not
     trained again), or new when the driver died before the first snapshot; its configuration runs reopened."""
-    uri = state["tracking_uri"]
-
-    def reopen() -> None:
-        client = MlflowClient(uri)
-        for c in plan.candidates:
-            if c.run_id is not None and client.get_run(c.run_id).info.status != "FINISHED":
-                client.update_run(c.run_id, status="RUNNING")
-
-    retry_until(uri, "reopening the confirmation runs", reopen)
+    runs = [c.run_id for c in plan.candidates if c.run_id is not None]
+    SearchRuns.of(state).reopen_runs(runs, "reopening the confirmation runs")
     folder = storage.join(storage.run_uri(run_dir, state), CONFIRM_DIR)
     if tune.Tuner.can_restore(folder):
         storage.recover_checkpoints(folder)
@@ -327,7 +305,7 @@ def confirm_search(
         status = "KILLED"
         raise
     finally:
-        end_parent_run(state["tracking_uri"], state["parent_run_id"], {}, [], status)
+        SearchRuns.of(state).end(status)
         storage.upload(run_dir, state)  # the verdict's files
     result.confirmation = confirmation
     result.interrupted = confirmation.interrupted
@@ -341,7 +319,7 @@ def run_confirmation(
     """Trains the plan's trials to the end, then picks the winner, measures it against the baseline and logs the
     verdict (MLflow parent and configuration runs, `confirmation.yaml`, `confirmation.png`). An interrupted
     confirmation (Ctrl-C) returns `interrupted=True`, its unfinished runs closed KILLED until `resume`."""
-    uri, parent = state["tracking_uri"], state["parent_run_id"]
+    runs = SearchRuns.of(state)
     final_epoch = spec.trial.train.epochs
     if verbose:
         print(
@@ -365,15 +343,15 @@ def run_confirmation(
             unfinished += 1
     if unfinished:  # Tune returned early on SIGINT: the unfinished trials stay in its snapshot for `resume`
         for c in plan.candidates:
-            close_orphan_runs(uri, state["experiment_id"], str(c.run_id), "INTERRUPTED")
-        close_orphan_runs(uri, state["experiment_id"], parent, "INTERRUPTED")
+            runs.close_orphans(str(c.run_id), "INTERRUPTED")
+        runs.close_orphans(state="INTERRUPTED")
         return Confirmation(plan.metric, plan.mode, plan.seeds, [], None, {}, "", interrupted=True)
     for c in plan.candidates:  # trials lost in a driver crash and trained again: their first runs end LOST
-        close_orphan_runs(uri, state["experiment_id"], str(c.run_id))
+        runs.close_orphans(str(c.run_id))
     confirmation = summarise(plan, per, spec.base)
     confirmation.files = _write_files(confirmation, plan, per, run_dir)
     confirmation.search_metric = plan.search_metric
-    _log(confirmation, plan, per, state)
+    _log(confirmation, plan, per, runs)
     return confirmation
 
 
@@ -452,33 +430,26 @@ def _write_files(
     return files
 
 
-def _log(
-    c: Confirmation, plan: Plan, per: Mapping[str, Mapping[int, Mapping[str, Any]]], state: Mapping[str, Any]
-) -> None:
+def _log(c: Confirmation, plan: Plan, per: Mapping[str, Mapping[int, Mapping[str, Any]]], runs: SearchRuns) -> None:
     """Each configuration's run gets its means, spreads and PathConfig, then ends; the parent gets the verdict."""
-    uri, parent = state["tracking_uri"], state["parent_run_id"]
-    now = int(time.time() * 1000)
     stats = ("val_acc", "val_loss", "test_acc", "test_loss")
-
-    def log() -> None:
-        client = MlflowClient(uri)
+    logs = []
+    with tempfile.TemporaryDirectory() as tmp:
         for row in c.candidates:
-            run_id = row["run_id"]
             values = {f"{k}_{s}": row[f"{k}_{s}"] for k in stats for s in ("mean", "std")}
             values["seeds_finished"] = len(row["seeds_finished"])
             if row.get(f"search_{plan.search_metric}") is not None:
                 values[f"search_{plan.search_metric}"] = row[f"search_{plan.search_metric}"]
-            metrics = [Metric(k, float(v), now, 0) for k, v in values.items() if math.isfinite(v)]
-            tags = [RunTag("pathsearch.confirmed_rank", str(row.get("rank", "")))]
-            client.log_batch(run_id, metrics=metrics, tags=tags)
+            log = RunLog(row["run_id"], metrics=values, status="FINISHED")
+            log.tags = {"pathsearch.confirmed_rank": str(row.get("rank", ""))}
             seeds = per[row["label"]]
             first = next((s for s in c.seeds if s in seeds and seeds[s].get("checkpoint")), None)
-            if first is not None:  # learned EnsembleScale values differ by seed: say whose these are
-                with tempfile.TemporaryDirectory() as tmp:
-                    if storage.fetch(seeds[first]["checkpoint"], ["path_config.yaml"], Path(tmp)):
-                        client.log_artifact(run_id, str(Path(tmp) / "path_config.yaml"))
-                        client.set_tag(run_id, "pathsearch.path_config_seed", str(first))
-            client.set_terminated(run_id, status="FINISHED")
+            folder = Path(tmp) / row["label"].replace(" ", "_")
+            folder.mkdir()
+            if first is not None and storage.fetch(seeds[first]["checkpoint"], ["path_config.yaml"], folder):
+                log.artifacts.append(folder / "path_config.yaml")
+                log.tags["pathsearch.path_config_seed"] = str(first)  # learned EnsembleScale values differ by seed
+            logs.append(log)
         summary: dict[str, float] = {}
         d = c.difference
         if c.winner is not None:
@@ -496,15 +467,11 @@ def _log(
                 confirmed_test_acc_diff_p_value=d["p_value"],
                 confirmed_wins_fraction=d["wins"] / max(d["n"], 1),
             )
-        metrics = [Metric(k, float(v), now, 0) for k, v in summary.items() if math.isfinite(v)]
-        tags = [RunTag(VERDICT_TAG, c.verdict[:5000]), RunTag("pathsearch.confirmed_seeds", json.dumps(c.seeds))]
+        tags = {VERDICT_TAG: c.verdict[:5000], "pathsearch.confirmed_seeds": json.dumps(c.seeds)}
         if c.winner is not None:
-            tags.append(RunTag(WINNER_TAG, str(c.candidate(c.winner)["run_id"])))
-        client.log_batch(parent, metrics=metrics, tags=tags)
-        for path in c.files.values():
-            client.log_artifact(parent, str(path))
-
-    retry_until(uri, "logging the confirmation", log)
+            tags[WINNER_TAG] = str(c.candidate(c.winner)["run_id"])
+        logs.append(RunLog(runs.parent_run_id, metrics=summary, tags=tags, artifacts=list(c.files.values())))
+        runs.write(logs, "logging the confirmation")
 
 
 def _plain(value: Any) -> Any:

@@ -14,14 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
 
 from pathsearch.confirm import VERDICT_TAG, WINNER_TAG
 from pathsearch.paths import PathConfig
 from pathsearch.results import pareto_front
-from pathsearch.tracking import ROLE_TAG, SEED_TAG, default_tracking_uri, download_artifact
-from pathsearch.ui import latest_search
+from pathsearch.tracking.runs import KIND_TAG, NOTE_TAG, ROLE_TAG, SEED_TAG, STATE_TAG, Run, Store
 
 
 @dataclass
@@ -30,42 +27,36 @@ class Exported:
     metrics: dict[str, float]
     files: dict[str, Path]
     provenance: dict[str, Any] = field(default_factory=dict)
+    registered: tuple[str, str] | None = None  # (registered model name, version) with `register`
 
 
-def find_search(client: MlflowClient, experiment: str, run_id: str | None = None) -> Run:
+def find_search(store: Store, experiment: str, run_id: str | None = None) -> Run:
     """The search's parent run: `run_id`, or the latest finished search of `experiment`."""
     if run_id is not None:
-        try:
-            run = client.get_run(run_id)
-        except Exception as err:  # MLflow raises its own exception types for an unknown run id
-            raise ValueError(f"no MLflow run {run_id!r}: {err}") from None
-        if run.data.tags.get("pathsearch.kind") != "search":
+        run = store.run(run_id)
+        if run.tags.get(KIND_TAG) != "search":
             raise ValueError(f"run {run_id} is not a search's parent run (give the run id the search printed)")
         return run
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
+    experiment_id = store.find_experiment(experiment)
+    if experiment_id is None:
         raise ValueError(f"no MLflow experiment named {experiment!r} in this tracking store")
-    latest = latest_search(client, [found.experiment_id], finished=True)
+    latest = store.latest_search([experiment_id], finished=True)
     if latest is None:
         raise ValueError(f"experiment {experiment!r} has no finished search")
     return latest
 
 
-def completed_trial_runs(client: MlflowClient, search: Run) -> list[Run]:
+def completed_trial_runs(store: Store, search: Run) -> list[Run]:
     """The search's own trial runs that trained to the end (state COMPLETE): no supernet, proxy or confirmation."""
-    query = (
-        f"tags.`mlflow.parentRunId` = '{search.info.run_id}' and tags.`pathsearch.state` = 'COMPLETE' "
-        "and attributes.status = 'FINISHED'"
-    )
-    runs = client.search_runs([search.info.experiment_id], filter_string=query, max_results=50000)
-    return [r for r in runs if ROLE_TAG not in r.data.tags]
+    query = f"tags.`{STATE_TAG}` = 'COMPLETE' and attributes.status = 'FINISHED'"
+    return [r for r in store.children(search.run_id, search.experiment_id, query) if ROLE_TAG not in r.tags]
 
 
 def pareto_runs(runs: list[Run], metrics: list[str], modes: list[str]) -> list[Run]:
     """Runs that no other run beats on every metric (and strictly on one)."""
 
     def values(run: Run) -> list[float] | None:
-        return [run.data.metrics[m] for m in metrics] if all(m in run.data.metrics for m in metrics) else None
+        return [run.metrics[m] for m in metrics] if all(m in run.metrics for m in metrics) else None
 
     return pareto_front(runs, values, modes)
 
@@ -79,6 +70,7 @@ def export_best(
     with_weights: bool = False,
     run_id: str | None = None,
     seed: int | str | None = None,
+    register: str | None = None,
 ) -> Exported:
     """Writes a search's answer to `out`: the confirmed winner's PathConfig with its provenance (search, seeds, val
     and test mean and std, the verdict), or for a search without confirmation its best trial by `metric`.
@@ -87,22 +79,24 @@ def export_best(
         run_id: the search's parent run (default: the latest finished search of `experiment`).
         seed: which confirmation seed's learned EnsembleScale values and weights (default: the first); "all" also
             writes `<out stem>_seed<S>.yaml` (and `.safetensors`) for every seed.
+        register: also register the confirmed winner (that seed's weights) in MLflow's Model Registry as a new
+            version of this registered model, tagged with its provenance and the verdict.
     """
-    uri = tracking_uri or default_tracking_uri()
-    client = MlflowClient(uri)
-    search = find_search(client, experiment, run_id)
-    winner = search.data.tags.get(WINNER_TAG)
+    if register is not None and (not register.strip() or seed == "all"):
+        why = "one seed's model is registered, not all" if seed == "all" else "a registered model needs a name"
+        raise ValueError(f"--register {register!r}: {why}")
+    store = Store(tracking_uri)
+    search = find_search(store, experiment, run_id)
+    winner = search.tags.get(WINNER_TAG)
     if winner is None:
         if seed is not None:
-            raise ValueError(f"search {search.info.run_id} ran no confirmation: there are no seeds to choose from")
-        return _export_trial(client, search, Path(out), metric, mode, with_weights)
-    config_run = client.get_run(winner)
-    query = f"tags.`mlflow.parentRunId` = '{winner}' and attributes.status = 'FINISHED'"
-    seed_runs = {
-        int(r.data.tags[SEED_TAG]): r
-        for r in client.search_runs([search.info.experiment_id], filter_string=query, max_results=1000)
-        if SEED_TAG in r.data.tags
-    }
+            raise ValueError(f"search {search.run_id} ran no confirmation: there are no seeds to choose from")
+        if register is not None:
+            raise ValueError(f"--register {register}: search {search.run_id} ran no confirmation: nothing confirmed")
+        return _export_trial(store, search, Path(out), metric, mode, with_weights)
+    config_run = store.run(winner)
+    finished = store.children(winner, search.experiment_id, "attributes.status = 'FINISHED'")
+    seed_runs = {int(r.tags[SEED_TAG]): r for r in finished if SEED_TAG in r.tags}
     if not seed_runs:
         raise ValueError(f"the confirmed configuration {winner} has no finished seed runs")
     if seed in (None, "all"):
@@ -112,19 +106,19 @@ def export_best(
             raise ValueError(f"--seed {seed}: the confirmed configuration was trained on seeds {sorted(seed_runs)}")
         chosen = [int(seed)]
     out = Path(out)
-    m = config_run.data.metrics
+    m = config_run.metrics
     provenance: dict[str, Any] = {
         "confirmed": True,
-        "search_run_id": search.info.run_id,
-        "search_name": search.info.run_name,
-        "experiment": experiment,
+        "search_run_id": search.run_id,
+        "search_name": search.name,
+        "experiment": store.experiment_name(search.experiment_id),
         "configuration_run_id": winner,
-        "configuration": config_run.data.tags.get("mlflow.note.content", ""),
-        "found_by": config_run.data.params.get("source", ""),
+        "configuration": config_run.tags.get(NOTE_TAG, ""),
+        "found_by": config_run.params.get("source", ""),
         "selected_by": "highest mean val score over the confirmation seeds (test was not used)",
         "seeds": sorted(seed_runs),
         **{f"{k}_{s}": m.get(f"{k}_{s}") for k in ("val_acc", "test_acc") for s in ("mean", "std")},
-        "verdict": search.data.tags.get(VERDICT_TAG, ""),
+        "verdict": search.tags.get(VERDICT_TAG, ""),
         "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     files: dict[str, Path] = {}
@@ -134,35 +128,56 @@ def export_best(
         targets += [(s, out.with_name(f"{out.stem}_seed{s}{out.suffix or '.yaml'}")) for s in chosen]
     for s, target in targets:
         run = seed_runs[s]
-        info = {**provenance, "weights_seed": s, "seed_run_id": run.info.run_id}
-        info.update({k: run.data.metrics.get(k) for k in ("val_acc", "test_acc")})
+        info = {**provenance, "weights_seed": s, "seed_run_id": run.run_id}
+        info.update({k: run.metrics.get(k) for k in ("val_acc", "test_acc")})
         written.append(info)
         suffix = "" if target == out else f"_seed{s}"
-        files[f"path_config{suffix}"] = _write_config(client, run.info.run_id, target, info)
+        files[f"path_config{suffix}"] = _write_config(store, run.run_id, target, info)
         if with_weights:
             weights = target.with_suffix(".safetensors")
-            files[f"weights{suffix}"] = _download(client, run.info.run_id, "model_0.safetensors", weights)
-    return Exported(seed_runs[chosen[0]].info.run_id, dict(m), files, written[0])
+            files[f"weights{suffix}"] = _download(store, run.run_id, "model_0.safetensors", weights)
+    exported = Exported(seed_runs[chosen[0]].run_id, dict(m), files, written[0])
+    if register is not None:
+        exported.registered = (register, _register(store, register, search, seed_runs[chosen[0]], exported))
+    return exported
 
 
-def _export_trial(client: MlflowClient, search: Run, out: Path, metric: str, mode: str, with_weights: bool) -> Exported:
-    runs = [r for r in completed_trial_runs(client, search) if metric in r.data.metrics]
+def _register(store: Store, name: str, search: Run, seed_run: Run, exported: Exported) -> str:
+    """The exported winner as a new version of registered model `name`; its version."""
+    from pathsearch.tracking.registry import register_model
+
+    p = exported.provenance
+    keys = ("search_run_id", "search_name", "configuration_run_id", "configuration", "seed_run_id", "weights_seed",
+            "seeds", "val_acc_mean", "val_acc_std", "test_acc_mean", "test_acc_std", "selected_by")  # fmt: skip
+    tags = {f"pathsearch.{k}": str(p[k])[:5000] for k in keys if p.get(k) is not None}
+    tags["pathsearch.verdict"] = str(p.get("verdict", ""))[:5000]
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = exported.files.get("weights") or _download(
+            store, seed_run.run_id, "model_0.safetensors", Path(tmp) / "model_0.safetensors"
+        )
+        config = exported.files["path_config"]
+        return register_model(store.uri, name, search.experiment_id, seed_run.run_id, config, weights, tags,
+                              description=str(p.get("verdict", "")))  # fmt: skip
+
+
+def _export_trial(store: Store, search: Run, out: Path, metric: str, mode: str, with_weights: bool) -> Exported:
+    runs = [r for r in completed_trial_runs(store, search) if metric in r.metrics]
     if not runs:
-        raise ValueError(f"search {search.info.run_id} has no completed trial with metric {metric!r}")
-    best = (max if mode == "max" else min)(runs, key=lambda r: r.data.metrics[metric])
+        raise ValueError(f"search {search.run_id} has no completed trial with metric {metric!r}")
+    best = (max if mode == "max" else min)(runs, key=lambda r: r.metrics[metric])
     provenance = {
         "confirmed": False,
-        "search_run_id": search.info.run_id,
-        "search_name": search.info.run_name,
-        "trial_run_id": best.info.run_id,
+        "search_run_id": search.run_id,
+        "search_name": search.name,
+        "trial_run_id": best.run_id,
         "selected_by": f"{mode} {metric} of one seed on the split the search decided on (no confirmation)",
-        metric: best.data.metrics[metric],
+        metric: best.metrics[metric],
         "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    files = {"path_config": _write_config(client, best.info.run_id, out, provenance)}
+    files = {"path_config": _write_config(store, best.run_id, out, provenance)}
     if with_weights:
-        files["weights"] = _download(client, best.info.run_id, "model_0.safetensors", out.with_suffix(".safetensors"))
-    return Exported(best.info.run_id, dict(best.data.metrics), files, provenance)
+        files["weights"] = _download(store, best.run_id, "model_0.safetensors", out.with_suffix(".safetensors"))
+    return Exported(best.run_id, dict(best.metrics), files, provenance)
 
 
 def export_pareto(
@@ -175,36 +190,36 @@ def export_pareto(
 ) -> list[Exported]:
     """Writes every Pareto-front configuration of one search (default: the latest finished one) as
     `<out stem>_<k>.yaml` plus an index `out` listing them."""
-    client = MlflowClient(tracking_uri or default_tracking_uri())
-    search = find_search(client, experiment, run_id)
-    front = pareto_runs(completed_trial_runs(client, search), metrics, modes)
+    store = Store(tracking_uri)
+    search = find_search(store, experiment, run_id)
+    front = pareto_runs(completed_trial_runs(store, search), metrics, modes)
     if not front:
-        raise ValueError(f"search {search.info.run_id} has no completed trial with metrics {metrics}")
+        raise ValueError(f"search {search.run_id} has no completed trial with metrics {metrics}")
     out = Path(out)
     exported, index = [], []
-    for k, run in enumerate(sorted(front, key=lambda r: -r.data.metrics[metrics[0]])):
+    for k, run in enumerate(sorted(front, key=lambda r: -r.metrics[metrics[0]])):
         target = out.with_name(f"{out.stem}_{k}{out.suffix or '.yaml'}")
-        path = _download(client, run.info.run_id, "path_config.yaml", target)
-        values = {m: run.data.metrics[m] for m in metrics}
-        exported.append(Exported(run.info.run_id, values, {"path_config": path}))
-        index.append({"run_id": run.info.run_id, "metrics": values, "path_config": str(path)})
-    body = {"search_run_id": search.info.run_id, "metrics": metrics, "modes": modes, "front": index}
+        path = _download(store, run.run_id, "path_config.yaml", target)
+        values = {m: run.metrics[m] for m in metrics}
+        exported.append(Exported(run.run_id, values, {"path_config": path}))
+        index.append({"run_id": run.run_id, "metrics": values, "path_config": str(path)})
+    body = {"search_run_id": search.run_id, "metrics": metrics, "modes": modes, "front": index}
     _write_atomic(out, yaml.safe_dump(body, sort_keys=False))
     return exported
 
 
-def _write_config(client: MlflowClient, run_id: str, target: Path, provenance: dict[str, Any]) -> Path:
+def _write_config(store: Store, run_id: str, target: Path, provenance: dict[str, Any]) -> Path:
     """The run's PathConfig with `provenance` added, written atomically to `target`."""
     with tempfile.TemporaryDirectory() as tmp:
-        local = _download(client, run_id, "path_config.yaml", Path(tmp) / "path_config.yaml")
+        local = _download(store, run_id, "path_config.yaml", Path(tmp) / "path_config.yaml")
         config = PathConfig.load(local)
     config.provenance = provenance
     return config.save(target)
 
 
-def _download(client: MlflowClient, run_id: str, name: str, target: Path) -> Path:
+def _download(store: Store, run_id: str, name: str, target: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
-        local = download_artifact(client, run_id, name, tmp)
+        local = store.download(run_id, name, tmp)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".tmp")
         shutil.copyfile(local, partial)

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
-from mlflow.entities import Metric, Param
-from mlflow.tracking import MlflowClient
 
 from pathsearch.config import load_trial_config, read_yaml
 from pathsearch.paths import path_names
-from pathsearch.tracking import ROLE_TAG, SEARCH_TAG, default_tracking_uri, download_artifact, param_value, retry_until
+from pathsearch.tracking.runs import PARENT_TAG, ROLE_TAG, SEARCH_TAG, RunLog, Store
 
 
 @dataclasses.dataclass
@@ -53,26 +50,22 @@ def fit_scales_run(
     given = read_yaml(search_file) if search_file is not None else None  # bad input first, before any work
     from pathsearch.proxy import fit_scales_of_files  # tensors: only this verb needs them
 
-    uri = tracking_uri or default_tracking_uri()
-    client = MlflowClient(uri)
-    try:
-        source = client.get_run(run_id)
-    except Exception as err:  # MLflow raises its own exception types for an unknown run id
-        raise ValueError(f"no MLflow run {run_id!r} at {uri}: {err}") from None
+    store = Store(tracking_uri)
+    source = store.run(run_id)
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="pathsearch-fit-scales-"))
     with tempfile.TemporaryDirectory() as tmp:
-        path_config = download_artifact(client, run_id, "path_config.yaml", tmp)
-        weights = download_artifact(client, run_id, "model_0.safetensors", tmp)
+        path_config = store.download(run_id, "path_config.yaml", tmp)
+        weights = store.download(run_id, "model_0.safetensors", tmp)
         if search_file is None:
             # the search's parent run holds search.yaml (a confirmation seed's run nests one level deeper)
-            parent = source.data.tags.get(SEARCH_TAG, source.data.tags.get("mlflow.parentRunId"))
+            parent = source.tags.get(SEARCH_TAG, source.tags.get(PARENT_TAG))
             if parent is None:
                 raise ValueError(f"run {run_id} belongs to no search: give the search file its data came from")
-            search_file = download_artifact(client, parent, "search.yaml", tmp)
+            search_file = store.download(parent, "search.yaml", tmp)
         raw = given if given is not None else read_yaml(search_file)
         sections: dict[str, Any] = {k: raw[k] for k in ("model", "data", "train") if k in raw}
         data = dict(sections.get("data") or {})
-        for key, text in source.data.params.items():  # the trial's own data settings, if the search varied them
+        for key, text in source.params.items():  # the trial's own data settings, if the search varied them
             if key.startswith("config.data."):
                 data[key[len("config.data.") :]] = yaml.safe_load(text)
         cfg = load_trial_config(None, data={**sections, "data": data}, source=str(search_file))
@@ -81,22 +74,18 @@ def fit_scales_run(
     factors = dict(zip(names, fit.factors, strict=True))
     pruned = [n for n, k in zip(names, fit.keep, strict=True) if not k]
 
-    def log() -> str:
-        now = int(time.time() * 1000)
-        name = source.data.tags.get("mlflow.runName", run_id)
-        tags = {"mlflow.parentRunId": run_id, ROLE_TAG: "fit_scales", "pathsearch.source_run": run_id}
-        child = client.create_run(source.info.experiment_id, run_name=f"fit-scales of {name}", tags=tags).info.run_id
-        settings = dict(source_run_id=run_id, fit_fraction=fit_fraction, steps=steps, lr=lr, prune=prune, seed=seed)
-        settings["pruned"] = pruned
-        params = [Param(k, param_value(v)) for k, v in settings.items()]
-        params += [Param(f"factor.{n}", f"{f:.6g}") for n, f in factors.items()]
-        client.log_batch(child, metrics=[Metric(k, float(v), now, 0) for k, v in fit.metrics.items()], params=params)
-        for path in files.values():
-            client.log_artifact(child, str(path))
-        client.set_terminated(child, status="FINISHED")
-        return str(child)
-
-    child = retry_until(uri, "logging the fit-scales run", log)
-    if child is None:
-        raise RuntimeError(f"MLflow at {uri} stayed unreachable: the fitted files are in {out}")
-    return FitScalesResult(child, run_id, fit.metrics, factors, pruned, files)
+    settings = dict(source_run_id=run_id, fit_fraction=fit_fraction, steps=steps, lr=lr, prune=prune, seed=seed)
+    child = RunLog(
+        name=f"fit-scales of {source.name or run_id}",
+        tags={PARENT_TAG: run_id, ROLE_TAG: "fit_scales", "pathsearch.source_run": run_id},
+        params={**settings, "pruned": pruned, **{f"factor.{n}": f"{f:.6g}" for n, f in factors.items()}},
+        metrics=dict(fit.metrics),
+        artifacts=list(files.values()),
+        status="FINISHED",
+        experiment_id=source.experiment_id,
+    )
+    ids = store.write([child], "logging the fit-scales run")
+    if ids is None:
+        raise RuntimeError(f"MLflow at {store.uri} stayed unreachable: the fitted files are in {out}")
+    child_id = ids[0]
+    return FitScalesResult(child_id, run_id, fit.metrics, factors, pruned, files)

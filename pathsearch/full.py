@@ -29,7 +29,7 @@ from pathsearch.searcher import (
     restoring_into,
     study_storage,
 )
-from pathsearch.tracking import MlflowTrialLogger
+from pathsearch.tracking.runs import SearchRuns
 
 
 def run(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any, verbose: bool) -> SearchResult:
@@ -75,8 +75,7 @@ def make_tuner(
 ) -> tune.Tuner:
     """The search's Tuner: PathOptunaSearch (the baseline and `search.enqueue` first), ASHA, the MLflow logger."""
     s, t = spec.search, spec.trial.train
-    name, uri = state["name"], state["tracking_uri"]
-    experiment_id, parent = state["experiment_id"], state["parent_run_id"]
+    name = state["name"]
     reports = math.ceil(t.epochs / t.eval_every)  # Tune's training_iteration counts reports
     base = spec.base
     multi = len(s.metrics) > 1
@@ -124,7 +123,7 @@ def make_tuner(
             name,
             storage.tune_root(run_dir, state),
             [
-                MlflowTrialLogger(uri, experiment_id, parent, final_epoch=t.epochs, run_dir=run_dir),
+                SearchRuns.of(state).trial_logger(t.epochs, run_dir),
                 ProgressLine(s.num_samples, s.metrics[0], s.modes[0], t.epochs, verbose),
             ],
         ),

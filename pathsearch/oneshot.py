@@ -14,7 +14,6 @@ import csv
 import dataclasses
 import json
 import math
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,8 +21,6 @@ from typing import Any
 
 import optuna
 import yaml
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from ray import tune
 
@@ -35,16 +32,10 @@ from pathsearch.results import SearchResult
 from pathsearch.runner import claim_device, run_config, runnable
 from pathsearch.searcher import baseline_point, make_sampler
 from pathsearch.space import SearchSpace, sample_overrides
-from pathsearch.tracking import (
-    ROLE_TAG,
-    MlflowTrialLogger,
-    end_parent_run,
-    find_trial_run,
-    param_value,
-    retry_until,
-)
+from pathsearch.tracking.runs import ROLE_TAG, RunLog, SearchRuns
 
 STAGE1_FILE = "oneshot_stage1.json"  # in the run directory: what stage 2 and `resume` need from stage 1
+SUPERNET_DIR = "supernet"  # the supernet's Tune experiment, inside the search's run directory
 
 
 # ----- the two-stage search ----------------------------------------------------------------------------------------
@@ -55,27 +46,43 @@ def run(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any, 
     top-k proxy configuration, the confirmation's runs and the rank correlations. Returns the confirmation's result
     (its winner is what `pathsearch export` returns).
     """
-    try:
-        supernet = train_supernet(spec, run_dir, state, trainable)
-        if verbose:
-            print(f"stage 1: supernet trained in {supernet['seconds']:.0f} s ({_metrics_line(supernet['metrics'])})")
-        stage1 = _proxy_search_remote(spec, supernet)
-        _record_stage1(spec, run_dir, state, supernet, stage1, verbose)
-    except BaseException as err:  # nothing may stay RUNNING; Ctrl-C ends the parent KILLED
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        end_parent_run(state["tracking_uri"], state["parent_run_id"], {}, [run_dir / "search.yaml"], status)
-        raise
-    return _confirm_two_stage(spec, run_dir, state, trainable, verbose)
+    return _stages(spec, run_dir, state, trainable, verbose)
 
 
 def check_resume(spec: SearchFile, run_dir: Path, state: dict[str, Any]) -> None:
-    """Raises ValueError unless stage 1 finished: it is not resumable, stage 2 (the confirmation) is."""
-    if not (run_dir / STAGE1_FILE).is_file():
-        raise ValueError(f"{run_dir}: stage 1 (supernet and proxy search) did not finish: start the search again")
+    """Every two-stage search can be resumed: stage 1 from the supernet's last checkpoint, stage 2 from its plan."""
 
 
 def resume(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any, verbose: bool) -> SearchResult:
-    """Continues a two-stage search whose stage 1 finished: its confirmation."""
+    """Continues an interrupted two-stage search: an unfinished stage 1 continues its supernet trial from its last
+    checkpoint (Tune's snapshot; finished epochs are not trained again, the RNG states come back with it) and
+    scores the same configurations; a finished one goes on to its confirmation."""
+    return _stages(spec, run_dir, state, trainable, verbose, resuming=True)
+
+
+def _stages(
+    spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any, verbose: bool, resuming: bool = False
+) -> SearchResult:
+    if not (run_dir / STAGE1_FILE).is_file():
+        try:
+            supernet = train_supernet(spec, run_dir, state, trainable, resuming)
+            if supernet is None:  # Ctrl-C: Tune kept the unfinished trial for `resume`
+                runs = SearchRuns.of(state)
+                runs.close_orphans(state="INTERRUPTED")
+                runs.end("KILLED", artifacts=[run_dir / "search.yaml"])
+                storage.upload(run_dir, state)
+                result = SearchResult(run_dir, spec.tracking.experiment, state["parent_run_id"], None, None)
+                result.interrupted = True
+                return result
+            if verbose:
+                done = f"supernet trained in {supernet['seconds']:.0f} s ({_metrics_line(supernet['metrics'])})"
+                print(f"stage 1: {done}", flush=True)
+            stage1 = _proxy_search_remote(spec, supernet)
+            _record_stage1(spec, run_dir, state, supernet, stage1, verbose)
+        except BaseException as err:  # nothing may stay RUNNING; Ctrl-C ends the parent KILLED
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            SearchRuns.of(state).end(status, artifacts=[run_dir / "search.yaml"])
+            raise
     return _confirm_two_stage(spec, run_dir, state, trainable, verbose)
 
 
@@ -100,44 +107,45 @@ def _confirm_two_stage(
     return confirm_search(spec, run_dir, state, result, trainable, verbose, candidates, key, ranking)
 
 
-def train_supernet(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any = None) -> dict[str, Any]:
+def train_supernet(
+    spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any = None, resuming: bool = False
+) -> dict[str, Any] | None:
     """Stage 1's training: the base trial with `train.supernet.enabled`, as one Ray trial logged under the parent run
-    (tagged `pathsearch.role: supernet`, so `export` never returns it). Its Tune experiment is `run_dir/supernet`."""
+    (tagged `pathsearch.role: supernet`, so `export` never returns it). Its Tune experiment is `run_dir/supernet`;
+    `resuming` restores it from Tune's snapshot, when there is one. None when Ctrl-C stopped it."""
     s, two = spec.search, spec.search.two_stage
     epochs = two.supernet_epochs or spec.trial.train.epochs
     cpus = two.supernet_cpus or s.resources_per_trial.get("cpu", 1.0)
     resources = {**s.resources_per_trial, "cpu": cpus}
     one = dataclasses.replace(spec, search=dataclasses.replace(s, resources_per_trial=resources))
-    uri, experiment_id, parent = state["tracking_uri"], state["experiment_id"], state["parent_run_id"]
-    tuner = tune.Tuner(
-        runnable(one, trainable),
-        param_space={"overrides": {"train.supernet.enabled": True, "train.epochs": epochs}, "optuna_trial": "supernet"},
-        tune_config=tune.TuneConfig(num_samples=1),
-        run_config=run_config(
-            spec,
-            "supernet",
-            storage.run_uri(run_dir, state),
-            [MlflowTrialLogger(uri, experiment_id, parent, final_epoch=epochs, run_dir=run_dir)],
-        ),
-    )
+    runs = SearchRuns.of(state)
+    folder = storage.join(storage.run_uri(run_dir, state), SUPERNET_DIR)
+    if resuming and tune.Tuner.can_restore(folder):
+        storage.recover_checkpoints(folder)
+        tuner = tune.Tuner.restore(folder, trainable=runnable(one, trainable), resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            runnable(one, trainable),
+            param_space={
+                "overrides": {"train.supernet.enabled": True, "train.epochs": epochs},
+                "optuna_trial": "supernet",
+            },
+            tune_config=tune.TuneConfig(num_samples=1),
+            run_config=run_config(
+                spec, SUPERNET_DIR, storage.run_uri(run_dir, state), [runs.trial_logger(epochs, run_dir)]
+            ),
+        )
     result = tuner.fit()[0]
     metrics = result.metrics or {}
-    if result.error is not None or result.checkpoint is None or metrics.get("epoch") != epochs:
+    if result.error is None and metrics.get("epoch") != epochs:
+        return None
+    if result.error is not None or result.checkpoint is None:
         raise RuntimeError(f"the supernet trial did not train to the end ({result.error or 'no final checkpoint'})")
     trial_id = str(metrics["trial_id"])
-
-    def tag() -> str:
-        client = MlflowClient(uri)
-        run_id = find_trial_run(client, experiment_id, parent, trial_id)
-        if run_id is None:  # the trial logger creates it before the trial's first result
-            raise LookupError(f"no MLflow run for the supernet trial {trial_id}")
-        tags = [RunTag(ROLE_TAG, "supernet"), RunTag("mlflow.runName", f"supernet {trial_id}")]
-        client.log_batch(run_id, tags=tags)
-        return run_id
-
+    tags = {ROLE_TAG: "supernet", "mlflow.runName": f"supernet {trial_id}"}
     return {
         "trial_id": trial_id,
-        "run_id": retry_until(uri, "tagging the supernet run", tag),
+        "run_id": runs.tag_trial(trial_id, tags, "tagging the supernet run"),
         "checkpoint": storage.checkpoint_location(result.checkpoint),
         "metrics": {k: v for k, v in metrics.items() if k in ("val_acc", "val_loss", "val_acc_full", "train_loss")},
         "seconds": float(metrics.get("time_total_s", 0.0)),
@@ -335,21 +343,11 @@ def _record_stage1(
         "supernet_seconds": supernet["seconds"],
         **{f"supernet_{k}": float(v) for k, v in supernet["metrics"].items()},
     }
-    uri, experiment_id, parent = state["tracking_uri"], state["experiment_id"], state["parent_run_id"]
     metric = spec.search.metrics[0]
-
-    def log() -> dict[str, str]:
-        client = MlflowClient(uri)
-        now = int(time.time() * 1000)
-        client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
-        client.log_artifact(parent, str(table))
-        client.log_artifact(parent, str(top_file))
-        runs: dict[str, str] = {}
-        for rank, row in enumerate(top, start=1):
-            runs[row["key"]] = _log_proxy_run(client, experiment_id, parent, rank, row, metric, now)
-        return runs
-
-    proxy_runs = retry_until(uri, "logging stage 1", log) or {}
+    logs = [RunLog(state["parent_run_id"], metrics=summary, artifacts=[table, top_file])]
+    logs += [_proxy_run(rank, row) for rank, row in enumerate(top, start=1)]
+    ids = SearchRuns.of(state).write(logs, "logging stage 1")
+    proxy_runs = {row["key"]: run_id for row, run_id in zip(top, ids[1:], strict=True)} if ids else {}
     proxy = {k: stage1[k] for k in ("seconds", "cache_seconds", "num_images", "distinct")}
     record = {
         "metric": metric,
@@ -374,31 +372,22 @@ def _record_stage1(
         print(f"stage 2: training the baseline, {len(spec.search.enqueue)} enqueued and the top {len(top)}", flush=True)
 
 
-def _log_proxy_run(
-    client: MlflowClient,
-    experiment_id: str,
-    parent: str,
-    rank: int,
-    row: Mapping[str, Any],
-    metric: str,
-    now: int,
-) -> str:
+def _proxy_run(rank: int, row: Mapping[str, Any]) -> RunLog:
     """A finished child run for one top-k proxy configuration: the same params as its stage-2 trial, proxy metrics,
     and the PathConfig it was scored with (the supernet's weights under that mask and EnsembleScale)."""
-    tags = {"mlflow.parentRunId": parent, ROLE_TAG: "proxy", "pathsearch.proxy_rank": str(rank)}
-    run_id = client.create_run(experiment_id, run_name=f"proxy top {rank}", tags=tags).info.run_id
-    params = [Param(k, param_value(v)) for k, v in sorted(row["params"].items())]
-    params += [Param(f"config.{k}", param_value(v)) for k, v in sorted(row["overrides"].items())]
-    params.append(Param("optuna_trial", str(row["number"])))
-    metrics = [Metric(f"proxy_{m}", float(row[f"proxy_{m}"]), now, 0) for m in ("val_acc", "val_loss")]
-    metrics += [Metric("kept_paths", float(row["kept_paths"]), now, 0), Metric("proxy_rank", float(rank), now, 0)]
-    client.log_batch(run_id, metrics=metrics, params=params)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "path_config.yaml"
-        path.write_text(yaml.safe_dump(row["path_config"], sort_keys=False))
-        client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id, status="FINISHED")
-    return str(run_id)
+    params: dict[str, Any] = dict(sorted(row["params"].items()))
+    params.update({f"config.{k}": v for k, v in sorted(row["overrides"].items())})
+    params["optuna_trial"] = str(row["number"])
+    metrics = {f"proxy_{m}": float(row[f"proxy_{m}"]) for m in ("val_acc", "val_loss")}
+    metrics.update(kept_paths=float(row["kept_paths"]), proxy_rank=float(rank))
+    return RunLog(
+        name=f"proxy top {rank}",
+        tags={ROLE_TAG: "proxy", "pathsearch.proxy_rank": str(rank)},
+        params=params,
+        metrics=metrics,
+        texts={"path_config.yaml": yaml.safe_dump(row["path_config"], sort_keys=False)},
+        status="FINISHED",
+    )
 
 
 def _log_ranking(
@@ -426,19 +415,13 @@ def _log_ranking(
     ranking = rank_correlation([r[f"proxy_{metric}"] for r in rows], [r[f"confirmed_{metric}_mean"] for r in rows])
     path = run_dir / "rank_correlation.yaml"
     path.write_text(yaml.safe_dump({"metric": metric, **ranking, "configurations": rows}, sort_keys=False))
-    uri = state["tracking_uri"]
-
-    def log() -> None:
-        client = MlflowClient(uri)
-        now = int(time.time() * 1000)
-        values = {f"proxy_{k}": v for k, v in ranking.items() if math.isfinite(v)}
-        client.log_batch(state["parent_run_id"], metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
-        for row in rows:
-            if row["proxy_run"]:
-                confirmed = Metric(f"confirmed_{metric}_mean", row[f"confirmed_{metric}_mean"], now, 0)
-                client.log_batch(row["proxy_run"], metrics=[confirmed])
-
-    retry_until(uri, "logging the ranking quality", log)
+    logs = [RunLog(state["parent_run_id"], metrics={f"proxy_{k}": v for k, v in ranking.items()})]
+    logs += [
+        RunLog(row["proxy_run"], metrics={f"confirmed_{metric}_mean": row[f"confirmed_{metric}_mean"]})
+        for row in rows
+        if row["proxy_run"]
+    ]
+    SearchRuns.of(state).write(logs, "logging the ranking quality")
     if verbose:
         print(
             f"ranking quality over {int(ranking['ranked_configurations'])} confirmed configurations (proxy vs mean "

@@ -40,7 +40,7 @@ from pathsearch.results import (
 )
 from pathsearch.rundirs import unique_run_dir, unique_run_name
 from pathsearch.searcher import study_storage
-from pathsearch.tracking import close_orphan_runs, default_tracking_uri, end_parent_run, start_parent_run
+from pathsearch.tracking.runs import SearchRuns, default_tracking_uri
 from pathsearch.typed import set_dotted
 
 
@@ -264,15 +264,15 @@ def start_search(spec: SearchFile, run_dir: Path, tracking_uri: str | None, stor
     """Writes the resolved search file and the state file into the new `run_dir` (and the object store `store`
     keeps the run in) and opens the MLflow parent run; returns the state. Removes `run_dir` when that fails (an
     unreachable tracking server, say): nothing is left half-made."""
-    from mlflow.tracking import MlflowClient
-
     try:
         uri = tracking_uri or spec.tracking.tracking_uri or default_tracking_uri()
         params = {"search_file": spec.source, **_flat("search", spec.search.__dict__)}
-        experiment_id, parent = start_parent_run(uri, spec.tracking.experiment, run_dir.name, params)
-        (run_dir / "search.yaml").write_text(spec.to_yaml())
-        MlflowClient(uri).log_artifact(parent, str(run_dir / "search.yaml"))  # from the start: fit-scales, the UI
-        state = {"name": run_dir.name, "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent}
+        (run_dir / "search.yaml").write_text(spec.to_yaml())  # on the parent from the start: fit-scales, the UI
+        metric, mode = spec.search.metrics[0], spec.search.modes[0]
+        files = [run_dir / "search.yaml"]
+        runs = SearchRuns.start(uri, spec.tracking.experiment, run_dir.name, params, files, metric, mode)
+        state = {"name": run_dir.name, "tracking_uri": uri, "experiment_id": runs.experiment_id}
+        state["parent_run_id"] = runs.parent_run_id
         state["depth"] = spec.space.depth
         if store:
             state["storage"] = store
@@ -290,6 +290,7 @@ def fit_and_finish(
     """Runs (or continues) the search's Tuner, then writes its results to the run directory and the parent run,
     and ends the parent unless `end` is False and the search finished (a confirmation stage follows)."""
     s, t = spec.search, spec.trial.train
+    runs = SearchRuns.of(state)
     status = "FAILED"
     files: dict[str, Path] = {"search_file": run_dir / "search.yaml"}
     best = baseline = None
@@ -316,9 +317,9 @@ def fit_and_finish(
             for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 study.set_user_attr(f"lost_trial_{trial.number}", True)
                 study.tell(trial.number, state=TrialState.FAIL)
-            close_orphan_runs(state["tracking_uri"], state["experiment_id"], state["parent_run_id"])
+            runs.close_orphans()
         else:  # interrupted: runs of unfinished trials end KILLED; `resume` reopens and continues them
-            close_orphan_runs(state["tracking_uri"], state["experiment_id"], state["parent_run_id"], "INTERRUPTED")
+            runs.close_orphans(state="INTERRUPTED")
         counts = study_counts(study)
         ended_early = study.user_attrs.get(EXHAUSTED)
         files["optuna_trials"] = run_dir / "optuna_trials.json"
@@ -335,7 +336,7 @@ def fit_and_finish(
             if row is not None:
                 summary[f"{label}_{s.metrics[0]}"] = row[s.metrics[0]]
         final = status if end or status != "FINISHED" else None  # None: the parent stays open for the confirmation
-        end_parent_run(state["tracking_uri"], state["parent_run_id"], summary, list(files.values()), final)
+        runs.end(final, summary, files.values())
         storage.upload(run_dir, state)  # the journal, the results, the log, a saved MLflow queue
     result = SearchResult(run_dir, spec.tracking.experiment, state["parent_run_id"], best, baseline, counts, files)
     result.pareto = front

@@ -15,7 +15,7 @@ from pathsearch import full, oneshot, storage
 from pathsearch.config import SearchFile
 from pathsearch.results import SearchResult
 from pathsearch.runner import init_ray, load_run, new_run_dir, quiet_console, start_search
-from pathsearch.tracking import reopen_parent_run
+from pathsearch.tracking.runs import SearchRuns
 
 STRATEGIES: dict[str, ModuleType] = {"full": full, "two_stage": oneshot}
 
@@ -56,7 +56,7 @@ def resume_search(
     run_dir, state, spec = load_run(run_dir)
     strategy = STRATEGIES[spec.search.strategy]
     strategy.check_resume(spec, run_dir, state)
-    reopen_parent_run(state["tracking_uri"], state["parent_run_id"])
+    SearchRuns.of(state).reopen()
     with quiet_console(run_dir, library_output), storage.tune_settings(state.get("storage")):
         init_ray(address)
         return _located(strategy.resume(spec, run_dir, state, trainable, verbose), run_dir, state)

@@ -14,11 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from mlflow.entities import Run
-    from mlflow.tracking import MlflowClient
+from typing import Any
 
 STOP_TIMEOUT_S = 10.0  # how long the server's process group gets to exit after SIGTERM before SIGKILL
 # SIGHUP too: in a session of its own the server no longer gets the hang-up of a closed terminal, so the UI passes it on
@@ -38,54 +34,41 @@ def ui_command(tracking_uri: str | None, port: int) -> tuple[list[str], dict[str
     return cmd, env
 
 
-def runs_url(base: str, experiment_id: str | None) -> str:
-    """The UI's runs page of an experiment in the model-training view (MLflow 3 otherwise opens the GenAI one), or
-    the experiments list when `experiment_id` is None. The UI routes after '#'."""
+def runs_url(base: str, experiment_id: str | None, view: str | None = None) -> str:
+    """The UI's runs page of an experiment in the model-training view (MLflow 3 otherwise opens the GenAI one), in
+    the saved `view` (sort order and columns) when there is one, or the experiments list when `experiment_id` is
+    None. The UI routes after '#'."""
     base = base.rstrip("/")
     if experiment_id is None:
         return f"{base}/#/experiments"
-    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    shared = f"&viewStateShareKey={view}" if view else ""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning{shared}"
 
 
-def latest_search(client: MlflowClient, experiment_ids: list[str] | None = None, finished: bool = False) -> Run | None:
-    """The latest-started search parent run (tag `pathsearch.kind` = search, set by `start_parent_run`) in
-    `experiment_ids` (default: every active experiment), or None. `finished`: only searches that ended normally.
-    Here rather than in export (whose `find_search` uses it) so that `pathsearch ui` imports neither ray nor Tune."""
-    if experiment_ids is None:
-        experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    if not experiment_ids:
-        return None
-    query = "tags.`pathsearch.kind` = 'search'" + (" and attributes.status = 'FINISHED'" if finished else "")
-    runs = client.search_runs(experiment_ids, query, order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
+def search_page(tracking_uri: str, base: str, experiment: str | None = None) -> tuple[str, str]:
+    """(the page's URL on the UI at `base`, what it shows) for the UI to open: the runs page of `experiment`, else of
+    the latest-started search's (running or ended) experiment, in the view that search saved; the experiments list
+    when the store holds no search. Raises UnknownExperiment for an `experiment` the store does not have."""
+    from pathsearch.tracking.runs import Store  # mlflow: only when a store is read
 
-
-def search_experiment(tracking_uri: str, experiment: str | None = None) -> tuple[str | None, str]:
-    """(experiment id, what it holds) for the UI to open: `experiment`'s, else that of the latest-started search
-    (running or ended) in the store; (None, why) when the store holds no search. Raises UnknownExperiment for an
-    `experiment` the store does not have."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        client = MlflowClient(tracking_uri)
-        client.search_experiments(max_results=1)  # a URI MLflow cannot open fails here, before any server starts
-    except MlflowException as err:
-        if err.get_http_status_code() >= 500 and tracking_uri.startswith(("http://", "https://")):
-            raise  # a tracking server that is down: the caller decides
-        raise ValueError(f"--tracking-uri {tracking_uri}: {str(err).splitlines()[0]}") from None
+    store = Store(tracking_uri)
+    store.check()  # a URI MLflow cannot open fails here, before any server starts
     if experiment is not None:
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
+        experiment_id = store.find_experiment(experiment)
+        if experiment_id is None:
             raise UnknownExperiment(f"no MLflow experiment named {experiment!r} in {tracking_uri}")
-        run = latest_search(client, [found.experiment_id])
-        what = f"latest search {run.info.run_name}" if run is not None else "no search yet"
-        return found.experiment_id, f"experiment {experiment!r}, {what}"
-    run = latest_search(client)
-    if run is None:
-        return None, "no search in this store yet: `pathsearch search` records one"
-    name = client.get_experiment(run.info.experiment_id).name
-    return run.info.experiment_id, f"experiment {name!r}, latest search {run.info.run_name}"
+        run = store.latest_search([experiment_id])
+        what = f"experiment {experiment!r}, " + (f"latest search {run.name}" if run is not None else "no search yet")
+    else:
+        run = store.latest_search()
+        if run is None:
+            return runs_url(base, None), "no search in this store yet: `pathsearch search` records one"
+        experiment_id = run.experiment_id
+        what = f"experiment {store.experiment_name(experiment_id)!r}, latest search {run.name}"
+    view = store.view_key(experiment_id)
+    if view is not None:
+        what += "; runs best first by the search's metric (sort by Created for the nested view)"
+    return runs_url(base, experiment_id, view), what
 
 
 def serve(tracking_uri: str | None, port: int, experiment: str | None = None, verbose: bool = False) -> int:
@@ -104,7 +87,9 @@ def serve(tracking_uri: str | None, port: int, experiment: str | None = None, ve
     previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
     try:
         uri = tracking_uri or _default_tracking_uri()
-        experiment_id, what = search_experiment(uri, experiment)  # before the server: an error starts nothing
+        url, what = search_page(
+            uri, f"http://127.0.0.1:{port}", experiment
+        )  # before the server: an error starts nothing
         if requested:
             return 0
         cmd, env = ui_command(uri, port)
@@ -112,7 +97,7 @@ def serve(tracking_uri: str | None, port: int, experiment: str | None = None, ve
         with open(log or os.devnull, "w") as sink:
             output: dict[str, Any] = {} if log is None else {"stdout": sink, "stderr": subprocess.STDOUT}
             server = subprocess.Popen(cmd, env=env, start_new_session=True, **output)  # own session: its own group
-        print(f"MLflow UI at {runs_url(f'http://127.0.0.1:{port}', experiment_id)}", flush=True)
+        print(f"MLflow UI at {url}", flush=True)
         print(f"  {what}; serving {uri} (Ctrl-C stops it)", flush=True)
         if log is not None:
             print(f"  MLflow's own output: {log} (-v shows it here)", flush=True)
@@ -175,24 +160,24 @@ def group_members(pgid: int) -> list[int]:
 
 
 def _default_tracking_uri() -> str:
-    from pathsearch.tracking import default_tracking_uri  # tracking imports ray: only when it is needed
+    from pathsearch.tracking.runs import default_tracking_uri
 
     return default_tracking_uri()
 
 
 def _point_at_server(tracking_uri: str, experiment: str | None) -> int:
     """A tracking server serves the UI itself (and `mlflow server` cannot use it as a store): print its link."""
-    from pathsearch.tracking import fail_fast
+    from pathsearch.tracking.outage import fail_fast
 
     try:
         with fail_fast():  # a server that is down answers in seconds, not after MLflow's 4 minutes of retries
-            experiment_id, what = search_experiment(tracking_uri, experiment)
+            url, what = search_page(tracking_uri, tracking_uri, experiment)
     except UnknownExperiment:
         raise
     except Exception as err:  # unreachable, or not an MLflow server: the link to its UI is still the right one
         print(f"MLflow UI at {tracking_uri.rstrip('/')} (the tracking server serves it)")
         print(f"  it did not answer ({type(err).__name__}), so no search was looked up")
         return 0
-    print(f"MLflow UI at {runs_url(tracking_uri, experiment_id)} (the tracking server serves it)")
+    print(f"MLflow UI at {url} (the tracking server serves it)")
     print(f"  {what}")
     return 0

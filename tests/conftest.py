@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 import timm
@@ -70,3 +74,16 @@ def image_loader():
     images = torch.randn(40, 3, 16, 16, generator=gen)
     labels = torch.randint(0, 5, (40,), generator=gen)
     return DataLoader(TensorDataset(images, labels), batch_size=16)
+
+
+def wait_until_healthy(server: subprocess.Popen, url: str, log: Path, timeout_s: float = 90) -> None:
+    """Waits until an `mlflow server` answers `url`/health; its log's end when it exits or stays silent."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert server.poll() is None, log.read_text()[-3000:]
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"mlflow server not healthy after {timeout_s} s"
+            time.sleep(0.3)

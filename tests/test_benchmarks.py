@@ -73,8 +73,9 @@ def test_model_overhead_benchmark_prints_ratios():
 def test_train_throughput_benchmark_prints_ratios():
     out = run_benchmark("train_throughput.py", "--rounds", "1", "--epochs", "1")
     assert re.search(r"fit \(training\) +\d+ img/s +ratio \d+\.\d{3}", out)
-    share = float(re.search(r"data loading +[\d.]+ s/epoch +share ([\d.]+)% of fit's training time", out).group(1))
-    assert 0 < share < 100
+    found = re.search(r"data loading +([\d.]+) s/epoch +share ([\d.]+)% of fit's training time", out)
+    assert float(found.group(1)) > 0  # drawing an epoch's batches takes time; in-memory data, a fraction of a percent
+    assert float(found.group(2)) < 100
 
 
 def test_mlflow_logging_benchmark_counts_requests_against_a_real_server():

@@ -18,7 +18,18 @@ ORCHESTRATION = {"ray", "optuna", "mlflow"}
 TENSOR_MODULES = {
     f"pathsearch.{m}" for m in ("model", "scoring", "analysis", "data", "train", "supernet", "proxy", "demo")
 }
-MODULES = {f"pathsearch.{p.stem}" for p in PACKAGE.glob("*.py")}
+
+
+def module_name(path: Path) -> str:
+    """pathsearch/x.py -> "x"; pathsearch/tracking/runs.py -> "tracking.runs"; pathsearch/tracking/__init__.py ->
+    "tracking"."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+FILES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if module_name(p) not in ("", "__main__")}
+MODULES = {f"pathsearch.{name}" for name in FILES}
+TRACKING_INTERNALS = {"pathsearch.model", "pathsearch.train", "pathsearch.data", "pathsearch.supernet"}
 # module -> top-level packages it must never import at module level
 FORBIDDEN = {
     "config": HEAVY_TENSOR | ORCHESTRATION | {"numpy"},
@@ -33,7 +44,16 @@ FORBIDDEN = {
     "train": ORCHESTRATION,
     "demo": ORCHESTRATION,
     "search": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
-    "tracking": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
+    # the one door to MLflow (see test_only_tracking_imports_mlflow); reading runs imports no Ray
+    "tracking": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch"},
+    "tracking.outage": HEAVY_TENSOR | {"ray", "optuna", "pathsearch"},
+    "tracking.runs": HEAVY_TENSOR
+    | {"ray", "optuna"}
+    | (MODULES - {"pathsearch.tracking", "pathsearch.tracking.outage"}),
+    "tracking.logger": HEAVY_TENSOR | {"optuna"} | TRACKING_INTERNALS,
+    "tracking.registry": HEAVY_TENSOR | {"ray", "optuna"} | TRACKING_INTERNALS,
+    # loaded by `mlflow.pyfunc.load_model`: builds the model (torch, pathsearch.model) inside load_context only
+    "tracking.path_vit_model": HEAVY_TENSOR | {"ray", "optuna"} | TRACKING_INTERNALS,
     "export": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
     # `pathsearch ui`: imports tracking/export (which import ray) only inside its functions
     "ui": HEAVY_TENSOR | {"ray", "pathsearch.model", "pathsearch.train", "pathsearch.data"},
@@ -71,14 +91,14 @@ def module_level_imports(path: Path) -> set[str]:
 
 
 def test_every_module_has_a_rule():
-    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    modules = set(FILES)
     assert modules, "no modules found"
     assert modules <= set(FORBIDDEN), f"add an import rule for {sorted(modules - set(FORBIDDEN))}"
 
 
-@pytest.mark.parametrize("module", sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem in FORBIDDEN))
+@pytest.mark.parametrize("module", sorted(name for name in FILES if name in FORBIDDEN))
 def test_module_respects_import_boundaries(module):
-    path = PACKAGE / f"{module}.py"
+    path = FILES[module]
     imported = module_level_imports(path)
     bad = sorted(
         name for name in imported for banned in FORBIDDEN[module] if name == banned or name.startswith(banned + ".")
@@ -120,9 +140,45 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def imports_anywhere(path: Path, package: str) -> list[int]:
+    """Lines of a file that import `package` (or a module of it), at module level or inside a function."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        if any(n == package or n.startswith(package + ".") for n in names):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_only_tracking_imports_mlflow():
+    """One door to MLflow: runs are created, logged, found, read and retried in pathsearch.tracking only; the other
+    modules hand it plain data."""
+    outside = [
+        f"pathsearch/{path.relative_to(PACKAGE)}:{line}"
+        for name, path in FILES.items()
+        if name.split(".")[0] != "tracking"
+        for line in imports_anywhere(path, "mlflow")
+    ]
+    assert not outside, f"mlflow imported outside pathsearch.tracking: {outside}"
+    assert imports_anywhere(FILES["tracking.runs"], "mlflow"), "the check looks for mlflow imports where they are"
+
+
+def test_an_mlflow_import_inside_a_function_is_found(tmp_path):
+    path = tmp_path / "x.py"
+    path.write_text("import os\n\ndef f():\n    from mlflow.tracking import MlflowClient\n    import mlflowx\n")
+    assert imports_anywhere(path, "mlflow") == [4]
+
+
 def test_no_import_cycles():
     """Every arrow between modules points one way, function-level imports included."""
-    graph = {p.stem: pathsearch_imports(p) - {p.stem} for p in PACKAGE.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in FILES.items():  # a package is one node: its modules may import each other
+        top = name.split(".")[0]
+        graph[top] = graph.get(top, set()) | (pathsearch_imports(path) - {top})
     assert find_cycle(graph) is None, "import cycle: " + " -> ".join(find_cycle(graph) or [])
 
 
@@ -160,7 +216,7 @@ def private_imports(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("folder", ["pathsearch", "tests", "benchmarks"])
 def test_no_private_name_crosses_a_module(folder):
-    found = [hit for path in sorted((ROOT / folder).glob("*.py")) for hit in private_imports(path)]
+    found = [hit for path in sorted((ROOT / folder).rglob("*.py")) for hit in private_imports(path)]
     assert not found, "a private name is used outside its module (make it public where both can see it):\n" + (
         "\n".join(found)
     )

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import randomize_norms, tiny_timm_vit
+from conftest import randomize_norms, tiny_timm_vit, wait_until_healthy
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -298,6 +298,55 @@ def test_two_stage_search_records_supernet_proxy_table_top_k_trials_and_ranking(
     assert two_stage["stdout"].strip().splitlines()[-1].startswith("verdict: ")
 
 
+def test_two_stage_killed_in_stage_1_resumes_the_supernet_to_the_same_proxy_ranking(two_stage, tmp_path):
+    """kill -9 of the driver (its whole session) while the supernet trains, then `pathsearch resume`: the supernet
+    continues from its last checkpoint (no epoch reported twice) and stage 1 scores exactly what the uninterrupted
+    search of the same seed scored (the `two_stage` fixture: the same stage-1 settings; cheaper stage-2 ones)."""
+    import signal
+    import time
+
+    scales = "space.model.ensemble_scale.init={by: group, low: 0.1, high: 1.0, log: true}"
+    small = [*SMALL, "train.epochs=3", scales, "search.two_stage.proxy_trials=3000", "search.two_stage.top_k=1",
+             f"search.two_stage.supernet_epochs={SUPERNET_EPOCHS}", "search.two_stage.supernet_cpus=1",
+             "search.confirm.seeds=2"]  # fmt: skip
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [sys.executable, "-m", "pathsearch.cli", "search", str(TWO_STAGE), *[a for x in small for a in ("--set", x)]]
+    args += ["--storage-path", "runs", "--tracking-uri", uri, "--name", "crash"]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    supernet = tmp_path / "runs" / "crash" / "supernet"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:  # Tune's snapshot names a checkpoint
+            if any("checkpoint_00000" in f.read_text() for f in supernet.glob("experiment_state*.json")):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the search ended before it could be killed"
+        assert not (tmp_path / "runs" / "crash" / "oneshot_stage1.json").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    resumed = cli("resume", "runs/crash", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    epochs = [json.loads(line)["epoch"] for f in supernet.glob("*/result.json") for line in f.read_text().splitlines()]
+    # continued from a checkpoint, not trained again (an epoch reported after the last snapshot is reported again)
+    assert epochs.count(3) == 1 and sorted(set(epochs)) == list(range(3, SUPERNET_EPOCHS + 1, 3)), epochs
+    (straight,) = (two_stage["root"] / "runs").glob("digits_two_stage*")
+    for name in ("proxy_scores.csv",):
+        assert (tmp_path / "runs" / "crash" / name).read_text() == (straight / name).read_text()
+    top = yaml.safe_load((tmp_path / "runs" / "crash" / "proxy_top.yaml").read_text())["top"]
+    assert top[0] == yaml.safe_load((straight / "proxy_top.yaml").read_text())["top"][0]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("digits_two_stage").experiment_id])
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    supernets = [r for r in runs if r.data.tags.get("pathsearch.role") == "supernet"]
+    assert len(supernets) == 1 and supernets[0].info.status == "FINISHED"  # the one supernet run, continued
+    history = client.get_metric_history(supernets[0].info.run_id, "val_acc")
+    assert [m.step for m in history] == list(range(3, SUPERNET_EPOCHS + 1, 3))
+
+
 def test_export_returns_the_confirmed_winner_never_the_supernet(two_stage):
     root, runs = two_stage["root"], two_stage["runs"]
     out = root / "best.yaml"
@@ -359,6 +408,73 @@ def test_fit_scales_weights_up_the_informative_path_and_reports_what_it_fitted(p
     assert all(result.factors[1] > 3 * f for f in noise), result.factors  # attn.1 against every noise path: 4x+
     assert result.keep[0] is False and result.keep[1] is True  # a pruned path stays pruned; the informative one stays
     assert sum(result.keep) == model.num_paths - 1 if not prune else sum(result.keep) < model.num_paths - 1
+
+
+def test_export_registers_the_confirmed_winner_loadable_by_pyfunc_through_a_tracking_server(two_stage, tmp_path):
+    """`export --register NAME` against a real `mlflow server` (SQLite database store): a new version of NAME per
+    call, tagged with the winner's provenance and verdict, that `mlflow.pyfunc.load_model` loads (models from code:
+    no pickle) and that gives the logits of `create_path_vit` + the exported safetensors."""
+    import shutil
+    import signal
+
+    import mlflow
+
+    from pathsearch.ui import ui_command
+
+    shutil.copy(two_stage["root"] / "mlflow.db", tmp_path / "mlflow.db")  # the fixture's store, left as it was
+    port = _free_port()
+    cmd, env = ui_command(f"sqlite:///{tmp_path / 'mlflow.db'}", port)
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(server, uri, tmp_path / "server.log")
+        out = tmp_path / "best.yaml"
+        export = ["export", "--experiment", "digits_two_stage", "--out", str(out), "--tracking-uri", uri]
+        first = cli(*export, "--with-weights", "--register", "path-vit", cwd=tmp_path)
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert "registered: model 'path-vit' version 1" in first.stdout and first.stderr == "", first.stderr
+        second = cli(*export, "--register", "path-vit", cwd=tmp_path)  # without --with-weights: fetched for it
+        assert second.returncode == 0 and "registered: model 'path-vit' version 2" in second.stdout, second.stderr
+
+        client = MlflowClient(uri)
+        version = client.get_model_version("path-vit", "1")
+        provenance = PathConfig.load(out).provenance
+        assert version.tags["pathsearch.verdict"] == provenance["verdict"] == version.description
+        assert version.tags["pathsearch.search_run_id"] == provenance["search_run_id"]
+        assert version.tags["pathsearch.seed_run_id"] == provenance["seed_run_id"]
+        assert version.run_id == provenance["seed_run_id"]  # linked to the run that trained these weights
+        model = client.get_logged_model(version.source.removeprefix("models:/"))
+        assert model.source_run_id == provenance["seed_run_id"] and model.name == "path_vit"
+        mlflow.set_tracking_uri(uri)
+        try:
+            loaded = mlflow.pyfunc.load_model("models:/path-vit/1")
+            local = Path(mlflow.artifacts.download_artifacts("models:/path-vit/1", dst_path=str(tmp_path / "model")))
+        finally:
+            mlflow.set_tracking_uri("")
+        names = {f.name for f in local.rglob("*") if f.is_file()}
+        assert {"MLmodel", "best.yaml", "best.safetensors"} <= names, names  # the exported files, as they are
+        assert not [n for n in names if n.endswith((".pkl", ".pickle", ".pt", ".pth"))], names  # no pickled model
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    rebuilt = create_path_vit(path_config=PathConfig.load(out))
+    rebuilt.load_state_dict(load_file(str(out.with_suffix(".safetensors"))))
+    rebuilt.eval()
+    images = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = rebuilt(images).numpy()
+    got = loaded.predict(images.numpy())
+    assert got.shape == expected.shape and (got == expected).all()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def test_fit_scales_cli_logs_a_child_run_whose_files_give_its_accuracy(two_stage):

@@ -329,7 +329,8 @@ def test_resume_recovers_a_checkpoint_tune_deleted_before_its_snapshot_was_store
     from ray import tune
 
     from pathsearch import storage
-    from pathsearch.tracking import SEARCH_TAG, MlflowTrialLogger
+    from pathsearch.tracking.logger import MlflowTrialLogger
+    from pathsearch.tracking.runs import SEARCH_TAG
 
     markers = tmp_path / "markers"
     markers.mkdir()

@@ -17,8 +17,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ import pytest
 from pathsearch import storage
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import wait_until_healthy
 from s3server import S3Server, free_port
 from test_search import child_runs, resume_toy_search, toy_spec, wait_for_finished_runs
 
@@ -145,15 +144,7 @@ def mlflow_on_s3(tmp_path, s3):
             cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / "mlflow.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow server not healthy after 90 s"
-                time.sleep(0.3)
+        wait_until_healthy(proc, f"http://127.0.0.1:{port}", tmp_path / "mlflow.log")
         yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(proc.pid, 15)

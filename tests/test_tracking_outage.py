@@ -24,7 +24,8 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from pathsearch.paths import PathConfig
-from pathsearch.tracking import PENDING_FILE, MlflowTrialLogger, fail_fast, send_pending
+from pathsearch.tracking.logger import PENDING_FILE, MlflowTrialLogger, send_pending
+from pathsearch.tracking.outage import fail_fast
 from pathsearch.ui import ui_command
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -197,9 +198,9 @@ def test_logger_buffers_while_server_is_down_then_flush_sends_everything(tmp_pat
 
 
 def test_search_start_without_server_is_a_clear_error(monkeypatch):
-    from pathsearch import tracking
+    from pathsearch.tracking.runs import SearchRuns
 
-    monkeypatch.setattr(tracking, "START_TIMEOUT_S", 1.0)  # the default waits 30 s for a server still starting
+    monkeypatch.setenv("PATHSEARCH_MLFLOW_START_TIMEOUT_S", "1")  # the default waits 30 s for a server still starting
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(ValueError, match=f"no MLflow tracking server answers at {uri}"):
-        tracking.start_parent_run(uri, "toy", "search", {})
+        SearchRuns.start(uri, "toy", "search", {})

@@ -1,6 +1,6 @@
 """`pathsearch ui` opens on the latest search's runs page, and stops its MLflow server on SIGTERM and Ctrl-C.
 
-Real parts only: a real MLflow SQLite store written by the product's own `start_parent_run` plus trial runs tagged as
+Real parts only: a real MLflow SQLite store written by the product's own `SearchRuns.start` plus trial runs tagged as
 the trial logger tags them, the real `pathsearch ui` process with its real `mlflow server`, and a real headless
 Chromium (Debian package `chromium`) rendering MLflow's JavaScript UI. Processes are found in /proc (Linux).
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pathsearch.tracking import SEARCH_TAG, TRIAL_TAG, start_parent_run
+from pathsearch.tracking.runs import SEARCH_TAG, TRIAL_TAG, SearchRuns
 
 PARENT = "digits_tiny-ui-search"
 TRIALS = ("trial 7f3a1_00000", "trial 7f3a1_00001")
@@ -41,15 +41,17 @@ def make_store(folder: Path) -> tuple[str, str, str, list[str]]:
     """A store with an older search in another experiment, then the latest search with two trial runs nested under
     it exactly as MlflowTrialLogger nests them. Returns (uri, experiment id, parent run id, trial run ids)."""
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    start_parent_run(uri, "older_experiment", "an-older-search", {})
+    SearchRuns.start(uri, "older_experiment", "an-older-search", {})
     time.sleep(0.01)  # start times in ms: the searches must not tie
-    experiment_id, parent = start_parent_run(uri, "digits_tiny", PARENT, {"num_samples": 2})
+    runs = SearchRuns.start(uri, "digits_tiny", PARENT, {"num_samples": 2})
+    experiment_id, parent = runs.experiment_id, runs.parent_run_id
     client = MlflowClient(uri)
     trial_ids = []
     for k, name in enumerate(TRIALS):
         tags = {"mlflow.parentRunId": parent, SEARCH_TAG: parent, TRIAL_TAG: name.split()[1]}
         run = client.create_run(experiment_id, run_name=name, tags=tags)
         client.log_metric(run.info.run_id, "val_acc", 0.5 + 0.1 * k, step=1)
+        client.log_metric(run.info.run_id, "kept_paths", 7 - k, step=1)
         client.set_terminated(run.info.run_id)
         trial_ids.append(run.info.run_id)
     client.set_terminated(parent)
@@ -141,7 +143,7 @@ def render(url: str, profile: Path) -> str:
     """The DOM Chromium renders for `url` after MLflow's JavaScript has run (a fresh profile: no saved UI state)."""
     cmd = [
         "chromium", "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
-        "--virtual-time-budget=15000", "--dump-dom", url,
+        "--window-size=1600,1000", "--virtual-time-budget=15000", "--dump-dom", url,
     ]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
 
@@ -153,7 +155,8 @@ def test_ui_opens_on_the_latest_search_runs_in_a_real_browser_and_stops_on_sigte
     try:
         url = ui.url()
         base = f"http://127.0.0.1:{ui.port}"
-        assert url == f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning", ui.output()
+        nested = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        assert url == f"{nested}&viewStateShareKey=pathsearch", ui.output()  # the view the search saved
         assert f"experiment 'digits_tiny', latest search {PARENT}" in ui.out.read_text()
         # meanwhile, against this server: a tracking server serves its own UI, so the same deep link, nothing started
         point = [sys.executable, "-m", "pathsearch.cli", "ui", "--tracking-uri", base]
@@ -169,7 +172,16 @@ def test_ui_opens_on_the_latest_search_runs_in_a_real_browser_and_stops_on_sigte
         )
 
         if shutil.which("chromium") is not None:
-            dom = render(url, tmp_path / "chrome")
+            # the page as `pathsearch ui` opens it: every trial a row, best val_acc first, with the columns a person
+            # compares trials by (ag-grid names a column by its key: metrics.`val_acc`; MLflow shows a metric's column
+            # only where some run has it: no test_acc here, where no run read test)
+            shown = render(url, tmp_path / "chrome-view")
+            assert "share key" not in shown, "MLflow could not read the saved view"
+            for column in ("metrics.`val_acc`", "metrics.`kept_paths`", "attributes.`Dataset`"):
+                assert f'col-id="{column}"' in shown, column
+            rows = [shown.index(f'href="#/experiments/{experiment_id}/runs/{run_id}"') for run_id in trials]
+            assert rows[1] < rows[0], "the better trial (val_acc 0.6) comes first"
+            dom = render(nested, tmp_path / "chrome")
             # the model-training view (its sidebar: Runs, Models, Traces, Model registry), not the GenAI one (Overview,
             # Observability, ...), which MLflow 3 shows without ?workflowType=machine_learning
             text = re.sub(r"<[^>]+>", " ", dom)
@@ -181,7 +193,7 @@ def test_ui_opens_on_the_latest_search_runs_in_a_real_browser_and_stops_on_sigte
             assert "runnamecellrenderer" in name_cell and "<button" in name_cell, "no expander: no child runs found"
             assert "an-older-search" not in dom  # the other experiment's search
             # Sorted by anything but start time, MLflow lists child runs flat: the same page shows both trials then
-            flat = render(f"{url}&orderByKey=attributes.run_name&orderByAsc=true", tmp_path / "chrome")
+            flat = render(f"{nested}&orderByKey=attributes.run_name&orderByAsc=true", tmp_path / "chrome")
             for name, run_id in zip(TRIALS, trials, strict=True):
                 assert f'href="#/experiments/{experiment_id}/runs/{run_id}"' in flat and f">{name}</span>" in flat
 
@@ -189,7 +201,7 @@ def test_ui_opens_on_the_latest_search_runs_in_a_real_browser_and_stops_on_sigte
             out, err = proc.communicate(timeout=60)
             assert proc.returncode == 0, err
             found_id = MlflowClient(uri).get_experiment_by_name(experiment).experiment_id
-            link = f"{base}/#/experiments/{found_id}/runs?workflowType=machine_learning"
+            link = f"{base}/#/experiments/{found_id}/runs?workflowType=machine_learning&viewStateShareKey=pathsearch"
             assert f"MLflow UI at {link} (the tracking server serves it)" in out
         out, err = unknown.communicate(timeout=60)
         assert unknown.returncode == 2 and "pathsearch ui: error: no MLflow experiment named 'nope'" in err, err

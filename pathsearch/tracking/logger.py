@@ -1,4 +1,4 @@
-"""MLflow, written by the driver: one parent run per search, exactly one nested child run per trial.
+"""The trial logger: exactly one MLflow run per Ray Tune trial, nested under its search's parent run.
 
 A Ray Tune callback (driver side) turns each trial event into a plain-data operation on an ordered queue (run
 creation with params, one `log_batch` per reported result, artifacts + state tag + terminal status at the end) and
@@ -10,186 +10,44 @@ Runs are found again by the `pathsearch.trial_id` tag, so a resumed trial contin
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import requests
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from ray.tune import Callback
 
 from pathsearch.results import trained_to_end
 from pathsearch.storage import checkpoint_location, fetch
+from pathsearch.tracking.outage import (
+    GAVE_UP,
+    RETRY_EVERY_S,
+    TRANSFER_TIMEOUT_S,
+    deadline_s,
+    fail_fast,
+    flush_timeout_s,
+    is_retryable,
+    reason,
+    say,
+)
+from pathsearch.tracking.runs import (
+    NODE_TAG,
+    RETRIES_TAG,
+    SEARCH_TAG,
+    SEED_TAG,
+    STATE_TAG,
+    TRIAL_TAG,
+    SearchRuns,
+    dataset_inputs,
+    param_value,
+)
 
-TRIAL_TAG = "pathsearch.trial_id"
-SEARCH_TAG = "pathsearch.search"  # the search's parent run id, on every run of that search at any depth
-ROLE_TAG = "pathsearch.role"  # supernet | proxy | confirmation | confirmation_seed | fit_scales (search trials: none)
-SEED_TAG = "pathsearch.seed"  # a confirmation trial's seed
-NODE_TAG = "pathsearch.node_id"  # the Ray node a trial last ran on
-RETRIES_TAG = "pathsearch.retries"  # how often Tune retried the trial from its checkpoint
 TRIAL_ARTIFACTS = ("path_config.yaml", "path_analysis.json", "path_analysis.png", "model_0.safetensors")
 PENDING_FILE = "mlflow_pending.json"  # in the run directory: operations a flush could not send before its deadline
-RETRY_EVERY_S = 3.0  # between attempts to send the queue while the server is down
-START_TIMEOUT_S = 30.0  # how long a search waits for its tracking server; env PATHSEARCH_MLFLOW_START_TIMEOUT_S
-FLUSH_TIMEOUT_S = 300.0  # default deadline for the end-of-search flush; env PATHSEARCH_MLFLOW_FLUSH_TIMEOUT_S
-# MLflow's HTTP client reads these at request time. Its defaults (7 retries, backoff factor 2, 120 s timeout)
-# block one request against a dead server for about 4 minutes (sleeps 0, 4, 8, ... 120 s), and with it the Tune
-# loop. No retry inside the client: the queue retries instead, and safely, since urllib3 would resend any method
-# (a create_run whose answer was lost would create a second run; the queue looks the run up by tag first).
-# A keep-alive connection that a restarted server closed is noticed by urllib3 before reuse, without a retry.
-FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-T = TypeVar("T")
 Op = dict[str, Any]  # plain data only (str, float, int, lists, dicts): pickled with Tune's state, dumped as JSON
-
-
-def default_tracking_uri() -> str:
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def flush_timeout_s() -> float:
-    return float(os.environ.get("PATHSEARCH_MLFLOW_FLUSH_TIMEOUT_S", FLUSH_TIMEOUT_S))
-
-
-@contextmanager
-def fail_fast() -> Iterator[None]:
-    """MLflow requests inside fail within seconds when the server is down; a setting the user made wins."""
-    added = {k: v for k, v in FAIL_FAST.items() if k not in os.environ}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
-
-
-def is_retryable(err: BaseException) -> bool:
-    """True for a server that is down, restarting or overloaded: connection errors, timeouts, HTTP 5xx/429/408.
-
-    MLflow wraps a failed request in an MlflowException (INTERNAL_ERROR, i.e. 500) whose context is the requests
-    error; a 4xx answer (invalid parameter, unknown run) is final, and so is any other error.
-    """
-    seen: set[int] = set()
-    cause: BaseException | None = err
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, requests.ConnectionError | requests.Timeout | ConnectionError | TimeoutError):
-            return True
-        if isinstance(cause, requests.HTTPError) and cause.response is not None:
-            return _transient(cause.response.status_code)
-        if isinstance(cause, MlflowException):
-            return _transient(cause.get_http_status_code())
-        cause = cause.__cause__ or cause.__context__
-    return False
-
-
-def _transient(status: int) -> bool:
-    return status >= 500 or status in (408, 429)
-
-
-# URIs whose server a deadline already ran out on in this process: later end-of-search calls try once, so a
-# server that stays down costs one deadline, not one per call.
-_GAVE_UP: set[str] = set()
-
-
-def _deadline_s(tracking_uri: str, timeout_s: float | None) -> float:
-    if timeout_s is not None:
-        return timeout_s
-    return 0.0 if tracking_uri in _GAVE_UP else flush_timeout_s()
-
-
-def retry_until(
-    tracking_uri: str, what: str, call: Callable[[], T], timeout_s: float | None = None, say_gave_up: bool = True
-) -> T | None:
-    """`call()` with fail-fast requests, retried every few seconds while the server is unreachable, until a
-    deadline (default: the flush timeout). Returns None, with a warning (unless the caller raises its own error:
-    `say_gave_up=False`), when the deadline passes; raises what is not retryable."""
-    timeout = _deadline_s(tracking_uri, timeout_s)
-    started = time.monotonic()
-    warned = False
-    while True:
-        try:
-            with fail_fast():
-                result = call()
-        except Exception as err:
-            if not is_retryable(err):
-                raise
-            left = started + timeout - time.monotonic()
-            if left <= 0:
-                _GAVE_UP.add(tracking_uri)
-                if say_gave_up:
-                    _say(f"MLflow at {tracking_uri} still unreachable: gave up {what} ({_reason(err)})")
-                return None
-            if not warned:
-                _say(f"MLflow at {tracking_uri} unreachable while {what}: retrying for up to {left:.0f}s")
-                warned = True
-            time.sleep(min(RETRY_EVERY_S, left))
-        else:
-            _GAVE_UP.discard(tracking_uri)
-            if warned:
-                _say(f"MLflow at {tracking_uri} reachable again after {time.monotonic() - started:.0f}s: {what} done")
-            return result
-
-
-def require_server(tracking_uri: str, what: str) -> None:
-    """A ValueError within START_TIMEOUT_S when the tracking store does not answer, not a hang in MLflow's own
-    retries (a search that starts or resumes needs it before anything else happens)."""
-    client = MlflowClient(tracking_uri)
-    timeout = float(os.environ.get("PATHSEARCH_MLFLOW_START_TIMEOUT_S", START_TIMEOUT_S))
-    if retry_until(tracking_uri, what, client.search_experiments, timeout, say_gave_up=False) is None:
-        raise ValueError(f"no MLflow tracking server answers at {tracking_uri}: start it, or check --tracking-uri")
-
-
-def reopen_parent_run(tracking_uri: str, run_id: str) -> None:
-    """Sets a search's parent run RUNNING again for `resume`, failing fast when the store is down."""
-    require_server(tracking_uri, "resuming the search")
-    with fail_fast():
-        MlflowClient(tracking_uri).update_run(run_id, status="RUNNING")
-
-
-def start_parent_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any]) -> tuple[str, str]:
-    """Creates the store, the experiment and the search's parent run in the driver, before any trial starts
-    (two trials creating a fresh SQLite store at once raced here). Returns (experiment_id, run_id).
-
-    A server that does not answer within START_TIMEOUT_S is a clear error before anything else happens, not a
-    four-minute hang in MLflow's own retries."""
-    client = MlflowClient(tracking_uri)
-    require_server(tracking_uri, "starting the search")
-    found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        experiment_id = found.experiment_id
-    else:  # keep artifacts beside a SQLite store rather than in whatever folder the command ran from
-        location = None
-        if tracking_uri.startswith("sqlite:///"):
-            location = (Path(tracking_uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
-        experiment_id = client.create_experiment(experiment, artifact_location=location)
-    run = client.create_run(experiment_id, run_name=run_name, tags={"pathsearch.kind": "search"})
-    client.log_batch(run.info.run_id, params=[Param(k, param_value(v)) for k, v in params.items()])
-    return experiment_id, run.info.run_id
-
-
-def dataset_inputs(text: str) -> list[DatasetInput]:
-    """MLflow dataset inputs from a trial's `dataset_inputs` report (JSON: name, context, size, digest, source):
-    the data itself is not uploaded, only its name, digest, size and where it came from."""
-    inputs = []
-    for split in json.loads(text):
-        dataset = Dataset(
-            name=split["name"],
-            digest=split["digest"],
-            source_type="pathsearch",
-            source=json.dumps(split["source"]),
-            profile=json.dumps({"num_rows": split["size"]}),
-        )
-        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split["context"])]))
-    return inputs
 
 
 class MlflowTrialLogger(Callback):
@@ -314,7 +172,7 @@ class MlflowTrialLogger(Callback):
         """Sends the queue, retrying every few seconds until it is empty or `timeout_s` (default: env
         PATHSEARCH_MLFLOW_FLUSH_TIMEOUT_S, else 300 s) has passed. Then saves what is left to the run directory's
         `mlflow_pending.json` (see `send_pending`) and says so. Returns True when everything was sent."""
-        timeout = _deadline_s(self.tracking_uri, timeout_s)
+        timeout = deadline_s(self.tracking_uri, timeout_s)
         deadline = time.monotonic() + timeout
         try:
             while not self._drain():
@@ -326,14 +184,14 @@ class MlflowTrialLogger(Callback):
         except KeyboardInterrupt:  # a second Ctrl-C while waiting (Tune takes the first): keep the queue, stop
             self._give_up("not waited for (interrupted)")
             raise
-        _GAVE_UP.discard(self.tracking_uri)
+        GAVE_UP.discard(self.tracking_uri)
         return True
 
     def _give_up(self, why: str) -> None:
-        _GAVE_UP.add(self.tracking_uri)
+        GAVE_UP.add(self.tracking_uri)
         if self._pending:
             path = self.save_pending()
-            _say(
+            say(
                 f"MLflow at {self.tracking_uri} {why}: {len(self._pending)} operation(s) not sent, saved to {path} "
                 f"(send them later with pathsearch.tracking.send_pending('{path}'))"
             )
@@ -367,12 +225,12 @@ class MlflowTrialLogger(Callback):
                         self._recovered(sent)
                     if self._down_since is None:
                         self._down_since = time.monotonic()
-                        _say(
+                        say(
                             f"MLflow at {self.tracking_uri} unreachable: {len(self._pending)} operation(s) buffered, "
-                            f"retrying every {RETRY_EVERY_S:.0f}s ({_reason(err)})"
+                            f"retrying every {RETRY_EVERY_S:.0f}s ({reason(err)})"
                         )
                     return False
-                _say(f"MLflow refused the {op['op']} operation of trial {op['trial']}, dropped: {_reason(err)}")
+                say(f"MLflow refused the {op['op']} operation of trial {op['trial']}, dropped: {reason(err)}")
             else:
                 sent += 1
             self._pending.pop(0)
@@ -384,7 +242,7 @@ class MlflowTrialLogger(Callback):
     def _recovered(self, sent: int) -> None:
         if self._down_since is not None:
             left = f", {len(self._pending)} still queued" if self._pending else ""
-            _say(
+            say(
                 f"MLflow at {self.tracking_uri} reachable again after {time.monotonic() - self._down_since:.0f}s: "
                 f"sent {sent} buffered operation(s){left}"
             )
@@ -426,19 +284,20 @@ class MlflowTrialLogger(Callback):
                     if Path(f).is_file():
                         shutil.copy(f, tmp)
                 if any(Path(tmp).iterdir()):
-                    client.log_artifacts(run_id, tmp)
+                    with fail_fast(TRANSFER_TIMEOUT_S):  # weights need more than a request's few seconds
+                        client.log_artifacts(run_id, tmp)
         elif op["op"] == "inputs":  # logging the same dataset and context again adds nothing
             client.log_inputs(self._run_id(trial_id), datasets=dataset_inputs(op["inputs"]))
         elif op["op"] == "end":
             run_id = self._run_id(trial_id)
-            client.log_batch(run_id, tags=[RunTag("pathsearch.state", op["state"])])
+            client.log_batch(run_id, tags=[RunTag(STATE_TAG, op["state"])])
             client.set_terminated(run_id, status=op["status"])
             self._runs.pop(trial_id, None)
         else:
             raise ValueError(f"unknown operation {op['op']!r}")
 
     def _find_run(self, trial_id: str) -> str | None:
-        return find_trial_run(self.client, self.experiment_id, self.parent_run_id, trial_id)
+        return SearchRuns(self.tracking_uri, self.experiment_id, self.parent_run_id).find_trial(trial_id)
 
     def _run_id(self, trial_id: str) -> str:
         """The trial's run; after a restore (`_runs` is not pickled) found by tag."""
@@ -491,88 +350,3 @@ def send_pending(path: str | Path, timeout_s: float | None = None) -> int:
     if logger.flush(flush_timeout_s() if timeout_s is None else timeout_s):  # asked for: wait the full deadline
         path.unlink()
     return len(logger.pending)
-
-
-def close_orphan_runs(tracking_uri: str, experiment_id: str, parent_run_id: str, state: str = "LOST") -> int:
-    """Ends trial runs left RUNNING under a search. After a finished search these are trials lost in a driver
-    crash that Tune's last snapshot did not know (Tune trains them again as new trials): KILLED, state LOST.
-    After an interrupted one they are the unfinished trials: KILLED, state INTERRUPTED, until `resume`.
-    Waits out an MLflow outage up to the flush timeout; returns how many runs it closed."""
-
-    def close() -> int:
-        client = MlflowClient(tracking_uri)
-        query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
-        orphans = client.search_runs([experiment_id], filter_string=query, max_results=10000)
-        for run in orphans:
-            client.log_batch(run.info.run_id, tags=[RunTag("pathsearch.state", state)])
-            client.set_terminated(run.info.run_id, status="KILLED")
-        return len(orphans)
-
-    return retry_until(tracking_uri, "closing orphaned trial runs", close) or 0
-
-
-def end_parent_run(
-    tracking_uri: str,
-    run_id: str,
-    metrics: dict[str, float],
-    artifacts: list[Path],
-    status: str | None,
-    tags: dict[str, str] | None = None,
-) -> None:
-    """Logs summary metrics, tags and files to a run and ends it with `status` (None: leaves it running, as a search
-    does between its stages); waits out an MLflow outage up to the flush timeout (a retry after a partial send
-    repeats it harmlessly: same metric timestamps)."""
-    now = int(time.time() * 1000)
-
-    def end() -> None:
-        client = MlflowClient(tracking_uri)
-        metric_rows = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-        client.log_batch(run_id, metrics=metric_rows, tags=[RunTag(k, v) for k, v in (tags or {}).items()])
-        for path in artifacts:
-            if path.exists():
-                client.log_artifact(run_id, str(path))
-        if status is not None:
-            client.set_terminated(run_id, status=status)
-
-    retry_until(tracking_uri, f"ending the parent run {run_id} (left RUNNING if this fails)", end)
-
-
-def param_value(value: Any) -> str:
-    """A parameter value as every pathsearch run logs it: str of the value, cut to MLflow's limit."""
-    text = str(value)
-    return text if len(text) <= 6000 else text[:5997] + "..."
-
-
-def find_trial_run(client: MlflowClient, experiment_id: str, search_run_id: str, trial_id: str) -> str | None:
-    """The MLflow run of a Tune trial of a search (any stage), found by its tags; None if it has none yet."""
-    query = f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{SEARCH_TAG}` = '{search_run_id}'"
-    runs = client.search_runs([experiment_id], filter_string=query, max_results=1)
-    return runs[0].info.run_id if runs else None
-
-
-def download_artifact(client: MlflowClient, run_id: str, name: str, folder: str | Path) -> Path:
-    """A run's artifact downloaded into `folder`; a ValueError naming the run and the file when it has none.
-
-    Through the tracking server, unless MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD says otherwise: a server whose
-    artifacts are in an object store (`--artifacts-destination s3://...`) offers MLflow 3 clients presigned URLs on
-    the store's endpoint as the server sees it, which the machine exporting may not reach (an in-cluster endpoint).
-    """
-    os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
-    try:
-        return Path(client.download_artifacts(run_id, name, str(folder)))
-    except Exception as err:  # MLflow raises several types for a missing artifact
-        raise ValueError(f"run {run_id} has no artifact {name!r}: {err}") from None
-
-
-def _reason(err: BaseException) -> str:
-    """The innermost cause of a failed request, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'."""
-    for _ in range(20):  # bounded: a chain can loop
-        inner = err.__cause__ or err.__context__
-        if inner is None:
-            break
-        err = inner
-    return f"{type(err).__name__}: {err}"[:300]
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
