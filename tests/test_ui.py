@@ -148,6 +148,15 @@ def render(url: str, profile: Path) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
 
 
+def column_index(dom: str, column: str) -> int:
+    """Where a runs-table column is shown: its header cell's aria-colindex (the DOM order is not the shown one)."""
+    cell = re.search(r'<div[^>]*col-id="' + re.escape(column) + r'"[^>]*>', dom)
+    assert cell, f"no header cell for {column}"
+    index = re.search(r'aria-colindex="(\d+)"', cell.group(0))
+    assert index, cell.group(0)
+    return int(index.group(1))
+
+
 def test_ui_opens_on_the_latest_search_runs_in_a_real_browser_and_stops_on_sigterm(tmp_path):
     """One server for both checks (each start costs 10-20 s): the page first, then SIGTERM."""
     uri, experiment_id, parent, trials = make_store(tmp_path)
@@ -179,6 +188,8 @@ def test_ui_opens_on_the_latest_search_runs_in_a_real_browser_and_stops_on_sigte
             assert "share key" not in shown, "MLflow could not read the saved view"
             for column in ("metrics.`val_acc`", "metrics.`kept_paths`", "attributes.`Dataset`"):
                 assert f'col-id="{column}"' in shown, column
+            # the metrics first (MLflow puts its attribute columns before them); ag-grid numbers the shown order
+            assert column_index(shown, "metrics.`val_acc`") < column_index(shown, "attributes.`Dataset`")
             rows = [shown.index(f'href="#/experiments/{experiment_id}/runs/{run_id}"') for run_id in trials]
             assert rows[1] < rows[0], "the better trial (val_acc 0.6) comes first"
             dom = render(nested, tmp_path / "chrome")

@@ -380,7 +380,8 @@ def runs_view(metric: str, mode: str) -> dict[str, Any]:
     there is one (confirmation seeds), the kept paths and the data each run read. Keys as the UI names them."""
     column = f"metrics.`{metric}`"
     columns = [column, *(f"metrics.`{m}`" for m in ("test_acc", "kept_paths") if m != metric), "attributes.`Dataset`"]
-    return {"orderByKey": column, "orderByAsc": mode == "min", "selectedColumns": columns}
+    order = ["attributes.`Run Name`", *columns]  # the metrics first, where a person looks; Created, Duration after
+    return {"orderByKey": column, "orderByAsc": mode == "min", "selectedColumns": columns, "columnOrder": order}
 
 
 def dataset_inputs(text: str) -> list[DatasetInput]:
