@@ -316,6 +316,10 @@ class ConfirmConfig:
     and augmentation for every configuration), and the winner is the best mean val score. Only these trials read
     the test split: the verdict against the baseline is a paired difference on test over those seeds.
 
+    With `max_seeds` it is sequential: `seeds` is the first round, each later round adds `step` paired seeds for the
+    baseline and the challengers not yet decided, until each is decided (its anytime-valid interval above 0, below 0
+    or below `min_effect`) or `max_seeds` (pathsearch.sequential).
+
     Present in a search file: on (unless `enabled: false`); absent: off.
     """
 
@@ -324,6 +328,10 @@ class ConfirmConfig:
     seeds: int = 5
     first_seed: int | None = None  # default: train.seed + train.seeds, the first seed the search did not use
     max_concurrent_trials: int | None = None  # default: search.max_concurrent_trials
+    max_seeds: int | None = None  # the budget of a sequential confirmation; None: `seeds` seeds, one round
+    step: int = 2  # seeds each later round adds
+    min_effect: float = 0.0025  # the smallest gain worth having, in the metric's units (a quarter point of accuracy)
+    alpha: float = 0.05  # the chance that any interval of any round misses, at most
 
 
 @dataclass
@@ -577,6 +585,12 @@ def _check_search(s: SearchConfig, source: str, problems: list[str]) -> None:
     need(c.first_seed is None or c.first_seed >= 0, "confirm.first_seed", c.first_seed, "must be >= 0")
     need(c.max_concurrent_trials is None or c.max_concurrent_trials >= 1, "confirm.max_concurrent_trials",
          c.max_concurrent_trials, "must be >= 1")  # fmt: skip
+    need(c.max_seeds is None or c.max_seeds >= c.seeds, "confirm.max_seeds", c.max_seeds,
+         f"must be >= confirm.seeds ({c.seeds}), the first round")  # fmt: skip
+    need(c.step >= 1, "confirm.step", c.step, "must be >= 1 (seeds each later round adds)")
+    need(math.isfinite(c.min_effect) and c.min_effect >= 0, "confirm.min_effect", c.min_effect,
+         "must be a finite number >= 0 (in the metric's units: 0.0025 is a quarter point of accuracy)")  # fmt: skip
+    need(0 < c.alpha <= 0.5, "confirm.alpha", c.alpha, "must be in (0, 0.5]")
 
 
 def resource_problems(name: str, amount: Any, source: str) -> list[str]:

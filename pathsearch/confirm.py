@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,22 +27,28 @@ from pathsearch import storage
 from pathsearch.config import SearchFile
 from pathsearch.results import SearchResult
 from pathsearch.runner import ProgressLine, run_config, runnable
+from pathsearch.sequential import BEATS, NO_GAIN, WORSE, Decision, Design, assess, seeds_to_decide
 from pathsearch.tracking.runs import NOTE_TAG, PARENT_TAG, ROLE_TAG, RunLog, SearchRuns
 from pathsearch.verdict import (
     BASELINE,
     METHOD,
+    SEQUENTIAL_METHOD,
     Confirmation,
     make_verdict,
     mean_std,
     paired_difference,
     plot_confirmation,
+    plot_rounds,
+    pts,
     seeds_text,
+    sequential_verdict,
 )
 
 CONFIRM_DIR = "confirm"  # the confirmation's Tune experiment, inside the search's run directory
 PLAN_FILE = "confirm_plan.json"  # candidates, seeds and MLflow runs: what `resume` needs to continue
 SUMMARY_FILE = "confirmation.yaml"
 PLOT_FILE = "confirmation.png"
+ROUNDS_PLOT_FILE = "confirmation_rounds.png"  # a sequential confirmation's intervals, round by round
 WINNER_TAG = "pathsearch.confirmed_run"  # on the parent: the winning configuration's MLflow run
 VERDICT_TAG = "pathsearch.verdict"
 
@@ -59,11 +66,19 @@ class Candidate:
 
 @dataclass
 class Plan:
+    """The confirmation as far as it is decided: its configurations, its rounds of paired seeds (one, unless it is
+    sequential) and the results of the rounds that finished. Saved before each round starts and after it ends:
+    `resume` continues from it."""
+
     metric: str  # the val metric the winner is chosen by
     mode: str
-    seeds: list[int]
+    seeds: list[int]  # every seed planned so far (the rounds' seeds, in order)
     candidates: list[Candidate]
     search_metric: str  # what `search_value` measured (val_acc, or proxy_val_acc in a two-stage search)
+    design: dict[str, Any] | None = None  # a sequential confirmation's Design (pathsearch.sequential); None: fixed
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # {"seeds", "labels", "done"} each
+    results: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # label -> seed -> finished values
+    looks: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # per finished round: label -> Decision
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
@@ -74,7 +89,17 @@ class Plan:
     def load(cls, path: Path) -> Plan:
         data = json.loads(path.read_text())
         data["candidates"] = [Candidate(**c) for c in data["candidates"]]
-        return cls(**data)
+        plan = cls(**data)
+        if not plan.rounds:  # a plan saved before rounds existed: one round of every seed and configuration
+            plan.rounds = [{"seeds": plan.seeds, "labels": [c.label for c in plan.candidates], "done": False}]
+        return plan
+
+    def sequential(self) -> Design | None:
+        return Design(**self.design) if self.design is not None else None
+
+    def per_seed(self) -> dict[str, dict[int, dict[str, Any]]]:
+        """Finished trials' values by configuration and seed (JSON keeps the seeds as strings)."""
+        return {c.label: {int(s): v for s, v in self.results.get(c.label, {}).items()} for c in self.candidates}
 
 
 # ----- which configurations, on which seeds -------------------------------------------------------------------
@@ -175,12 +200,13 @@ def _num(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def param_space(plan: Plan) -> dict[str, Any]:
-    """One trial per (seed, configuration), seed-major, each with the trial overrides below."""
+def param_space(plan: Plan, round_: int = 0) -> dict[str, Any]:
+    """One trial per (seed, configuration) of a round, seed-major, each with the trial overrides below."""
     table = {c.label: c.overrides for c in plan.candidates}
+    this = plan.rounds[round_]
     return {
-        "seed": tune.grid_search(plan.seeds),
-        "candidate": tune.grid_search([c.label for c in plan.candidates]),
+        "seed": tune.grid_search(list(this["seeds"])),
+        "candidate": tune.grid_search(list(this["labels"])),
         "overrides": tune.sample_from(partial(trial_overrides, table=table)),
         "optuna_trial": "confirm",
     }
@@ -200,6 +226,12 @@ def make_plan(
     seeds' runs nest under it. Written before any confirmation trial starts, so `resume` finds both."""
     metric, mode = selection_metric(spec)
     plan = Plan(metric, mode, confirm_seeds(spec), candidates, search_metric)
+    plan.rounds = [{"seeds": list(plan.seeds), "labels": [c.label for c in candidates], "done": False}]
+    conf = spec.search.confirm
+    if conf.max_seeds is not None:
+        challengers = max(1, len(candidates) - 1)
+        design = Design(conf.seeds, conf.step, conf.max_seeds, conf.min_effect, conf.alpha, challengers)
+        plan.design = asdict(design)
     new = [c for c in plan.candidates if c.run_id is None]
     logs = [
         RunLog(
@@ -225,47 +257,59 @@ def make_plan(
     return plan
 
 
+def round_dir(round_: int) -> str:
+    """A round's Tune experiment inside the run directory: `confirm` for the first, `confirm-round2`, ... after."""
+    return CONFIRM_DIR if round_ == 0 else f"{CONFIRM_DIR}-round{round_ + 1}"
+
+
 def make_confirm_tuner(
-    spec: SearchFile, run_dir: Path, state: Mapping[str, Any], plan: Plan, trainable: Any, verbose: bool
+    spec: SearchFile,
+    run_dir: Path,
+    state: Mapping[str, Any],
+    plan: Plan,
+    trainable: Any,
+    verbose: bool,
+    round_: int = 0,
 ) -> tune.Tuner:
-    """One Tune trial per (seed, configuration), seed-major; FIFO, retried from checkpoints like search trials."""
+    """One Tune trial per (seed, configuration) of a round, seed-major; FIFO, retried from checkpoints like search
+    trials."""
     s, t = spec.search, spec.trial.train
     groups = {
         c.label: {PARENT_TAG: str(c.run_id), ROLE_TAG: "confirmation_seed", "pathsearch.candidate": c.label}
         for c in plan.candidates
     }
-    total = len(plan.seeds) * len(plan.candidates)
+    this = plan.rounds[round_]
+    total = len(this["seeds"]) * len(this["labels"])
     logger = SearchRuns.of(state).trial_logger(t.epochs, run_dir, groups)
+    label = "confirmation" if plan.design is None else f"round {round_ + 1}"
     return tune.Tuner(
         runnable(spec, trainable),
-        param_space=param_space(plan),
+        param_space=param_space(plan, round_),
         tune_config=tune.TuneConfig(
             max_concurrent_trials=s.confirm.max_concurrent_trials or s.max_concurrent_trials,
             reuse_actors=True,
         ),
         run_config=run_config(
             spec,
-            CONFIRM_DIR,
+            round_dir(round_),
             storage.run_uri(run_dir, state),
-            [logger, ProgressLine(total, plan.metric, plan.mode, t.epochs, verbose, "confirmation")],
+            [logger, ProgressLine(total, plan.metric, plan.mode, t.epochs, verbose, label)],
         ),
     )
 
 
-def restore_confirm_tuner(
-    spec: SearchFile, run_dir: Path, state: Mapping[str, Any], plan: Plan, trainable: Any, verbose: bool
+def round_tuner(
+    spec: SearchFile, run_dir: Path, state: Mapping[str, Any], plan: Plan, trainable: Any, verbose: bool, round_: int
 ) -> tune.Tuner:
-    """The confirmation's Tuner after an interruption: restored from Tune's snapshot (finished trials are not
-    trained again), or new when the driver died before the first snapshot; its configuration runs reopened."""
-    runs = [c.run_id for c in plan.candidates if c.run_id is not None]
-    SearchRuns.of(state).reopen_runs(runs, "reopening the confirmation runs")
-    folder = storage.join(storage.run_uri(run_dir, state), CONFIRM_DIR)
+    """A round's Tuner: restored from Tune's snapshot when an interrupted driver left one (finished trials are not
+    trained again), else new."""
+    folder = storage.join(storage.run_uri(run_dir, state), round_dir(round_))
     if tune.Tuner.can_restore(folder):
         storage.recover_checkpoints(folder)
         # the param space again: Tune's snapshot of a sample_from does not resolve after a restore
-        trainable = runnable(spec, trainable)
-        return tune.Tuner.restore(folder, trainable=trainable, resume_errored=True, param_space=param_space(plan))
-    return make_confirm_tuner(spec, run_dir, state, plan, trainable, verbose)
+        space = param_space(plan, round_)
+        return tune.Tuner.restore(folder, trainable=runnable(spec, trainable), resume_errored=True, param_space=space)
+    return make_confirm_tuner(spec, run_dir, state, plan, trainable, verbose, round_)
 
 
 def confirm_search(
@@ -287,7 +331,8 @@ def confirm_search(
     try:
         if plan_file.is_file():
             plan = Plan.load(plan_file)
-            tuner = restore_confirm_tuner(spec, run_dir, state, plan, trainable, verbose)
+            runs = [c.run_id for c in plan.candidates if c.run_id is not None]
+            SearchRuns.of(state).reopen_runs(runs, "reopening the confirmation runs")
         else:
             if candidates is None:
                 metric, mode = selection_metric(spec)
@@ -296,8 +341,7 @@ def confirm_search(
                 )
                 search_metric = metric
             plan = make_plan(spec, run_dir, state, candidates, search_metric)
-            tuner = make_confirm_tuner(spec, run_dir, state, plan, trainable, verbose)
-        confirmation = run_confirmation(tuner, spec, run_dir, state, plan, verbose)
+        confirmation = run_confirmation(spec, run_dir, state, plan, trainable, verbose)
         if on_confirmed is not None and not confirmation.interrupted:
             confirmation.files.update(on_confirmed(confirmation))
         status = "KILLED" if confirmation.interrupted else "FINISHED"
@@ -314,45 +358,141 @@ def confirm_search(
 
 
 def run_confirmation(
-    tuner: Any, spec: SearchFile, run_dir: Path, state: Mapping[str, Any], plan: Plan, verbose: bool = True
+    spec: SearchFile,
+    run_dir: Path,
+    state: Mapping[str, Any],
+    plan: Plan,
+    trainable: Any = None,
+    verbose: bool = True,
 ) -> Confirmation:
-    """Trains the plan's trials to the end, then picks the winner, measures it against the baseline and logs the
-    verdict (MLflow parent and configuration runs, `confirmation.yaml`, `confirmation.png`). An interrupted
-    confirmation (Ctrl-C) returns `interrupted=True`, its unfinished runs closed KILLED until `resume`."""
+    """Trains the plan's rounds to the end (a sequential confirmation adds rounds until every challenger is decided
+    or the budget is spent), then picks the winner, measures it against the baseline and logs the verdict (MLflow
+    parent and configuration runs, `confirmation.yaml`, `confirmation.png`). An interrupted confirmation (Ctrl-C)
+    returns `interrupted=True`, its unfinished runs closed KILLED until `resume`."""
     runs = SearchRuns.of(state)
-    final_epoch = spec.trial.train.epochs
+    design = plan.sequential()
     if verbose:
-        print(
-            f"confirmation: {len(plan.candidates)} configurations (the baseline and the top "
-            f"{len(plan.candidates) - 1} by {plan.metric}) x {len(plan.seeds)} paired seeds {seeds_text(plan.seeds)}",
-            flush=True,
-        )
-    grid = tuner.fit()
-    per: dict[str, dict[int, dict[str, Any]]] = {c.label: {} for c in plan.candidates}
-    unfinished = 0
-    for result in grid:
-        m, config = result.metrics or {}, result.config or {}
-        label, seed = config.get("candidate"), config.get("seed")
-        if label not in per or not isinstance(seed, int):
-            continue
-        if result.error is None and m.get("epoch") == final_epoch:
-            values = {k: float(m[k]) for k in ("val_acc", "val_loss", "test_acc", "test_loss") if k in m}
-            checkpoint = storage.checkpoint_location(result.checkpoint) if result.checkpoint is not None else None
-            per[label][seed] = {**values, "trial_id": m.get("trial_id"), "checkpoint": checkpoint}
-        elif result.error is None:
-            unfinished += 1
-    if unfinished:  # Tune returned early on SIGINT: the unfinished trials stay in its snapshot for `resume`
-        for c in plan.candidates:
-            runs.close_orphans(str(c.run_id), "INTERRUPTED")
-        runs.close_orphans(state="INTERRUPTED")
-        return Confirmation(plan.metric, plan.mode, plan.seeds, [], None, {}, "", interrupted=True)
-    for c in plan.candidates:  # trials lost in a driver crash and trained again: their first runs end LOST
-        runs.close_orphans(str(c.run_id))
-    confirmation = summarise(plan, per, spec.base)
+        _say_plan(plan, design)
+    while not all(r["done"] for r in plan.rounds):
+        k = next(i for i, r in enumerate(plan.rounds) if not r["done"])
+        tuner = round_tuner(spec, run_dir, state, plan, trainable, verbose, k)
+        finished, unfinished = _collect(tuner.fit(), plan.rounds[k], spec.trial.train.epochs)
+        if unfinished:  # Tune returned early on SIGINT: the unfinished trials stay in its snapshot for `resume`
+            for c in plan.candidates:
+                runs.close_orphans(str(c.run_id), "INTERRUPTED")
+            runs.close_orphans(state="INTERRUPTED")
+            return Confirmation(plan.metric, plan.mode, plan.seeds, [], None, {}, "", interrupted=True)
+        for c in plan.candidates:  # trials lost in a driver crash and trained again: their first runs end LOST
+            runs.close_orphans(str(c.run_id))
+        for label, seeds in finished.items():
+            plan.results.setdefault(label, {}).update({str(seed): values for seed, values in seeds.items()})
+        plan.rounds[k]["done"] = True
+        if design is not None:
+            looked = look(plan, design, k)
+            plan.looks.append({label: asdict(d) for label, d in looked.items()})
+            _log_round(plan, design, k, looked, runs, verbose)
+            following = next_round(plan, design, k, looked)
+            if following is not None:
+                plan.rounds.append(following)
+                plan.seeds = sorted({*plan.seeds, *following["seeds"]})
+        plan.save(run_dir / PLAN_FILE)  # the round's results and the next round: what `resume` continues from
+        storage.upload(run_dir, state, [PLAN_FILE])
+    per = plan.per_seed()
+    confirmation = summarise(plan, per, spec.base) if design is None else summarise_sequential(plan, per, spec.base)
     confirmation.files = _write_files(confirmation, plan, per, run_dir)
     confirmation.search_metric = plan.search_metric
     _log(confirmation, plan, per, runs)
     return confirmation
+
+
+def _say_plan(plan: Plan, design: Design | None) -> None:
+    others = len(plan.candidates) - 1
+    head = f"confirmation: {len(plan.candidates)} configurations (the baseline and the top {others} by {plan.metric})"
+    if design is None:
+        print(f"{head} x {len(plan.seeds)} paired seeds {seeds_text(plan.seeds)}", flush=True)
+        return
+    print(
+        f"{head}, sequential: {design.seeds} paired seeds, then {design.step} more per round for the baseline and "
+        f"the undecided, up to {design.max_seeds}; decided at an interval above 0, below 0 or below min_effect "
+        f"{pts(design.min_effect, 2)} points (alpha {design.alpha:g} over every round and challenger)",
+        flush=True,
+    )
+
+
+def _collect(grid: Any, this: Mapping[str, Any], final_epoch: int) -> tuple[dict[str, dict[int, dict]], int]:
+    """A round's finished trials (label -> seed -> values and checkpoint) and how many did not finish."""
+    finished: dict[str, dict[int, dict[str, Any]]] = {label: {} for label in this["labels"]}
+    unfinished = 0
+    for result in grid:
+        m, config = result.metrics or {}, result.config or {}
+        label, seed = config.get("candidate"), config.get("seed")
+        if label not in finished or not isinstance(seed, int):
+            continue
+        if result.error is None and m.get("epoch") == final_epoch:
+            values = {k: float(m[k]) for k in ("val_acc", "val_loss", "test_acc", "test_loss") if k in m}
+            checkpoint = storage.checkpoint_location(result.checkpoint) if result.checkpoint is not None else None
+            finished[label][seed] = {**values, "trial_id": m.get("trial_id"), "checkpoint": checkpoint}
+        elif result.error is None:
+            unfinished += 1
+    return finished, unfinished
+
+
+# ----- a sequential confirmation's rounds ------------------------------------------------------------------------
+def look(plan: Plan, design: Design, round_: int) -> dict[str, Decision]:
+    """Each challenger of round `round_` judged on every paired seed it and the baseline finished so far."""
+    per = plan.per_seed()
+    base = per[BASELINE]
+    out = {}
+    for label in plan.rounds[round_]["labels"]:
+        if label == BASELINE:
+            continue
+        seeds = [s for s in plan.seeds if s in per[label] and s in base]
+        diffs = [per[label][s]["test_acc"] - base[s]["test_acc"] for s in seeds]
+        out[label] = assess(diffs, design, round_)
+    return out
+
+
+def next_round(plan: Plan, design: Design, round_: int, looked: Mapping[str, Decision]) -> dict[str, Any] | None:
+    """The baseline and the challengers still undecided, on the next look's new seeds; None when none is left or
+    the budget is spent."""
+    undecided = [label for label, d in looked.items() if not d.decided]
+    looks = design.looks()
+    if not undecided or round_ + 1 >= len(looks):
+        return None
+    first = max(plan.seeds) + 1
+    seeds = list(range(first, first + looks[round_ + 1] - looks[round_]))
+    return {"seeds": seeds, "labels": [BASELINE, *undecided], "done": False}
+
+
+def _log_round(
+    plan: Plan, design: Design, round_: int, looked: Mapping[str, Decision], runs: SearchRuns, verbose: bool
+) -> None:
+    """One console line per round, and each challenger's interval on its configuration run at step = round."""
+    run_of = {c.label: c.run_id for c in plan.candidates}
+    logs = [
+        RunLog(
+            run_of[label],
+            metrics={"seq_diff_mean": d.mean, "seq_ci_low": d.low, "seq_ci_high": d.high, "seq_seeds": d.n},
+            step=round_ + 1,
+        )
+        for label, d in looked.items()
+    ]
+    runs.write(logs, f"logging round {round_ + 1} of the confirmation")
+    if verbose:
+        parts = [f"{label} {_interval_text(d)} {_state_text(d.state)}" for label, d in looked.items()]
+        print(f"round {round_ + 1}: {'; '.join(parts)}", flush=True)
+
+
+def _interval_text(d: Decision) -> str:
+    if not math.isfinite(d.low):
+        return f"{pts(d.mean)} (no interval yet, {d.n} seeds)"
+    return f"{pts(d.mean)} ({pts(d.low)} to {pts(d.high)}, {d.n} seeds)"
+
+
+def _state_text(state: str | None) -> str:
+    return {BEATS: "beats the baseline", WORSE: "worse: stops", NO_GAIN: "no gain worth having: stops"}.get(
+        str(state), "undecided"
+    )
 
 
 # ----- statistics and the verdict ----------------------------------------------------------------------------
@@ -364,23 +504,7 @@ def summarise(
     """Means and spreads per configuration, the winner (best mean val over the seeds every candidate finished),
     and the verdict: the winner's (or, when the baseline wins, the best challenger's) paired test difference."""
     complete = [s for s in plan.seeds if all(s in per[c.label] for c in plan.candidates)]
-    rows = []
-    for c in plan.candidates:
-        seeds = per[c.label]
-        row: dict[str, Any] = {
-            "label": c.label,
-            "description": plain_words(c, base),
-            "overrides": c.overrides,
-            "source": c.source,
-            "run_id": c.run_id,
-            f"search_{plan.search_metric}": c.search_value,
-            "seeds_finished": sorted(seeds),
-            "per_seed": {int(s): {k: v for k, v in seeds[s].items() if k != "checkpoint"} for s in sorted(seeds)},
-        }
-        for key in ("val_acc", "val_loss", "test_acc", "test_loss"):
-            values = [seeds[s][key] for s in complete if key in seeds[s]]
-            row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values)
-        rows.append(row)
+    rows = [_row(plan, c, per[c.label], complete, base) for c in plan.candidates]
     key = f"{plan.metric}_mean"
     ranked = [r for r in rows if math.isfinite(r[key])]
     ranked.sort(key=lambda r: r[key], reverse=plan.mode == "max")
@@ -403,24 +527,119 @@ def summarise(
     return Confirmation(plan.metric, plan.mode, complete, rows, winner, difference, verdict)
 
 
+def summarise_sequential(
+    plan: Plan, per: Mapping[str, Mapping[int, Mapping[str, Any]]], base: Mapping[str, Any] | None = None
+) -> Confirmation:
+    """A sequential confirmation's means and spreads (each configuration over the seeds it trained: a decided
+    challenger stopped early), the winner (the best paired val difference from the baseline over each challenger's
+    own seeds; test plays no part) and the verdict from each challenger's last look."""
+    design = plan.sequential()
+    assert design is not None
+    baseline = per[BASELINE]
+    sign = 1.0 if plan.mode == "max" else -1.0
+    rows = []
+    for c in plan.candidates:
+        seeds = per[c.label]
+        own = [s for s in plan.seeds if s in seeds]
+        row = _row(plan, c, seeds, own, base)
+        paired = [s for s in own if s in baseline and plan.metric in seeds[s] and plan.metric in baseline[s]]
+        gain = [sign * (seeds[s][plan.metric] - baseline[s][plan.metric]) for s in paired]
+        row[f"{plan.metric}_paired_gain"] = statistics.fmean(gain) if gain else math.nan
+        rows.append(row)
+    key = f"{plan.metric}_paired_gain"
+    ranked = sorted((r for r in rows if math.isfinite(r[key])), key=lambda r: r[key], reverse=True)
+    for rank, row in enumerate(ranked, start=1):
+        row["rank"] = rank
+    winner = ranked[0]["label"] if ranked else None
+    challenger = winner if winner != BASELINE else next((r["label"] for r in ranked if r["label"] != BASELINE), None)
+    last: dict[str, dict[str, Any]] = {}
+    for round_ in plan.looks:  # each challenger's last look: the one that decided it, or the final round
+        last.update({label: dict(d) for label, d in round_.items()})
+    for d in last.values():
+        if d["state"] is None:
+            d["to_decide"] = seeds_to_decide(Decision(**{k: d[k] for k in Decision.__dataclass_fields__}), design)
+    descriptions = {r["label"]: r["description"] for r in rows}
+    difference: dict[str, Any] = {}
+    if challenger is not None and challenger in last:
+        d = last[challenger]
+        shared = [s for s in plan.seeds if s in per[challenger] and s in baseline]
+        wins = sum(per[challenger][s]["test_acc"] > baseline[s]["test_acc"] for s in shared)
+        difference = {
+            "of": challenger,
+            "metric": "test_acc",
+            "method": SEQUENTIAL_METHOD,
+            "mean": d["mean"],
+            "ci_low": d["low"],
+            "ci_high": d["high"],
+            "p_value": math.nan,
+            "n": d["n"],
+            "wins": wins,
+            "state": d["state"],
+            "level": d["level"],
+            "min_effect": design.min_effect,
+            "to_decide": d.get("to_decide"),
+            "description": descriptions[challenger],
+        }
+    verdict = sequential_verdict(winner, challenger, last, descriptions, asdict(design), len(baseline), len(plan.looks))
+    return Confirmation(
+        plan.metric,
+        plan.mode,
+        sorted(baseline),
+        rows,
+        winner,
+        difference,
+        verdict,
+        design=asdict(design),
+        rounds=[{label: dict(d) for label, d in round_.items()} for round_ in plan.looks],
+    )
+
+
+def _row(
+    plan: Plan, c: Candidate, seeds: Mapping[int, Mapping[str, Any]], counted: Sequence[int], base: Any
+) -> dict[str, Any]:
+    """One configuration's line of the summary: what it is, its per-seed values, means and spreads over `counted`."""
+    row: dict[str, Any] = {
+        "label": c.label,
+        "description": plain_words(c, base),
+        "overrides": c.overrides,
+        "source": c.source,
+        "run_id": c.run_id,
+        f"search_{plan.search_metric}": c.search_value,
+        "seeds_finished": sorted(seeds),
+        "per_seed": {int(s): {k: v for k, v in seeds[s].items() if k != "checkpoint"} for s in sorted(seeds)},
+    }
+    for key in ("val_acc", "val_loss", "test_acc", "test_loss"):
+        values = [seeds[s][key] for s in counted if key in seeds[s]]
+        row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values)
+    return row
+
+
 # ----- files and MLflow ----------------------------------------------------------------------------------------
 def _write_files(
     c: Confirmation, plan: Plan, per: Mapping[str, Mapping[int, Mapping[str, Any]]], run_dir: Path
 ) -> dict[str, Path]:
     files = {"confirmation": run_dir / SUMMARY_FILE}
+    selected = f"mean {c.metric} over seeds ({c.mode})"
+    if c.design is not None:
+        selected = f"mean paired {c.metric} difference from the baseline over each configuration's seeds ({c.mode})"
     summary = {
         "verdict": c.verdict,
         "winner": c.winner,
-        "selected_by": f"mean {c.metric} over seeds ({c.mode})",
+        "selected_by": selected,
         "seeds": c.seeds,
-        "method": METHOD,
+        "method": METHOD if c.design is None else SEQUENTIAL_METHOD,
         "difference": c.difference,
         "configurations": c.candidates,
     }
+    if c.design is not None:
+        summary["sequential"] = {"design": c.design, "rounds": c.rounds}
     files["confirmation"].write_text(yaml.safe_dump(_plain(summary), sort_keys=False))
     plot = plot_confirmation(c, run_dir / PLOT_FILE)
     if plot is not None:
         files["confirmation_plot"] = plot
+    rounds = plot_rounds(c, run_dir / ROUNDS_PLOT_FILE)
+    if rounds is not None:
+        files["confirmation_rounds"] = rounds
     if c.winner is not None:
         seed = next((s for s in c.seeds if per[c.winner].get(s, {}).get("checkpoint")), None)
         if seed is not None and storage.copy_out(
@@ -467,6 +686,9 @@ def _log(c: Confirmation, plan: Plan, per: Mapping[str, Mapping[int, Mapping[str
                 confirmed_test_acc_diff_p_value=d["p_value"],
                 confirmed_wins_fraction=d["wins"] / max(d["n"], 1),
             )
+        if c.design is not None:  # what the sequential confirmation spent: rounds and trained (configuration, seed)s
+            summary["confirmed_rounds"] = len(c.rounds)
+            summary["confirmed_trials"] = sum(len(row["seeds_finished"]) for row in c.candidates)
         tags = {VERDICT_TAG: c.verdict[:5000], "pathsearch.confirmed_seeds": json.dumps(c.seeds)}
         if c.winner is not None:
             tags[WINNER_TAG] = str(c.candidate(c.winner)["run_id"])

@@ -21,6 +21,10 @@ CONFIDENCE = 0.95
 
 
 METHOD = "paired t over seeds (scipy.stats.ttest_rel), 95% confidence interval"
+SEQUENTIAL_METHOD = (
+    "sequential: paired t intervals, alpha spent over the planned rounds in proportion to their seeds and split over "
+    "the challengers (valid at every round at once, by the union bound)"
+)
 
 
 @dataclass
@@ -37,6 +41,8 @@ class Confirmation:
     interrupted: bool = False
     files: dict[str, Path] = field(default_factory=dict)
     search_metric: str = "val_acc"  # what the candidates' search scores measured (proxy_val_acc in two_stage)
+    design: dict[str, Any] | None = None  # a sequential confirmation's design (pathsearch.sequential.Design)
+    rounds: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # per round: challenger -> its Decision
 
     def candidate(self, label: str) -> dict[str, Any]:
         return next(c for c in self.candidates if c["label"] == label)
@@ -92,14 +98,14 @@ def make_verdict(
     short = f"; {planned - paired} of {planned} planned seeds did not finish" if paired < planned else ""
     if not math.isfinite(diff["ci_low"]):  # the same difference on every seed: no spread to measure noise by
         same = (
-            f"{_pts(diff['mean'])} points test accuracy on each of {diff['n']} paired seeds (no spread, so no t "
+            f"{pts(diff['mean'])} points test accuracy on each of {diff['n']} paired seeds (no spread, so no t "
             f"interval; sign test p = {diff['p_value']:.2g}{short})"
         )
         if winner != BASELINE and diff["mean"] > 0 and diff["p_value"] < 1 - CONFIDENCE:
             return f"{diff['description']}: {same} over the baseline"
         return f"no configuration beats the baseline beyond seed noise (best, {diff['description']}: {same})"
     points = (
-        f"{_pts(diff['mean'])} points test accuracy (95% CI {_pts(diff['ci_low'])} to {_pts(diff['ci_high'])}, "
+        f"{pts(diff['mean'])} points test accuracy (95% CI {pts(diff['ci_low'])} to {pts(diff['ci_high'])}, "
         f"better on {diff['wins']} of {diff['n']} paired seeds{short})"
     )
     if winner == BASELINE:
@@ -114,8 +120,62 @@ def make_verdict(
     return f"no configuration beats the baseline beyond seed noise (best, {diff['description']}: {points})"
 
 
-def _pts(fraction: float) -> str:
-    return f"{100 * fraction:+.1f}" if math.isfinite(fraction) else "n/a"
+def pts(fraction: float, digits: int = 1) -> str:
+    """An accuracy difference in points, signed: 0.0123 -> '+1.2'."""
+    return f"{100 * fraction:+.{digits}f}" if math.isfinite(fraction) else "n/a"
+
+
+def sequential_verdict(
+    winner: str | None,
+    challenger: str | None,
+    decisions: Mapping[str, Mapping[str, Any]],
+    descriptions: Mapping[str, str],
+    design: Mapping[str, Any],
+    baseline_seeds: int,
+    rounds: int,
+) -> str:
+    """One line in plain words for a sequential confirmation: which of its four answers it reached (beats the
+    baseline by X; no configuration gains min_effect or more; a configuration is worse; undecided, with the seeds
+    an answer would take), always with the seeds and rounds it rests on. `decisions`: each challenger's last
+    Decision (as a dict, with `to_decide` for the undecided)."""
+    rest = f"{baseline_seeds} paired seeds of the baseline over {rounds} round{'s' if rounds != 1 else ''}"
+    if challenger is None or challenger not in decisions:
+        return f"no verdict: the confirmation completed no configuration besides the baseline ({rest})"
+    floor = pts(design["min_effect"], 2)
+    d = decisions[challenger]
+    what = descriptions[challenger]
+    prefix = "the baseline is the best configuration on val; best challenger, " if winner == BASELINE else ""
+
+    def band(x: Mapping[str, Any]) -> str:
+        return f"{pts(x['mean'])} points test accuracy (sequential 95% CI {pts(x['low'])} to {pts(x['high'])}, " \
+            f"{x['n']} seeds)"  # fmt: skip
+
+    worse = [label for label, x in decisions.items() if x["state"] == "worse"]
+    worse_text = f"; worse than the baseline: {', '.join(worse)}" if worse else ""
+    states = {"beats": "beats the baseline", "worse": "worse", "no_gain": "no gain worth having", None: "undecided"}
+    others = [
+        f"{label} {states[x['state']]} after {x['n']} seeds"
+        + (f" (about {x['to_decide']} would decide it)" if x.get("to_decide") else "")
+        for label, x in decisions.items()
+        if label != challenger
+    ]
+    others_text = f"; others: {', '.join(others)}" if others else ""
+    if d["state"] == "beats":
+        reach = (
+            f"at least min_effect {floor} points" if d["low"] >= design["min_effect"]
+            else f"its estimate reaches min_effect {floor} points, its lower bound does not"
+            if d["mean"] >= design["min_effect"] else f"below min_effect {floor} points"
+        )  # fmt: skip
+        return f"{prefix}{what}: beats the baseline by {band(d)}; {reach}{others_text} ({rest})"
+    if all(x["state"] in ("no_gain", "worse") for x in decisions.values()):
+        bounds = ", ".join(f"{label} {pts(x['high'])}" for label, x in decisions.items())
+        return f"no configuration gains min_effect {floor} points or more (upper bounds: {bounds}){worse_text} ({rest})"
+    if d["state"] == "worse":
+        return f"{prefix}{what} is worse than the baseline: {band(d)}{others_text} ({rest})"
+    need = d.get("to_decide")
+    more = f"; about {need} seeds would decide it if its spread stays" if need else ""
+    state = "no gain worth having" if d["state"] == "no_gain" else "undecided"
+    return f"{prefix}{state} after {d['n']} seeds: {what}, {band(d)}{more}{others_text} ({rest})"
 
 
 def seeds_text(seeds: Sequence[int]) -> str:
@@ -128,8 +188,10 @@ def format_confirmation(confirmation: Confirmation) -> str:
     """The confirmation table, the winner's optimism and the verdict (last), as the CLI prints them."""
     c = confirmation
     search_metric = c.search_metric
+    chosen = f"mean {c.metric}" if c.design is None else f"mean paired {c.metric} gain over the baseline"
+    rounds = "" if c.design is None else f" in {len(c.rounds)} rounds (each configuration: mean over its own seeds)"
     lines = [
-        f"\nconfirmation over {len(c.seeds)} paired seeds {seeds_text(c.seeds)}; winner chosen by mean {c.metric}, "
+        f"\nconfirmation over {len(c.seeds)} paired seeds {seeds_text(c.seeds)}{rounds}; winner chosen by {chosen}, "
         "test read only here",
         f"{'':<14} {'search ' + search_metric:>18} {'val_acc':>16} {'test_acc':>16}  configuration",
     ]
@@ -140,7 +202,8 @@ def format_confirmation(confirmation: Confirmation) -> str:
         search = f"{_score(search_metric, found)}" if found is not None else "-"
         val = _pm(row["val_acc_mean"], row["val_acc_std"])
         test = _pm(row["test_acc_mean"], row["test_acc_std"])
-        lines.append(f"{label:<14} {search:>18} {val:>16} {test:>16}  {row['description']}")
+        seeds = f" [{len(row['seeds_finished'])} seeds]" if c.design is not None else ""
+        lines.append(f"{label:<14} {search:>18} {val:>16} {test:>16}  {row['description']}{seeds}")
     if c.winner is not None:
         w = c.candidate(c.winner)
         found = w.get(f"search_{search_metric}")
@@ -151,7 +214,7 @@ def format_confirmation(confirmation: Confirmation) -> str:
                 f"optimism: the winner ({c.winner}) scored {100 * found:.2f}% {search_metric} in the search, "
                 f"{100 * confirmed:.2f}% mean val_acc confirmed ({100 * (found - confirmed):+.2f} points)"
             )
-    lines.append(f"({METHOD}; * = winner)")
+    lines.append(f"({METHOD if c.design is None else SEQUENTIAL_METHOD}; * = winner)")
     lines.append(f"verdict: {c.verdict}")
     return "\n".join(lines)
 
@@ -182,10 +245,12 @@ def plot_confirmation(c: Confirmation, path: Path) -> Path | None:
     fig, (ax, dx) = plt.subplots(1, 2, figsize=(max(8.0, 2.6 * len(order) + 2), 4.8), width_ratios=[1, 1])
     colors = {r["label"]: "tab:green" if r["label"] == c.winner else "tab:blue" if r["label"] == BASELINE else "0.45"
               for r in order}  # fmt: skip
-    for seed in c.seeds:
-        ax.plot(range(len(order)), [100 * r["per_seed"][seed]["test_acc"] for r in order], color="0.85", lw=0.8)
+    for seed in c.seeds:  # a sequential confirmation's decided challengers stopped early: their seeds only
+        xs = [x for x, r in enumerate(order) if seed in r["per_seed"]]
+        ys = [100 * order[x]["per_seed"][seed]["test_acc"] for x in xs]
+        ax.plot(xs, ys, color="0.85", lw=0.8)
     for x, row in enumerate(order):
-        ys = [100 * row["per_seed"][s]["test_acc"] for s in c.seeds]
+        ys = [100 * row["per_seed"][s]["test_acc"] for s in c.seeds if s in row["per_seed"]]
         ax.scatter([x] * len(ys), ys, color=colors[row["label"]], s=18, zorder=2)
         mean, std = 100 * row["test_acc_mean"], 100 * row["test_acc_std"]
         if len(ys) > 1 and math.isfinite(std):
@@ -198,9 +263,14 @@ def plot_confirmation(c: Confirmation, path: Path) -> Path | None:
     ax.set_title(f"test accuracy, {len(c.seeds)} paired seeds (bar: mean, whisker: 95% CI)", fontsize=9)
     base = next(r for r in order if r["label"] == BASELINE)
     others = [r for r in order if r["label"] != BASELINE]
+    last = {label: d for round_ in c.rounds for label, d in round_.items()}  # each challenger's last look
     for x, row in enumerate(others):
-        diffs = [100 * (row["per_seed"][s]["test_acc"] - base["per_seed"][s]["test_acc"]) for s in c.seeds]
+        both = [s for s in c.seeds if s in row["per_seed"] and s in base["per_seed"]]
+        diffs = [100 * (row["per_seed"][s]["test_acc"] - base["per_seed"][s]["test_acc"]) for s in both]
         d = paired_difference(diffs, [0.0] * len(diffs))
+        if row["label"] in last:  # a sequential confirmation's verdict reads its own interval: shown instead
+            own = last[row["label"]]
+            d = {"mean": 100 * own["mean"], "ci_low": 100 * own["low"], "ci_high": 100 * own["high"]}
         dx.scatter([x] * len(diffs), diffs, color=colors[row["label"]], s=18, zorder=2)
         dx.hlines(d["mean"], x - 0.25, x + 0.25, color=colors[row["label"]], lw=2.5, zorder=3)
         if math.isfinite(d["ci_low"]):
@@ -210,8 +280,47 @@ def plot_confirmation(c: Confirmation, path: Path) -> Path | None:
     dx.set_xticks(range(len(others)), labels[1:])
     dx.set_xlim(-0.6, max(len(others), 1) - 0.4)
     dx.set_ylabel("test accuracy minus the baseline's, same seed (points)")
-    dx.set_title("paired difference from the baseline (whisker: 95% CI, paired t)", fontsize=9)
+    kind = "paired t" if c.design is None else "sequential, at its last round"
+    dx.set_title(f"paired difference from the baseline (whisker: 95% CI, {kind})", fontsize=9)
     fig.suptitle("\n".join(textwrap.wrap(c.verdict, 120)), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_rounds(c: Confirmation, path: Path) -> Path | None:
+    """A sequential confirmation round by round: each challenger's interval for its paired test difference from the
+    baseline (points) narrowing as seeds are added, against the 0 and min_effect lines; a challenger's last bar is
+    the round that decided it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if c.design is None or not c.rounds:
+        return None
+    labels = sorted({label for round_ in c.rounds for label in round_})
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(c.rounds) + 3), 4.2))
+    width = 0.6 / max(1, len(labels))
+    for j, label in enumerate(labels):
+        color = "tab:green" if label == c.winner else f"C{j + 1}"
+        for k, round_ in enumerate(c.rounds):
+            d = round_.get(label)
+            if d is None:
+                continue
+            x = k + 1 + (j - (len(labels) - 1) / 2) * width
+            ax.scatter([x], [100 * d["mean"]], color=color, s=16, zorder=3, label=label if k == 0 else None)
+            if math.isfinite(d["low"]):
+                ax.vlines(x, 100 * d["low"], 100 * d["high"], color=color, lw=2)
+    ax.axhline(0.0, color="tab:blue", lw=1, ls="--", label="0: the baseline")
+    floor = 100 * c.design["min_effect"]
+    ax.axhline(floor, color="tab:red", lw=1, ls=":", label=f"min_effect {floor:+.2f}")
+    ax.set_xticks(range(1, len(c.rounds) + 1))
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy minus the baseline's (points)")
+    ax.set_title("sequential 95% intervals per round (decided: above 0, below 0 or below min_effect)", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -32,7 +32,8 @@ def test_readme_main_command_searches_confirms_and_exports_a_model_that_scores_i
 
     small = ["train.epochs=3", "train.eval_every=1", "train.warmup_epochs=0", "data.train_size=200",
              "model.kwargs.depth=2", "search.num_samples=3", "search.scheduler=none", "space.model.pruned.high=3",
-             "search.confirm.top_k=1", "search.confirm.seeds=2"]  # fmt: skip
+             "search.confirm.top_k=1", "search.confirm.seeds=2", "search.confirm.max_seeds=3",
+             "search.confirm.step=1", "search.confirm.alpha=0.001"]  # fmt: skip
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [a for s in small for a in ("--set", s)] + ["--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri]
     result = subprocess.run([str(ROOT / "dev.sh"), "run", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -46,7 +47,10 @@ def test_readme_main_command_searches_confirms_and_exports_a_model_that_scores_i
     assert "Started a local Ray instance" in log and "A new study created" in log  # Ray's and Optuna's lines
     lines = result.stdout.strip().splitlines()
     assert lines[-1].startswith("verdict: ") and "paired seeds" in lines[-1]  # the confirmation's verdict ends it
-    assert "confirmation over 2 paired seeds (1-2)" in result.stdout and "optimism:" in result.stdout
+    # sequential, as the shipped file: 2 seeds at alpha 0.001 decide nothing (one degree of freedom: an interval
+    # 600 times the spread wide), so a second round adds seed 3
+    assert "round 1: top 1" in result.stdout and "round 2: top 1" in result.stdout
+    assert "confirmation over 3 paired seeds (1-3) in 2 rounds" in result.stdout and "optimism:" in result.stdout
     assert (tmp_path / "mlruns").is_dir()  # artifacts live beside the SQLite store
     assert PathConfig.load(next((tmp_path / "runs").glob("digits_tiny-*/best_path_config.yaml"))).depth == 2
 
@@ -58,7 +62,7 @@ def test_readme_main_command_searches_confirms_and_exports_a_model_that_scores_i
     configs = [c for c in children if c.data.tags.get("pathsearch.role") == "confirmation"]
     seeds = [c for c in children if c.data.tags.get("pathsearch.role") == "confirmation_seed"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(trials) == 3 and len(configs) == 2 and len(seeds) == 4
+    assert len(trials) == 3 and len(configs) == 2 and len(seeds) == 6
     assert all(r.info.status == "FINISHED" for r in children)
     assert all(len(client.get_metric_history(c.info.run_id, "val_acc")) == 3 for c in trials)
     assert not [t for t in trials if "test_acc" in t.data.metrics]  # search trials never read the test split
@@ -75,7 +79,7 @@ def test_readme_main_command_searches_confirms_and_exports_a_model_that_scores_i
         r for r in seeds if r.data.tags["mlflow.parentRunId"] == winner and r.data.tags["pathsearch.seed"] == "2"
     )
     config = PathConfig.load(out)
-    assert config.provenance["seed_run_id"] == seed_run.info.run_id and config.provenance["seeds"] == [1, 2]
+    assert config.provenance["seed_run_id"] == seed_run.info.run_id and config.provenance["seeds"] == [1, 2, 3]
     model = create_path_vit(path_config=config)
     model.load_state_dict(load_file(str(out.with_suffix(".safetensors"))))
     model.eval()

@@ -397,10 +397,16 @@ def test_killed_worker_node_trials_resume_from_checkpoints(cluster):
     os.kill(raylets[0], 9)
     output, _ = job.communicate(timeout=600)
     assert job.returncode == 0, output[-5000:]
+    runs = ns.runs(state["tracking_uri"], experiment)
     try:
-        children = check_search_runs(ns.runs(state["tracking_uri"], experiment), trials=4, epochs=8)
-    except AssertionError as err:  # what the search said is what tells why
-        raise AssertionError(f"{err}\nthe job's output:\n{output[-6000:]}") from err
+        children = check_search_runs(runs, trials=4, epochs=8)
+    except AssertionError as err:  # what the search said, and every run MLflow holds, is what tells why
+        table = "\n".join(
+            f"{r['run_id']} parent={r['parent']} role={r['role']} trial={r['trial_id']} {r['status']} {r['state']} "
+            f"retries={r['retries']} node={r['node_id']} epochs={r['val_acc_steps']}"
+            for r in runs
+        )
+        raise AssertionError(f"{err}\nMLflow's runs:\n{table}\nthe job's output:\n{output[-6000:]}") from err
     retried = [r for r in children if r["retries"] > 0]
     assert retried, "no trial was retried: the kill did not hit a running trial"
     status = ns.run([str(ROOT / "cluster/local.sh"), "status", "--dir", state["dir"]])

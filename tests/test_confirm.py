@@ -157,6 +157,45 @@ def test_with_no_true_difference_the_verdict_says_so(tmp_path, local_ray):
     assert c.difference["ci_low"] <= 0 <= c.difference["ci_high"]
 
 
+def test_sequential_confirmation_adds_seeds_for_the_undecided_and_stops_the_decided(tmp_path, local_ray, capsys):
+    """Three challengers against the baseline (toy means, 0.80): k = 1 truly +4 points, k = 2 truly -10 points,
+    k = 3 truly +0.3 (smaller than the seed noise can show in 7 seeds). Rounds of 3, 2, 2 seeds: k = 2 is decided
+    worse and stops training, k = 1 is decided better, k = 3 stays undecided to the budget; the verdict says so
+    with its seeds and rounds, each round is one line and one step of each open challenger's interval in MLflow."""
+    spec = confirmed_spec(tmp_path, [0.80, 0.84, 0.70, 0.803], search_seed=0, seeds=3)
+    c = spec.search.confirm
+    c.max_seeds, c.step, c.min_effect = 7, 2, 0.0025
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_search(spec, tmp_path / "runs", uri, name="seq", verbose=True, trainable=toy_search.toy_trial)
+    out = capsys.readouterr().out
+    conf = result.confirmation
+    plan = json.loads((tmp_path / "runs" / "seq" / "confirm_plan.json").read_text())
+    rounds = plan["rounds"]
+    assert [len(r["seeds"]) for r in rounds] == [3, 2, 2][: len(rounds)] and len(rounds) >= 2, rounds
+    label = {pruned_count(c["overrides"]): c["label"] for c in plan["candidates"]}
+    decided = {k: next(i for i, look in enumerate(plan["looks"]) if look[label[k]]["state"]) for k in (1, 2)}
+    assert plan["looks"][decided[2]][label[2]]["state"] == "worse"
+    assert plan["looks"][decided[1]][label[1]]["state"] == "beats"
+    for k, at in decided.items():  # a decided challenger is not in any later round
+        assert all(label[k] not in r["labels"] for r in rounds[at + 1 :])
+    assert all("baseline" in r["labels"] for r in rounds)
+    trained = {k: len(plan["results"][label[k]]) for k in (0, 1, 2, 3)}
+    assert trained[2] < trained[0] == sum(len(r["seeds"]) for r in rounds)  # the worse one stopped early
+    assert conf.winner == label[1]
+    assert "beats the baseline by +4" in conf.verdict and f"over {len(rounds)} rounds" in conf.verdict, conf.verdict
+    assert f"{trained[0]} paired seeds of the baseline" in conf.verdict
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("round ")] == [
+        f"round {i + 1}" for i in range(len(rounds))
+    ]
+    client = MlflowClient(uri)
+    run_of = {c["label"]: c["run_id"] for c in plan["candidates"]}
+    steps = [m.step for m in client.get_metric_history(run_of[label[3]], "seq_ci_low")]
+    assert steps == list(range(1, len(rounds) + 1))  # the undecided one: an interval every round
+    assert (tmp_path / "runs" / "seq" / "confirmation_rounds.png").is_file()
+    summary = yaml.safe_load((tmp_path / "runs" / "seq" / "confirmation.yaml").read_text())
+    assert summary["sequential"]["design"]["max_seeds"] == 7 and len(summary["sequential"]["rounds"]) == len(rounds)
+
+
 def test_paired_t_interval_covers_the_true_difference_95_percent_of_the_time():
     rng = random.Random(0)
     covered, runs = 0, 2000
@@ -176,7 +215,7 @@ def test_configurations_read_in_plain_words():
     assert describe({"model.pruned": [], "model.ensemble_scale.init": 0.1}) == "no path pruned; EnsembleScale init 0.1"
 
 
-@pytest.mark.parametrize("stop", ["kill -9", "ctrl-c"])
+@pytest.mark.parametrize("stop", ["ctrl-c"])  # kill -9: test_sequential_confirmation_killed_in_round_2_resumes
 def test_driver_stopped_during_confirmation_then_resumed_keeps_one_finished_run_per_seed(stop, tmp_path):
     """kill -9 (or SIGINT) of the driver while confirmation trials run, then `resume`: every (configuration, seed)
     has exactly one FINISHED run, none is RUNNING, and the verdict is written. After Ctrl-C the search exits
@@ -246,6 +285,59 @@ def test_driver_stopped_during_confirmation_then_resumed_keeps_one_finished_run_
     assert len(configs) == 2 and all(c.info.status == "FINISHED" for c in configs)
 
 
+def test_sequential_confirmation_killed_in_round_2_resumes_to_its_last_round(tmp_path):
+    """kill -9 of the driver (its whole session) while round 2 of 3 trains, then `resume`: the finished round keeps
+    its results, round 2 continues from Tune's snapshot, round 3 follows; every (configuration, seed) ends with
+    exactly one FINISHED run and the verdict rests on all 6 seeds of the 3 rounds."""
+    import time
+
+    confirmed_spec(tmp_path, [0.80, 0.805, 0.80, 0.80], search_seed=1, seeds=2, top_k=1)
+    spec_file = tmp_path / "toy.yaml"
+    data = yaml.safe_load(spec_file.read_text())
+    data["search"]["confirm"].update(max_seeds=6, step=2, alpha=0.001)  # nothing decided before the budget
+    data["search"]["enqueue"] = [{"prune.shortest": k} for k in (1, 2, 3)]
+    data["train"]["seed"] = 1
+    spec_file.write_text(yaml.safe_dump(data))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = {"file": str(spec_file), "storage": str(tmp_path / "runs"), "uri": uri, "name": "rounds"}
+    driver = [sys.executable, str(Path(__file__).parent / "toy_search.py")]
+    knobs = json.dumps({"means": [0.80, 0.805, 0.80, 0.80], "sd": 0.01, "shared_sd": 0.02, "sleep": 0.6})
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATHSEARCH_TOY": knobs}
+    proc = subprocess.Popen([*driver, "search", json.dumps(args)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    plan_file = tmp_path / "runs" / "rounds" / "confirm_plan.json"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            if plan_file.exists() and len(json.loads(plan_file.read_text())["rounds"]) == 2:
+                _, _, children = child_runs(uri)  # a seed of round 2 finished: the round is under way
+                if any(c.data.tags.get("pathsearch.seed") in ("3", "4") and c.info.status == "FINISHED"
+                       for c in children):  # fmt: skip
+                    break
+        assert proc.poll() is None, "the search ended before it could be killed"
+    finally:
+        subprocess.run(["pkill", "-9", "-s", str(proc.pid)], check=False)
+        proc.wait()
+    plan = json.loads(plan_file.read_text())
+    assert [r["done"] for r in plan["rounds"]] == [True, False]  # killed in round 2
+    time.sleep(2)
+    resume = resume_toy_search(driver, plan_file.parent, env)
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    plan = json.loads(plan_file.read_text())
+    assert [r["seeds"] for r in plan["rounds"]] == [[2, 3], [4, 5], [6, 7]] and all(r["done"] for r in plan["rounds"])
+    _, parents, children = child_runs(uri)
+    assert parents[0].info.status == "FINISHED" and "over 3 rounds" in parents[0].data.tags["pathsearch.verdict"]
+    assert all(c.info.status != "RUNNING" for c in children)
+    finished: dict[tuple[str, str], int] = {}
+    for run in children:
+        if run.data.tags.get("pathsearch.role") == "confirmation_seed" and run.info.status == "FINISHED":
+            key = (run.data.tags["pathsearch.candidate"], run.data.tags["pathsearch.seed"])
+            finished[key] = finished.get(key, 0) + 1
+    assert sorted(finished) == sorted((c, str(s)) for c in ("baseline", "top 1") for s in range(2, 8))
+    assert set(finished.values()) == {1}, finished
+
+
 # ----- bad input: file, key and value named, exit code 2, nothing written ------------------------------------------
 DIGITS = Path(__file__).resolve().parents[1] / "search_spaces" / "digits_tiny.yaml"
 
@@ -259,6 +351,14 @@ DIGITS = Path(__file__).resolve().parents[1] / "search_spaces" / "digits_tiny.ya
         (["train.test=true"], "train.test", "True"),  # a search's trials never read test
         (["space.train.test={choices: [true, false]}"], "space.train.test", None),
         (["search.strategy=two_stage", "search.confirm.enabled=false"], "search.confirm", "enabled=False"),
+        # sequential: a budget below the first round, no seeds per round, a negative smallest gain, alpha outside
+        (["search.confirm.seeds=4", "search.confirm.max_seeds=3"], "search.confirm.max_seeds", "got 3"),
+        (["search.confirm.max_seeds=9", "search.confirm.step=0"], "search.confirm.step", "got 0"),
+        (["search.confirm.max_seeds=9", "search.confirm.min_effect=-0.1"], "search.confirm.min_effect", "got -0.1"),
+        (["search.confirm.max_seeds=9", "search.confirm.min_effect=.nan"], "search.confirm.min_effect", "got nan"),
+        (["search.confirm.max_seeds=9", "search.confirm.alpha=0"], "search.confirm.alpha", "got 0"),
+        (["search.confirm.max_seeds=9", "search.confirm.alpha=0.6"], "search.confirm.alpha", "got 0.6"),
+        (["search.confirm.max_seeds=9", "data.val_size=1497"], "data.val_size", "1497"),  # no test split
     ],
 )
 def test_bad_confirmation_settings_are_refused_naming_file_key_and_value(overrides, key, value):

@@ -65,6 +65,7 @@ FORBIDDEN = {
     # orchestration: torch and the tensor modules only inside the functions that Ray runs
     "results": HEAVY_TENSOR | {"ray", "mlflow"} | (MODULES - {"pathsearch.storage"}),  # where a checkpoint lives
     "verdict": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch"},
+    "sequential": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch"},
     "searcher": HEAVY_TENSOR | TENSOR_MODULES,
     "runner": HEAVY_TENSOR | TENSOR_MODULES,
     "full": HEAVY_TENSOR | TENSOR_MODULES,
