@@ -177,3 +177,15 @@ def test_method_benchmark_trains_every_arm_on_paired_seeds_and_continues_where_i
     again = run_benchmark("method.py", *args)  # everything is in runs.jsonl: nothing is trained again
     assert "grid: 14 of 14 runs already" in again
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 14
+
+
+def test_sequential_benchmark_simulates_every_dataset_of_the_measured_runs():
+    out = run_benchmark("sequential.py", "--sims", "200")
+    assert "looks at [5, 8, 11, 14] seeds" in out  # the shipped Fashion-MNIST file's design
+    for name in ("digits depth 6", "fashion_mnist depth 6", "fashion_mnist depth 12"):
+        block = out[out.index(f"{name}: seed noise") :]
+        sd = float(re.search(r"sd ([\d.]+) points", block).group(1))
+        assert 0 < sd < 5, block  # measured noise of a paired difference, in points
+        rates = re.findall(r"'beats the baseline' rate ([\d.]+) \(95% CI", block)[:2]
+        assert len(rates) == 2  # the sequential rule and the naive one
+        assert re.search(r"true \+0.30 points: sequential power [\d.]+ with [\d.]+ seeds", block)
