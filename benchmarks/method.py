@@ -196,6 +196,7 @@ def run_search(
             f"model.kwargs.depth={depth}",
             f"model.distill.students={json.dumps(students(depth))}",
             f"search.confirm.seeds={seeds}",
+            "search.confirm.max_seeds=null",  # the fixed confirmation this benchmark measured
             "search.confirm.first_seed=1",
             f"tracking.experiment=method-{name}",
             *([f"search.num_samples={trials}"] if trials else []),

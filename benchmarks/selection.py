@@ -107,7 +107,12 @@ def main() -> None:
     from pathsearch.search import run_search
     from pathsearch.verdict import BASELINE, format_confirmation
 
-    overrides = [*args.set, f"search.confirm.top_k={args.top_k}", f"search.confirm.seeds={args.seeds}"]
+    overrides = [
+        *args.set,
+        f"search.confirm.top_k={args.top_k}",
+        f"search.confirm.seeds={args.seeds}",
+        "search.confirm.max_seeds=null",
+    ]
     spec = load_search_file(args.file, overrides, model_depth=model_depth)
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     started = time.perf_counter()

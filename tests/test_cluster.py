@@ -31,8 +31,10 @@ SMALL = [
     "--set", "data.train_size=200", "--set", "search.num_samples=4", "--set", "search.scheduler=none",
     "--set", "search.confirm.enabled=false",
 ]  # fmt: skip
-# the confirmation on the cluster: the best configuration and the baseline on 2 paired seeds each (4 more trials)
-CONFIRM = ["--set", "search.confirm.enabled=true", "--set", "search.confirm.top_k=1", "--set", "search.confirm.seeds=2"]
+# the confirmation on the cluster: the best configuration and the baseline on 2 paired seeds each (4 more trials; one
+# round: the file's sequential budget switched off)
+CONFIRM = ["--set", "search.confirm.enabled=true", "--set", "search.confirm.top_k=1", "--set", "search.confirm.seeds=2",
+           "--set", "search.confirm.max_seeds=null"]  # fmt: skip
 
 needs_netns = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None,

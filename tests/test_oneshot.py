@@ -447,12 +447,13 @@ def test_export_registers_the_confirmed_winner_loadable_by_pyfunc_through_a_trac
         assert version.run_id == provenance["seed_run_id"]  # linked to the run that trained these weights
         model = client.get_logged_model(version.source.removeprefix("models:/"))
         assert model.source_run_id == provenance["seed_run_id"] and model.name == "path_vit"
+        before = mlflow.get_tracking_uri()
         mlflow.set_tracking_uri(uri)
         try:
             loaded = mlflow.pyfunc.load_model("models:/path-vit/1")
             local = Path(mlflow.artifacts.download_artifacts("models:/path-vit/1", dst_path=str(tmp_path / "model")))
         finally:
-            mlflow.set_tracking_uri("")
+            mlflow.set_tracking_uri(before)
         names = {f.name for f in local.rglob("*") if f.is_file()}
         assert {"MLmodel", "best.yaml", "best.safetensors"} <= names, names  # the exported files, as they are
         assert not [n for n in names if n.endswith((".pkl", ".pickle", ".pt", ".pth"))], names  # no pickled model

@@ -65,13 +65,14 @@ def _pinned(package: str) -> str:
 
 @contextmanager
 def _tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's `log_model` writes to the process-wide tracking URI: set for the call, then put back."""
-    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    """MLflow's `log_model` writes to the process-wide tracking URI: set for the call, then put back (an unset one
+    as the URI MLflow would have used)."""
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous or "")
+        mlflow.set_tracking_uri(previous)
 
 
 @contextmanager
