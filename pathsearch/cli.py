@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 INTERRUPTED = 130  # exit code after Ctrl-C, as a shell reports a command SIGINT ended
@@ -30,12 +33,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from pathsearch.config import load_trial_config
+    from pathsearch.preflight import load_trial
     from pathsearch.rundirs import unique_run_dir
 
-    cfg = load_trial_config(args.file, args.set)  # ConfigError (a ValueError): exit 2 before any work
+    cfg = load_trial(args.file, args.set)  # ConfigError (a ValueError): exit 2 before any work
     from pathsearch.train import check_compile, resolve_device
 
     device = resolve_device(args.device)  # so are a device that is not there and a torch that cannot compile
@@ -91,10 +92,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from pathsearch.config import load_search_file
-    from pathsearch.model import model_depth
+    from pathsearch.preflight import load_search
 
-    spec = load_search_file(args.file, args.set, model_depth=model_depth)
+    spec = load_search(args.file, args.set)
     print(f"# {args.file}: valid; resolved with defaults and overrides:")
     print(spec.to_yaml(), end="")
     names = spec.space.param_names()
@@ -103,10 +103,9 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from pathsearch.config import load_search_file
-    from pathsearch.model import model_depth
+    from pathsearch.preflight import load_search
 
-    spec = load_search_file(args.file, args.set, model_depth=model_depth)  # nothing is written when invalid
+    spec = load_search(args.file, args.set)  # nothing is written when invalid
     from pathsearch.search import run_search
 
     result = run_search(
@@ -122,12 +121,11 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from pathsearch.config import load_search_file
-    from pathsearch.model import model_depth
+    from pathsearch.preflight import load_search
     from pathsearch.search import resume_search
 
     result = resume_search(args.run_dir, address=args.address, library_output=args.verbose)
-    spec = load_search_file(result.run_dir / "search.yaml", model_depth=model_depth)
+    spec = load_search(result.run_dir / "search.yaml")
     _print_result(result, spec.search.metrics, spec.search.modes)
     return INTERRUPTED if result.interrupted else 0
 
@@ -273,15 +271,14 @@ def _fit_scales(args: argparse.Namespace) -> int:
 
 def _submit(args: argparse.Namespace) -> int:
     from pathsearch.cluster import submit_resume, submit_search
-    from pathsearch.config import load_search_file
-    from pathsearch.model import model_depth
+    from pathsearch.preflight import load_search
 
     if (args.file is None) == (args.resume is None):
         raise ValueError("give a search file to submit, or --resume RUN_DIR (not both)")
     if args.resume:
         job = submit_resume(args.resume, args.address, name=args.name)
     else:
-        load_search_file(args.file, args.set, model_depth=model_depth)  # invalid: exit 2, nothing submitted
+        load_search(args.file, args.set)  # invalid: exit 2, nothing submitted
         job = submit_search(
             args.file, args.address, args.tracking_uri, args.storage_path, args.set, args.name, not args.no_check
         )
@@ -463,6 +460,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with a verb's own flags, told before it reads a file or a store, opens a server or downloads
+    anything: one line each, naming the flag and the value. Checks the flags this verb has (by name)."""
+    from pathsearch import storage
+    from pathsearch.config import tracking_uri_problems
+    from pathsearch.rundirs import name_problems
+
+    got = vars(args)
+    problems = []
+
+    def need(flag: str, ok: bool, what: str) -> None:
+        if not ok:
+            problems.append(f"--{flag.replace('_', '-')}: {what}, got {got[flag]!r}")
+
+    if args.verb in ("search", "submit"):
+        problems += name_problems(got.get("name"))
+    if got.get("storage_path") is not None:
+        where = got["storage_path"]
+        if storage.is_remote(where):
+            try:
+                storage.check_form(str(where))
+            except ValueError as err:
+                problems.append(str(err))
+        else:
+            problems += storage.local_problems(where)
+    problems += tracking_uri_problems(got.get("tracking_uri"), f"--tracking-uri {got.get('tracking_uri')}")
+    if "fit_fraction" in got:
+        need("fit_fraction", 0 < got["fit_fraction"] < 1, "must be between 0 and 1 (the share of images to fit on)")
+    if args.verb == "fit-scales":
+        need("steps", got["steps"] >= 1, "must be >= 1")
+        need("lr", got["lr"] > 0 and math.isfinite(got["lr"]), "must be a finite number > 0")
+        need("seed", got["seed"] >= 0, "must be >= 0")
+    for flag in ("threads", "epochs"):
+        if got.get(flag) is not None:
+            need(flag, got[flag] >= 1, "must be >= 1")
+    if args.verb == "ui":
+        need("port", 1 <= got["port"] <= 65535, "must be a port number, 1 to 65535")
+    for flag in ("out", "resume"):  # (a search file is read, and judged, by its loader before any work)
+        if got.get(flag) is None or storage.is_remote(got[flag]):
+            continue  # a store is judged by its own check
+        path = Path(got[flag]).expanduser()
+        if flag == "out" and args.verb == "export":
+            if path.is_dir():
+                need("out", False, "is a folder; give the file to write (.yaml, .yml or .json)")
+            else:
+                need("out", path.suffix.lower() in (".yaml", ".yml", ".json"), "must end in .yaml, .yml or .json")
+        elif flag == "out":
+            need("out", not (path.exists() and not path.is_dir()), "is a file; give a folder")
+        else:
+            need(flag, path.exists(), "does not exist")
+    if got.get("run_id") is not None:
+        need("run_id", re.fullmatch(r"[0-9a-zA-Z-]{1,64}", got["run_id"]) is not None,
+             "is not an MLflow run id (the 32 hex digits a search or trial prints)")  # fmt: skip
+    return problems
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one verb. Every way it ends is one line and an exit code: 0 done, 1 failed, 2 bad input, 3 stopped (a
     submitted job), 130 interrupted (Ctrl-C). With -v a failure shows its traceback."""
@@ -471,13 +524,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
         logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])  # if it already was
     try:
+        problems = flag_problems(args)
+        if problems:
+            raise ValueError("\n".join(problems))
         return int(args.func(args))
     except ValueError as err:  # bad input (ConfigError included): one line per problem, exit code 2
         for line in str(err).splitlines():
             print(f"pathsearch {args.verb}: error: {line}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"pathsearch {args.verb}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        run_dir = getattr(err, "run_dir", None)  # search.Interrupted: a started search, which resume continues
+        hint = f"; continue it with: pathsearch resume {run_dir}" if run_dir else ""
+        print(f"pathsearch {args.verb}: interrupted{hint}", file=sys.stderr)
         return INTERRUPTED
     except Exception as err:  # a failure: one line; the traceback with -v (or for a bug report)
         if args.verbose:

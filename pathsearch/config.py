@@ -8,8 +8,11 @@ mlflow), so configs can be read and checked anywhere.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import itertools
 import math
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +22,7 @@ import yaml
 
 from pathsearch.paths import DistillConfig, EnsembleScaleConfig, PathConfig
 from pathsearch.space import lookup_value, parse_space
-from pathsearch.typed import ConfigError, apply_overrides, deep_copy, from_dict, set_dotted, to_dict
+from pathsearch.typed import ConfigError, apply_overrides, deep_copy, from_dict, load_yaml, set_dotted, to_dict
 
 # Top-level sections of a search file; the search-only ones (search, space, tracking) are read by the search.
 SECTIONS = {"model", "data", "train", "search", "space", "tracking"}
@@ -225,6 +228,8 @@ class TrialConfig:
 
         t, d = self.train, self.data
         need(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+        need(t.seed >= 0, "train.seed", t.seed, "must be >= 0 (torch and numpy seeds)")
+        need(d.split_seed >= 0, "data.split_seed", d.split_seed, "must be >= 0")
         need(t.seeds >= 1, "train.seeds", t.seeds, "must be >= 1")
         need(t.eval_every >= 1, "train.eval_every", t.eval_every, "must be >= 1")
         need(t.lr > 0 and math.isfinite(t.lr), "train.lr", t.lr, "must be a finite number > 0")
@@ -282,10 +287,20 @@ class TrialConfig:
             "must be > 0",
         )
         depth = self.model.kwargs.get("depth")
-        try:
-            self.model.path_config().validate(depth if isinstance(depth, int) else None)
-        except ValueError as err:
-            problems.append(f"{source}: model: {err}")
+        depth = depth if isinstance(depth, int) and not isinstance(depth, bool) and depth >= 1 else None
+        m = self.model
+        whole = m.path_config()
+        parts = (  # each part of the path configuration on its own, so that a problem names its key
+            ("pruned", PathConfig(pruned=list(m.pruned))),
+            ("ensemble_scale", PathConfig(ensemble_scale=whole.ensemble_scale)),
+            ("distill", PathConfig(distill=whole.distill)),
+        )
+        for key, part in parts:
+            try:
+                part.validate(depth)
+            except ValueError as err:  # its messages name the value; most start with the key below `model.`
+                said = str(err)
+                problems.append(f"{source}: model.{said if said.startswith(key + '.') else f'{key}: {said}'}")
         if problems:
             raise ConfigError(problems)
 
@@ -398,13 +413,16 @@ class SearchFile:
         return yaml.safe_dump(resolved, sort_keys=False)
 
 
-def load_search_file(path: str | Path, overrides: Sequence[str] = (), model_depth: Any = None) -> SearchFile:
+def load_search_file(
+    path: str | Path, overrides: Sequence[str] = (), model_depth: Any = None, check_trial: Any = None
+) -> SearchFile:
     """Loads and checks a whole search file; raises ConfigError listing every problem (file, key, what).
 
     `model_depth(name, kwargs) -> int` resolves the timm model's depth (and refuses unknown or non-ViT models);
     the CLI passes `pathsearch.model.model_depth` so that this module stays free of torch. Without it the file
-    must set `model.kwargs.depth`. A search file needs a non-empty `space` (`load_trial_config` reads the same
-    file for one trial, without one).
+    must set `model.kwargs.depth`. `check_trial(cfg, source) -> problems` adds what the trial will meet once it runs
+    (pathsearch.preflight builds the model on the meta device), for the base and the space's extreme points. A
+    search file needs a non-empty `space` (`load_trial_config` reads the same file for one trial, without one).
     """
     source = str(path)
     raw = apply_overrides(read_yaml(path), overrides, source)
@@ -414,11 +432,14 @@ def load_search_file(path: str | Path, overrides: Sequence[str] = (), model_dept
     trial = TrialConfig()
     try:
         trial = load_trial_config(None, data=_trial_sections(raw), source=source)
+        trial_ok = True
     except ConfigError as err:
         problems += err.problems
+        trial_ok = False
     search = from_dict(SearchConfig, raw.get("search") or {}, source, "search.", problems)
     tracking = from_dict(TrackingConfig, raw.get("tracking") or {}, source, "tracking.", problems)
     _check_search(search, source, problems)
+    problems += tracking_uri_problems(tracking.tracking_uri, f"{source}: tracking.tracking_uri")
     depth = _search_depth(raw, model_depth, source, problems)
     raw_space = raw.get("space")
     if not raw_space:
@@ -432,9 +453,12 @@ def load_search_file(path: str | Path, overrides: Sequence[str] = (), model_dept
         if isinstance(raw_space, Mapping):
             raw_space = {key: entry for key, entry in raw_space.items() if key != "model.pruned"}
         space = parse_space(raw_space, 1, source, problems)
+    if trial_ok and depth is not None and check_trial is not None:  # even where the search has problems of its own
+        problems += check_trial(trial, source)
     if not problems:
-        problems += _probe_space(raw, space, source)
+        problems += _probe_space(raw, space, source, check_trial)
     if not problems:
+        problems += _check_conditions(raw, space, source)
         problems += _check_baseline(raw, space, source)
         problems += _check_enqueue(search, space, source)
     if not problems:
@@ -474,6 +498,33 @@ def _check_baseline(raw: Mapping[str, Any], space: Any, source: str) -> list[str
     return problems
 
 
+def _check_conditions(raw: Mapping[str, Any], space: Any, source: str) -> list[str]:
+    """Each `when: {key: value}` of the space must be able to hold: `key` is an earlier entry that can sample
+    `value`, or a key of the trial sections whose base value is `value`; otherwise its entry is never sampled."""
+    base = _trial_sections(raw)
+    entries = {entry.key: entry for entry in space.entries}
+    problems = []
+    for entry in space.entries:
+        for key, value in entry.when.items():
+            where = f"{source}: space.{entry.key}.when.{key}"
+            if key in entries:
+                why = entries[key].dist.excludes(value)
+                if why is not None:
+                    problems.append(f"{where}: the condition never holds ({why}), got {value!r}")
+            elif not _key_exists(key):
+                near = difflib.get_close_matches(key, [*entries, *_trial_keys()], n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                problems.append(
+                    f"{where}: no such key in the space or the model/data/train sections{hint}, got {value!r}"
+                )
+            elif lookup_value({}, base, key) != value:
+                problems.append(
+                    f"{where}: the condition never holds: {key} is not searched and its base value is "
+                    f"{lookup_value({}, base, key)!r}, got {value!r}"
+                )
+    return problems
+
+
 def _check_enqueue(search: SearchConfig, space: Any, source: str) -> list[str]:
     """`search.enqueue` points are told to Optuna as they are: each name must be a parameter of the space and each
     value a point of its distribution."""
@@ -489,15 +540,68 @@ def _check_enqueue(search: SearchConfig, space: Any, source: str) -> list[str]:
     return problems
 
 
+# MLflow's tracking stores by URI scheme ("" a folder): its file and database stores, a tracking server, Databricks
+TRACKING_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
+def tracking_uri_problems(uri: str | None, where: str) -> list[str]:
+    """What can be told of an MLflow tracking URI before it is used: its scheme is one MLflow opens, a server URI
+    has a host, and a local store's folder or SQLite file can be made where it points. `where` names the flag or
+    the file's key."""
+    if uri is None:
+        return []
+    split = urllib.parse.urlsplit(uri)
+    scheme = split.scheme.lower().split("+")[0] if len(split.scheme) > 1 else ""  # postgresql+psycopg2; C: a drive
+    scheme = scheme.removesuffix("-uc")  # databricks-uc
+    if not uri.strip():
+        return [f"{where}: must not be empty (leave it out for sqlite:///mlflow.db), got {uri!r}"]
+    if scheme not in TRACKING_SCHEMES:
+        known = ", ".join(f"{s}://" for s in TRACKING_SCHEMES if s) + " or a folder"
+        return [f"{where}: not a tracking URI MLflow opens (it opens {known}), got {uri!r}"]
+    if scheme in ("http", "https") and not split.hostname:
+        return [f"{where}: a tracking server URI needs a host (http://HOST:PORT), got {uri!r}"]
+    if scheme == "sqlite":
+        file = uri.partition(":///")[2]
+        if not file or file == ":memory:":
+            return [f"{where}: an SQLite store needs a file (sqlite:///mlflow.db), got {uri!r}"]
+        local, kind = Path(file), "file"
+    elif scheme in ("", "file"):
+        local, kind = Path(urllib.parse.unquote(split.path) if scheme else uri).expanduser(), "folder"
+    else:
+        return []
+    if kind == "folder" and local.exists() and not local.is_dir():
+        return [f"{where}: {local} is a file; a local MLflow store is a folder, got {uri!r}"]
+    if kind == "file" and local.is_dir():
+        return [f"{where}: {local} is a folder; an SQLite store is a file, got {uri!r}"]
+    above = local.parents if kind == "file" else [local, *local.parents]  # an SQLite file may exist already
+    parent = next((p for p in above if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return [f"{where}: {parent} is a file, so {local} cannot be made, got {uri!r}"]
+    if kind == "file" and not local.parent.is_dir():
+        return [f"{where}: the folder {local.parent} does not exist (SQLite makes a file, not folders), got {uri!r}"]
+    return []
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A search file's top-level mapping, or a ConfigError naming the file (missing, not YAML, empty, a list)."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError([f"{path}: is a folder, not a search file"])
     if not p.is_file():
         raise ConfigError([f"{path}: no such file"])
     try:
-        loaded = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError([f"{path}: not valid YAML: {err}"]) from None
+        data = p.read_bytes()
+    except OSError as err:
+        raise ConfigError([f"{path}: cannot be read: {err.strerror or err}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            [f"{path}: not a text file (byte {data[err.start]:#04x} at offset {err.start} is not UTF-8): not YAML"]
+        ) from None
+    if "\0" in text:
+        raise ConfigError([f"{path}: not a text file (it holds NUL bytes at offset {text.index(chr(0))}): not YAML"])
+    loaded = load_yaml(text, str(path))
     if loaded is None:  # 0 bytes, or only blank lines and comments: a wrong or truncated file, never "all defaults"
         known = ", ".join(sorted(SECTIONS))
         raise ConfigError([f"{path}: top level: expected a mapping of sections ({known}), got an empty file"])
@@ -523,7 +627,8 @@ def _search_depth(raw: Mapping[str, Any], model_depth: Any, source: str, problem
         try:
             depth = model_depth(model.name, model.kwargs)
         except ValueError as err:
-            problems.append(f"{source}: model.name: {err}")
+            key = "model.kwargs" if str(err).startswith("timm cannot build") else "model.name"
+            problems.append(f"{source}: {key}: {err}")
             return None
     elif explicit is None:
         problems.append(
@@ -581,6 +686,16 @@ def _check_search(s: SearchConfig, source: str, problems: list[str]) -> None:
              "a two_stage search trains its top configurations in the confirmation: add search.confirm")  # fmt: skip
     c = s.confirm
     need(c.top_k >= 1, "confirm.top_k", c.top_k, "must be >= 1")
+    if c.enabled and s.strategy == "full":  # the baseline is one of the search's trials
+        need(c.top_k <= s.num_samples - 1, "confirm.top_k", c.top_k,
+             f"a search of num_samples {s.num_samples} trials (the baseline among them) has at most "
+             f"{s.num_samples - 1} other configurations to confirm")  # fmt: skip
+    elif c.enabled:
+        most = two.top_k + len(s.enqueue)
+        need(c.top_k <= most, "confirm.top_k", c.top_k,
+             f"a two_stage search trains at most {most} configurations besides the baseline (two_stage.top_k "
+             f"{two.top_k} and {len(s.enqueue)} enqueued)")  # fmt: skip
+    need(s.seed >= 0, "seed", s.seed, "must be >= 0 (Optuna's samplers take seeds 0 to 2**32 - 1)")
     need(c.seeds >= 2, "confirm.seeds", c.seeds, "must be >= 2 (a spread and a confidence interval need two seeds)")
     need(c.first_seed is None or c.first_seed >= 0, "confirm.first_seed", c.first_seed, "must be >= 0")
     need(c.max_concurrent_trials is None or c.max_concurrent_trials >= 1, "confirm.max_concurrent_trials",
@@ -593,10 +708,19 @@ def _check_search(s: SearchConfig, source: str, problems: list[str]) -> None:
     need(0 < c.alpha <= 0.5, "confirm.alpha", c.alpha, "must be in (0, 0.5]")
 
 
+RAY_RESOURCES = ("cpu", "gpu", "memory")  # resources_per_trial's names of Ray's own resources (memory in bytes)
+
+
 def resource_problems(name: str, amount: Any, source: str) -> list[str]:
     """What is wrong with one `search.resources_per_trial` entry: a non-number, a non-positive or infinite amount,
     or a GPU amount that is neither a fraction of one GPU (0 < gpu <= 1: trials share it) nor a whole number."""
     key = f"{source}: search.resources_per_trial.{name}"
+    near = difflib.get_close_matches(name.lower(), RAY_RESOURCES, n=1, cutoff=0.6)
+    if name not in RAY_RESOURCES and near:  # other names are custom resources, which nodes declare themselves
+        return [
+            f"{key}: not a resource Ray knows (did you mean {near[0]!r}? Ray's own are {', '.join(RAY_RESOURCES)}; "
+            f"any other name is a custom resource that some node must declare), got {name!r}: {amount!r}"
+        ]
     if isinstance(amount, bool) or not isinstance(amount, int | float):
         return [f"{key}: must be a number, got {amount!r}"]
     if not (amount > 0 and math.isfinite(amount)):
@@ -654,25 +778,64 @@ def _check_two_stage(trial: TrialConfig, space: Any, source: str) -> list[str]:
     return problems
 
 
-def _probe_space(raw: dict[str, Any], space: Any, source: str) -> list[str]:
-    """Checks each space entry's key and extreme values against the trial config's types and ranges."""
+def _probe_space(raw: dict[str, Any], space: Any, source: str, check_trial: Any = None) -> list[str]:
+    """Checks each space entry's key and extreme values against the trial config's types and ranges, and with
+    `check_trial(cfg, source) -> problems` what the trial will meet (the model built from the configuration):
+    at each extreme value of each entry, and at each corner of the model.kwargs entries together (at most
+    MAX_CORNERS: a model is built at each), as those interact (embed_dim and num_heads, img_size and patch_size)."""
     problems: list[str] = []
+    points: list[dict[str, Any]] = []
     for entry in space.entries:
-        if entry.key in ("model.pruned", "model.ensemble_scale.init"):
+        if entry.key in PATH_SPACE_KEYS:
             continue
         if not _key_exists(entry.key):
-            problems.append(f"{source}: space.{entry.key}: no such key in the model/data/train sections")
+            near = difflib.get_close_matches(entry.key, _trial_keys(), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            problems.append(f"{source}: space.{entry.key}: no such key in the model/data/train sections{hint}")
             continue
-        for value in entry.dist.extremes():
-            probe = deep_copy(raw)
-            set_dotted(probe, entry.key, value)
-            try:
-                load_trial_config(None, data=_trial_sections(probe), source=source)
-            except ConfigError as err:
-                why = "; ".join(p.split(": ", 1)[1] for p in err.problems)
-                problems.append(f"{source}: space.{entry.key}: value {value!r} is invalid ({why})")
-                break
+        points += [{entry.key: value} for value in entry.dist.extremes()]
+    model = [e for e in space.entries if e.key.startswith("model.kwargs.") and e.key not in PATH_SPACE_KEYS]
+    if len(model) > 1:
+        corners = itertools.islice(itertools.product(*(e.dist.extremes() for e in model)), MAX_CORNERS)
+        points += [{e.key: value for e, value in zip(model, corner, strict=True)} for corner in corners]
+    bad: set[str] = set()  # entries (or "corners") already said: one line each
+    for point in points:
+        label = next(iter(point)) if len(point) == 1 else "corners"
+        if label in bad:
+            continue
+        probe = deep_copy(raw)
+        for key, value in point.items():
+            set_dotted(probe, key, value)
+        try:
+            cfg = load_trial_config(None, data=_trial_sections(probe), source=source)
+            said = check_trial(cfg, source) if check_trial is not None else []
+        except ConfigError as err:
+            said = err.problems
+        if said:
+            bad.add(label)
+            why = "; ".join(p.split(": ", 1)[1] for p in said)
+            if len(point) == 1:
+                key, value = next(iter(point.items()))
+                problems.append(f"{source}: space.{key}: value {value!r} is invalid ({why})")
+            else:
+                where = ", ".join(f"{k}={v!r}" for k, v in point.items())
+                problems.append(f"{source}: space: the point {where} (extremes of its entries) is invalid ({why})")
     return problems
+
+
+MAX_CORNERS = 64
+
+
+def _trial_keys(node: Any = TrialConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the trial sections (model.kwargs as `model.kwargs.*`), for suggestions."""
+    keys = []
+    for f in dataclasses.fields(node):
+        tp = get_type_hints(node)[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += _trial_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
 
 
 def _key_exists(key: str) -> bool:

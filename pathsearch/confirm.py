@@ -26,7 +26,7 @@ from ray import tune
 from pathsearch import storage
 from pathsearch.config import SearchFile
 from pathsearch.results import SearchResult
-from pathsearch.runner import ProgressLine, run_config, runnable
+from pathsearch.runner import ProgressLine, run_config, runnable, stop_signalled
 from pathsearch.sequential import BEATS, NO_GAIN, WORSE, Decision, Design, assess, seeds_to_decide
 from pathsearch.tracking.runs import NOTE_TAG, PARENT_TAG, ROLE_TAG, RunLog, SearchRuns
 from pathsearch.verdict import (
@@ -377,7 +377,7 @@ def run_confirmation(
         k = next(i for i, r in enumerate(plan.rounds) if not r["done"])
         tuner = round_tuner(spec, run_dir, state, plan, trainable, verbose, k)
         finished, unfinished = _collect(tuner.fit(), plan.rounds[k], spec.trial.train.epochs)
-        if unfinished:  # Tune returned early on SIGINT: the unfinished trials stay in its snapshot for `resume`
+        if unfinished or stop_signalled():  # Tune returned early on SIGINT: its snapshot keeps them for `resume`
             for c in plan.candidates:
                 runs.close_orphans(str(c.run_id), "INTERRUPTED")
             runs.close_orphans(state="INTERRUPTED")

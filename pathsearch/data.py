@@ -70,6 +70,31 @@ class DataBundle:
     in_chans: int
 
 
+# (channels, image size without data.img_size, classes) of each dataset, as its loader below gives them: the digits
+# stay 8 x 8 whatever img_size says; an image folder's classes are its train/ class folders
+SHAPES: dict[str, tuple[int, int, int | None]] = {
+    "digits": (1, 8, 10),
+    "synthetic": (1, 8, 4),
+    "cifar10": (3, 32, 10),
+    "cifar100": (3, 32, 100),
+    "fashion_mnist": (1, 28, 10),
+    "mnist": (1, 28, 10),
+    "imagefolder": (3, 224, None),
+}
+AUGMENTED = ("cifar10", "cifar100", "imagefolder")  # the datasets whose images go through timm's transforms
+
+
+def data_shape(name: str, root: str | None, img_size: int | None) -> tuple[int, int, int | None]:
+    """(channels, image size, classes) that `load_data(name, root, img_size=img_size)` would give the model, read
+    without loading an image; classes None where an image folder's train/ cannot be listed (its loader says why)."""
+    chans, native, classes = SHAPES[name]
+    size = native if name == "digits" else img_size or native
+    if name == "imagefolder" and root:
+        train = Path(root).expanduser() / "train"
+        classes = sum(1 for p in train.iterdir() if p.is_dir()) if train.is_dir() else None
+    return chans, size, classes
+
+
 _CACHE: dict[tuple[Any, ...], DataBundle] = {}
 _warned_no_test = False  # the missing imagefolder test/ is said once per process, not once per trial
 

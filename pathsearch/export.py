@@ -32,14 +32,19 @@ class Exported:
 
 def find_search(store: Store, experiment: str, run_id: str | None = None) -> Run:
     """The search's parent run: `run_id`, or the latest finished search of `experiment`."""
+    experiment_id = store.find_experiment(experiment)
+    if experiment_id is None:
+        raise ValueError(f"no MLflow experiment named {experiment!r} in this tracking store")
     if run_id is not None:
         run = store.run(run_id)
         if run.tags.get(KIND_TAG) != "search":
             raise ValueError(f"run {run_id} is not a search's parent run (give the run id the search printed)")
+        if run.experiment_id != experiment_id:  # its provenance would name the wrong experiment
+            raise ValueError(
+                f"--run-id {run_id}: that search belongs to another experiment than --experiment {experiment!r} "
+                f"(id {run.experiment_id}, not {experiment_id}); give the experiment it ran in"
+            )
         return run
-    experiment_id = store.find_experiment(experiment)
-    if experiment_id is None:
-        raise ValueError(f"no MLflow experiment named {experiment!r} in this tracking store")
     latest = store.latest_search([experiment_id], finished=True)
     if latest is None:
         raise ValueError(f"experiment {experiment!r} has no finished search")

@@ -341,6 +341,9 @@ def model_params(model_name: str, timm_kwargs: Mapping[str, Any] | None = None) 
     return sum(p.numel() for p in model.parameters())
 
 
+CANNOT_BUILD = "timm cannot build"  # how model_depth's errors about the kwargs (not the name) begin
+
+
 def model_depth(model_name: str, timm_kwargs: Mapping[str, Any] | None = None) -> int:
     """Depth of a timm ViT by name, built on the meta device (no memory, no weights); refuses non-ViTs."""
     if not timm.is_model(model_name):
@@ -349,8 +352,11 @@ def model_depth(model_name: str, timm_kwargs: Mapping[str, Any] | None = None) -
     try:
         with torch.device("meta"):
             vit = timm.create_model(model_name, pretrained=False, **kwargs)
-    except TypeError as err:
-        raise ValueError(f"timm model {model_name!r} does not accept these arguments {kwargs}: {err}") from None
+    except (TypeError, AssertionError, ValueError) as err:  # timm asserts what it cannot build (heads, dims)
+        said = " ".join(str(err).split()) or type(err).__name__
+        if kwargs:  # the name may be the mistake (a ResNet takes no img_size): say that rather than the kwargs
+            model_depth(model_name)
+        raise ValueError(f"{CANNOT_BUILD} {model_name!r} with {kwargs}: {said}") from None
     try:
         check_vit(vit)
     except ValueError as err:

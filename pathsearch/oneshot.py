@@ -29,7 +29,7 @@ from pathsearch.config import SearchFile
 from pathsearch.confirm import choose_candidates, confirm_search
 from pathsearch.paths import path_names, resolve_scale_init
 from pathsearch.results import SearchResult
-from pathsearch.runner import claim_device, run_config, runnable
+from pathsearch.runner import claim_device, run_config, runnable, stop_signalled
 from pathsearch.searcher import baseline_point, make_sampler
 from pathsearch.space import SearchSpace, sample_overrides
 from pathsearch.tracking.runs import ROLE_TAG, RunLog, SearchRuns
@@ -137,7 +137,7 @@ def train_supernet(
         )
     result = tuner.fit()[0]
     metrics = result.metrics or {}
-    if result.error is None and metrics.get("epoch") != epochs:
+    if stop_signalled() or (result.error is None and metrics.get("epoch") != epochs):
         return None
     if result.error is not None or result.checkpoint is None:
         raise RuntimeError(f"the supernet trial did not train to the end ({result.error or 'no final checkpoint'})")

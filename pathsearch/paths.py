@@ -6,6 +6,7 @@ This module is pure data: it imports no torch, so configs can be read, validated
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -77,9 +78,9 @@ def parse_mask(keep: Mapping[str, Any] | Sequence[Any], depth: int) -> list[bool
         mask = [True] * len(names)
         for name, value in keep.items():
             if name not in names:
-                raise ValueError(
-                    f"unknown path name {name!r} for depth {depth}; valid names: {names[0]} .. {names[-1]}"
-                )
+                near = difflib.get_close_matches(str(name), names, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ValueError(f"unknown path name {name!r} for depth {depth}{hint}; valid names: {', '.join(names)}")
             mask[names.index(name)] = _as_bool(value, name)
     else:
         values = list(keep)

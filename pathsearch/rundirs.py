@@ -5,9 +5,23 @@ atomically (a folder's mkdir, a Ray job's submission id). Used by `train`, `sear
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+
+def name_problems(name: str | None, flag: str = "--name") -> list[str]:
+    """A run's own name becomes a folder, an MLflow run name and a Ray job id: one path component of letters,
+    digits, `.`, `_` and `-`, not starting with `.` or `-`."""
+    if name is None:
+        return []
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", name):
+        return [
+            f"{flag} {name!r}: a run name is one folder name of letters, digits, '.', '_' and '-' (not starting with "
+            "'.' or '-'); leave it out for the file's name and the time"
+        ]
+    return []
 
 
 def unique_run_name(stem: str, claim: Callable[[str], bool]) -> str:

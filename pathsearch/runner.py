@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -187,6 +189,48 @@ def init_ray(address: str | None) -> None:
         ray.init(include_dashboard=False, log_to_driver=False)  # logging: quiet_console decides where it goes
 
 
+PLACEMENT_WAIT_S = 60.0  # how long a cluster may take to show a node that can hold a trial (nodes joining)
+
+
+def check_placement(spec: SearchFile, address: str | None, wait_s: float = PLACEMENT_WAIT_S) -> None:
+    """Raises ValueError (one line) when no node of the Ray cluster can hold one trial with the resources it asks
+    (the search's, and a two_stage search's supernet trial's): Tune would keep such a trial pending for ever. A
+    local Ray is judged at once; a cluster is given `wait_s` for such a node to join, saying so first."""
+    import ray
+
+    asks = [spec.search.resources_per_trial]
+    two = spec.search.two_stage
+    if spec.search.strategy == "two_stage" and two.supernet_cpus is not None:
+        asks.append({**spec.search.resources_per_trial, "cpu": two.supernet_cpus})
+    deadline = time.monotonic() + (wait_s if address else 0.0)
+    said = False
+    while True:
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        missing = next((why for ask in asks if (why := _unplaceable(ask, nodes)) is not None), None)
+        if missing is None:
+            return
+        if time.monotonic() >= deadline:
+            where = "this machine's Ray" if not address else f"the Ray cluster at {address}"
+            raise ValueError(
+                f"search.resources_per_trial: no node of {where} can hold a trial: {missing}; ask for less, or add "
+                "a node that has it (the search would wait for ever)"
+            )
+        if not said:
+            print(f"pathsearch: no node can hold a trial yet ({missing}); waiting up to {wait_s:.0f} s", flush=True)
+            said = True
+        time.sleep(2.0)
+
+
+def _unplaceable(ask: Mapping[str, float], nodes: list[Mapping[str, float]]) -> str | None:
+    """Why no node in `nodes` (Ray's resources of each) holds `ask` (resources_per_trial's names), or None."""
+    want = {name.upper() if name in ("cpu", "gpu") else name: float(amount) for name, amount in ask.items()}
+    if any(all(node.get(name, 0.0) >= amount for name, amount in want.items()) for node in nodes):
+        return None
+    most = {name: max((node.get(name, 0.0) for node in nodes), default=0.0) for name in want}
+    short = [f"{name} {amount:g} (the most any node has: {most[name]:g})" for name, amount in want.items()]
+    return f"it asks {', '.join(short)}"
+
+
 STATE_FILE = "pathsearch_state.json"  # in the run directory: the search's name, tracking store and parent run
 
 
@@ -214,13 +258,45 @@ def load_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], SearchFile]:
     return run_dir, state, load_search_file(run_dir / "search.yaml", model_depth=model_depth)
 
 
+_STOPPED = threading.Event()
+
+
+class StopSignal(tune.Callback):
+    """Notes that Ctrl-C (SIGINT; `pathsearch stop` sends it to a cluster job's driver) reached the driver while a
+    Tuner ran. Tune's own handler ends the run by returning, as a finished run does, and says so only in its log;
+    whether trials were left unfinished cannot tell it either (a trial still pending when the signal came has no
+    result to look at). Tune installs its handler before it sets up its callbacks, so this one goes in front of it
+    there and passes the signal on."""
+
+    def setup(self, stop: Any = None, num_samples: Any = None, total_num_samples: Any = None, **info: Any) -> None:
+        _STOPPED.clear()
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only; Tune catches none elsewhere either
+        theirs = signal.getsignal(signal.SIGINT)
+
+        def note(signum: int, frame: Any) -> None:
+            _STOPPED.set()
+            if callable(theirs):
+                theirs(signum, frame)
+            elif theirs == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, note)
+
+
+def stop_signalled() -> bool:
+    """True when the last Tuner's run ended because of Ctrl-C (see StopSignal)."""
+    return _STOPPED.is_set()
+
+
 def run_config(spec: SearchFile, name: str, storage_path: str, callbacks: list[Any]) -> tune.RunConfig:
     """Tune's run settings, the same for the search, the supernet and the confirmation: retries from the last
-    checkpoint (search.max_failures), one checkpoint kept per trial, and no console output of Tune's own."""
+    checkpoint (search.max_failures), one checkpoint kept per trial, no console output of Tune's own, and a note of
+    Ctrl-C (StopSignal)."""
     return tune.RunConfig(
         name=name,
         storage_path=str(storage_path),
-        callbacks=callbacks,
+        callbacks=[*callbacks, StopSignal()],
         failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
         # (a snapshot stored before Tune deleted the checkpoint it names is repaired on resume: recover_checkpoints)
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -299,11 +375,8 @@ def fit_and_finish(
     try:
         grid = tuner.fit()
         # Tune ends a run on SIGINT (Ctrl-C) by returning, with the unfinished trials saved for a resume.
-        status = (
-            "KILLED"
-            if _interrupted(grid, optuna.load_study(study_name=state["name"], storage=study_storage(run_dir)))
-            else "FINISHED"
-        )
+        study = optuna.load_study(study_name=state["name"], storage=study_storage(run_dir))
+        status = "KILLED" if stop_signalled() or _interrupted(grid, study) else "FINISHED"
         rows = final_rows(grid, t.epochs)
         best, baseline = best_and_baseline(rows, s.metrics[0], s.modes[0])
         if len(s.metrics) > 1:

@@ -7,6 +7,7 @@ STRATEGIES (and its name in the config's `strategy` choices).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -14,10 +15,18 @@ from typing import Any
 from pathsearch import full, oneshot, storage
 from pathsearch.config import SearchFile
 from pathsearch.results import SearchResult
-from pathsearch.runner import init_ray, load_run, new_run_dir, quiet_console, start_search
+from pathsearch.runner import check_placement, init_ray, load_run, new_run_dir, quiet_console, start_search
 from pathsearch.tracking.runs import SearchRuns
 
 STRATEGIES: dict[str, ModuleType] = {"full": full, "two_stage": oneshot}
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a started search outside Tune's own handling of it; `run_dir` is what `resume` continues."""
+
+    def __init__(self, run_dir: str) -> None:
+        super().__init__(run_dir)
+        self.run_dir = run_dir
 
 
 def run_search(
@@ -37,11 +46,21 @@ def run_search(
     (otherwise it goes to `ray.log` in the run directory).
     """
     strategy = STRATEGIES[spec.search.strategy]
+    local = None if storage.is_remote(storage_path) else Path(storage_path).expanduser().resolve()
+    made = next((p for p in reversed([local, *local.parents]) if not p.exists()), None) if local else None
     run_dir, store = new_run_dir(spec, storage_path, name)
     with quiet_console(run_dir, library_output), storage.tune_settings(store):
+        try:  # until the search has started, a stop leaves nothing: no run folder, no MLflow run
+            init_ray(address)
+            check_placement(spec, address)
+        except BaseException:
+            shutil.rmtree(made or run_dir, ignore_errors=True)  # with the folders above it that it made
+            raise
         state = start_search(spec, run_dir, tracking_uri, store)
-        init_ray(address)
-        return _located(strategy.run(spec, run_dir, state, trainable, verbose), run_dir, state)
+        try:
+            return _located(strategy.run(spec, run_dir, state, trainable, verbose), run_dir, state)
+        except KeyboardInterrupt as err:  # Ctrl-C outside Tune's runs: the search stops where it was
+            raise Interrupted(storage.run_uri(run_dir, state) if state.get("storage") else str(run_dir)) from err
 
 
 def resume_search(
@@ -56,10 +75,14 @@ def resume_search(
     run_dir, state, spec = load_run(run_dir)
     strategy = STRATEGIES[spec.search.strategy]
     strategy.check_resume(spec, run_dir, state)
-    SearchRuns.of(state).reopen()
     with quiet_console(run_dir, library_output), storage.tune_settings(state.get("storage")):
         init_ray(address)
-        return _located(strategy.resume(spec, run_dir, state, trainable, verbose), run_dir, state)
+        check_placement(spec, address)
+        SearchRuns.of(state).reopen()
+        try:
+            return _located(strategy.resume(spec, run_dir, state, trainable, verbose), run_dir, state)
+        except KeyboardInterrupt as err:
+            raise Interrupted(storage.run_uri(run_dir, state) if state.get("storage") else str(run_dir)) from err
 
 
 def _located(result: SearchResult, run_dir: Path, state: dict[str, Any]) -> SearchResult:

@@ -57,6 +57,16 @@ def parent_of(uri: str) -> str:
     return urllib.parse.urlunsplit((split.scheme, split.netloc, path, split.query, ""))
 
 
+def local_problems(path: str | Path, flag: str = "--storage-path") -> list[str]:
+    """What stops a local storage path from holding run folders: it, or a folder above it, is a file."""
+    local = Path(path).expanduser()
+    existing = next((p for p in [local, *local.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        what = "is a file" if existing == local else f"is under {existing}, a file"
+        return [f"{flag} {path}: {what}; run folders go in a folder"]
+    return []
+
+
 def check_form(uri: str, flag: str = "--storage-path") -> None:
     """What can be told from a store URI alone, without contacting the store (pyarrow asks S3 for a bucket's
     region when it opens an s3:// URI without one): a scheme pyarrow's filesystems open, no credentials in it."""

@@ -6,6 +6,7 @@ key=value` overrides. Imports no torch (nor ray, optuna, mlflow).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -21,6 +22,38 @@ class ConfigError(ValueError):
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last one silently, so a
+    second `train:` section would replace the first without a word (PyYAML has no option for this)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: PyYAML's own error says where
+                break
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first on line {first})", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parses YAML text strictly (duplicate keys refused); a problem is one line, `SOURCE:LINE:COL: what`."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: builds plain data only
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        what = " ".join(part for part in (err.context, err.problem) if part)
+        raise ConfigError([f"{where}: not valid YAML: {what}"]) from None
+    except yaml.YAMLError as err:  # no position (a reader error, say)
+        raise ConfigError([f"{source}: not valid YAML: {' '.join(str(err).split())}"]) from None
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -45,9 +78,9 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str], source: st
             problems.append(f"{source}: --set {item!r}: expected dotted.key=value")
             continue
         try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
-            value = text
+            value = load_yaml(text, f"--set {key}") if text else ""
+        except ConfigError:
+            value = text  # not YAML: the text itself (a plain string), which the types then judge
         parts = key.split(".")
         if parts[0] == "space" and len(parts) > 1:  # space keys are dotted themselves: space.<key>[.<field>]
             fields = {"low", "high", "log", "step", "choices", "when", "by"}
@@ -111,7 +144,21 @@ def _convert(tp: Any, value: Any, source: str, key: str, problems: list[str]) ->
     result = _try_convert(tp, value)
     if result is _MISSING:
         problems.append(f"{source}: {key}: expected {_describe(tp)}, got {value!r}")
+    elif not all_finite(result):
+        problems.append(f"{source}: {key}: must be a finite number (not inf or nan), got {value!r}")
+        return _MISSING
     return result
+
+
+def all_finite(value: Any) -> bool:
+    """False when `value` is, or holds (in lists and mappings), an infinite or NaN float."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, Mapping):
+        return all(all_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(all_finite(v) for v in value)
+    return True
 
 
 def _try_convert(tp: Any, value: Any) -> Any:

@@ -68,7 +68,7 @@ def cases(tmp_path: Path) -> dict[str, list[tuple[list[str], int, str]]]:
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     dashboard = ["--address", down]
     return {
-        "demo": [(["--epochs", "0"], 2, "--epochs must be >= 1")],
+        "demo": [(["--epochs", "0"], 2, "--epochs: must be >= 1")],
         "train": [
             (["missing.yaml"], 2, "missing.yaml: no such file"),
             ([str(DIGITS), "--set", "train.epochs=many"], 2, "train.epochs"),

@@ -16,7 +16,8 @@ PACKAGE = ROOT / "pathsearch"
 HEAVY_TENSOR = {"torch", "timm", "torchvision"}
 ORCHESTRATION = {"ray", "optuna", "mlflow"}
 TENSOR_MODULES = {
-    f"pathsearch.{m}" for m in ("model", "scoring", "analysis", "data", "train", "supernet", "proxy", "demo")
+    f"pathsearch.{m}"
+    for m in ("model", "scoring", "analysis", "data", "train", "supernet", "proxy", "demo", "preflight")
 }
 
 
@@ -43,6 +44,7 @@ FORBIDDEN = {
     "data": ORCHESTRATION,
     "train": ORCHESTRATION,
     "demo": ORCHESTRATION,
+    "preflight": ORCHESTRATION,
     "search": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
     # the one door to MLflow (see test_only_tracking_imports_mlflow); reading runs imports no Ray
     "tracking": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch"},

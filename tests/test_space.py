@@ -276,7 +276,7 @@ space:
   model.ensemble_scale.init: {low: 0.01, high: 0.5}
   model.pruned: {by: shortest, low: 1, high: 3}
   train.epochs: {choices: [2, 3], when: {model.distill.alpha: 0.5}}
-  train.warmup_epochs: {choices: [0.0, 1.0], when: {model.distill.alpha: 0.0}}
+  train.warmup_epochs: {choices: [0.0, 1.0], when: {model.distill.temperature: 4.0}}
 """
 
 
@@ -297,7 +297,7 @@ def test_a_baseline_outside_its_space_is_refused_before_anything_is_written(tmp_
         "model.ensemble_scale.init": ("1.0", "it is outside the range 0.01 to 0.5"),
         "model.pruned": ("0", "it is outside the range 1 to 3"),
         "train.epochs": ("1", "it is not one of the choices [2, 3]"),  # its condition holds for the base
-    }  # train.warmup_epochs: its condition does not hold for the base, so the baseline does not set it
+    }  # train.warmup_epochs: its condition does not hold for the baseline (temperature 2.0), which does not set it
     assert len(lines) == len(expected), lines
     for line, (key, (value, why)) in zip(lines, expected.items(), strict=True):
         assert line.startswith(f"pathsearch {verb}: error: {path}: space.{key}: the baseline ("), line

@@ -1,0 +1,108 @@
+"""What a run needs, checked before anything is written or started. config.py checks a search file's form, types and
+ranges without torch; this module adds what only torch and timm know: the model is built on PyTorch's `meta` device
+(no memory, no weights) from the resolved configuration and the dataset's channels, image size and classes, and run
+forward there, so timm itself checks the head, channels, patches, heads and depth; the optimiser is built by timm's
+registry on that model; the augmentation policy is parsed by timm. `load_search` and `load_trial` are config.py's
+loaders with these checks, for the base configuration and for the extreme points of the space: every verb reads its
+search file through them, so `validate` says what `search` would stop on.
+
+Imports torch and timm, never ray, optuna or mlflow.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.data import create_transform
+from timm.optim import create_optimizer_v2, list_optimizers
+
+from pathsearch.config import SearchFile, TrialConfig, load_search_file, load_trial_config
+from pathsearch.data import AUGMENTED, data_shape
+from pathsearch.model import CANNOT_BUILD, create_path_vit, model_depth
+from pathsearch.typed import ConfigError
+
+
+def load_search(path: str | Path, overrides: Sequence[str] = ()) -> SearchFile:
+    """A search file, with every problem `search` would meet (ConfigError, one line each)."""
+    return load_search_file(path, overrides, model_depth=model_depth, check_trial=trial_problems)
+
+
+def load_trial(path: str | Path, overrides: Sequence[str] = ()) -> TrialConfig:
+    """The trial of a search file (its model, data and train sections), with every problem `train` would meet."""
+    cfg = load_trial_config(path, overrides)
+    problems = trial_problems(cfg, str(path))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def trial_problems(cfg: TrialConfig, source: str) -> list[str]:
+    """What stops this trial once it runs, one line each naming `source`, the key and the value; [] when none.
+
+    Checks the configuration against its data (channels, image size, classes), builds the model and the optimiser
+    on the meta device and runs one forward there. The data itself is not read: whether its files load is the
+    loader's business (config.py checks that they are there).
+    """
+    d, m = cfg.data, cfg.model
+    chans, size, classes = data_shape(d.name, d.root, d.img_size or _int(m.kwargs.get("img_size")))
+    kwargs: dict[str, Any] = {"in_chans": chans, "img_size": size}
+    if classes is not None:
+        kwargs["num_classes"] = classes
+    problems = []
+    what = f"dataset {d.name!r} ({chans} x {size} x {size} images, {classes or 'its'} classes)"
+    for key, want in kwargs.items():
+        got = m.kwargs.get(key, want)
+        if got != want:
+            fix = "leave it out (set from the data)" if key != "img_size" or d.name == "digits" else "set data.img_size"
+            problems.append(f"{source}: model.kwargs.{key}: {what} needs {want}; {fix}, got {got!r}")
+    if problems:
+        return problems
+    kwargs.update(m.kwargs)
+    try:
+        with torch.device("meta"):
+            model = create_path_vit(m.name, path_config=m.path_config(), **kwargs)
+            model(torch.empty(2, chans, size, size))
+    except (AssertionError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        said = " ".join(str(err).split()) or type(err).__name__
+        return [f"{source}: model.kwargs: {CANNOT_BUILD} {m.name!r} with {kwargs}: {said}"]
+    patch = model.vit.patch_embed.patch_size
+    if not getattr(model.vit.patch_embed, "dynamic_img_pad", False) and (size % patch[0] or size % patch[1]):
+        problems.append(
+            f"{source}: model.kwargs.patch_size: must divide the image size {size} (the last {size % patch[0]} pixel "
+            f"rows and columns would never be seen), got {m.kwargs.get('patch_size', patch[0])!r}"
+        )
+    problems += _optimizer_problems(cfg, model, source)
+    if d.auto_augment is not None:
+        if d.name not in AUGMENTED:
+            problems.append(
+                f"{source}: data.auto_augment: dataset {d.name!r} is read as tensors, without timm's transforms "
+                f"(augmentation policies apply to {', '.join(AUGMENTED)}), got {d.auto_augment!r}"
+            )
+        else:
+            try:
+                create_transform(size, is_training=True, auto_augment=d.auto_augment)
+            except (AssertionError, ValueError, KeyError, IndexError) as err:
+                problems.append(f"{source}: data.auto_augment: not a policy timm reads ({err}), got {d.auto_augment!r}")
+    return problems
+
+
+def _optimizer_problems(cfg: TrialConfig, model: torch.nn.Module, source: str) -> list[str]:
+    t = cfg.train
+    try:
+        create_optimizer_v2(model, t.opt, lr=t.lr, weight_decay=t.weight_decay)
+    except (ValueError, AssertionError, ImportError, TypeError, RuntimeError) as err:
+        name = t.opt.lower().split("_")[-1]  # timm's optional prefixes: lookahead_adamw
+        known = [str(name) for name in list_optimizers()]
+        near = difflib.get_close_matches(name, known, n=3)
+        hint = f"did you mean {' or '.join(map(repr, near))}?" if near else f"timm has {', '.join(known)}"
+        why = f"timm has no optimiser of that name ({hint})" if name not in known else " ".join(str(err).split())
+        return [f"{source}: train.opt: {why}, got {t.opt!r}"]
+    return []
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
