@@ -206,7 +206,7 @@ def check_placement(spec: SearchFile, address: str | None, wait_s: float = PLACE
     said = False
     while True:
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-        missing = next((why for ask in asks if (why := _unplaceable(ask, nodes)) is not None), None)
+        missing = next((why for ask in asks if (why := unplaceable(ask, nodes)) is not None), None)
         if missing is None:
             return
         if time.monotonic() >= deadline:
@@ -221,7 +221,7 @@ def check_placement(spec: SearchFile, address: str | None, wait_s: float = PLACE
         time.sleep(2.0)
 
 
-def _unplaceable(ask: Mapping[str, float], nodes: list[Mapping[str, float]]) -> str | None:
+def unplaceable(ask: Mapping[str, float], nodes: list[Mapping[str, float]]) -> str | None:
     """Why no node in `nodes` (Ray's resources of each) holds `ask` (resources_per_trial's names), or None."""
     want = {name.upper() if name in ("cpu", "gpu") else name: float(amount) for name, amount in ask.items()}
     if any(all(node.get(name, 0.0) >= amount for name, amount in want.items()) for node in nodes):

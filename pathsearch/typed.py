@@ -6,6 +6,7 @@ key=value` overrides. Imports no torch (nor ray, optuna, mlflow).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 from collections.abc import Mapping, Sequence
@@ -125,7 +126,9 @@ def from_dict(cls: type, data: Any, source: str, prefix: str, problems: list[str
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            problems.append(f"{source}: {prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            problems.append(f"{source}: {prefix}{key}: unknown key ({hint}known: {', '.join(sorted(names))})")
     values = {}
     for name in names & set(data):
         value = _convert(hints[name], data[name], source, prefix + name, problems)

@@ -299,3 +299,18 @@ def test_ctrl_c_before_any_trial_reported_stops_the_search_with_130_and_a_resume
     assert f"pathsearch resume {run_dir}" in out + err
     assert not (run_dir / "confirm_plan.json").exists()  # it did not go on into the confirmation
     assert "Traceback" not in out + err
+
+
+def test_a_trial_is_placeable_only_on_one_node_holding_all_it_asks():
+    """The cluster side of the stall check: resources of different nodes do not add up for one trial, a custom
+    resource no node declares is named, and Ray's names (CPU, GPU) are what resources_per_trial's cpu and gpu mean."""
+    from pathsearch.runner import unplaceable
+
+    nodes = [{"CPU": 4.0, "memory": 8e9}, {"CPU": 2.0, "GPU": 1.0}]
+    assert unplaceable({"cpu": 2, "gpu": 0.5}, nodes) is None
+    assert unplaceable({"cpu": 4, "memory": 4e9}, nodes) is None
+    assert unplaceable({"cpu": 4, "gpu": 1}, nodes) == (
+        "it asks CPU 4 (the most any node has: 4), GPU 1 (the most any node has: 1)"
+    )  # each node has one of them: no node has both
+    assert "fast_disk 1 (the most any node has: 0)" in unplaceable({"cpu": 1, "fast_disk": 1}, nodes)
+    assert unplaceable({"cpu": 1}, []) == "it asks CPU 1 (the most any node has: 0)"
