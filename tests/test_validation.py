@@ -226,7 +226,13 @@ def mutate(data: dict, key: str, value: object) -> dict:
 FLAGS = [[], ["--name", ""], ["--name", "x/y"], ["--tracking-uri", "ftp://h"], ["--storage-path", "gen.yaml"]]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     edits=st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=3),
     cut=st.one_of(st.none(), st.integers(0, 2000)),
