@@ -173,20 +173,28 @@ def quiet_console(run_dir: Path, library_output: bool = False) -> Iterator[None]
             os.environ["RAY_AIR_NEW_OUTPUT"] = old_output
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None) -> bool:
     """Ray on this machine (on 127.0.0.1, no dashboard, worker output kept out of the console), or the cluster at
-    `address`; nothing when Ray is already up."""
+    `address`; nothing when Ray is already up. True when this call started it (or connected to it)."""
     import ray
 
     # Tune snapshots the experiment whenever a trial replaces its kept checkpoint; that is what we want.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
-        return
+        return False
     if address:  # an existing cluster (`auto` inside a Ray job): its nodes keep the addresses they registered
         ray.init(address=address)
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps a local Ray on 127.0.0.1
         ray.init(include_dashboard=False, log_to_driver=False)  # logging: quiet_console decides where it goes
+    return True
+
+
+def shutdown_ray() -> None:
+    """Disconnects from Ray (and stops a local one this process started)."""
+    import ray
+
+    ray.shutdown()
 
 
 PLACEMENT_WAIT_S = 60.0  # how long a cluster may take to show a node that can hold a trial (nodes joining)

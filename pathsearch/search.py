@@ -15,7 +15,15 @@ from typing import Any
 from pathsearch import full, oneshot, storage
 from pathsearch.config import SearchFile
 from pathsearch.results import SearchResult
-from pathsearch.runner import check_placement, init_ray, load_run, new_run_dir, quiet_console, start_search
+from pathsearch.runner import (
+    check_placement,
+    init_ray,
+    load_run,
+    new_run_dir,
+    quiet_console,
+    shutdown_ray,
+    start_search,
+)
 from pathsearch.tracking.runs import SearchRuns
 
 STRATEGIES: dict[str, ModuleType] = {"full": full, "two_stage": oneshot}
@@ -50,13 +58,16 @@ def run_search(
     made = next((p for p in reversed([local, *local.parents]) if not p.exists()), None) if local else None
     run_dir, store = new_run_dir(spec, storage_path, name)
     with quiet_console(run_dir, library_output), storage.tune_settings(store):
-        try:  # until the search has started, a stop leaves nothing: no run folder, no MLflow run
-            init_ray(address)
+        ours = False
+        try:  # until the search has started, a stop leaves nothing: no run folder, no MLflow run, no Ray of ours
+            ours = init_ray(address)
             check_placement(spec, address)
+            state = start_search(spec, run_dir, tracking_uri, store)
         except BaseException:
+            if ours:
+                shutdown_ray()
             shutil.rmtree(made or run_dir, ignore_errors=True)  # with the folders above it that it made
             raise
-        state = start_search(spec, run_dir, tracking_uri, store)
         try:
             return _located(strategy.run(spec, run_dir, state, trainable, verbose), run_dir, state)
         except KeyboardInterrupt as err:  # Ctrl-C outside Tune's runs: the search stops where it was
@@ -75,10 +86,15 @@ def resume_search(
     run_dir, state, spec = load_run(run_dir)
     strategy = STRATEGIES[spec.search.strategy]
     strategy.check_resume(spec, run_dir, state)
+    SearchRuns.of(state).reopen()
     with quiet_console(run_dir, library_output), storage.tune_settings(state.get("storage")):
-        init_ray(address)
-        check_placement(spec, address)
-        SearchRuns.of(state).reopen()
+        ours = init_ray(address)
+        try:
+            check_placement(spec, address)
+        except BaseException:
+            if ours:
+                shutdown_ray()
+            raise
         try:
             return _located(strategy.resume(spec, run_dir, state, trainable, verbose), run_dir, state)
         except KeyboardInterrupt as err:

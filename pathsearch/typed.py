@@ -148,7 +148,11 @@ def _convert(tp: Any, value: Any, source: str, key: str, problems: list[str]) ->
     if result is _MISSING:
         problems.append(f"{source}: {key}: expected {_describe(tp)}, got {value!r}")
     elif not all_finite(result):
-        problems.append(f"{source}: {key}: must be a finite number (not inf or nan), got {value!r}")
+        entries = result.items() if isinstance(result, Mapping) else [(None, result)]
+        for name, item in entries:  # a mapping's entries each by their own key
+            if not all_finite(item):
+                where = key if name is None else f"{key}.{name}"
+                problems.append(f"{source}: {where}: must be a finite number (not inf or nan), got {item!r}")
         return _MISSING
     return result
 

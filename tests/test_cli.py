@@ -113,7 +113,7 @@ def test_bad_cli_input_exits_2_with_a_message(tmp_path):
     cmd = [sys.executable, "-m", "pathsearch.cli", "demo", "--epochs", "0", "--out", str(tmp_path / "x")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 2
-    assert "--epochs must be >= 1, got 0" in result.stderr
+    assert "--epochs: must be >= 1, got 0" in result.stderr
     assert not (tmp_path / "x").exists()
 
 

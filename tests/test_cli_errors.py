@@ -137,8 +137,11 @@ def test_ctrl_c_during_training_exits_130_with_one_line(tmp_path):
     cfg["train"]["epochs"] = 500
     path = tmp_path / "long.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    # SIGINT as a terminal sends it, even where this test runs in the background of a shell (which starts it
+    # ignored, and Python then leaves it ignored)
     proc = subprocess.Popen([*PATHSEARCH, "train", str(path), "--no-progress"], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()  # the first epoch's line: training is under way

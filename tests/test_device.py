@@ -199,7 +199,7 @@ def test_train_compile_trains_the_same_model(tmp_path):
             "{cpu: 1, gpu: two}",
             "search.resources_per_trial: expected a mapping of names to float, got {'cpu': 1, 'gpu': 'two'}",
         ),
-        ("{cpu: .inf}", "search.resources_per_trial.cpu: must be a finite number > 0, got inf"),
+        ("{cpu: .inf}", "search.resources_per_trial.cpu: must be a finite number (not inf or nan), got inf"),
         (
             "{cpu: 1, gpu: true}",
             "search.resources_per_trial: expected a mapping of names to float, got {'cpu': 1, 'gpu': True}",
