@@ -191,6 +191,17 @@ def checkpoint_location(checkpoint: Any) -> str:
     return f"{scheme}://{checkpoint.path}"
 
 
+def has_snapshot(experiment: str) -> bool:
+    """Whether Tune stored an experiment snapshot (`experiment_state-*.json`) in `experiment` (a folder or URI). A
+    driver killed between creating its Tuner and Tune's first snapshot leaves a folder that `Tuner.can_restore`
+    accepts (its tuner.pkl) but nothing to restore from."""
+    import pyarrow.fs
+
+    fs, path = filesystem(experiment) if is_remote(experiment) else (pyarrow.fs.LocalFileSystem(), str(experiment))
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    return any(i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json") for i in infos)
+
+
 def recover_checkpoints(experiment: str) -> list[str]:
     """Before Tune restores `experiment` (a folder or URI): every trial checkpoint its stored snapshot names exists.
 

@@ -229,3 +229,16 @@ def test_resume_of_a_run_the_bucket_does_not_hold_exits_2(tmp_path, s3):
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "s3://pathsearch/nothing/here: no such run folder in the store" in done.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_a_tuner_folder_without_a_snapshot_is_not_restored(tmp_path):
+    """A driver killed between creating a round's Tuner and Tune's first snapshot leaves tuner.pkl alone, which
+    Tune's can_restore accepts; restoring it failed ("No experiment snapshot file"), so the round starts anew."""
+    from ray import tune
+
+    from pathsearch.storage import has_snapshot
+
+    (tmp_path / "tuner.pkl").write_bytes(b"")
+    assert tune.Tuner.can_restore(str(tmp_path)) and not has_snapshot(str(tmp_path))
+    (tmp_path / "experiment_state-2026-12-06_00-00-00.json").write_text("{}")
+    assert has_snapshot(str(tmp_path))
