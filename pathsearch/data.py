@@ -340,7 +340,8 @@ def _load_cifar(
     from torchvision import datasets
 
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-    size = img_size or 32
+    chans, native, classes = SHAPES[name]
+    size = img_size or native
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     eval_transform = _transforms(size, False, None, mean, std)
     try:
@@ -357,7 +358,8 @@ def _load_cifar(
     )
     train = Subset(train_view, train_idx.tolist())
     val = Subset(val_view, val_idx.tolist())
-    return DataBundle(train, val, test, 10 if name == "cifar10" else 100, size, 3)
+    assert classes is not None  # a named dataset knows its classes
+    return DataBundle(train, val, test, classes, size, chans)
 
 
 def _load_mnist(
@@ -391,7 +393,8 @@ def _load_mnist(
         what="Fashion-MNIST" if name == "fashion_mnist" else "MNIST",
     )
     mean, std = MNIST_STATS[name]
-    size = img_size or 28
+    chans, native, classes = SHAPES[name]
+    size = img_size or native
 
     def tensors(images: torch.Tensor, labels: torch.Tensor) -> TensorDataset:
         x = (images[:, None].float() / 255 - mean) / std  # (N, 1, 28, 28), normalised once
@@ -401,7 +404,8 @@ def _load_mnist(
 
     train = tensors(train_images[train_idx], train_labels[train_idx])
     val = tensors(train_images[val_idx], train_labels[val_idx])
-    return DataBundle(train, val, tensors(test_images, test_labels), 10, size, 1)
+    assert classes is not None
+    return DataBundle(train, val, tensors(test_images, test_labels), classes, size, chans)
 
 
 def _unpack_debian_fashion_mnist(raw: Path) -> None:
@@ -525,10 +529,11 @@ def _load_imagefolder(root: Path, img_size: int | None, auto_augment: str | None
             stacklevel=2,
         )
         _warned_no_test = True
-    size = img_size or 224
+    chans, native, _ = SHAPES["imagefolder"]
+    size = img_size or native
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     eval_transform = _transforms(size, False, None, mean, std)
     train = datasets.ImageFolder(str(root / "train"), transform=_transforms(size, True, auto_augment, mean, std))
     val = datasets.ImageFolder(str(root / "val"), transform=eval_transform)
     test = datasets.ImageFolder(str(root / "test"), transform=eval_transform) if has_test else None
-    return DataBundle(train, val, test, len(classes["train"]), size, 3)
+    return DataBundle(train, val, test, len(classes["train"]), size, chans)

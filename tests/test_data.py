@@ -402,3 +402,13 @@ def test_mnist_split_sizes_are_validated_against_the_60000_training_images(tmp_p
     text = _problems(tmp_path, "{name: mnist, download: true, val_size: 10000, train_size: 50001}")
     assert "data.train_size: must be <= 50000, the MNIST training images left by val_size 10000, got 50001" in text
     assert load_trial_config(None, ["data.name=mnist", "data.download=true", "data.train_size=55000"]).data.train_size
+
+
+def test_the_shape_validation_reads_is_the_shape_the_loader_gives():
+    """pathsearch.preflight sizes the meta-device model by data_shape, without loading images: it must be what
+    load_data gives the real model (digits stay 8 x 8 whatever img_size says)."""
+    from pathsearch.data import data_shape, load_data
+
+    for name, img_size in (("digits", None), ("digits", 16), ("synthetic", None), ("synthetic", 12)):
+        bundle = load_data(name, img_size=img_size)
+        assert data_shape(name, None, img_size) == (bundle.in_chans, bundle.img_size, bundle.num_classes), name
