@@ -363,6 +363,38 @@ def test_resume_recovers_a_checkpoint_tune_deleted_before_its_snapshot_was_store
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3]
 
 
+def test_a_trial_whose_actor_dies_before_it_starts_still_has_one_run(tmp_path, local_ray, capfd):
+    """Tune retries (or fails) a trial whose actor died in its creation task without telling callbacks that it
+    started: the retried trial has one run, FINISHED with its retry counted; the one that never starts has one run,
+    FAILED, with its params. Before, neither had a run until it started, so a trial that never did was missing from
+    MLflow, and each event said `MLflow refused ... no MLflow run for trial`."""
+    from ray import tune
+
+    from pathsearch.tracking.logger import MlflowTrialLogger
+    from pathsearch.tracking.runs import RETRIES_TAG, SEARCH_TAG, STATE_TAG
+
+    (tmp_path / "markers").mkdir()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("creation")
+    parent = client.create_run(experiment_id, tags={"pathsearch.kind": "search"}).info.run_id
+    space = {"marker_dir": str(tmp_path / "markers"), "name": tune.grid_search(["once", "always"])}
+    space["creation_failures"] = tune.sample_from(lambda spec: 1 if spec.config.name == "once" else 9)
+    run_config = tune.RunConfig(
+        name="exp", storage_path=str(tmp_path), callbacks=[MlflowTrialLogger(uri, experiment_id, parent, 2)],
+        failure_config=tune.FailureConfig(max_failures=1), verbose=0,
+    )  # fmt: skip
+    grid = tune.Tuner(toy_search.DiesInCreation, param_space=space, run_config=run_config).fit()
+    assert sorted(r.error is None for r in grid) == [False, True]
+    runs = {r.data.params["name"]: r for r in client.search_runs([experiment_id], f"tags.`{SEARCH_TAG}` = '{parent}'")}
+    assert sorted(runs) == ["always", "once"], runs.keys()
+    assert runs["once"].info.status == "FINISHED" and runs["once"].data.tags[RETRIES_TAG] == "1"
+    assert [m.step for m in client.get_metric_history(runs["once"].info.run_id, "val_acc")] == [1, 2]
+    assert runs["always"].info.status == "FAILED" and runs["always"].data.tags[STATE_TAG] == "FAIL"
+    assert runs["always"].data.tags[RETRIES_TAG] == "1"  # its one retry, before it failed for good
+    assert "no MLflow run" not in capfd.readouterr().err
+
+
 def test_a_trial_retried_after_its_last_epoch_logs_each_epoch_once(tmp_path, local_ray):
     """A trial that fails after reporting its last epoch is retried from that checkpoint (search.max_failures) and
     reports the epoch again (so that Tune hears its end): its run is FINISHED and holds each epoch once."""

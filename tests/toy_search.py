@@ -88,6 +88,30 @@ def toy_trial(config: dict, base: dict) -> None:
             raise RuntimeError(f"toy failure after epoch {epoch} for k={len(pruned)}")
 
 
+class DiesInCreation(tune.Trainable):
+    """A trial whose actor dies in its creation task on its first `config["creation_failures"]` attempts, as one
+    placed on a node that is lost before the trial starts: Tune retries or fails it without calling on_trial_start.
+    Then it reports two epochs."""
+
+    def setup(self, config: dict) -> None:
+        markers = Path(config["marker_dir"])
+        attempts = len(list(markers.glob(f"{config['name']}.*")))
+        (markers / f"{config['name']}.{attempts}").touch()
+        if attempts < config["creation_failures"]:
+            raise RuntimeError(f"creation task of {config['name']} failed (attempt {attempts + 1})")
+        self.epoch = 0
+
+    def step(self) -> dict:
+        self.epoch += 1
+        return {"epoch": self.epoch, "val_acc": 0.5, "done": self.epoch >= 2}
+
+    def save_checkpoint(self, checkpoint_dir: str) -> None:  # Tune saves a retried trial as it starts
+        (Path(checkpoint_dir) / "toy.json").write_text(json.dumps({"epoch": self.epoch}))
+
+    def load_checkpoint(self, checkpoint_dir: str) -> None:
+        self.epoch = json.loads((Path(checkpoint_dir) / "toy.json").read_text())["epoch"]
+
+
 def main() -> None:
     import ray
 

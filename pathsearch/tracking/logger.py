@@ -81,6 +81,7 @@ class MlflowTrialLogger(Callback):
         self._logged: dict[str, int] = {}  # trial id -> the last epoch its run holds (logged, or found on reopening)
         self._nodes: dict[str, str] = {}  # trial id -> the node it last reported from (tagged when it changes)
         self._inputs: dict[str, str] = {}  # trial id -> the splits it read (JSON, from its reports), logged at its end
+        self._started: set[str] = set()  # trials whose start operation this process queued
         self._client: MlflowClient | None = None
         self._next_try = 0.0  # monotonic time before which the queue is not sent again (set while down)
         self._down_since: float | None = None  # start of the current outage, for its two log lines
@@ -98,6 +99,7 @@ class MlflowTrialLogger(Callback):
 
     # ----- Tune events -> operations ------------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._started.add(trial.trial_id)
         config = trial.config
         params = [[k, param_value(v)] for k, v in sorted(config.items()) if k not in ("overrides",)]
         params += [[f"config.{k}", param_value(v)] for k, v in sorted(config.get("overrides", {}).items())]
@@ -134,6 +136,7 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         """A failed trial that Tune retries from its last checkpoint (search.max_failures) keeps its run."""
+        self._open(trial)
         self._send({"op": "tags", "trial": trial.trial_id, "tags": [[RETRIES_TAG, str(trial.num_failures)]]})
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
@@ -142,7 +145,15 @@ class MlflowTrialLogger(Callback):
         self._finish(trial, "KILLED" if pruned else "FINISHED", "PRUNED" if pruned else "COMPLETE")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._open(trial)
         self._finish(trial, "FAILED", "FAIL")
+
+    def _open(self, trial: Any) -> None:
+        """Tune retries or fails a trial whose actor died in its creation task (its node lost, say) without ever
+        calling on_trial_start: such a trial gets its run here, so that every trial has one (a trial that did start
+        is found again by its tag: no second run)."""
+        if trial.trial_id not in self._started:
+            self.on_trial_start(0, [], trial)
 
     def _finish(self, trial: Any, status: str, state: str) -> None:
         checkpoint = getattr(trial, "checkpoint", None)
@@ -318,7 +329,7 @@ class MlflowTrialLogger(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_runs"], state["_logged"] = {}, {}  # looked up again by tag after a restore
+        state["_runs"], state["_logged"], state["_started"] = {}, {}, set()  # looked up again by tag after a restore
         state["_client"] = None
         state["_next_try"], state["_down_since"] = 0.0, None
         return state
@@ -326,7 +337,7 @@ class MlflowTrialLogger(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a logger pickled before the queue existed (a search started with an older pathsearch) still restores
         defaults: dict[str, Any] = {"run_dir": None, "_pending": [], "_nodes": {}, "_next_try": 0.0, "groups": {}}
-        defaults["_logged"] = {}
+        defaults["_logged"], defaults["_started"] = {}, set()
         defaults["_down_since"] = None
         self.__dict__.update({**defaults, **state})
 
