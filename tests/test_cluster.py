@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -387,13 +388,14 @@ def test_killed_worker_node_trials_resume_from_checkpoints(cluster):
     ns, state = cluster
     experiment = "node_failure"
     # 1200 training and 500 validation images, 8 epochs: each trial runs long enough (about 13 s) for both nodes to
-    # be seen busy with epochs still to go (MLflow shows a run's epochs a little after they end: with 6 epochs a
-    # trial seen at its second one had once ended before the kill, and the kill hit an idle node)
+    # be seen busy with epochs still to go. MLflow shows a run's epochs a few seconds after they end (each look is a
+    # new process): waiting for a second epoch, the kill landed as the first trials ended (with 6 epochs once on an
+    # idle node; with 8 as a third trial was starting on the node), so it waits for one epoch of each
     sizes = ["--set", "data.train_size=1200", "--set", "data.val_size=500"]
     job = submit(ns, state, experiment, "--set", "train.epochs=8", *sizes, background=True)
     worker = next(p for p in state["processes"] if p["name"] == "worker-1")
     # two trials past their first checkpoints: both worker nodes are busy (the head has no CPU)
-    wait_for_running_trials(ns, state["tracking_uri"], experiment, job, count=2, steps=2)
+    wait_for_running_trials(ns, state["tracking_uri"], experiment, job, count=2, steps=1)
     raylets = [pid for pid in session_pids(worker["pid"]) if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet"]
     assert len(raylets) == 1
     os.kill(raylets[0], 9)
@@ -411,6 +413,9 @@ def test_killed_worker_node_trials_resume_from_checkpoints(cluster):
         raise AssertionError(f"{err}\nMLflow's runs:\n{table}\nthe job's output:\n{output[-6000:]}") from err
     retried = [r for r in children if r["retries"] > 0]
     assert retried, "no trial was retried: the kill did not hit a running trial"
+    # Ray's line from the retried attempt: it continued from one of its own checkpoints, not from the start
+    restored = re.findall(r"Restored on \S+ from checkpoint: .*?/train_trial_(\w+?)_[^/]*/checkpoint_\d+", output)
+    assert {r["trial_id"] for r in retried} & set(restored), (restored, output[-6000:])
     status = ns.run([str(ROOT / "cluster/local.sh"), "status", "--dir", state["dir"]])
     assert status.returncode == 1 and "worker-1   DOWN" in status.stdout
 
