@@ -234,8 +234,10 @@ def test_driver_stopped_during_confirmation_then_resumed_keeps_one_finished_run_
     driver = [sys.executable, str(Path(__file__).parent / "toy_search.py")]
     knobs = json.dumps({"means": TRUE_MEANS, "sd": 0.01, "shared_sd": 0.02, "sleep": 0.6})
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATHSEARCH_TOY": knobs}
-    proc = subprocess.Popen([*driver, "search", json.dumps(args)], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    console = tmp_path / "console.txt"  # what the driver said: in the messages of the asserts below
+    with console.open("w") as out:
+        proc = subprocess.Popen([*driver, "search", json.dumps(args)], env=env, start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     plan = tmp_path / "runs" / "crash" / "confirm_plan.json"
     try:
         deadline = time.monotonic() + 300
@@ -247,16 +249,17 @@ def test_driver_stopped_during_confirmation_then_resumed_keeps_one_finished_run_
                 seed_runs = [c for c in children if c.data.tags.get("pathsearch.role") == "confirmation_seed"]
                 if sum(c.info.status == "FINISHED" for c in seed_runs) >= 3:
                     break
-        assert proc.poll() is None, "the search ended before it could be killed"
-        assert 3 <= sum(c.info.status == "FINISHED" for c in seed_runs) < 8
+        assert proc.poll() is None, f"the search ended before it could be killed:\n{console.read_text()[-3000:]}"
+        assert 3 <= sum(c.info.status == "FINISHED" for c in seed_runs) < 8, [c.info.status for c in seed_runs]
         if stop == "ctrl-c":
             proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=120) == 0
+            assert proc.wait(timeout=120) == 0, console.read_text()[-3000:]
             _, parents, children = child_runs(uri)
-            assert parents[0].info.status == "KILLED"
-            assert not [c for c in children if c.info.status == "RUNNING"]
+            said = console.read_text()[-3000:]
+            assert parents[0].info.status == "KILLED", said
+            assert not [c for c in children if c.info.status == "RUNNING"], said
             configs = [c for c in children if c.data.tags.get("pathsearch.role") == "confirmation"]
-            assert {c.data.tags.get("pathsearch.state") for c in configs} == {"INTERRUPTED"}
+            assert {c.data.tags.get("pathsearch.state") for c in configs} == {"INTERRUPTED"}, said
     finally:
         subprocess.run(["pkill", "-9", "-s", str(proc.pid)], check=False)
         proc.wait()
