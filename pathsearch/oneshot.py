@@ -112,7 +112,8 @@ def train_supernet(
 ) -> dict[str, Any] | None:
     """Stage 1's training: the base trial with `train.supernet.enabled`, as one Ray trial logged under the parent run
     (tagged `pathsearch.role: supernet`, so `export` never returns it). Its Tune experiment is `run_dir/supernet`;
-    `resuming` restores it from Tune's snapshot, when there is one. None when Ctrl-C stopped it."""
+    `resuming` restores it from Tune's snapshot, when there is one (a driver killed before Tune's first snapshot
+    left none: the supernet starts anew). None when Ctrl-C stopped it."""
     s, two = spec.search, spec.search.two_stage
     epochs = two.supernet_epochs or spec.trial.train.epochs
     cpus = two.supernet_cpus or s.resources_per_trial.get("cpu", 1.0)
@@ -120,7 +121,7 @@ def train_supernet(
     one = dataclasses.replace(spec, search=dataclasses.replace(s, resources_per_trial=resources))
     runs = SearchRuns.of(state)
     folder = storage.join(storage.run_uri(run_dir, state), SUPERNET_DIR)
-    if resuming and tune.Tuner.can_restore(folder):
+    if resuming and tune.Tuner.can_restore(folder) and storage.has_snapshot(folder):
         storage.recover_checkpoints(folder)
         tuner = tune.Tuner.restore(folder, trainable=runnable(one, trainable), resume_errored=True)
     else:

@@ -579,3 +579,18 @@ def test_ray_saying_no_trial_can_start_becomes_one_pathsearch_line(tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("pathsearch: no trial can start") == 1 and "search.resources_per_trial" in err, err
     assert "asks for 64 CPUs" in (tmp_path / LIBRARY_LOG).read_text()  # Ray's own words, in the log
+
+
+def test_resume_of_a_search_killed_before_tunes_first_snapshot_says_what_to_do(tmp_path):
+    """Tune writes tuner.pkl (which Tuner.can_restore accepts) before its first snapshot: a driver killed in between
+    left nothing to restore. `resume` says so and what to do, instead of failing inside Tune's restore."""
+    from pathsearch import full
+
+    spec = toy_spec(tmp_path, {"model.pruned": {"by": "path"}}, {})
+    run_dir = tmp_path / "runs" / "early"
+    run_dir.mkdir(parents=True)
+    (run_dir / "tuner.pkl").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"before Tune's first snapshot.*remove it and start the search again"):
+        full.check_resume(spec, run_dir, {"name": "early"})
+    (run_dir / "experiment_state-2026-12-06_00-00-00.json").write_text("{}")
+    full.check_resume(spec, run_dir, {"name": "early"})  # a snapshot: resumable
