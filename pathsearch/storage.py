@@ -208,10 +208,12 @@ def recover_checkpoints(experiment: str) -> list[str]:
     Tune deletes a trial's older checkpoint as soon as it registers a newer one, while the experiment snapshot
     that names the newer one is still being uploaded in the background. A driver killed in between leaves a
     snapshot that names a deleted checkpoint, and Tune fails that trial on every retry ("does not exist on storage
-    anymore"): a confirmation lost a seed that way. The trial's newest checkpoint, the one Tune had registered, is
-    moved to the place the snapshot names, so the trial continues from where it really was (pathsearch's
-    checkpoints carry their own epoch; a trial restored at its last epoch reports it again: runner.train_trial).
-    Handwritten: Tune has no repair for its own snapshot. Returns the ids of the trials whose checkpoint was moved.
+    anymore"): a confirmation lost a seed that way. The checkpoint Tune had registered is moved to the place the
+    snapshot names, so the trial continues from where it really was (pathsearch's checkpoints carry their own
+    epoch; a trial restored at its last epoch reports it again: runner.train_trial). That is the oldest one after
+    the named one, not the newest: a trial killed with the driver may have left a newer checkpoint half written
+    (Tune registers one only once it is stored whole, and stores one at a time per trial). Handwritten: Tune has
+    no repair for its own snapshot. Returns the ids of the trials whose checkpoint was moved.
     """
     import posixpath
 
@@ -228,21 +230,23 @@ def recover_checkpoints(experiment: str) -> list[str]:
         if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
             continue
         selector = pyarrow.fs.FileSelector(posixpath.dirname(path), allow_not_found=True)
-        kept = [
+        later = [  # Tune's names (checkpoint_000007) sort by their index
             info.path
             for info in fs.get_file_info(selector)
-            if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")
+            if info.type == pyarrow.fs.FileType.Directory
+            and info.base_name.startswith("checkpoint_")
+            and info.base_name > posixpath.basename(path)
         ]
-        if not kept:  # nothing to continue from: Tune fails the trial, as before
+        if not later:  # nothing to continue from: Tune fails the trial, as before
             continue
-        newest = max(kept)
+        registered = min(later)
         fs.create_dir(path)
-        pyarrow.fs.copy_files(newest, path, source_filesystem=fs, destination_filesystem=fs)
-        fs.delete_dir(newest)
+        pyarrow.fs.copy_files(registered, path, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(registered)
         moved.append(trial.trial_id)
         print(
             f"pathsearch: trial {trial.trial_id}: Tune's last snapshot named a checkpoint it had already replaced; "
-            f"it continues from its newest ({posixpath.basename(newest)})",
+            f"it continues from the one that replaced it ({posixpath.basename(registered)})",
             flush=True,
         )
     return moved

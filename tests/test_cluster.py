@@ -382,7 +382,9 @@ def test_search_kept_in_s3_survives_its_killed_driver_and_resumes_from_the_bucke
     children = [r for r in runs if r["parent"] and r["role"] is None]
     finished = [r for r in children if r["status"] == "FINISHED"]
     seen = [(r["trial_id"], r["status"], r["state"], r["val_acc_steps"]) for r in children]
-    assert len(finished) == 2 and len({r["trial_id"] for r in children}) == len(children), (seen, proc.stdout[-3000:])
+    if len(finished) != 2:  # printed whole (an assert's message is cut short): what the resumed job said
+        print(f"runs: {seen}\nthe resumed job's output:\n{proc.stdout[-8000:]}\n{proc.stderr[-3000:]}")
+    assert len(finished) == 2 and len({r["trial_id"] for r in children}) == len(children), seen
     assert all(r["state"] == "LOST" for r in children if r["status"] != "FINISHED"), seen  # never in a snapshot
     for run in finished:  # every epoch logged across the kill (the ones after the last snapshot, again)
         assert sorted(set(run["val_acc_steps"])) == list(range(1, 13)), run

@@ -324,8 +324,10 @@ def test_resume_recovers_a_checkpoint_tune_deleted_before_its_snapshot_was_store
     """Tune deletes a trial's older checkpoint as soon as it registers a newer one, before the snapshot that names
     the newer one is stored: a driver killed in between left a snapshot naming a deleted checkpoint, and the resumed
     trial failed on every retry (a confirmation lost a seed that way). Made here by hand: each trial's named
-    checkpoint moved to the next index, as the newer one would be. `recover_checkpoints` puts it back, both trials
-    finish from where they were (one mid-trial, one at its last epoch), and MLflow holds each epoch once."""
+    checkpoint moved to the next index, as the newer one would be, and a half-written one after it, as a trial killed
+    with the driver leaves (restoring that one, the newest, failed every retry). `recover_checkpoints` puts the
+    registered one back, both trials finish from where they were (one mid-trial, one at its last epoch), and MLflow
+    holds each epoch once."""
     from ray import tune
 
     from pathsearch import storage
@@ -350,7 +352,11 @@ def test_resume_recovers_a_checkpoint_tune_deleted_before_its_snapshot_was_store
     folder = str(tmp_path / "exp")
     named = {t.trial_id: Path(t.checkpoint.path) for t in tune.ExperimentAnalysis(folder).trials}
     for path in named.values():  # what the race leaves: the named checkpoint gone, the newer one beside it
-        path.rename(path.with_name(f"checkpoint_{int(path.name.split('_')[1]) + 1:06d}"))
+        index = int(path.name.split("_")[1])
+        path.rename(path.with_name(f"checkpoint_{index + 1:06d}"))
+        half = path.with_name(f"checkpoint_{index + 2:06d}")  # and one its killed trial was still writing
+        half.mkdir()
+        (half / "path_config.yaml").write_text("{}")
     assert sorted(storage.recover_checkpoints(folder)) == sorted(named)
     assert all(path.is_dir() for path in named.values())
     second = tune.Tuner.restore(folder, trainable=trainable, resume_errored=True).fit()
