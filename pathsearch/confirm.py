@@ -304,7 +304,7 @@ def round_tuner(
     """A round's Tuner: restored from Tune's snapshot when an interrupted driver left one (finished trials are not
     trained again), else new (also where the driver was killed before Tune's first snapshot of the round)."""
     folder = storage.join(storage.run_uri(run_dir, state), round_dir(round_))
-    if tune.Tuner.can_restore(folder) and storage.has_snapshot(folder):
+    if storage.restorable(folder):
         storage.recover_checkpoints(folder)
         # the param space again: Tune's snapshot of a sample_from does not resolve after a restore
         space = param_space(plan, round_)

@@ -43,9 +43,8 @@ def check_resume(spec: SearchFile, run_dir: Path, state: dict[str, Any]) -> None
     """Raises ValueError when the search cannot be continued (before anything is reopened)."""
     confirming = spec.search.confirm.enabled and (run_dir / PLAN_FILE).is_file()
     where = storage.run_uri(run_dir, state)
-    if not confirming and not (tune.Tuner.can_restore(where) and storage.has_snapshot(where)):
-        # (Tune writes tuner.pkl, which can_restore accepts, before its first snapshot: a driver killed in between
-        # left nothing to restore, and nothing finished: no trial had a result yet)
+    if not confirming and not storage.restorable(where):
+        # (Tune snapshots at its first step, before any trial can report: nothing finished is lost)
         raise ValueError(
             f"{where} has no Tune state to resume from (the search stopped before Tune's first snapshot, before any "
             "trial had a result): remove it and start the search again"

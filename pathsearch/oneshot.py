@@ -121,7 +121,7 @@ def train_supernet(
     one = dataclasses.replace(spec, search=dataclasses.replace(s, resources_per_trial=resources))
     runs = SearchRuns.of(state)
     folder = storage.join(storage.run_uri(run_dir, state), SUPERNET_DIR)
-    if resuming and tune.Tuner.can_restore(folder) and storage.has_snapshot(folder):
+    if resuming and storage.restorable(folder):
         storage.recover_checkpoints(folder)
         tuner = tune.Tuner.restore(folder, trainable=runnable(one, trainable), resume_errored=True)
     else:

@@ -191,11 +191,15 @@ def checkpoint_location(checkpoint: Any) -> str:
     return f"{scheme}://{checkpoint.path}"
 
 
-def has_snapshot(experiment: str) -> bool:
-    """Whether Tune stored an experiment snapshot (`experiment_state-*.json`) in `experiment` (a folder or URI). A
-    driver killed between creating its Tuner and Tune's first snapshot leaves a folder that `Tuner.can_restore`
-    accepts (its tuner.pkl) but nothing to restore from."""
+def restorable(experiment: str) -> bool:
+    """Whether Tune can restore `experiment` (a folder or URI): `Tuner.can_restore` and an experiment snapshot
+    (`experiment_state-*.json`). A driver killed between creating its Tuner and Tune's first snapshot leaves a folder
+    that `Tuner.can_restore` accepts (its tuner.pkl) but nothing to restore from."""
     import pyarrow.fs
+    from ray import tune
+
+    if not tune.Tuner.can_restore(experiment):
+        return False
 
     fs, path = filesystem(experiment) if is_remote(experiment) else (pyarrow.fs.LocalFileSystem(), str(experiment))
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))

@@ -236,9 +236,9 @@ def test_a_tuner_folder_without_a_snapshot_is_not_restored(tmp_path):
     Tune's can_restore accepts; restoring it failed ("No experiment snapshot file"), so the round starts anew."""
     from ray import tune
 
-    from pathsearch.storage import has_snapshot
+    from pathsearch.storage import restorable
 
     (tmp_path / "tuner.pkl").write_bytes(b"")
-    assert tune.Tuner.can_restore(str(tmp_path)) and not has_snapshot(str(tmp_path))
+    assert tune.Tuner.can_restore(str(tmp_path)) and not restorable(str(tmp_path))
     (tmp_path / "experiment_state-2026-12-06_00-00-00.json").write_text("{}")
-    assert has_snapshot(str(tmp_path))
+    assert restorable(str(tmp_path))
