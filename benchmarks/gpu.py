@@ -2,7 +2,7 @@
 device. Every ratio is measured side by side in this one run; the table at the end gives each figure's target.
 
 Run (one GPU; the script puts its checkout on sys.path; sized for under 8 minutes on an H100/H200, not yet timed):
-    PYTHONPATH=. python3 benchmarks/gpu.py [--device cuda] [--sections a,b,c,d] [--json gpu.json] [--quick]
+    PYTHONPATH=. python3 benchmarks/gpu.py [--device cuda] [--sections a,b,c,d] [--json gpu.json] [--quick | --smoke]
 Sections: (a) `fit` vs a bare timm loop (same model, data, batches, optimiser), eager and compiled, on the
 Fashion-MNIST file's base trial and on ViT-S/16@224 with synthetic data; (b) PathEnsembleViT vs its own timm ViT,
 forward+backward+AdamW, eager and compiled (ViT-S only unless --compile-all), time and peak memory; (c) 1..16
@@ -10,7 +10,11 @@ Fashion-MNIST trials as separate processes on one GPU, each capped to 1/N of its
 (d) path features cached on the device and 200,000 random masks scored, checked against the model's own forward.
 Fashion-MNIST: the Debian files in /usr/share/datasets/fashion-mnist/ (unpacked into a temporary data.root).
 `--quick` runs tiny sizes on the CPU in about a minute (the test does); it compiles with Dynamo's eager backend only.
-Imports only torch, timm, numpy (and what pathsearch's tensor modules import): never ray, optuna or mlflow.
+`--smoke` (implies --quick) runs the least of each section, in seconds: the synthetic workload of (a), ViT-Ti of (b),
+N = 1 in (c), 2,000 masks on 200 images in (d). It checks that the script runs (tests/test_benchmarks.py runs
+benchmarks/gpu_session.sh with it); its figures mean nothing.
+Imports only torch, timm, numpy (and what pathsearch's tensor modules import): never ray, optuna, mlflow, matplotlib
+or scikit-learn (a GPU image may have none of them; tests/test_benchmarks.py runs it where they cannot be imported).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from pathsearch.data import make_loader  # noqa: E402
 from pathsearch.model import PathEnsembleViT, create_path_vit  # noqa: E402
 from pathsearch.paths import EnsembleScaleConfig, PathConfig  # noqa: E402
 from pathsearch.scoring import cache_path_features, evaluate_masks  # noqa: E402
-from pathsearch.train import build_model, fit, load_trial_data  # noqa: E402
+from pathsearch.train import build_model, fit, load_trial_data, resolve_device  # noqa: E402
 
 FASHION = ROOT / "search_spaces" / "fashion_mnist_vit.yaml"
 SECTIONS = "abcd"
@@ -165,6 +169,8 @@ def section_a(args: argparse.Namespace, dev: torch.device) -> None:
         ),
         "vit_s_224_synthetic" if not args.quick else "vit_s_tiny_synthetic": partial(vit_s_synthetic, args),
     }
+    if args.smoke:
+        del workloads["fashion_mnist"]
     for label, make_cfg in workloads.items():
         for compiled in (False, True):
             mode = "compiled" if compiled else "eager"
@@ -228,9 +234,9 @@ def peak_memory(fn: Callable[[], None], dev: torch.device) -> int:
 
 
 def section_b(args: argparse.Namespace, dev: torch.device) -> None:
-    rounds = 3 if args.quick else 10
+    rounds = 1 if args.smoke else 3 if args.quick else 10
     cfg = PathConfig(ensemble_scale=EnsembleScaleConfig(kind="vector"))
-    for name, batch in B_MODELS:
+    for name, batch in B_MODELS[:1] if args.smoke else B_MODELS:
         kwargs: dict[str, Any] = {"img_size": 32, "depth": 2} if args.quick else {"img_size": 224}
         batch = 8 if args.quick else batch
         img = kwargs["img_size"]
@@ -243,7 +249,7 @@ def section_b(args: argparse.Namespace, dev: torch.device) -> None:
         x = torch.randn(batch, 3, img, img, device=dev)  # (B, 3, H, W)
         y = torch.randint(0, 1000, (batch,), device=dev)  # (B,)
         short = name.split("_patch")[0]
-        modes = ["eager"] + (["compiled"] if args.compile_all or name in B_COMPILED else [])
+        modes = ["eager"] + (["compiled"] if (args.compile_all or name in B_COMPILED) and not args.smoke else [])
         for mode in modes:
             path_net, timm_net = model, model.vit
             if mode == "compiled":
@@ -284,7 +290,7 @@ def free_memory(dev: torch.device) -> None:
 def worker(args: argparse.Namespace) -> None:
     """One trial in its own process, capped to 1/N of the GPU's memory as a fractional `{gpu: 1/N}` would be.
     Prints one JSON line: images trained, training seconds, peak memory reserved."""
-    dev = torch.device(args.device)
+    dev = resolve_device(args.device)  # with its index: the memory cap refuses a bare "cuda"
     if dev.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(1 / args.worker, dev)
     cfg = load_trial_config(FASHION, fashion_overrides(args, epochs=1 if args.quick else 2))
@@ -301,7 +307,7 @@ def run_packed(args: argparse.Namespace, n: int, env: dict[str, str], timeout: f
     """Starts `n` workers together; returns their JSON lines and the wall time from the common start to the last
     finish (start-up included)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(n), "--device", args.device]
-    cmd += ["--data-root", args.data_root] + (["--quick"] if args.quick else [])
+    cmd += ["--data-root", args.data_root] + (["--quick"] if args.quick else []) + (["--smoke"] if args.smoke else [])
     with tempfile.TemporaryDirectory() as logs, ExitStack() as files:
         # output to files, not pipes: no worker can block on a full pipe while another is waited for
         outs = [files.enter_context(open(Path(logs) / f"{k}.out", "w+")) for k in range(n)]
@@ -372,7 +378,7 @@ def section_c(args: argparse.Namespace, dev: torch.device) -> None:
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     timeout = 120 if args.quick else 240
-    trials = [1, 2] if dev.type != "cuda" else C_TRIALS
+    trials = [1] if args.smoke else [1, 2] if dev.type != "cuda" else C_TRIALS
     best = max((pack_figures("plain", n, run_packed(args, n, env, timeout), dev), n) for n in trials)
     record("c", f"best aggregate img/s (plain, N={best[1]})", best[0], "img/s", ">= 30000")
     if dev.type != "cuda":
@@ -410,13 +416,14 @@ def section_d(args: argparse.Namespace, dev: torch.device) -> None:
     model = model.to(dev).eval()
     with torch.no_grad():
         model.ensemble_scale.uniform_(0.5, 1.5)  # not all ones: the scores depend on EnsembleScale
-    num_masks = 20_000 if args.quick else 200_000
+    num_masks = 2_000 if args.smoke else 20_000 if args.quick else 200_000
     gen = torch.Generator().manual_seed(0)
     masks = torch.rand(num_masks, model.num_paths, generator=gen) < 0.5  # (K, P)
     masks[torch.arange(num_masks), torch.randint(0, model.num_paths, (num_masks,), generator=gen)] = True  # >= 1 kept
     masks = masks.to(dev)
     mismatches = 0
-    for images_n in [200, 1000] if args.quick else [1000, 10_000]:
+    spot = 5 if args.smoke else 20
+    for images_n in [200] if args.smoke else [200, 1000] if args.quick else [1000, 10_000]:
         images = torch.randn(images_n, 1, 28, 28, generator=gen).to(dev)  # (N, 1, 28, 28)
         labels = torch.randint(0, 10, (images_n,), generator=gen).to(dev)  # (N,)
         loader = make_loader(TensorDataset(images, labels), 500, dev)
@@ -431,12 +438,12 @@ def section_d(args: argparse.Namespace, dev: torch.device) -> None:
         acc = evaluate_masks(model, features, masks=masks)  # (K,)
         sync(dev)
         t_eval = time.perf_counter() - start
-        wrong = spot_check(model, images, labels, masks, acc, gen, count=20)
+        wrong = spot_check(model, images, labels, masks, acc, gen, count=spot)
         mismatches += wrong
         print(
             f"(d) {images_n} images: features {tuple(features.features.shape)} on {features.features.device} "
             f"(cached in {t_cache:.2f} s), accuracies on {acc.device}; {num_masks} masks in {t_eval:.3f} s; "
-            f"mismatches: {wrong}/20"
+            f"mismatches: {wrong}/{spot}"
         )
         target = ">= 1000000" if images_n == 1000 else None
         record("d", f"{images_n} images: masks/s", num_masks / t_eval, "masks/s", target)
@@ -483,6 +490,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps (CPU, about a minute)")
+    parser.add_argument("--smoke", action="store_true", help="the least of each section: does it run (CPU, seconds)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, of a,b,c,d")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--compile-all", action="store_true", help="(b): compile all three ViTs, not only ViT-S")
@@ -490,11 +498,15 @@ def main() -> None:
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # (c): one trial sharing the GPU with N-1
     parser.add_argument("--data-root", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.quick = args.quick or args.smoke
     args.compile_backend = args.compile_backend or ("eager" if args.quick else "inductor")
     if args.worker:
         worker(args)
         return
-    dev = torch.device(args.device)
+    try:
+        dev = resolve_device(args.device)
+    except ValueError as err:  # no GPU visible (or not that one): one line, exit 2
+        parser.error(str(err))
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:

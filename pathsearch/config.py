@@ -197,7 +197,7 @@ class TrainConfig:
     seed: int = 0
     seeds: int = 1
     eval_every: int = 1  # epochs between evaluations (= reports and checkpoints); the last epoch always reports
-    amp: bool = True  # bf16 autocast, on CUDA only
+    amp: bool = True  # bf16 autocast of training steps, on CUDA only (evaluation is always float32)
     # channels_last memory format, on CUDA only: only the patch embedding is a convolution, and converting costs a
     # copy of every batch
     channels_last: bool = False
@@ -364,6 +364,9 @@ class SearchConfig:
     seed: int = 0
     resources_per_trial: dict[str, float] = field(default_factory=lambda: {"cpu": 1.0})
     max_failures: int = 2
+    # on a cluster whose autoscaler starts workers: how long the search waits for a worker that holds a trial before
+    # it gives up (an autoscaler that reports nothing launched, or launched nodes that never joined)
+    autoscaler_wait_min: float = 5.0
     time_budget_s: float | None = None
     max_kept_paths: int | None = None
     max_params: int | None = None
@@ -664,6 +667,8 @@ def _check_search(s: SearchConfig, source: str, problems: list[str]) -> None:
     need(s.reduction_factor > 1, "reduction_factor", s.reduction_factor, "must be > 1")
     need(s.max_failures >= 0, "max_failures", s.max_failures, "must be >= 0")
     need(s.time_budget_s is None or s.time_budget_s > 0, "time_budget_s", s.time_budget_s, "must be > 0")
+    need(math.isfinite(s.autoscaler_wait_min) and s.autoscaler_wait_min > 0, "autoscaler_wait_min",
+         s.autoscaler_wait_min, "must be a finite number of minutes > 0")  # fmt: skip
     need(s.max_kept_paths is None or s.max_kept_paths >= 1, "max_kept_paths", s.max_kept_paths, "must be >= 1")
     need(s.max_params is None or s.max_params >= 1, "max_params", s.max_params, "must be >= 1")
     for name, amount in s.resources_per_trial.items():
@@ -708,7 +713,7 @@ RAY_RESOURCES = ("cpu", "gpu", "memory")  # resources_per_trial's names of Ray's
 
 def resource_problems(name: str, amount: Any, source: str) -> list[str]:
     """What is wrong with one `search.resources_per_trial` entry: a non-number, a non-positive or infinite amount,
-    or a GPU amount that is neither a fraction of one GPU (0 < gpu <= 1: trials share it) nor a whole number."""
+    or a GPU amount above 1 (a trial trains on one GPU: Ray would reserve the others and they would sit idle)."""
     key = f"{source}: search.resources_per_trial.{name}"
     near = difflib.get_close_matches(name.lower(), RAY_RESOURCES, n=1, cutoff=0.6)
     if name not in RAY_RESOURCES and near:  # other names are custom resources, which nodes declare themselves
@@ -720,11 +725,9 @@ def resource_problems(name: str, amount: Any, source: str) -> list[str]:
         return [f"{key}: must be a number, got {amount!r}"]
     if not (amount > 0 and math.isfinite(amount)):
         return [f"{key}: must be a finite number > 0, got {amount!r}"]
-    if name == "gpu" and amount > 1 and amount != int(amount):
-        return [
-            f"{key}: must be a share of one GPU (0 < gpu <= 1, e.g. 0.25 packs 4 trials on a GPU) or a whole number "
-            f"of GPUs, got {amount!r}"
-        ]
+    if name == "gpu" and amount > 1:
+        return [f"{key}: must be at most 1: a trial trains on one GPU (a share, e.g. 0.25, packs trials on a GPU), "
+                f"got {amount!r}"]  # fmt: skip
     return []
 
 

@@ -243,7 +243,8 @@ def status(folder: str | Path = "runs/cluster") -> tuple[bool, list[str]]:
     return healthy, lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `cluster/local.sh` (tests parse the commands the docs show with it)."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("verb", choices=["up", "down", "status"])
     parser.add_argument("--dir", default="runs/cluster", help="state, logs, MLflow store and trial storage")
@@ -259,7 +260,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="where the MLflow server keeps artifacts (default DIR/mlartifacts; s3://bucket/prefix with AWS_* set)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.verb == "up":
             state = up(

@@ -197,48 +197,6 @@ def shutdown_ray() -> None:
     ray.shutdown()
 
 
-PLACEMENT_WAIT_S = 60.0  # how long a cluster may take to show a node that can hold a trial (nodes joining)
-
-
-def check_placement(spec: SearchFile, address: str | None, wait_s: float = PLACEMENT_WAIT_S) -> None:
-    """Raises ValueError (one line) when no node of the Ray cluster can hold one trial with the resources it asks
-    (the search's, and a two_stage search's supernet trial's): Tune would keep such a trial pending for ever. A
-    local Ray is judged at once; a cluster is given `wait_s` for such a node to join, saying so first."""
-    import ray
-
-    asks = [spec.search.resources_per_trial]
-    two = spec.search.two_stage
-    if spec.search.strategy == "two_stage" and two.supernet_cpus is not None:
-        asks.append({**spec.search.resources_per_trial, "cpu": two.supernet_cpus})
-    deadline = time.monotonic() + (wait_s if address else 0.0)
-    said = False
-    while True:
-        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-        missing = next((why for ask in asks if (why := unplaceable(ask, nodes)) is not None), None)
-        if missing is None:
-            return
-        if time.monotonic() >= deadline:
-            where = "this machine's Ray" if not address else f"the Ray cluster at {address}"
-            raise ValueError(
-                f"search.resources_per_trial: no node of {where} can hold a trial: {missing}; ask for less, or add "
-                "a node that has it (the search would wait for ever)"
-            )
-        if not said:
-            print(f"pathsearch: no node can hold a trial yet ({missing}); waiting up to {wait_s:.0f} s", flush=True)
-            said = True
-        time.sleep(2.0)
-
-
-def unplaceable(ask: Mapping[str, float], nodes: list[Mapping[str, float]]) -> str | None:
-    """Why no node in `nodes` (Ray's resources of each) holds `ask` (resources_per_trial's names), or None."""
-    want = {name.upper() if name in ("cpu", "gpu") else name: float(amount) for name, amount in ask.items()}
-    if any(all(node.get(name, 0.0) >= amount for name, amount in want.items()) for node in nodes):
-        return None
-    most = {name: max((node.get(name, 0.0) for node in nodes), default=0.0) for name in want}
-    short = [f"{name} {amount:g} (the most any node has: {most[name]:g})" for name, amount in want.items()]
-    return f"it asks {', '.join(short)}"
-
-
 STATE_FILE = "pathsearch_state.json"  # in the run directory: the search's name, tracking store and parent run
 
 

@@ -12,11 +12,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pathsearch import full, oneshot, storage
+from pathsearch import full, oneshot, placement, storage
 from pathsearch.config import SearchFile
 from pathsearch.results import SearchResult
 from pathsearch.runner import (
-    check_placement,
     init_ray,
     load_run,
     new_run_dir,
@@ -61,8 +60,12 @@ def run_search(
         ours = False
         try:  # until the search has started, a stop leaves nothing: no run folder, no MLflow run, no Ray of ours
             ours = init_ray(address)
-            check_placement(spec, address)
-            state = start_search(spec, run_dir, tracking_uri, store)
+            place = _place(spec, run_dir.name, address)
+            try:
+                state = start_search(spec, run_dir, tracking_uri, store)
+            except BaseException:
+                place.release()
+                raise
         except BaseException:
             if ours:
                 shutdown_ray()
@@ -72,6 +75,8 @@ def run_search(
             return _located(strategy.run(spec, run_dir, state, trainable, verbose), run_dir, state)
         except KeyboardInterrupt as err:  # Ctrl-C outside Tune's runs: the search stops where it was
             raise Interrupted(storage.run_uri(run_dir, state) if state.get("storage") else str(run_dir)) from err
+        finally:
+            place.release()  # the autoscaler may let the workers go
 
 
 def resume_search(
@@ -90,7 +95,7 @@ def resume_search(
     with quiet_console(run_dir, library_output), storage.tune_settings(state.get("storage")):
         ours = init_ray(address)
         try:
-            check_placement(spec, address)
+            place = _place(spec, state["name"], address)
         except BaseException:
             if ours:
                 shutdown_ray()
@@ -99,6 +104,14 @@ def resume_search(
             return _located(strategy.resume(spec, run_dir, state, trainable, verbose), run_dir, state)
         except KeyboardInterrupt as err:
             raise Interrupted(storage.run_uri(run_dir, state) if state.get("storage") else str(run_dir)) from err
+        finally:
+            place.release()
+
+
+def _place(spec: SearchFile, name: str, address: str | None) -> placement.Placement:
+    """The cluster can hold the search's trials (asking its autoscaler for them where it has one), or ValueError."""
+    demand = placement.demand_of(spec, name)
+    return placement.prepare(demand, address, spec.search.autoscaler_wait_min, say=lambda line: print(line, flush=True))
 
 
 def _located(result: SearchResult, run_dir: Path, state: dict[str, Any]) -> SearchResult:

@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -137,7 +138,7 @@ def fit(
     runs = [build_seed_run(cfg, bundle, cfg.train.seed + k, dev, criterion, train_data) for k in range(cfg.train.seeds)]
     start_epoch = 0
     if resume is not None:
-        start_epoch = _restore(runs, Path(str(checkpoint_dir)), resume)
+        start_epoch = _restore(runs, Path(str(checkpoint_dir)), resume, dev)
     val_loader = make_loader(bundle.val, cfg.data.eval_batch_size, dev, num_workers=cfg.data.num_workers)
     out_root = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="pathsearch-trial-"))
     out_root.mkdir(parents=True, exist_ok=True)
@@ -158,12 +159,12 @@ def fit(
         if not last and (epoch + 1) % cfg.train.eval_every:
             continue  # evaluate, checkpoint and report every eval_every epochs (and after the last)
         for run, entry in zip(runs, per_seed, strict=True):
-            entry.update(_evaluate(run.model, val_loader, dev, amp))
+            entry.update(_evaluate(run.model, val_loader, dev))
         if last and cfg.train.test:
             assert bundle.test is not None  # checked before training
             test_loader = make_loader(bundle.test, cfg.data.eval_batch_size, dev, num_workers=cfg.data.num_workers)
             for run, entry in zip(runs, per_seed, strict=True):
-                scores = _evaluate(run.model, test_loader, dev, amp, prefix="test")
+                scores = _evaluate(run.model, test_loader, dev, prefix="test")
                 entry.update(test_acc=scores["test_acc"], test_loss=scores["test_loss"])
         metrics = _summarise(per_seed)
         metrics.update(
@@ -231,10 +232,12 @@ def dataset_inputs(cfg: TrialConfig, bundle: DataBundle, test: bool = False) -> 
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """The device a trial trains on: `device`, or cuda when a GPU is visible, else cpu. A CUDA device that is not
-    there is a ValueError (bad input), not a fall-back to the CPU."""
+    """The device a trial trains on: `device`, or cuda when a GPU is visible, else cpu. A CUDA device always comes
+    with its index ("cuda" is the current device, "cuda:0" where Ray set CUDA_VISIBLE_DEVICES): torch calls such as
+    `set_per_process_memory_fraction` refuse a CUDA device without one. A CUDA device that is not there is a
+    ValueError (bad input), not a fall-back to the CPU."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError as err:
@@ -247,6 +250,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
             )
         if dev.index is not None and dev.index >= count:
             raise ValueError(f"device {str(device)!r}: only {count} CUDA GPU(s) are visible (cuda:0..cuda:{count - 1})")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
@@ -420,6 +425,7 @@ class LossGuard:
     """
 
     def __init__(self, device: torch.device, window: int = 16) -> None:
+        self.device = device
         self.window = window
         self.values = torch.empty(window, dtype=torch.float32, device=device)  # (window,)
         self.labels: list[tuple[int, int, int, float]] = []  # (epoch, step, seed, lr) of each slot
@@ -441,11 +447,11 @@ class LossGuard:
         if not self.labels:
             return
         count = len(self.labels)
-        if self.values.is_cuda:
+        if self.device.type == "cuda":  # the device asked for (its values live there), as fit's other CUDA branches
             host = torch.empty(count, dtype=torch.float32, pin_memory=True)
             host.copy_(self.values[:count], non_blocking=True)
             done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(self.values.device))
+            done.record(torch.cuda.current_stream(self.device))
             self.values = torch.empty_like(self.values)  # the copy may still read the old buffer
         else:
             host, done = self.values[:count].clone(), None
@@ -503,9 +509,11 @@ def _train_one_epoch(
     return float(total) / max(seen, 1), seen
 
 
-def evaluate_sums(model: PathEnsembleViT, loader: Iterable[Any], dev: torch.device, amp: bool) -> tuple[Tensor, int]:
+def evaluate_sums(model: PathEnsembleViT, loader: Iterable[Any], dev: torch.device) -> tuple[Tensor, int]:
     """Summed cross-entropy and correct counts of the model as configured and with every path kept, over a loader,
-    accumulated on the device: ((3,) float64 [loss sum, correct, correct with all paths], images)."""
+    accumulated on the device: ((3,) float64 [loss sum, correct, correct with all paths], images). In float32 even
+    where training uses bf16 autocast (`train.amp`): bf16 logits tie and round, so accuracy and loss would depend on
+    the training precision, and val/test metrics of a GPU trial would not compare with a CPU trial's."""
     model.eval()
     masks = torch.stack([model.keep, torch.ones_like(model.keep)])  # (2, P): as configured, all paths
     sums = torch.zeros(3, dtype=torch.float64, device=dev)
@@ -513,21 +521,20 @@ def evaluate_sums(model: PathEnsembleViT, loader: Iterable[Any], dev: torch.devi
     with torch.no_grad():
         for images, targets in loader:
             images, targets = images.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
-            with _autocast(dev, amp):
-                features = model.forward_paths(images)  # (P, B, ...)
-                logits = model.forward_masks(features, masks)  # (2, B, C)
-            sums[0] += F.cross_entropy(logits[0].float(), targets, reduction="sum")
+            features = model.forward_paths(images)  # (P, B, ...)
+            logits = model.forward_masks(features, masks)  # (2, B, C)
+            sums[0] += F.cross_entropy(logits[0], targets, reduction="sum")
             sums[1:] += (logits.argmax(-1) == targets).sum(dim=1)
             count += len(targets)
     return sums, count
 
 
 def _evaluate(
-    model: PathEnsembleViT, loader: Iterable[Any], dev: torch.device, amp: bool, prefix: str = "val"
+    model: PathEnsembleViT, loader: Iterable[Any], dev: torch.device, prefix: str = "val"
 ) -> dict[str, float]:
     """`<prefix>_loss` / `<prefix>_acc` of the model as configured and `<prefix>_acc_full` (every path kept) on the
-    loader's split, one trunk pass each batch and one host sync in all."""
-    sums, count = evaluate_sums(model, loader, dev, amp)
+    loader's split, in float32, one trunk pass each batch and one host sync in all."""
+    sums, count = evaluate_sums(model, loader, dev)
     loss_sum, correct, correct_full = sums.tolist()
     return {
         f"{prefix}_loss": loss_sum / count,
@@ -601,23 +608,24 @@ def _read_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def _restore(runs: list[SeedRun], path: Path, state: dict[str, Any]) -> int:
+def _restore(runs: list[SeedRun], path: Path, state: dict[str, Any], dev: torch.device) -> int:
+    """Puts a checkpoint's weights, optimiser, schedule and RNG states into `runs` (built on `dev`, whichever device
+    wrote it); returns its epoch."""
     if len(state["runs"]) != len(runs):
         raise ValueError(f"{path}: checkpoint holds {len(state['runs'])} seeds, the config asks for {len(runs)}")
     for k, (run, saved) in enumerate(zip(runs, state["runs"], strict=True)):
-        device = next(run.model.parameters()).device
-        run.model.load_state_dict(load_file(str(path / f"model_{k}.safetensors"), device=str(device)))
+        run.model.load_state_dict(load_file(str(path / f"model_{k}.safetensors"), device=str(dev)))
         tensors = load_file(str(path / f"optimizer_{k}.safetensors"))
-        run.optimizer.load_state_dict(_join_optimizer_state(tensors, saved["optimizer"]))
+        optimizer_state = _join_optimizer_state(tensors, saved["optimizer"])
+        run.optimizer.load_state_dict(_with_device_settings(optimizer_state, run.optimizer))
         run.scheduler.load_state_dict(saved["scheduler"])
         run.loader_generator.set_state(torch.tensor(saved["loader_generator"], dtype=torch.uint8))
         if "mask_generator" in saved:  # absent in checkpoints written before supernet training existed
             run.mask_generator.set_state(torch.tensor(saved["mask_generator"], dtype=torch.uint8))
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
-    device = next(runs[0].model.parameters()).device
-    if "cuda" in rng and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], device)
+    if "cuda" in rng and dev.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], dev)
     np_state = state["numpy_rng"]
     np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
     py_state = state["python_rng"]
@@ -637,6 +645,25 @@ def _split_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor],
                 scalars.setdefault(str(pid), {})[name] = _plain(value)
     groups = [{k: _plain(v) for k, v in g.items()} for g in sd["param_groups"]]
     return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+# how torch runs an optimiser step on a device, not what it learned: build_seed_run chooses them for its device
+DEVICE_OPTIMIZER_SETTINGS = ("fused", "foreach", "capturable")
+
+
+def _with_device_settings(sd: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimiser state_dict from a checkpoint with `optimizer`'s own device settings (`fused`, `foreach`,
+    `capturable`) in its param groups. torch's `load_state_dict` takes them from the checkpoint: a CUDA checkpoint
+    (fused=True) would make a CPU resume run the fused kernel (which torch before 2.4 has only on CUDA), a CPU one
+    would take fused AdamW away from a CUDA resume. With this device's settings, torch also puts each state tensor
+    where they want it (`step` as float32 on the parameter's device when fused, else where it was)."""
+    if len(sd["param_groups"]) != len(optimizer.param_groups):
+        return sd  # torch's load_state_dict says what is wrong
+    groups = [
+        {**saved, **{key: own[key] for key in DEVICE_OPTIMIZER_SETTINGS if key in own}}
+        for saved, own in zip(sd["param_groups"], optimizer.param_groups, strict=True)
+    ]
+    return {**sd, "param_groups": groups}
 
 
 def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
@@ -659,7 +686,12 @@ def _write_final_artifacts(
         analysis = analyze_paths(run.model, val_loader, device=dev)
         analysis.meta.update(seed=run.seed)
         files[f"path_analysis{suffix}_json"] = analysis.save_json(ckpt / f"path_analysis{suffix}.json")
-        files[f"path_analysis{suffix}_png"] = analysis.plot(ckpt / f"path_analysis{suffix}.png")
+        try:
+            files[f"path_analysis{suffix}_png"] = analysis.plot(ckpt / f"path_analysis{suffix}.png")
+        except ModuleNotFoundError as err:  # a GPU image may have torch and timm only: the numbers are in the JSON
+            if err.name != "matplotlib":
+                raise
+            warnings.warn(f"path analysis plot not drawn: matplotlib is not installed ({err})", stacklevel=2)
         files[f"path_config{suffix}"] = run.model.path_config.save(ckpt / f"path_config{suffix}.yaml")
     return files
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +59,50 @@ def test_gpu_benchmark_imports_no_ray_optuna_or_mlflow():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--sections" in result.stdout
+
+
+# What a GPU image lacks (benchmarks/gpu_session.sh): importing any of these fails as if it were not installed
+NOT_ON_A_GPU_IMAGE = ("ray", "optuna", "mlflow", "matplotlib", "sklearn", "xdist", "pytest_timeout", "hypothesis")
+# None in sys.modules: `import ray` raises ModuleNotFoundError and importlib.util.find_spec("ray") answers None, as
+# where it is not installed (torch asks find_spec about optional modules)
+NOT_INSTALLED = f"import sys\nsys.modules.update(dict.fromkeys({NOT_ON_A_GPU_IMAGE!r}))\n"
+
+
+def test_the_gpu_session_runs_where_only_torch_timm_and_pytest_are_installed(tmp_path):
+    """benchmarks/gpu_session.sh, as on a GPU machine but on the CPU, in a Python that cannot import Ray, Optuna,
+    MLflow, matplotlib, scikit-learn or pytest's plugins (a sitecustomize on PYTHONPATH, so gpu.py's worker processes
+    too): the CUDA tests are collected and fit's runs, every section of benchmarks/gpu.py runs (--smoke), and the
+    summary says what happened."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NOT_INSTALLED)
+    probe = subprocess.run([sys.executable, "-c", "import matplotlib"], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(site)})  # fmt: skip
+    assert "ModuleNotFoundError: import of matplotlib halted" in probe.stderr  # the blocker works
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(site),
+        "PYTHON": sys.executable,
+        "OUT": str(tmp_path / "out"),
+        "PATHSEARCH_GPU_TESTS_ON": "cpu",
+        "GPU_TESTS_ARGS": "-k fit_trains",  # fit end to end: seeds, test split, resume, the path analysis
+        "GPU_BENCH_ARGS": "--smoke --device cpu",
+    }
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh")], capture_output=True, text=True,
+                            env=env, timeout=300)  # fmt: skip
+    out = tmp_path / "out"
+    assert result.returncode == 0, result.stdout[-4000:] + (out / "gpu_tests.txt").read_text()[-3000:]
+    summary = (out / "summary.txt").read_text()
+    assert "tests/test_gpu.py: 1 passed, 0 failed, 0 skipped, 0 error (exit 0)" in summary, summary
+    assert f"device: no CUDA GPU visible; torch {torch.__version__}" in summary
+    assert "benchmarks/gpu.py: exit 0, failed sections: none" in summary
+    for row in ("a vit_s_tiny_synthetic eager: fit / bare: ", "b vit_tiny b8 eager: path / timm step: ",
+                "c plain N=1: aggregate img/s (wall): ", "d 200 images: masks/s: "):  # fmt: skip
+        assert re.search(rf"^  {re.escape(row)}[\d,]+\.\d{{3}} ", summary, re.MULTILINE), row
+    assert "mismatches: 0/5" in (out / "gpu_benchmark.txt").read_text()
+    tests = (out / "gpu_tests.txt").read_text()
+    assert "deselected" in tests  # the whole file was collected, the rest deselected
+    assert "path analysis plot not drawn: matplotlib is not installed" in tests  # said, not failed
 
 
 def test_path_analysis_benchmark_agrees_with_naive_loop():

@@ -61,7 +61,7 @@ def test_evaluation_analysis_and_mask_scoring_stay_on_the_meta_device(pool):
     model.set_path_mask({"embed": False})
     bundle = load_trial_data(load_trial_config(None, TINY_TRIAL))
     val = make_loader(bundle.val, 64, META)
-    sums, count = evaluate_sums(model, val, META, amp=False)
+    sums, count = evaluate_sums(model, val, META)
     assert sums.device == META and count == len(bundle.val)
     masks, _ = analysis_masks(model.path_mask)
     correct, _ = count_correct(model, val, masks[masks.any(dim=1)], META)
@@ -194,7 +194,13 @@ def test_train_compile_trains_the_same_model(tmp_path):
     ("resources", "wanted"),
     [
         ("{cpu: 1, gpu: -1}", "search.resources_per_trial.gpu: must be a finite number > 0, got -1"),
-        ("{cpu: 1, gpu: 1.5}", "search.resources_per_trial.gpu: must be a share of one GPU (0 < gpu <= 1"),
+        ("{cpu: 1, gpu: 1.5}", "search.resources_per_trial.gpu: must be at most 1: a trial trains on one GPU"),
+        # two whole GPUs: Ray would reserve both and the trial would train on one
+        (
+            "{cpu: 8, gpu: 2}",
+            "search.resources_per_trial.gpu: must be at most 1: a trial trains on one GPU (a share, e.g. 0.25, packs "
+            "trials on a GPU), got 2",
+        ),
         (
             "{cpu: 1, gpu: two}",
             "search.resources_per_trial: expected a mapping of names to float, got {'cpu': 1, 'gpu': 'two'}",
@@ -213,8 +219,8 @@ def test_bad_gpu_amounts_exit_2_naming_key_and_value(tmp_path, capsys, resources
     assert len(lines) == 1 and str(path) in lines[0] and wanted in lines[0], lines
 
 
-def test_fractional_and_whole_gpus_are_valid():
-    for resources in ({"cpu": 1, "gpu": 0.25}, {"cpu": 1, "gpu": 1}, {"cpu": 8, "gpu": 2}):
+def test_a_share_of_a_gpu_and_one_whole_gpu_are_valid():
+    for resources in ({"cpu": 1, "gpu": 0.25}, {"cpu": 1, "gpu": 1}, {"cpu": 8, "gpu": 1.0}):
         spec = load_search_file(ROOT / "search_spaces/digits_tiny.yaml", [f"search.resources_per_trial={resources}"])
         assert spec.search.resources_per_trial == resources
 

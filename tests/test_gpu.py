@@ -1,10 +1,12 @@
 """The product on a CUDA GPU: training steps without a host sync, fit end to end (seeds, test split, resume, NaN
-guard, path analysis), scoring, proxy and fit-scales on the device, a fractional GPU's memory cap, export's rebuild
-and the demo. Marked `gpu`: skipped, saying why, where no GPU is visible.
+guard, path analysis), scoring, proxy and fit-scales on the device, a fractional GPU's memory cap and export's
+rebuild. Marked `gpu`: skipped, saying why, where no GPU is visible.
 
-Imports only the torch side of pathsearch (a GPU machine may have no Ray, Optuna or MLflow): run there with
-`PYTHONPATH=. python -m pytest -m gpu tests/test_gpu.py`. `PATHSEARCH_GPU_TESTS_ON=cpu` runs them on the CPU (no sync
-check), to try their logic on a machine without a GPU.
+Imports only the torch side of pathsearch and trains on synthetic data only: a GPU machine may have torch, timm,
+torchvision, numpy, scipy and pytest and nothing else (no Ray, Optuna, MLflow, scikit-learn, matplotlib, xdist).
+Run there as benchmarks/gpu_session.sh does. `PATHSEARCH_GPU_TESTS_ON=cpu` runs them on the CPU (no sync check),
+to try their logic on a machine without a GPU; tests/test_cuda_paths.py runs the CUDA branches on the CPU too
+(the demo's among them: it trains on the digits, which come from scikit-learn).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from safetensors.torch import load_file
 from pathsearch.analysis import analyze_paths
 from pathsearch.config import load_trial_config
 from pathsearch.data import make_loader
-from pathsearch.demo import run_demo
 from pathsearch.model import create_path_vit
 from pathsearch.paths import EnsembleScaleConfig, PathConfig
 from pathsearch.proxy import ProxyScorer, fit_ensemble_scale
@@ -165,8 +166,3 @@ def test_export_rebuild_gives_the_cpu_logits_on_the_device():
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert (rebuilt(x.to(DEVICE)).cpu() - model(x)).abs().max().item() <= 1e-4
-
-
-def test_the_demo_runs_on_the_device(tmp_path):
-    result = run_demo(out_dir=tmp_path / "demo", epochs=1, device=DEVICE)
-    assert result.files["path_analysis_json"].is_file() and result.analysis.num_images > 0

@@ -70,6 +70,8 @@ FORBIDDEN = {
     "sequential": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch"},
     "searcher": HEAVY_TENSOR | TENSOR_MODULES,
     "runner": HEAVY_TENSOR | TENSOR_MODULES,
+    # placement on a cluster (its autoscaler included): Ray inside its functions only, no other pathsearch module
+    "placement": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch"},
     "full": HEAVY_TENSOR | TENSOR_MODULES,
     "fitscales": HEAVY_TENSOR | TENSOR_MODULES,
     "oneshot": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data", "pathsearch.supernet"},

@@ -310,7 +310,7 @@ def test_ctrl_c_before_any_trial_reported_stops_the_search_with_130_and_a_resume
 def test_a_trial_is_placeable_only_on_one_node_holding_all_it_asks():
     """The cluster side of the stall check: resources of different nodes do not add up for one trial, a custom
     resource no node declares is named, and Ray's names (CPU, GPU) are what resources_per_trial's cpu and gpu mean."""
-    from pathsearch.runner import unplaceable
+    from pathsearch.placement import unplaceable
 
     nodes = [{"CPU": 4.0, "memory": 8e9}, {"CPU": 2.0, "GPU": 1.0}]
     assert unplaceable({"cpu": 2, "gpu": 0.5}, nodes) is None

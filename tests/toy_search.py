@@ -122,9 +122,10 @@ def main() -> None:
     verb, args = sys.argv[1], json.loads(sys.argv[2])
     if verb == "search":
         spec = load_search_file(args["file"])
-        run_search(spec, args["storage"], args["uri"], name=args["name"], verbose=False, trainable=toy_trial)
+        run_search(spec, args["storage"], args["uri"], name=args["name"], address=args.get("address"),
+                   verbose=args.get("verbose", False), trainable=toy_trial)  # fmt: skip
     else:
-        resume_search(args["run_dir"], trainable=toy_trial)
+        resume_search(args["run_dir"], address=args.get("address"), trainable=toy_trial)
 
 
 if __name__ == "__main__":

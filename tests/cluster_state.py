@@ -1,0 +1,52 @@
+"""What a driver sees of a Ray cluster, as one JSON line: `python tests/cluster_state.py ADDRESS WHAT`, WHAT one of
+nodes (alive nodes: id, resources), request (the autoscaler request Ray holds and pathsearch's entries behind it),
+autoscaler (pathsearch.placement.find_autoscaler); or acts as a search driver would on the autoscaler request: ask
+NAME CPUS (adds NAME's bundle, prints the request, then waits until killed), release NAME, tidy (what any pathsearch
+command does on connecting). Run inside a test cluster's network namespace."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+
+import ray
+from ray._private import ray_constants
+from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+
+from pathsearch import placement
+
+
+def request() -> dict:
+    raw = _internal_kv_get(ray_constants.AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    keys = _internal_kv_list(placement.REQUEST_PREFIX, namespace=placement.NAMESPACE)
+    return {"sent": json.loads(raw) if raw else None, "entries": sorted(k.decode() for k in keys)}
+
+
+def main(address: str, what: str, *args: str) -> None:
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    if what == "ask":
+        placement.ask_autoscaler(placement.Demand(args[0], [{"CPU": float(args[1])}], 1))
+        print(json.dumps(request()), flush=True)
+        time.sleep(3600)
+    elif what == "release":
+        placement.release(args[0])
+        out = request()
+    elif what == "tidy":
+        placement.tidy_requests()
+        out = request()
+    elif what == "nodes":
+        out = [{"id": n["NodeID"], "resources": n["Resources"]} for n in ray.nodes() if n["Alive"]]
+    elif what == "request":
+        out = request()
+    elif what == "autoscaler":
+        found = placement.find_autoscaler()
+        out = dataclasses.asdict(found) if found else None
+    else:
+        raise SystemExit(f"unknown WHAT {what!r}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
