@@ -103,21 +103,22 @@ class Autoscaler:
 def find_autoscaler(wait_s: float = 10.0) -> Autoscaler | None:
     """The connected cluster's autoscaler, or None when it has none that can start nodes.
 
-    v2 is told by Ray itself (`is_autoscaler_v2`), with its node types from the cluster config it publishes. v1 runs
-    in the head's monitor process, which writes a status report every few seconds; on a cluster without an
-    autoscaler the same monitor mirrors the live nodes with a read-only provider whose node types are named
-    `node_<node id>` (Ray's format_readonly_node_type), so a report whose types are all of that form is no
-    autoscaler. `wait_s`: how long to wait for a monitor that has not reported yet (just started)."""
+    The node types come from the cluster config Ray keeps in its GCS, where the autoscaler publishes it (KubeRay's
+    autoscaler v2 does; v1 never does). v2 is told by Ray itself (`is_autoscaler_v2`). v1 runs in the head's monitor
+    process, which writes a status report every few seconds; on a cluster without an autoscaler the same monitor
+    mirrors the live nodes with a read-only provider whose node types are named `node_<node id>` (Ray's
+    format_readonly_node_type), so a report whose types are all of that form is no autoscaler. `wait_s`: how long to
+    wait for a monitor that has not reported yet (just started)."""
     import ray
     from ray._private import ray_constants
     from ray.autoscaler.v2.utils import is_autoscaler_v2
     from ray.experimental.internal_kv import _internal_kv_get
 
+    config = ray._private.state.state.get_cluster_config()
+    types = None
+    if config is not None:
+        types = {g.name: dict(g.resources) for g in config.node_group_configs if g.max_count != 0}
     if is_autoscaler_v2(fetch_from_server=True):
-        config = ray._private.state.state.get_cluster_config()
-        types = None
-        if config is not None:
-            types = {g.name: dict(g.resources) for g in config.node_group_configs if g.max_count != 0}
         return Autoscaler(2, types)
     deadline = time.monotonic() + wait_s
     while True:
@@ -126,7 +127,7 @@ def find_autoscaler(wait_s: float = 10.0) -> Autoscaler | None:
         mapping = report.get("node_type_mapping") or {}
         if mapping:
             readonly = all(kind == f"node_{node}" for node, kind in mapping.items())
-            return None if readonly else Autoscaler(1)
+            return None if readonly else Autoscaler(1, types)
         if time.monotonic() >= deadline:
             return None  # no monitor report: nothing that could start a node
         time.sleep(0.5)
@@ -141,7 +142,16 @@ def launch_report() -> dict[str, Any]:
     return dict((json.loads(raw) if raw else {}).get("autoscaler_report") or {})
 
 
-def launched(report: Mapping[str, Any]) -> bool:
+def launched(scaler: Autoscaler) -> bool:
+    """Whether the autoscaler is launching (or has tried to launch) any node: v1 from its report, v2 from Ray's
+    cluster status."""
+    if scaler.version == 2:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+        from ray.experimental.internal_kv import internal_kv_get_gcs_client
+
+        status = get_cluster_status(internal_kv_get_gcs_client().address)
+        return bool(status.pending_launches or status.pending_nodes or status.failed_launches or status.failed_nodes)
+    report = launch_report()
     return bool(report.get("pending_launches") or report.get("pending_nodes") or report.get("failed_nodes"))
 
 
@@ -302,10 +312,10 @@ def _wait_for_autoscaler(demand: Demand, scaler: Autoscaler, wait_min: float, sa
         if _missing(demand, _live_nodes()) is None:
             say(f"pathsearch: a worker that holds a trial joined after {time.monotonic() - started:.0f} s")
             return
-        seen_launch = seen_launch or launched(launch_report())
+        seen_launch = seen_launch or launched(scaler)
         if time.monotonic() - started >= wait_min * 60:
             types = (
-                "its node types could not be read (autoscaler v1 does not publish them)"
+                f"its node types could not be read (autoscaler v{scaler.version} did not publish them)"
                 if scaler.node_types is None
                 else f"its node types: {scaler.type_list()}"
             )

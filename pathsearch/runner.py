@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -180,6 +181,8 @@ def init_ray(address: str | None) -> bool:
 
     # Tune snapshots the experiment whenever a trial replaces its kept checkpoint; that is what we want.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if address:
+        check_answers(address)
     if ray.is_initialized():
         return False
     if address:  # an existing cluster (`auto` inside a Ray job): its nodes keep the addresses they registered
@@ -188,6 +191,23 @@ def init_ray(address: str | None) -> bool:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps a local Ray on 127.0.0.1
         ray.init(include_dashboard=False, log_to_driver=False)  # logging: quiet_console decides where it goes
     return True
+
+
+def check_answers(address: str, timeout_s: float = 5.0) -> None:
+    """ValueError (one line) when nothing answers at a Ray head's HOST:PORT: `ray.init` would retry there for minutes
+    before it failed. `auto` and client (`ray://`) addresses are Ray's to resolve."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--address {address}: expected the Ray head's HOST:PORT (default port 6379), or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ValueError(
+            f"--address {address}: no Ray cluster answers there ({err.strerror or err}); give the head's HOST:PORT "
+            "(`ray start --head` prints it; default port 6379)"
+        ) from None
 
 
 def shutdown_ray() -> None:

@@ -2,7 +2,8 @@
 nodes (alive nodes: id, resources), request (the autoscaler request Ray holds and pathsearch's entries behind it),
 autoscaler (pathsearch.placement.find_autoscaler); or acts as a search driver would on the autoscaler request: ask
 NAME CPUS (adds NAME's bundle, prints the request, then waits until killed), release NAME, tidy (what any pathsearch
-command does on connecting). Run inside a test cluster's network namespace."""
+command does on connecting); or publishes node types as an autoscaler v2 does (publish JSON, unpublish). Run inside a
+test cluster's network namespace."""
 
 from __future__ import annotations
 
@@ -13,9 +14,14 @@ import time
 
 import ray
 from ray._private import ray_constants
-from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+from ray.core.generated import autoscaler_pb2
+from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_list, _internal_kv_put
 
 from pathsearch import placement
+
+# where Ray keeps the cluster config an autoscaler publishes (what ray._private.state.get_cluster_config reads)
+CONFIG_KEY = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY
+CONFIG_NAMESPACE = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
 
 
 def request() -> dict:
@@ -36,6 +42,15 @@ def main(address: str, what: str, *args: str) -> None:
     elif what == "tidy":
         placement.tidy_requests()
         out = request()
+    elif what == "publish":  # node types {name: {resource: amount}} as KubeRay's autoscaler v2 reports them
+        config = autoscaler_pb2.ClusterConfig()
+        for name, resources in json.loads(args[0]).items():
+            config.node_group_configs.add(name=name, resources=resources, max_count=2)
+        _internal_kv_put(CONFIG_KEY, config.SerializeToString(), overwrite=True, namespace=CONFIG_NAMESPACE)
+        out = placement.find_autoscaler().node_types
+    elif what == "unpublish":
+        _internal_kv_del(CONFIG_KEY, namespace=CONFIG_NAMESPACE)
+        out = ray._private.state.state.get_cluster_config() is None
     elif what == "nodes":
         out = [{"id": n["NodeID"], "resources": n["Resources"]} for n in ray.nodes() if n["Alive"]]
     elif what == "request":

@@ -77,6 +77,8 @@ def cases(tmp_path: Path) -> dict[str, list[tuple[list[str], int, str]]]:
         "search": [
             ([str(DIGITS), "--set", "train.bogus=1"], 2, "train.bogus: unknown key"),
             ([str(DIGITS), "--tracking-uri", down], 2, f"no MLflow tracking server answers at {down}"),
+            # a Ray head address where nothing listens: said at once (ray.init would retry for minutes)
+            ([str(DIGITS), "--address", down.removeprefix("http://")], 2, "no Ray cluster answers there"),
         ],
         "resume": [
             ([str(tmp_path)], 2, "is not a pathsearch run directory"),

@@ -194,6 +194,7 @@ def test_train_compile_trains_the_same_model(tmp_path):
     ("resources", "wanted"),
     [
         ("{cpu: 1, gpu: -1}", "search.resources_per_trial.gpu: must be a finite number > 0, got -1"),
+        ("{cpu: 1, gpu: 0}", "search.resources_per_trial.gpu: must be a finite number > 0, got 0"),  # leave gpu out
         ("{cpu: 1, gpu: 1.5}", "search.resources_per_trial.gpu: must be at most 1: a trial trains on one GPU"),
         # two whole GPUs: Ray would reserve both and the trial would train on one
         (

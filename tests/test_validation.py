@@ -320,3 +320,20 @@ def test_a_trial_is_placeable_only_on_one_node_holding_all_it_asks():
     )  # each node has one of them: no node has both
     assert "fast_disk 1 (the most any node has: 0)" in unplaceable({"cpu": 1, "fast_disk": 1}, nodes)
     assert unplaceable({"cpu": 1}, []) == "it asks CPU 1 (the most any node has: 0)"
+
+
+def test_the_autoscaler_is_asked_for_the_trials_a_search_runs_at_once_and_its_supernet():
+    """What a search asks a cluster's autoscaler for: max_concurrent_trials trials' bundles (all num_samples when it
+    is unset, never more), and a two_stage search's supernet trial with its own CPUs."""
+    from pathsearch.config import load_search_file
+    from pathsearch.placement import demand_of
+
+    root = Path(__file__).resolve().parents[1] / "search_spaces"
+    two = demand_of(load_search_file(root / "digits_two_stage.yaml"), "two")
+    assert two.bundles == [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 2.0}]  # 2 trials at once, then the supernet (cpu 2)
+    assert str(two) == "2 trials of {CPU: 1} and 1 of {CPU: 2}"
+    unset = load_search_file(root / "digits_tiny.yaml", ["search.max_concurrent_trials=null", "search.num_samples=3",
+                                                          "search.resources_per_trial={cpu: 2, gpu: 0.5}"])  # fmt: skip
+    assert demand_of(unset, "x").bundles == [{"CPU": 2.0, "GPU": 0.5}] * 3
+    capped = load_search_file(root / "digits_tiny.yaml", ["search.max_concurrent_trials=8", "search.num_samples=3"])
+    assert demand_of(capped, "x").concurrent == 3
