@@ -328,6 +328,14 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster(args: argparse.Namespace) -> int:
+    from pathsearch.clustercheck import check_cluster
+
+    report = check_cluster(args.address, args.tracking_uri, args.storage_path, verbose=args.verbose)
+    print(report.last_line())
+    return 1 if report.failed else 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     from pathsearch.ui import serve
 
@@ -448,6 +456,25 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "logs":
             sub.add_argument("--follow", action="store_true", help="stream until the job ends; exit as --wait does")
         sub.set_defaults(func=func)
+    cluster = verbs.add_parser("cluster", help="check a Ray cluster before the first submit")
+    what = cluster.add_subparsers(dest="cluster_verb", metavar="check", required=True)
+    check = what.add_parser(
+        "check",
+        help="what a search on the cluster at ADDRESS needs and whether it holds (give the --tracking-uri and "
+        "--storage-path you will submit with): exit 0 when nothing failed, 1 with the first fix",
+    )
+    check.add_argument(
+        "address", nargs="?", default=None, help="Ray dashboard http://HEAD:8265 (default: $RAY_ADDRESS)"
+    )
+    check.add_argument(
+        "--tracking-uri", default=None, help="the MLflow server you will submit with (each node reaches it)"
+    )
+    check.add_argument("--storage-path", default=None, help="the storage path you will submit with (each node sees it)")
+    # (SUPPRESS: `pathsearch cluster -v check` keeps the -v given before the sub-verb)
+    check.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="also print the job's log"
+    )
+    check.set_defaults(func=_cluster)
     ui = verbs.add_parser("ui", help="serve the MLflow UI on 127.0.0.1, opened on the latest search's runs")
     ui.add_argument("--tracking-uri", default=None, help="MLflow store or server (default: sqlite:///mlflow.db)")
     ui.add_argument("--port", type=int, default=5000)

@@ -4,7 +4,8 @@
 `python -m pathsearch.cli search ... --address auto` as a Ray job on the head node. Ray's token authentication
 stays on: the token is read the way the `ray` CLI reads it and sent as a bearer header. Before the search is
 submitted, the tracking URI and storage path are checked: by their form here, then from every node of the
-cluster by a short preflight job. Imports no torch.
+cluster by a short preflight job. `check_cluster` reports, before a first submission, everything a search on a
+cluster needs (`pathsearch cluster check`). Imports no torch or Ray at module level.
 """
 
 from __future__ import annotations
@@ -76,24 +77,32 @@ def _auth_problem(address: str, status: int, source: str) -> str:
     return f"Ray at {address} refused the token from {source}: not this cluster's (`ray get-auth-token` on the head)"
 
 
-def _get_json(address: str, route: str, timeout: float = 10.0) -> Any:
+def get_json(address: str, route: str, timeout: float = 10.0) -> Any:
     headers, source = auth_headers()
     request = urllib.request.Request(address + route, headers=headers)
+    path = route.partition("?")[0]
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):
             raise ValueError(_auth_problem(address, err.code, source)) from None
+        if err.code == 404:
+            raise ValueError(f"{address} is not a Ray dashboard: GET {path} answered HTTP 404 (not found)") from None
         raise ValueError(f"Ray at {address}{route} answered HTTP {err.code}: {err.read()[:200]!r}") from None
+    except json.JSONDecodeError:
+        raise ValueError(f"{address} is not a Ray dashboard: GET {path} answered, but not with JSON") from None
     except (urllib.error.URLError, OSError) as err:
         raise ValueError(f"no Ray dashboard at {address}: {getattr(err, 'reason', err)}") from None
 
 
 def list_nodes(address: str) -> list[dict[str, Any]]:
     """The cluster's alive nodes (Ray's state API), checking the address and the token on the way."""
-    body = _get_json(address, "/api/v0/nodes?detail=false&limit=10000")
-    return [n for n in body["data"]["result"]["result"] if n.get("state") == "ALIVE"]
+    body = get_json(address, "/api/v0/nodes?detail=false&limit=10000")
+    try:
+        return [n for n in body["data"]["result"]["result"] if n.get("state") == "ALIVE"]
+    except (KeyError, TypeError, AttributeError):
+        raise ValueError(f"{address} is not a Ray dashboard: /api/v0/nodes holds no node list") from None
 
 
 def job_client(address: str) -> Any:
@@ -110,7 +119,7 @@ def job_client(address: str) -> Any:
 
 
 # ----- what every node must reach ---------------------------------------------------------------------------
-def _scheme_host(uri: str) -> tuple[str, str]:
+def scheme_host(uri: str) -> tuple[str, str]:
     parsed = urllib.parse.urlparse(uri)
     scheme = parsed.scheme.lower() if len(parsed.scheme) > 1 else ""  # "C:" is a drive, not a scheme
     return scheme, (parsed.hostname or "").lower()
@@ -119,9 +128,13 @@ def _scheme_host(uri: str) -> tuple[str, str]:
 def check_reachable_by_form(tracking_uri: str, storage_path: str, nodes: Sequence[dict[str, Any]]) -> list[str]:
     """Problems visible from the URI and path alone: a local store or a relative path on a multi-node cluster.
     (Every node of a cluster on one machine shares its loopback and disk, so only hosts are counted there.)"""
+    return tracking_form_problems(tracking_uri, nodes) + storage_form_problems(storage_path)
+
+
+def tracking_form_problems(tracking_uri: str, nodes: Sequence[dict[str, Any]]) -> list[str]:
     problems = []
     hosts = {n.get("node_ip") for n in nodes}
-    scheme, host = _scheme_host(tracking_uri)
+    scheme, host = scheme_host(tracking_uri)
     if len(nodes) > 1 and scheme in LOCAL_ONLY_SCHEMES:
         problems.append(
             f"--tracking-uri {tracking_uri}: a local MLflow store, but the cluster has {len(nodes)} nodes; "
@@ -139,7 +152,12 @@ def check_reachable_by_form(tracking_uri: str, storage_path: str, nodes: Sequenc
             f"--tracking-uri {tracking_uri}: a loopback address, but the cluster spans {len(hosts)} hosts; "
             "give the MLflow server's address as the nodes see it"
         )
-    scheme, _ = _scheme_host(storage_path)
+    return problems
+
+
+def storage_form_problems(storage_path: str) -> list[str]:
+    problems = []
+    scheme, _ = scheme_host(storage_path)
     if scheme in ("", "file"):
         local = Path(urllib.parse.urlparse(storage_path).path if scheme == "file" else storage_path)
         if not local.is_absolute():
@@ -164,27 +182,42 @@ def _local_store_path(uri: str) -> Path:
 
 def check_from_node(tracking_uri: str, storage_path: str, marker: str) -> list[str]:
     """Runs on one node: can it see the driver's marker file in the storage path, and reach the tracking URI?"""
-    import pyarrow.fs
+    where = _this_node()
+    found = (storage_problem(storage_path, marker, where), tracking_problem(tracking_uri, where))
+    return [problem for problem in found if problem]
+
+
+def _this_node() -> str:
     import ray
 
-    where = f"node {ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:8]})"
-    problems = []
+    return f"node {ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:8]})"
+
+
+def storage_problem(storage_path: str, marker: str, where: str) -> str | None:
+    """Why the node `where` (this process's) cannot see the marker file the driver wrote into the storage path."""
+    import pyarrow.fs
+
     try:
-        fs, root = pyarrow.fs.FileSystem.from_uri(_as_uri(storage_path))
+        fs, root = pyarrow.fs.FileSystem.from_uri(as_uri(storage_path))
         if fs.get_file_info(f"{root}/{marker}").type == pyarrow.fs.FileType.NotFound:
-            problems.append(f"{where} cannot see --storage-path {storage_path} (not the same filesystem)")
+            return f"{where} cannot see --storage-path {storage_path} (not the same filesystem)"
     except Exception as err:  # any failure to open the store is the finding itself
-        problems.append(f"{where} cannot open --storage-path {storage_path}: {str(err).strip().splitlines()[0]}")
-    scheme, _ = _scheme_host(tracking_uri)
+        return f"{where} cannot open --storage-path {storage_path}: {str(err).strip().splitlines()[0]}"
+    return None
+
+
+def tracking_problem(tracking_uri: str, where: str) -> str | None:
+    """Why the node `where` (this process's) cannot reach an MLflow server's /health (None for a local store)."""
+    scheme, _ = scheme_host(tracking_uri)
     if scheme in ("http", "https"):
         try:
             urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=10).close()
         except (urllib.error.URLError, OSError) as err:
-            problems.append(f"{where} cannot reach --tracking-uri {tracking_uri}: {getattr(err, 'reason', err)}")
-    return problems
+            return f"{where} cannot reach --tracking-uri {tracking_uri}: {getattr(err, 'reason', err)}"
+    return None
 
 
-def _as_uri(storage_path: str) -> str:
+def as_uri(storage_path: str) -> str:
     return storage_path if "://" in storage_path else Path(storage_path).as_uri()
 
 
@@ -202,7 +235,7 @@ def preflight(tracking_uri: str, storage_path: str) -> list[str]:
         except ValueError as err:
             return [f"node {ray.util.get_node_ip_address()} (the driver's): {err}"]
     marker = f".pathsearch-preflight-{uuid.uuid4().hex}"
-    fs, root = pyarrow.fs.FileSystem.from_uri(_as_uri(storage_path))
+    fs, root = pyarrow.fs.FileSystem.from_uri(as_uri(storage_path))
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root}/{marker}") as out:
         out.write(b"ok")
@@ -246,17 +279,25 @@ def _runtime_env(search_file: Path | None) -> tuple[dict[str, Any], tempfile.Tem
     return env, folder
 
 
-def _run_checks(client: Any, tracking_uri: str, storage_path: str, timeout_s: float = 300) -> list[str]:
+def run_module_job(
+    client: Any, args: Sequence[str], timeout_s: float = 300, module: str = "pathsearch.cluster"
+) -> tuple[str, str, str]:
+    """(job id, final status, logs) of `python -m MODULE ARGS` run as a job on the head, with this package shipped
+    as it is for a search (zero CPUs: it runs on a head that offers none)."""
     env, folder = _runtime_env(None)
     with folder:
         job = client.submit_job(
-            entrypoint=shlex.join([NODE_PYTHON, "-m", "pathsearch.cluster", "preflight", tracking_uri, storage_path]),
+            entrypoint=shlex.join([NODE_PYTHON, "-m", module, *args]),
             runtime_env=env,
-            submission_id=f"pathsearch-preflight-{uuid.uuid4().hex[:8]}",
+            submission_id=f"pathsearch-{args[0]}-{uuid.uuid4().hex[:8]}",
             entrypoint_num_cpus=0,
         )
     status = wait_for_job(client, job, timeout_s)
-    logs = client.get_job_logs(job)
+    return job, status, client.get_job_logs(job)
+
+
+def _run_checks(client: Any, tracking_uri: str, storage_path: str, timeout_s: float = 300) -> list[str]:
+    job, status, logs = run_module_job(client, ["preflight", tracking_uri, storage_path], timeout_s)
     found = [line.removeprefix("PROBLEM ") for line in logs.splitlines() if line.startswith("PROBLEM ")]
     if status != "SUCCEEDED" and not found:
         tail = "\n".join(logs.strip().splitlines()[-5:])
@@ -455,15 +496,15 @@ def stop_job(address: str | None, job_id: str, wait_s: float = 60) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    """`python -m pathsearch.cluster preflight URI PATH`: the preflight job's entrypoint."""
-    if argv[:1] != ["preflight"] or len(argv) != 3:
-        print("usage: python -m pathsearch.cluster preflight TRACKING_URI STORAGE_PATH", file=sys.stderr)
-        return 2
-    problems = preflight(argv[1], argv[2])
-    for problem in problems:
-        print(f"PROBLEM {problem}", flush=True)
-    print(f"preflight: {len(problems)} problem(s)")
-    return 0
+    """`python -m pathsearch.cluster preflight URI PATH`: the preflight job's entrypoint (one line per problem)."""
+    if argv[:1] == ["preflight"] and len(argv) == 3:
+        problems = preflight(argv[1], argv[2])
+        for problem in problems:
+            print(f"PROBLEM {problem}", flush=True)
+        print(f"preflight: {len(problems)} problem(s)")
+        return 0
+    print("usage: python -m pathsearch.cluster preflight TRACKING_URI STORAGE_PATH", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ class FakeAutoscalingCluster:
         token.chmod(0o600)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AUTOSCALER_"))}
         self.env.update(RAY_AUTH_TOKEN_PATH=str(token), RAY_AUTH_MODE="token", PYTHONPATH=str(ROOT / "tests"))
+        # the head's `python` (a Ray job's entrypoint) is the one with Ray, as on a cluster node
+        self.env["PATH"] = f"{Path(PY).parent}{os.pathsep}{self.env.get('PATH', '')}"
         self.env["PATHSEARCH_WORK_DIR"] = str(self.folder / "work")
         self.started = 0.0
 

@@ -146,6 +146,33 @@ def test_a_trial_the_autoscaler_never_delivers_exits_2_leaving_nothing(cluster):
     assert cluster.probe("request") == {"sent": [], "entries": []}
 
 
+def test_a_trial_no_published_node_type_holds_is_refused_at_once(cluster):
+    """Where the autoscaler publishes its node types (KubeRay's autoscaler v2 reports them into Ray's GCS; here they
+    are written where it writes them), a trial none of them holds exits 2 at once, naming them, leaving nothing."""
+    assert cluster.probe("publish", json.dumps({"cpu1": {"CPU": 1}})) == {"cpu1": {"CPU": 1}}
+    folder = cluster.folder / "published"
+    folder.mkdir()
+    try:
+        cmd = [PY, "-m", "pathsearch.cli", "search", str(ROOT / "search_spaces/digits_tiny.yaml"), "--address",
+               cluster.address, "--storage-path", str(folder / "runs"), "--tracking-uri", f"sqlite:///{folder}/m.db",
+               "--set", "search.resources_per_trial={cpu: 4}"]  # fmt: skip
+        started = time.monotonic()
+        proc = cluster.run(cmd, timeout=300)
+        took = time.monotonic() - started
+    finally:
+        assert cluster.probe("unpublish") is True
+    lines = [line for line in proc.stderr.strip().splitlines() if "network_util.cc" not in line]
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert lines == [
+        "pathsearch search: error: search.resources_per_trial: no node type of the cluster's autoscaler can hold a "
+        "trial: it asks CPU 4 (the most any node has: 1); its node types: cpu1 {CPU: 1} (ask for less, or add a node "
+        "type that has it)"
+    ]
+    assert "waiting for the autoscaler" not in proc.stdout and took < 60  # at once: no wait for the limit
+    assert list(folder.iterdir()) == []
+    assert cluster.probe("request") == {"sent": [], "entries": []}
+
+
 def test_searches_keep_each_others_requests_and_a_killed_drivers_is_cleared(cluster):
     """`request_resources` is one request per cluster, replaced by each call: each search's bundles are kept apart and
     the union sent, so one search releasing its own leaves the other's; a driver killed with kill -9 leaves an
@@ -176,3 +203,62 @@ def test_searches_keep_each_others_requests_and_a_killed_drivers_is_cleared(clus
         for proc in (first, second):
             proc.kill()
             proc.wait(timeout=30)
+
+
+# ----- `pathsearch cluster check` on the autoscaling cluster ---------------------------------------------------------
+def driver_running(cluster, script: str) -> bool:
+    """Whether Ray still counts a driver whose command line holds `script` as running (the dashboard's job list)."""
+    code = (
+        "import json, os, urllib.request as u; r = u.Request(os.environ['DASHBOARD'] + '/api/jobs/', headers="
+        "{'Authorization': 'Bearer ' + open(os.environ['RAY_AUTH_TOKEN_PATH']).read().strip()}); "
+        "print(json.dumps([j for j in json.load(u.urlopen(r, timeout=10)) if j['type'] == 'DRIVER']))"
+    )
+    proc = cluster.run([PY, "-c", code], env={"DASHBOARD": cluster.dashboard}, timeout=60, check=True)
+    jobs = json.loads(proc.stdout)
+    return any(script in job["entrypoint"] and job["status"] == "RUNNING" for job in jobs)
+
+
+def test_cluster_check_reports_autoscaler_v1_and_clears_a_killed_drivers_request(cluster):
+    """`pathsearch cluster check` on a head with no CPU whose autoscaler (v1) starts the workers: exit 0, nothing
+    failed, the autoscaler named. With no worker up (this test alone) every per-worker check is `not yet`; with the
+    workers the searches above started (idle for 5 min) each of them is checked instead. A request left by a driver
+    killed with kill -9 (one bundle no worker type holds, so the autoscaler starts nothing for it) is cleared by it."""
+    asker = cluster.popen([PY, str(ROOT / "tests/cluster_state.py"), cluster.address, "ask", "killed", "64"])
+    try:
+        assert asker.stdout is not None
+        seen = []
+        while not (seen and seen[-1].startswith("{")):  # it has asked (after Ray's own lines, if any)
+            seen.append(asker.stdout.readline())
+            assert seen[-1], seen  # it ended before asking
+        assert "autoscaler_request/killed" in json.loads(seen[-1])["entries"]
+    finally:
+        asker.kill()  # kill -9: nothing released
+        asker.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while driver_running(cluster, "ask killed") and time.monotonic() < deadline:
+        time.sleep(0.5)  # Ray marks the killed driver's job dead within a second or two
+    check = [PY, "-m", "pathsearch.cli", "cluster", "check", cluster.dashboard]
+    proc = cluster.run(check, timeout=300)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert not [line for line in lines if line.startswith("FAIL")], proc.stdout
+    assert lines[-1].startswith("nothing failed"), lines
+    assert any(line.startswith("ok       autoscaler: v1: node types not published by autoscaler v1") for line in lines)
+    assert any(
+        line.startswith("ok       autoscaler requests: cleared killed, left by a driver that died") for line in lines
+    )
+    assert cluster.probe("request") == {"sent": [], "entries": []}  # the dead driver's bundle is out of the request
+    workers = [line for line in lines if line.startswith("ok       worker 127.0.0.1 (")]
+    if "the head and no worker" in proc.stdout:
+        waiting = [line.split(":")[0] for line in lines if line.startswith("not yet  workers'")]
+        assert waiting == [
+            "not yet  workers' Ray, Python, torch, timm and the shipped pathsearch",
+            "not yet  workers' GPUs",
+        ]
+        assert all(line.endswith("no worker is up (the autoscaler starts them when a search asks)")
+                   for line in lines if line.startswith("not yet  workers'"))  # fmt: skip
+        assert not workers
+    else:
+        assert workers and all("torch " in line and "timm " in line for line in workers), proc.stdout
+        assert not [line for line in lines if line.startswith("not yet  workers'")], proc.stdout
+    print(f"cluster check on the autoscaling cluster ({len(workers)} worker(s) up):\n{proc.stdout}")

@@ -97,6 +97,8 @@ def cases(tmp_path: Path) -> dict[str, list[tuple[list[str], int, str]]]:
         "logs": [(["job1", *dashboard], 2, "no Ray dashboard")],
         "stop": [(["job1", *dashboard], 2, "no Ray dashboard")],
         "ui": [(["--tracking-uri", "bogus://store", "--port", str(closed_port())], 2, "bogus://store")],
+        # (what the check finds on a cluster is its report, exit 1: tests/test_cluster.py, tests/test_autoscaling.py)
+        "cluster": [(["check", down, "--storage-path", "s3://bucket/runs?secret_key=x"], 2, "credentials in the URI")],
     }
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,41 @@ def test_submit_without_cluster_or_tracking_uri_exits_2():
     assert proc.returncode == 2 and "no cluster given: pass --address" in proc.stderr
     proc = subprocess.run([*cmd, "--address", "http://127.0.0.1:1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--tracking-uri is required" in proc.stderr
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_cluster_check_of_an_address_that_is_not_ray_fails_in_one_line_and_a_bad_flag_exits_2(tmp_path):
+    """`pathsearch cluster check` of an HTTP server that is not Ray's dashboard, or of a port nothing listens on: a
+    FAIL line and the first fix, exit 1, at once (the subprocess timeout guards against a hang); a flag that every
+    verb refuses (credentials in a storage URI) exits 2 before anything is asked."""
+    server = subprocess.Popen([PY, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        assert server.stdout is not None
+        port = re.search(r"port (\d+)", server.stdout.readline())[1]  # "Serving HTTP on 127.0.0.1 port N ..."
+        check = [PY, "-m", "pathsearch.cli", "cluster", "check"]
+        proc = subprocess.run([*check, f"http://127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == [
+        f"FAIL     dashboard: http://127.0.0.1:{port} is not a Ray dashboard: GET /api/v0/nodes answered HTTP 404 "
+        "(not found)",
+        "first fix: give the Ray dashboard's address, http://HEAD:8265 (`ray dashboard CLUSTER.yaml` or `kubectl "
+        "port-forward` forwards it)",
+    ]
+    nothing = subprocess.run([*check, f"http://127.0.0.1:{closed_port()}"], capture_output=True, text=True, timeout=60)
+    assert nothing.returncode == 1 and nothing.stdout.startswith("FAIL     dashboard: no Ray dashboard at"), nothing
+    secret = "s3://bucket/runs?secret_key=hush"
+    bad = subprocess.run([*check, "http://127.0.0.1:1", "--storage-path", secret], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == "", bad
+    assert bad.stderr.startswith("pathsearch cluster: error: --storage-path") and "hush" not in bad.stderr
 
 
 # ----- the cluster --------------------------------------------------------------------------------------------
@@ -212,6 +248,45 @@ def test_preflight_finds_what_the_nodes_cannot_reach(cluster):
     assert len(unreachable) == 3, proc.stderr  # the head and both workers said so
     jobs = ns.run([PY, "-m", "pathsearch.cli", "status", "unreachable", "--address", state["dashboard"]])
     assert jobs.returncode == 2 and "no job 'unreachable'" in jobs.stderr  # the search itself was not submitted
+
+
+@needs_netns
+def test_cluster_check_passes_on_the_cluster_and_names_the_worker_that_cannot_reach_the_tracking_uri(cluster):
+    """`pathsearch cluster check` with the tracking URI and storage path a search there uses: exit 0, both workers
+    listed with their torch and timm, each node reaching MLflow's /health and seeing the file the driver wrote into
+    the storage path. With a tracking URI nothing listens on and a storage path the driver cannot write: exit 1, a
+    FAIL naming each worker and the URI it could not reach, one naming the head and the path (the workers' storage
+    checks then wait: `not yet`), and the first fix last."""
+    ns, state = cluster
+    check = [PY, "-m", "pathsearch.cli", "cluster", "check", state["dashboard"]]
+    check += ["--storage-path", state["storage_path"]]
+    good = ns.run([*check, "--tracking-uri", state["tracking_uri"]], timeout=300)
+    lines = good.stdout.splitlines()
+    assert good.returncode == 0, good.stdout + good.stderr[-3000:]
+    assert lines[-1] == f"nothing failed: a search can be submitted to {state['dashboard']}", lines
+    assert "ok       autoscaler: none: a search runs on the live nodes" in good.stdout
+    assert "ok       nodes: 3 alive, the head and 2 workers; CPU 2, GPU 0 in all" in lines
+    software = [line for line in lines if re.match(r"ok +worker 127\.0\.0\.1 \(\w{8}\) \{CPU: 1,", line)]
+    assert len(software) == 2, good.stdout
+    assert all(re.search(r"torch \d[^,]*, timm \d", line) and "the shipped pathsearch imports" in line
+               for line in software)  # fmt: skip
+    reached = [line for line in lines if f"reaches --tracking-uri {state['tracking_uri']} (/health answered)" in line]
+    seen = [line for line in lines if f" --storage-path {state['storage_path']} (" in line]
+    assert len(reached) == 3 and len(seen) == 3, good.stdout  # the head and both workers
+    # nothing listens on that port; /proc takes no folder (as a read-only mount would not)
+    check[-1] = "/proc/pathsearch/runs"
+    bad = ns.run([*check, "--tracking-uri", "http://127.0.0.1:5999"], timeout=300)
+    lines = bad.stdout.splitlines()
+    assert bad.returncode == 1, bad.stdout + bad.stderr[-3000:]
+    head = r"FAIL +head 127\.0\.0\.1 \(\w{8}\), the driver's node, cannot write --storage-path /proc/pathsearch/runs: "
+    assert len([line for line in lines if re.match(head, line)]) == 1, bad.stdout
+    waiting = [line for line in lines if line.startswith("not yet  worker ")]
+    assert len(waiting) == 2 and all(line.endswith("the driver's node could not write it") for line in waiting)
+    refused = r"FAIL +worker 127\.0\.0\.1 \(\w{8}\) cannot reach --tracking-uri http://127\.0\.0\.1:5999: .*refused"
+    unreachable = [line for line in lines if re.fullmatch(refused, line)]
+    assert len(unreachable) == 2, bad.stdout
+    assert lines[-1].startswith("first fix: give a --tracking-uri every node reaches: "), lines
+    print(f"cluster check on the local cluster:\n{good.stdout}\nwith what the nodes cannot reach:\n{bad.stdout}")
 
 
 @pytest.fixture

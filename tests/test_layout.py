@@ -77,6 +77,8 @@ FORBIDDEN = {
     "oneshot": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data", "pathsearch.supernet"},
     # client side of a cluster: imports ray only inside the functions that need it, so `local.sh status` is quick
     "cluster": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
+    # `pathsearch cluster check`: the same client side; its job's functions import ray (and torch, timm) when run
+    "clustercheck": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
     "localcluster": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch.model", "pathsearch.search", "pathsearch.train"},
     "cli": HEAVY_TENSOR
     | ORCHESTRATION
