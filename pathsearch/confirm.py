@@ -29,6 +29,7 @@ from pathsearch.results import SearchResult
 from pathsearch.runner import ProgressLine, run_config, runnable, stop_signalled
 from pathsearch.sequential import BEATS, NO_GAIN, WORSE, Decision, Design, assess, seeds_to_decide
 from pathsearch.tracking.runs import NOTE_TAG, PARENT_TAG, ROLE_TAG, RunLog, SearchRuns
+from pathsearch.tracking.tags import VERDICT_TAG, WINNER_TAG
 from pathsearch.verdict import (
     BASELINE,
     METHOD,
@@ -49,8 +50,6 @@ PLAN_FILE = "confirm_plan.json"  # candidates, seeds and MLflow runs: what `resu
 SUMMARY_FILE = "confirmation.yaml"
 PLOT_FILE = "confirmation.png"
 ROUNDS_PLOT_FILE = "confirmation_rounds.png"  # a sequential confirmation's intervals, round by round
-WINNER_TAG = "pathsearch.confirmed_run"  # on the parent: the winning configuration's MLflow run
-VERDICT_TAG = "pathsearch.verdict"
 
 
 @dataclass

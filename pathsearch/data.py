@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from pathsearch.config import (
+from pathsearch.datasets import (
     CIFAR_VAL_SIZE,
     FASHION_MNIST_DEBIAN,
     MNIST_FILES,
     MNIST_VAL_SIZE,
+    SHAPES,
     digits_split_sizes,
     mnist_missing,
     mnist_raw_folder,
@@ -70,17 +71,6 @@ class DataBundle:
     in_chans: int
 
 
-# (channels, image size without data.img_size, classes) of each dataset, as its loader below gives them: the digits
-# stay 8 x 8 whatever img_size says; an image folder's classes are its train/ class folders
-SHAPES: dict[str, tuple[int, int, int | None]] = {
-    "digits": (1, 8, 10),
-    "synthetic": (1, 8, 4),
-    "cifar10": (3, 32, 10),
-    "cifar100": (3, 32, 100),
-    "fashion_mnist": (1, 28, 10),
-    "mnist": (1, 28, 10),
-    "imagefolder": (3, 224, None),
-}
 AUGMENTED = ("cifar10", "cifar100", "imagefolder")  # the datasets whose images go through timm's transforms
 
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from pathsearch.confirm import VERDICT_TAG, WINNER_TAG
 from pathsearch.paths import PathConfig
 from pathsearch.results import pareto_front
-from pathsearch.tracking.runs import KIND_TAG, NOTE_TAG, ROLE_TAG, SEED_TAG, STATE_TAG, Run, Store
+from pathsearch.tracking.runs import Run, Store
+from pathsearch.tracking.tags import KIND_TAG, NOTE_TAG, ROLE_TAG, SEED_TAG, STATE_TAG, VERDICT_TAG, WINNER_TAG
 
 
 @dataclass

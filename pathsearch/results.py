@@ -1,6 +1,7 @@
 """What a search produced, as plain data: the final row of every trial that trained to the end, the best and the
 baseline, the Pareto front, the Optuna study as a table with its counts, and Optuna's plots. `export` uses the
-Pareto rule too. Imports no torch; of pathsearch only `storage` (where a checkpoint lives).
+Pareto rule too. Imports no torch; of pathsearch only `storage` (where a checkpoint lives); Optuna only inside the
+functions that read a study, so `export` and the trial logger load no Optuna.
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
-
-import optuna
-from optuna.trial import TrialState
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pathsearch.storage import checkpoint_location
+
+if TYPE_CHECKING:
+    import optuna
 
 T = TypeVar("T")
 INFEASIBLE = "pathsearch.infeasible"  # Optuna user attrs: refused before training (why), reused result (True)
@@ -114,6 +115,8 @@ def study_table(study: optuna.Study) -> list[dict[str, Any]]:
 
 
 def study_counts(study: optuna.Study) -> dict[str, int]:
+    from optuna.trial import TrialState
+
     trials = study.get_trials(deepcopy=False)
     reused = sum(bool(tr.user_attrs.get(REUSED)) for tr in trials)
     infeasible = sum(INFEASIBLE in tr.user_attrs for tr in trials)
@@ -132,6 +135,8 @@ def plot_study(study: optuna.Study, run_dir: Path) -> dict[str, Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.trial import TrialState
     from optuna.visualization import matplotlib as ovm
 
     out: dict[str, Path] = {}
@@ -145,7 +150,7 @@ def plot_study(study: optuna.Study, run_dir: Path) -> dict[str, Path]:
             # Optuna marks its matplotlib plots experimental (a warning per call, not a problem of this search);
             # anything else it warns about is written beside the plot, where the plot is read
             warnings.simplefilter("always")
-            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            warnings.filterwarnings("ignore", category=ExperimentalWarning)
             try:
                 plot(study)
             except (ValueError, RuntimeError) as err:  # e.g. importances need two completed trials, a varied param

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from pathsearch.datasets import SHAPES
 from pathsearch.results import EXHAUSTED, INFEASIBLE, REUSED, trained_to_end
 from pathsearch.space import SearchSpace, lookup_value, sample_overrides
 
@@ -121,7 +122,7 @@ class PathOptunaSearch(OptunaSearch):
 
         model, data = self.base["model"], self.base.get("data", {})
         kwargs = {
-            **DATA_SHAPES.get(data.get("name", ""), {}),  # what `fit` takes from the dataset, unless set
+            **_data_kwargs(data.get("name", "")),  # what `fit` takes from the dataset, unless set
             **model.get("kwargs", {}),
             **{k[len("model.kwargs.") :]: v for k, v in overrides.items() if k.startswith("model.kwargs.")},
         }
@@ -199,15 +200,11 @@ class PathOptunaSearch(OptunaSearch):
         return self._ot_study
 
 
-# num_classes / in_chans / img_size that fit() takes from the built-in datasets (imagefolder: counted at run time)
-DATA_SHAPES: dict[str, dict[str, int]] = {
-    "digits": {"num_classes": 10, "in_chans": 1, "img_size": 8},
-    "synthetic": {"num_classes": 4, "in_chans": 1, "img_size": 8},
-    "cifar10": {"num_classes": 10, "img_size": 32},
-    "cifar100": {"num_classes": 100, "img_size": 32},
-    "fashion_mnist": {"num_classes": 10, "in_chans": 1, "img_size": 28},
-    "mnist": {"num_classes": 10, "in_chans": 1, "img_size": 28},
-}
+def _data_kwargs(name: str) -> dict[str, int]:
+    """num_classes / in_chans / img_size that fit() takes from a built-in dataset (none from an image folder, whose
+    classes are counted at run time)."""
+    chans, size, classes = SHAPES.get(name, (0, 0, None))
+    return {} if classes is None else {"num_classes": classes, "in_chans": chans, "img_size": size}
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:

@@ -158,6 +158,31 @@ def test_every_sampler_the_config_accepts_is_one_optuna_builds():
     }  # fmt: skip
 
 
+def test_the_dataset_shape_table_exists_once():
+    """pathsearch.datasets.SHAPES is the one table of the datasets' shapes: the loaders and the searcher's
+    max_params count read that object, and no module spells the table again (a dict keyed by the digits and two
+    other datasets). A second copy once disagreed with the loaders."""
+    import ast
+    import typing
+    from pathlib import Path
+
+    from pathsearch import data, datasets, searcher
+    from pathsearch.config import DataConfig
+
+    assert data.SHAPES is datasets.SHAPES and searcher.SHAPES is datasets.SHAPES
+    assert set(datasets.SHAPES) == set(typing.get_args(typing.get_type_hints(DataConfig)["name"]))
+    package = Path(datasets.__file__).parent
+    tables = [
+        f"{path.relative_to(package)}:{node.lineno}"
+        for path in sorted(package.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Dict)
+        and "digits" in (keys := {k.value for k in node.keys if isinstance(k, ast.Constant)})
+        and len(keys & set(datasets.SHAPES)) >= 3
+    ]
+    assert tables == ["datasets.py:15"], f"dataset tables: {tables} (one is datasets.SHAPES: use it)"
+
+
 def test_the_space_is_read_against_the_models_depth_never_an_assumed_one(tmp_path):
     """A depth-24 ViT named without model.kwargs.depth: its space has 49 paths. Once, without the model_depth
     callable (the resume path), 12 was assumed: 25 paths, so `high: 30` failed and masks were read wrongly."""

@@ -34,6 +34,10 @@ TRACKING_INTERNALS = {"pathsearch.model", "pathsearch.train", "pathsearch.data",
 # module -> top-level packages it must never import at module level
 FORBIDDEN = {
     "config": HEAVY_TENSOR | ORCHESTRATION | {"numpy"},
+    # the config's checks: config imports them, so they take its dataclasses as plain objects and never import it
+    "configcheck": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pathsearch.config"},
+    # what each dataset is (shapes, sizes, files), for config, data and searcher alike: a leaf
+    "datasets": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pathsearch"},
     "typed": HEAVY_TENSOR | ORCHESTRATION | {"numpy"},
     "rundirs": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pathsearch"},
     # object stores through pyarrow, imported inside the functions that open one
@@ -51,12 +55,17 @@ FORBIDDEN = {
     "tracking.outage": HEAVY_TENSOR | {"ray", "optuna", "pathsearch"},
     "tracking.runs": HEAVY_TENSOR
     | {"ray", "optuna"}
-    | (MODULES - {"pathsearch.tracking", "pathsearch.tracking.outage"}),
-    "tracking.logger": HEAVY_TENSOR | {"optuna"} | TRACKING_INTERNALS,
+    | (MODULES - {"pathsearch.tracking", "pathsearch.tracking.outage", "pathsearch.tracking.tags"}),
+    # the tags both runs.py and logger.py need: no library, no other module
+    "tracking.tags": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pathsearch"},
+    # below runs.py (whose SearchRuns.trial_logger builds it): the tags come from tags.py
+    "tracking.logger": HEAVY_TENSOR | {"optuna", "pathsearch.tracking.runs"} | TRACKING_INTERNALS,
     "tracking.registry": HEAVY_TENSOR | {"ray", "optuna"} | TRACKING_INTERNALS,
     # loaded by `mlflow.pyfunc.load_model`: builds the model (torch, pathsearch.model) inside load_context only
     "tracking.path_vit_model": HEAVY_TENSOR | {"ray", "optuna"} | TRACKING_INTERNALS,
-    "export": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
+    # reads MLflow only: no Ray or Optuna (confirm imports Ray; its tags are in tracking.tags), see test_imports.py
+    "export": HEAVY_TENSOR
+    | {"ray", "optuna", "pathsearch.confirm", "pathsearch.model", "pathsearch.train", "pathsearch.data"},
     # `pathsearch ui`: imports tracking/export (which import ray) only inside its functions
     "ui": HEAVY_TENSOR | {"ray", "pathsearch.model", "pathsearch.train", "pathsearch.data"},
     "confirm": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data", "pathsearch.supernet"},
@@ -65,7 +74,8 @@ FORBIDDEN = {
     "analysis": ORCHESTRATION,
     "proxy": ORCHESTRATION,
     # orchestration: torch and the tensor modules only inside the functions that Ray runs
-    "results": HEAVY_TENSOR | {"ray", "mlflow"} | (MODULES - {"pathsearch.storage"}),  # where a checkpoint lives
+    # where a checkpoint lives (storage); Optuna inside the functions that read a study: export and the logger use it
+    "results": HEAVY_TENSOR | {"ray", "optuna", "mlflow"} | (MODULES - {"pathsearch.storage"}),
     "verdict": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch"},
     "sequential": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch"},
     "searcher": HEAVY_TENSOR | TENSOR_MODULES,
@@ -113,18 +123,27 @@ def test_module_respects_import_boundaries(module):
     assert not bad, f"pathsearch/{module}.py imports {bad} at module level"
 
 
-def pathsearch_imports(path: Path) -> set[str]:
-    """The pathsearch modules a file imports anywhere (module level and inside functions)."""
+def module_imports(path: Path) -> set[str]:
+    """The pathsearch modules a file imports anywhere (module level, inside functions, under TYPE_CHECKING), named as
+    FILES names them: `from pathsearch.tracking import runs` and `from pathsearch.tracking.runs import Store` are
+    both "tracking.runs"; `from pathsearch import full` is "full"."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names if a.name.startswith("pathsearch.")}
+            names |= {a.name[len("pathsearch.") :] for a in node.names if a.name.startswith("pathsearch.")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module == "pathsearch":  # from pathsearch import full, oneshot
-                names |= {f"pathsearch.{a.name}" for a in node.names}
+                names |= {a.name for a in node.names}
             elif node.module.startswith("pathsearch."):
-                names.add(node.module)
-    return {n.split(".")[1] for n in names}
+                module = node.module[len("pathsearch.") :]
+                # a submodule imported by name (from pathsearch.tracking import runs), else a name of the module
+                names |= {f"{module}.{a.name}" if f"{module}.{a.name}" in FILES else module for a in node.names}
+    return names
+
+
+def pathsearch_imports(path: Path) -> set[str]:
+    """The top-level pathsearch modules and packages a file imports anywhere (module level and inside functions)."""
+    return {name.split(".")[0] for name in module_imports(path)}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -189,6 +208,31 @@ def test_no_import_cycles():
     assert find_cycle(graph) is None, "import cycle: " + " -> ".join(find_cycle(graph) or [])
 
 
+def test_no_import_cycles_between_modules():
+    """The same, one level finer: every module under pathsearch/ is a node of its own (`tracking.logger` and
+    `tracking.runs` are two), so a circle inside a package is found too.
+
+    An arrow is any import of the other module: at module level, inside a function or under TYPE_CHECKING. Only
+    module-level imports can fail at import time (a partly initialised module), but a lazy import is a dependency
+    all the same: a module that reaches up into one above it, even inside a function, leaves no layer below the
+    other, and one more module-level import turns it into an ImportError. A graph of module-level imports alone
+    is a part of this one, so it has no circle either."""
+    graph = {name: module_imports(path) - {name} for name, path in FILES.items()}
+    assert find_cycle(graph) is None, "import cycle: " + " -> ".join(find_cycle(graph) or [])
+
+
+def test_a_cycle_inside_a_package_is_found(tmp_path):
+    """The finer check sees two modules of one package that import each other, which the package-level one cannot."""
+    logger, runs = tmp_path / "logger.py", tmp_path / "runs.py"
+    logger.write_text("from pathsearch.tracking.runs import TAG\nfrom pathsearch.results import trained_to_end\n")
+    runs.write_text("def trial_logger():\n    from pathsearch.tracking import logger\n    import pathsearch.storage\n")
+    assert module_imports(logger) == {"tracking.runs", "results"}
+    assert module_imports(runs) == {"tracking.logger", "storage"}
+    graph = {"tracking.logger": module_imports(logger), "tracking.runs": module_imports(runs)}
+    assert find_cycle(graph) == ["tracking.logger", "tracking.runs", "tracking.logger"]
+    assert pathsearch_imports(logger) == {"tracking", "results"}  # as one node, the package imports itself
+
+
 def test_a_cycle_is_found(tmp_path):
     """The check itself: two modules importing each other inside functions, and a longer circle."""
     (tmp_path / "a.py").write_text("def f():\n    from pathsearch.b import g\n")
@@ -198,6 +242,20 @@ def test_a_cycle_is_found(tmp_path):
     assert find_cycle(graph) == ["a", "b", "a"]
     assert find_cycle({"x": {"y"}, "y": {"z"}, "z": {"x"}, "w": {"x"}}) == ["x", "y", "z", "x"]
     assert find_cycle({"x": {"y"}, "y": {"z"}, "w": {"x", "z"}}) is None
+
+
+def test_each_tag_is_defined_in_one_place():
+    """A tag constant (module-level `NAME_TAG = "..."`) is defined in one module (tracking/tags.py) and imported
+    everywhere else, so the runs one module writes are the runs another finds."""
+    where: dict[str, list[str]] = {}
+    for name, path in FILES.items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+                for target in node.targets:
+                    if isinstance(target, ast.Name) and target.id.endswith("_TAG"):
+                        where.setdefault(target.id, []).append(name)
+    assert where.get("WINNER_TAG") == ["tracking.tags"], "the check finds the tags where they are defined"
+    assert not {tag: modules for tag, modules in where.items() if len(modules) > 1}
 
 
 def private_imports(path: Path) -> list[str]:

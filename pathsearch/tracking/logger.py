@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from ray.tune import Callback
 
 from pathsearch.results import trained_to_end
@@ -33,15 +34,14 @@ from pathsearch.tracking.outage import (
     reason,
     say,
 )
-from pathsearch.tracking.runs import (
+from pathsearch.tracking.tags import (
     NODE_TAG,
     RETRIES_TAG,
     SEARCH_TAG,
     SEED_TAG,
     STATE_TAG,
     TRIAL_TAG,
-    SearchRuns,
-    dataset_inputs,
+    find_trial_run,
     param_value,
 )
 
@@ -308,7 +308,7 @@ class MlflowTrialLogger(Callback):
             raise ValueError(f"unknown operation {op['op']!r}")
 
     def _find_run(self, trial_id: str) -> str | None:
-        return SearchRuns(self.tracking_uri, self.experiment_id, self.parent_run_id).find_trial(trial_id)
+        return find_trial_run(self.client, self.experiment_id, self.parent_run_id, trial_id)
 
     def _run_id(self, trial_id: str) -> str:
         """The trial's run; after a restore (`_runs` is not pickled) found by tag."""
@@ -361,3 +361,19 @@ def send_pending(path: str | Path, timeout_s: float | None = None) -> int:
     if logger.flush(flush_timeout_s() if timeout_s is None else timeout_s):  # asked for: wait the full deadline
         path.unlink()
     return len(logger.pending)
+
+
+def dataset_inputs(text: str) -> list[DatasetInput]:
+    """MLflow dataset inputs from a trial's `dataset_inputs` report (JSON: name, context, size, digest, source):
+    the data itself is not uploaded, only its name, digest, size and where it came from."""
+    inputs = []
+    for split in json.loads(text):
+        dataset = Dataset(
+            name=split["name"],
+            digest=split["digest"],
+            source_type="pathsearch",
+            source=json.dumps(split["source"]),
+            profile=json.dumps({"num_rows": split["size"]}),
+        )
+        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split["context"])]))
+    return inputs

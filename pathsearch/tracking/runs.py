@@ -14,28 +14,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from pathsearch.tracking.outage import TRANSFER_TIMEOUT_S, fail_fast, is_retryable, retry_until, start_timeout_s
+
+# the tags live in tags.py (logger.py, which this module builds, needs them too); imported from here they still work
+from pathsearch.tracking.tags import KIND_TAG as KIND_TAG
+from pathsearch.tracking.tags import NODE_TAG as NODE_TAG
+from pathsearch.tracking.tags import NOTE_TAG as NOTE_TAG
+from pathsearch.tracking.tags import PARENT_TAG as PARENT_TAG
+from pathsearch.tracking.tags import RETRIES_TAG as RETRIES_TAG
+from pathsearch.tracking.tags import ROLE_TAG as ROLE_TAG
+from pathsearch.tracking.tags import SEARCH_TAG as SEARCH_TAG
+from pathsearch.tracking.tags import SEED_TAG as SEED_TAG
+from pathsearch.tracking.tags import STATE_TAG as STATE_TAG
+from pathsearch.tracking.tags import TRIAL_TAG as TRIAL_TAG
+from pathsearch.tracking.tags import find_trial_run
+from pathsearch.tracking.tags import param_value as param_value
 
 if TYPE_CHECKING:
     from mlflow.entities import Run as MlflowRun
 
     from pathsearch.tracking.logger import MlflowTrialLogger
 
-TRIAL_TAG = "pathsearch.trial_id"
-SEARCH_TAG = "pathsearch.search"  # the search's parent run id, on every run of that search at any depth
-KIND_TAG = "pathsearch.kind"  # "search" on a search's parent run
-ROLE_TAG = "pathsearch.role"  # supernet | proxy | confirmation | confirmation_seed | fit_scales (search trials: none)
-SEED_TAG = "pathsearch.seed"  # a confirmation trial's seed
-STATE_TAG = "pathsearch.state"  # COMPLETE | PRUNED | FAIL | LOST | INTERRUPTED: how a trial run ended
-NODE_TAG = "pathsearch.node_id"  # the Ray node a trial last ran on
-RETRIES_TAG = "pathsearch.retries"  # how often Tune retried the trial from its checkpoint
-PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
-NOTE_TAG = "mlflow.note.content"  # MLflow's run description
 # MLflow's UI opens a runs page in a saved view (sort order, columns) that an experiment tag holds, named by the
 # page's `viewStateShareKey` URL parameter (its "Share" button makes one): pathsearch saves one per experiment
 VIEW_KEY = "pathsearch"
@@ -44,12 +47,6 @@ VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 
 def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def param_value(value: Any) -> str:
-    """A parameter value as every pathsearch run logs it: str of the value, cut to MLflow's limit."""
-    text = str(value)
-    return text if len(text) <= 6000 else text[:5997] + "..."
 
 
 @dataclass
@@ -346,9 +343,7 @@ class SearchRuns(Store):
 
     def find_trial(self, trial_id: str) -> str | None:
         """The MLflow run of one of this search's Tune trials (any stage), found by its tags; None if none yet."""
-        query = f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{SEARCH_TAG}` = '{self.parent_run_id}'"
-        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
-        return runs[0].info.run_id if runs else None
+        return find_trial_run(self.client, self.experiment_id, self.parent_run_id, trial_id)
 
     def tag_trial(self, trial_id: str, tags: Mapping[str, str], what: str) -> str | None:
         """Tags a trial's run (the trial logger creates it before the trial's first result); its run id."""
@@ -382,19 +377,3 @@ def runs_view(metric: str, mode: str) -> dict[str, Any]:
     columns = [column, *(f"metrics.`{m}`" for m in ("test_acc", "kept_paths") if m != metric), "attributes.`Dataset`"]
     order = ["attributes.`Run Name`", *columns]  # the metrics first, where a person looks; Created, Duration after
     return {"orderByKey": column, "orderByAsc": mode == "min", "selectedColumns": columns, "columnOrder": order}
-
-
-def dataset_inputs(text: str) -> list[DatasetInput]:
-    """MLflow dataset inputs from a trial's `dataset_inputs` report (JSON: name, context, size, digest, source):
-    the data itself is not uploaded, only its name, digest, size and where it came from."""
-    inputs = []
-    for split in json.loads(text):
-        dataset = Dataset(
-            name=split["name"],
-            digest=split["digest"],
-            source_type="pathsearch",
-            source=json.dumps(split["source"]),
-            profile=json.dumps({"num_rows": split["size"]}),
-        )
-        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split["context"])]))
-    return inputs
