@@ -115,17 +115,28 @@ def _search(args: argparse.Namespace) -> int:
         name=args.name,
         address=args.address,
         library_output=args.verbose,
+        keep_copy=args.keep_working_copy,
     )
     _print_result(result, spec.search.metrics, spec.search.modes)
     return INTERRUPTED if result.interrupted else 0
 
 
 def _resume(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pathsearch import storage
     from pathsearch.preflight import load_search
     from pathsearch.search import resume_search
 
-    result = resume_search(args.run_dir, address=args.address, library_output=args.verbose)
-    spec = load_search(result.run_dir / "search.yaml")
+    result = resume_search(
+        args.run_dir, address=args.address, library_output=args.verbose, keep_copy=args.keep_working_copy
+    )
+    with tempfile.TemporaryDirectory(prefix="pathsearch-") as tmp:
+        folder = result.run_dir
+        if result.stored_at and not folder.is_dir():  # a finished search's working copy is removed: from the store
+            folder = Path(tmp)
+            storage.fetch(result.stored_at, ["search.yaml"], folder)
+        spec = load_search(folder / "search.yaml")
     _print_result(result, spec.search.metrics, spec.search.modes)
     return INTERRUPTED if result.interrupted else 0
 
@@ -146,9 +157,13 @@ def _print_result(result: Any, metrics: list[str], modes: list[str]) -> None:
             print(f"{label:<10} " + " ".join(f"{_cell(row, c):>16}" for c in columns) + f"  {row['overrides']}")
     if result.pareto:
         print(f"Pareto front over {', '.join(f'{m} ({o})' for m, o in zip(metrics, modes, strict=True))}")
+    # a finished search kept in a store has removed this machine's working copy: its files are in the store
+    removed = bool(result.stored_at) and not result.run_dir.is_dir()
     for label, path in result.files.items():
-        print(f"{label}: {path}")
-    if result.stored_at:
+        print(f"{label}: {_stored(path, result) if removed else path}")
+    if removed:
+        print(f"run directory: {result.stored_at}")
+    elif result.stored_at:
         print(f"run directory: {result.stored_at} (this machine's working copy: {result.run_dir})")
     else:
         print(f"run directory: {result.run_dir}")
@@ -164,6 +179,16 @@ def _print_result(result: Any, metrics: list[str], modes: list[str]) -> None:
             "verdict: none: search.confirm is off, so 'best' is one seed's val score, chosen on the split it is "
             "reported on (add search.confirm for a paired-seed verdict on a test split)"
         )
+
+
+def _stored(path: Path, result: Any) -> str:
+    """Where a file of the run's removed working copy lives in the store."""
+    from pathsearch import storage
+
+    try:
+        return storage.join(result.stored_at, *path.relative_to(result.run_dir).parts)
+    except ValueError:  # not in the run folder
+        return str(path)
 
 
 def _cell(row: dict[str, Any], column: str) -> str:
@@ -358,6 +383,15 @@ def _add_set(verb: argparse.ArgumentParser, help_text: str = "override(s): --set
     )
 
 
+def _add_keep_copy(verb: argparse.ArgumentParser) -> None:
+    verb.add_argument(
+        "--keep-working-copy",
+        action="store_true",
+        help="with an object store: keep this machine's working copy of the run when the search finishes (by "
+        "default it is removed once everything is uploaded; an interrupted or failed search keeps it)",
+    )
+
+
 def _add_device(verb: argparse.ArgumentParser) -> None:
     verb.add_argument(
         "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)"
@@ -398,10 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     search.add_argument("--name", default=None, help="run name (default: file name + time)")
+    _add_keep_copy(search)
     search.set_defaults(func=_search)
     resume = verbs.add_parser("resume", help="continue an interrupted search from its run directory")
     resume.add_argument("run_dir", help="the run directory, or its URI in an object store (s3://bucket/prefix/NAME)")
     resume.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    _add_keep_copy(resume)
     resume.set_defaults(func=_resume)
     export = verbs.add_parser(
         "export", help="write a search's confirmed winner (or best trial) as a PathConfig, read from MLflow"

@@ -28,7 +28,7 @@ import yaml
 from optuna.trial import TrialState
 from ray import tune
 
-from pathsearch import storage
+from pathsearch import storage, workcopy
 from pathsearch.config import SearchFile
 from pathsearch.results import (
     EXHAUSTED,
@@ -298,7 +298,10 @@ def new_run_dir(spec: SearchFile, storage_path: str | Path, name: str | None) ->
     searches started in the same second get two folders). A name that exists is refused: resume that search.
 
     Returns (the run directory, None) for a local `storage_path`; for an object store URI, (this machine's working
-    copy, the URI), after proving the store can be written (ValueError: one line, before anything is made).
+    copy, the URI), after proving the store can be written (ValueError: one line, before anything is made). There a
+    name is free when the store does not have it; the working copy is claimed for this process (workcopy.claim:
+    released when the search ends, search.py) and a stale one, which no live process holds, is cleared. A refusal
+    names what holds the name: the run folder in the store, or the live process on this machine that holds the copy.
     """
     stem = Path(spec.source).stem
     if not storage.is_remote(storage_path):
@@ -306,18 +309,28 @@ def new_run_dir(spec: SearchFile, storage_path: str | Path, name: str | None) ->
     root = str(storage_path).rstrip("/")
     storage.check(root)
 
-    def claim(candidate: str) -> bool:  # free in the store, and not in use by another search on this machine
-        if storage.exists(storage.join(root, candidate)):
-            return False
+    def claim(candidate: str) -> bool:  # claimed here first, then free in the store: no search can slip in between
         try:
-            storage.local_copy(candidate).mkdir(parents=True)
-        except FileExistsError:
+            copy = workcopy.claim(storage.local_copy(candidate))
+        except workcopy.InUse as err:
+            if name is None:
+                return False
+            raise ValueError(f"--name {name}: {err}; wait for it to end, or choose another --name") from None
+        try:
+            taken = storage.exists(storage.join(root, candidate))
+        except BaseException:
+            copy.release(remove=copy.made)
+            raise
+        if taken:  # a search of that name was kept there: a copy of it here stays as it was (resume clears it)
+            copy.release(remove=copy.made)
+            if name is not None:
+                raise ValueError(f"--name {name}: {storage.join(root, name)} already exists; {RESUME_HINT}")
             return False
+        copy.clear()
         return True
 
     if name is not None:
-        if not claim(name):
-            raise ValueError(f"--name {name}: {storage.join(root, name)} already exists; {RESUME_HINT}")
+        claim(name)
         return storage.local_copy(name), root
     return storage.local_copy(unique_run_name(stem, claim)), root
 

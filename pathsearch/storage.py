@@ -9,6 +9,7 @@ files (the search file, the state file, the confirmation's plan, the results) ar
 uploaded right after (`upload`); the Optuna journal, which Optuna appends to all the time, is uploaded with each of
 Tune's experiment snapshots (searcher.PathOptunaSearch.save), so that the store is never more than one snapshot
 behind. `download_run` makes a fresh working copy from the store: `resume URI` on a machine that never saw the run.
+The copy is only a cache: the live search that uses it holds its lock (workcopy.py), and a finished search removes it.
 
 Handwritten because pyarrow has no notion of a query string that must survive joining paths, nor of a preflight
 with a deadline; the reading and writing itself is pyarrow's.
@@ -271,7 +272,8 @@ def tune_root(run_dir: Path, state: Mapping[str, Any]) -> str:
 
 def local_copy(name: str) -> Path:
     """This machine's working copy of a run kept in a store: `$PATHSEARCH_WORK_DIR/<name>`, by default under
-    ~/.cache/pathsearch/runs. Only a cache: the store holds everything a resume needs."""
+    ~/.cache/pathsearch/runs. Only a cache: the store holds everything a resume needs. The live search that uses it
+    holds its lock (workcopy.claim); a finished search removes it."""
     root = os.environ.get("PATHSEARCH_WORK_DIR") or Path.home() / ".cache" / "pathsearch" / "runs"
     return Path(root).expanduser().resolve() / name
 
@@ -291,9 +293,9 @@ def upload(run_dir: Path, state: Mapping[str, Any], names: Iterable[str] | None 
 
 
 def download_run(uri: str) -> Path:
-    """A fresh working copy of the run folder at `uri`: pathsearch's files at its top level (Tune reads its
-    experiment state and trial folders from the store itself, and an old copy of them here must never be uploaded
-    back). ValueError when it is not there."""
+    """A fresh working copy of the run folder at `uri`, claimed by this process (workcopy.claim): pathsearch's files
+    at its top level (Tune reads its experiment state and trial folders from the store itself, and an old copy of
+    them here must never be uploaded back). ValueError when it is not there, or when a live process holds the copy."""
     import pyarrow.fs
 
     fs, path = filesystem(uri, "resume")
@@ -303,13 +305,21 @@ def download_run(uri: str) -> Path:
         raise ValueError(f"{uri}: no such run folder in the store") from None
     except OSError as err:
         raise ValueError(f"{uri}: cannot read the store: {_first_line(err)}") from None
-    local = local_copy(name_of(uri))
-    shutil.rmtree(local, ignore_errors=True)  # the store is the truth: a stale copy here is not used
-    local.mkdir(parents=True)
-    for info in infos:
-        if info.type == pyarrow.fs.FileType.File and not _tunes(info.base_name):
-            pyarrow.fs.copy_files(info.path, str(local / info.base_name), source_filesystem=fs)
-    return local
+    from pathsearch.workcopy import InUse, claim  # stdlib only: the lock that names its process
+
+    try:
+        copy = claim(local_copy(name_of(uri)))  # until the search ends (search.py releases it)
+    except InUse as err:
+        raise ValueError(f"{uri}: {err}; wait for it to end") from None
+    try:
+        copy.clear()  # the store is the truth: a copy here, stale or kept, is not used
+        for info in infos:
+            if info.type == pyarrow.fs.FileType.File and not _tunes(info.base_name):
+                pyarrow.fs.copy_files(info.path, str(copy.path / info.base_name), source_filesystem=fs)
+    except BaseException:
+        copy.release()
+        raise
+    return copy.path
 
 
 def _tunes(name: str) -> bool:

@@ -42,6 +42,8 @@ FORBIDDEN = {
     "rundirs": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pathsearch"},
     # object stores through pyarrow, imported inside the functions that open one
     "storage": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pathsearch", "pyarrow"},
+    # the working copy's lock (flock, naming its process): stdlib only
+    "workcopy": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pathsearch", "pyarrow"},
     "paths": HEAVY_TENSOR | ORCHESTRATION,
     "space": HEAVY_TENSOR | ORCHESTRATION,
     "model": ORCHESTRATION,

@@ -6,7 +6,9 @@
   and `resume s3://...` completes it with every earlier trial and one FINISHED MLflow run per trial;
 - real trials (timm, digits) with an MLflow server that stores artifacts in the same bucket; `export
   --with-weights` reads them back;
-- bad storage input: exit 2, one line, before any trial, nothing made.
+- bad storage input: exit 2, one line, before any trial, nothing made;
+- the store is the truth, this machine's working copy a cache: a name is free when the store lacks it, a copy is
+  claimed by one live process (refusals name the store, or the process and the copy), a finished search removes it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -26,7 +29,7 @@ from pathsearch import storage
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import wait_until_healthy
 from s3server import S3Server, free_port
-from test_search import child_runs, resume_toy_search, toy_spec, wait_for_finished_runs
+from test_search import child_runs, resume_toy_search, toy_spec, toy_trial, wait_for_finished_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "search_spaces" / "digits_tiny.yaml"
@@ -123,7 +126,7 @@ def test_killed_search_resumes_from_the_bucket_alone(tmp_path, s3):
         starts.setdefault(trial_id, []).append(int(start))
     for trial_id in finished_before:  # trained once, from epoch 0; a restore may only resume past the end
         assert sorted(starts[trial_id])[0] == 0 and all(s == 4 for s in sorted(starts[trial_id])[1:]), starts
-    assert (work / "crash" / "pathsearch_state.json").is_file()  # the working copy, made again from the bucket
+    assert not (work / "crash").exists()  # the working copy, made again from the bucket, removed once it finished
     for key in s3.keys("killed/crash/"):  # the store's address is recorded (resume needs it), its keys nowhere
         if "/checkpoint_" not in key:
             body = s3.read(key)
@@ -166,7 +169,10 @@ def test_real_search_in_the_bucket_and_export_with_weights_from_mlflow_artifacts
     search += ["model.kwargs.depth=2", "model.pruned=[]", "space.model.pruned.high=2", "search.confirm.enabled=false"]
     done = subprocess.run(search, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "s3://pathsearch/real/real" in done.stdout  # the summary says where the run lives
+    # the summary says where the run lives; the finished search's working copy is removed, and not named
+    assert "run directory: s3://pathsearch/real/real\n" in done.stdout, done.stdout
+    assert "optuna_trials: s3://pathsearch/real/real/optuna_trials.json" in done.stdout, done.stdout
+    assert str(tmp_path / "work") not in done.stdout and not (tmp_path / "work" / "real").exists()
     keys = s3.keys("real/real/")
     names = {k.rsplit("/", 1)[-1] for k in keys}
     assert {"optuna_journal.log", "optuna_trials.json", "pathsearch_state.json", "tuner.pkl"} <= names, names
@@ -188,6 +194,12 @@ def test_real_search_in_the_bucket_and_export_with_weights_from_mlflow_artifacts
     model = create_path_vit(path_config=config)  # the exported configuration rebuilds the model in one call
     model.load_state_dict(weights)  # strict: every weight of the trial's model, from MLflow's artifacts in S3
     assert config.depth == 2
+    # `pathsearch resume` of the finished search: a fresh copy from the store, removed again; the summary (read
+    # with the search file from the store) names the store
+    done = subprocess.run([*PATHSEARCH, "resume", "s3://pathsearch/real/real"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0 and "run directory: s3://pathsearch/real/real\n" in done.stdout, done.stderr[-3000:]
+    assert not (tmp_path / "work" / "real").exists()
 
 
 # ----- bad storage input: one line, exit 2, before any trial ---------------------------------------------------
@@ -242,3 +254,165 @@ def test_a_tuner_folder_without_a_snapshot_is_not_restored(tmp_path):
     assert tune.Tuner.can_restore(str(tmp_path)) and not restorable(str(tmp_path))
     (tmp_path / "experiment_state-2026-12-06_00-00-00.json").write_text("{}")
     assert restorable(str(tmp_path))
+
+
+# ----- the store is the truth, this machine's working copy only a cache --------------------------------------------
+CHILD = """\
+import json, sys
+from pathsearch import runner
+from pathsearch.config import load_search_file
+spec = load_search_file(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.readline()  # go
+try:
+    print(json.dumps({"claimed": str(runner.new_run_dir(spec, sys.argv[2], sys.argv[3])[0])}), flush=True)
+except ValueError as err:
+    print(json.dumps({"refused": str(err)}), flush=True)
+sys.stdin.readline()  # holds its claim until told to end
+"""
+
+
+@pytest.fixture
+def store_env(tmp_path, s3, monkeypatch):
+    """The store's environment and a working-copy folder of the test's own; returns that folder."""
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATHSEARCH_WORK_DIR", str(tmp_path / "work"))
+    return tmp_path / "work"
+
+
+def test_a_leftover_working_copy_does_not_block_a_name_the_store_lacks(tmp_path, store_env):
+    """A finished search's copy left on this machine (no live process holds it, the store does not have the name)
+    was refused as if the store had the name; it is cleared and claimed."""
+    from pathsearch import runner, workcopy
+
+    spec = toy_spec(tmp_path, {"model.pruned": {"by": "path"}}, {})
+    left = store_env / "again"
+    (left / "trial_0" / "checkpoint_000001").mkdir(parents=True)
+    (left / "pathsearch_state.json").write_text('{"name": "again", "parent_run_id": "an earlier search"}')
+    (left / ".pathsearch-lock").write_text('{"pid": 1, "host": "here", "command": "a search that ended"}')
+    run_dir, store = runner.new_run_dir(spec, "s3://pathsearch/leftover", "again")
+    try:
+        assert (run_dir, store) == (left.resolve(), "s3://pathsearch/leftover")
+        assert [p.name for p in run_dir.iterdir()] == [".pathsearch-lock"]  # nothing of the earlier search
+        assert json.loads((run_dir / ".pathsearch-lock").read_text())["pid"] == os.getpid()
+    finally:
+        workcopy.release(run_dir)
+
+
+def test_a_name_the_store_has_is_refused_naming_the_store(tmp_path, s3, store_env):
+    from pathsearch import runner, workcopy
+
+    spec = toy_spec(tmp_path, {"model.pruned": {"by": "path"}}, {})
+    s3.client("s3").put_object(Bucket=s3.bucket, Key="taken/mine/pathsearch_state.json", Body=b"{}")
+    (store_env / "mine").mkdir(parents=True)
+    (store_env / "mine" / "search.yaml").write_text("kept")  # a copy of that search, kept: left as it is
+    for root in ("s3://pathsearch/taken", "s3://pathsearch/taken/"):
+        with pytest.raises(ValueError) as err:
+            runner.new_run_dir(spec, root, "mine")
+        assert str(err.value) == (
+            "--name mine: s3://pathsearch/taken/mine already exists; continue that search with `pathsearch resume`"
+        )
+    assert (store_env / "mine" / "search.yaml").read_text() == "kept"
+    assert workcopy.held((store_env / "mine").resolve()) is None  # no claim kept
+
+
+def test_two_searches_of_one_name_in_two_processes_cannot_both_claim_it(tmp_path, s3, store_env):
+    """Two processes claim one name at once: one gets the working copy; the other is refused with the path and the
+    process that holds it, as is a third claim while the winner lives; once it is killed, the name is free again."""
+    from pathsearch import runner, workcopy
+
+    spec = toy_spec(tmp_path, {"model.pruned": {"by": "path"}}, {})
+    (tmp_path / "child.py").write_text(CHILD)
+    cmd = [sys.executable, str(tmp_path / "child.py"), str(tmp_path / "toy.yaml"), "s3://pathsearch/race", "same"]
+    children = [
+        subprocess.Popen(cmd, env=dict(os.environ), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        assert [c.stdout.readline() for c in children] == ["ready\n", "ready\n"]
+        for child in children:  # as near to the same moment as two processes get
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        said = [json.loads(c.stdout.readline()) for c in children]
+        winners = [c for c, s in zip(children, said, strict=True) if "claimed" in s]
+        assert len(winners) == 1, said
+        (winner,) = winners
+        copy = (store_env / "same").resolve()
+        holder = f"this machine's working copy {copy} is in use by process {winner.pid} (child.py "
+        loser = next(s["refused"] for s in said if "refused" in s)
+        assert loser.startswith(f"--name same: {holder}"), loser
+        assert loser.endswith("on this machine; wait for it to end, or choose another --name"), loser
+        with pytest.raises(ValueError, match="in use by process") as err:
+            runner.new_run_dir(spec, "s3://pathsearch/race", "same")
+        assert holder in str(err.value)
+        winner.kill()  # a killed process lets go of its claim by itself
+        winner.wait()
+        run_dir, _ = runner.new_run_dir(spec, "s3://pathsearch/race", "same")
+        assert run_dir == copy
+        workcopy.release(run_dir)
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+
+
+def test_two_claims_in_two_threads_of_one_process_cannot_both_succeed(tmp_path, store_env):
+    from pathsearch import workcopy
+
+    start, done = threading.Barrier(2), threading.Barrier(2)
+    outcomes: list[object] = []
+
+    def attempt() -> None:
+        start.wait()
+        try:
+            outcomes.append(workcopy.claim(store_env / "one"))
+        except workcopy.InUse as err:
+            outcomes.append(err)
+        done.wait()  # both have tried before the winner lets go
+        workcopy.release(store_env / "one")
+
+    threads = [threading.Thread(target=attempt) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(type(o).__name__ for o in outcomes) == ["InUse", "WorkingCopy"], outcomes
+    assert f"is in use by process {os.getpid()} (" in str(next(o for o in outcomes if isinstance(o, Exception)))
+
+
+@pytest.fixture(scope="module")
+def ray_with_store(s3):
+    """A local Ray whose workers see the store's endpoint and credentials (set before it starts: they inherit
+    them), as test_search's local_ray; stopped, and the environment restored, at the module's end."""
+    import ray
+
+    saved = dict(os.environ)
+    os.environ.update(s3.env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_a_finished_search_removes_its_working_copy_unless_kept(tmp_path, s3, ray_with_store, monkeypatch):
+    """A finished search removes this machine's working copy once its last upload is done; `keep_copy` keeps it
+    (a resumed one: test_killed_search_resumes_from_the_bucket_alone; the CLI's summary: test_real_search_...)."""
+    from pathsearch import workcopy
+    from pathsearch.search import run_search
+
+    work = tmp_path / "work"
+    monkeypatch.setenv("PATHSEARCH_WORK_DIR", str(work))
+    spec = toy_spec(tmp_path, {"model.pruned": {"by": "path"}}, {"num_samples": 2})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    gone = run_search(spec, "s3://pathsearch/done", uri, name="gone", verbose=False, trainable=toy_trial)
+    assert gone.stored_at == "s3://pathsearch/done/gone" and not gone.interrupted
+    assert not (work / "gone").exists()
+    assert {"pathsearch_state.json", "optuna_trials.json"} <= {k.rsplit("/", 1)[-1] for k in s3.keys("done/gone/")}
+    kept = run_search(spec, "s3://pathsearch/done", uri, name="kept", verbose=False, trainable=toy_trial,
+                      keep_copy=True)  # fmt: skip
+    assert (work / "kept" / "optuna_trials.json").is_file()
+    assert kept.run_dir == (work / "kept").resolve() and workcopy.held(kept.run_dir) is None  # a cache no one holds
