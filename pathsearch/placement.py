@@ -114,7 +114,8 @@ def find_autoscaler(wait_s: float = 10.0) -> Autoscaler | None:
     from ray.autoscaler.v2.utils import is_autoscaler_v2
     from ray.experimental.internal_kv import _internal_kv_get
 
-    config = ray._private.state.state.get_cluster_config()
+    read_config = getattr(ray._private.state.state, "get_cluster_config", None)  # (not in every Ray >= 2.40)
+    config = read_config() if read_config is not None else None
     types = None
     if config is not None:
         types = {g.name: dict(g.resources) for g in config.node_group_configs if g.max_count != 0}
