@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 NAMESPACE = "pathsearch"  # Ray internal KV: this package's keys, apart from Ray's own
@@ -224,7 +224,6 @@ class Placement:
 
     demand: Demand
     requested: bool = False
-    said: list[str] = field(default_factory=list)
 
     def release(self) -> None:
         if self.requested:
