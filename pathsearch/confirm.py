@@ -23,12 +23,12 @@ from typing import Any
 import yaml
 from ray import tune
 
-from pathsearch import storage
 from pathsearch.config import SearchFile
 from pathsearch.results import SearchResult
-from pathsearch.runner import ProgressLine, run_config, runnable, stop_signalled
+from pathsearch.runner import ProgressLine
+from pathsearch.searchrun import SearchRun, checkpoint_of
 from pathsearch.sequential import BEATS, NO_GAIN, WORSE, Decision, Design, assess, seeds_to_decide
-from pathsearch.tracking.runs import NOTE_TAG, PARENT_TAG, ROLE_TAG, RunLog, SearchRuns
+from pathsearch.tracking.runs import NOTE_TAG, PARENT_TAG, ROLE_TAG, RunLog
 from pathsearch.tracking.tags import VERDICT_TAG, WINNER_TAG
 from pathsearch.verdict import (
     BASELINE,
@@ -218,9 +218,7 @@ def trial_overrides(config: dict[str, Any], table: dict[str, dict[str, Any]]) ->
 
 
 # ----- running it as ordinary Ray trials ---------------------------------------------------------------------
-def make_plan(
-    spec: SearchFile, run_dir: Path, state: Mapping[str, Any], candidates: list[Candidate], search_metric: str
-) -> Plan:
+def make_plan(spec: SearchFile, run: SearchRun, candidates: list[Candidate], search_metric: str) -> Plan:
     """Saves the plan and creates one MLflow run per configuration (nested under the search's parent run); its
     seeds' runs nest under it. Written before any confirmation trial starts, so `resume` finds both."""
     metric, mode = selection_metric(spec)
@@ -244,15 +242,16 @@ def make_plan(
         )
         for c in new
     ]
-    ids = SearchRuns.of(state).write(logs, "creating the confirmation runs")
+    ids = run.log(logs, "creating the confirmation runs")
     if ids is None:
         raise ValueError(
-            f"MLflow at {state['tracking_uri']} stayed unreachable: the confirmation did not start (resume it later)"
+            f"MLflow at {run.state['tracking_uri']} stayed unreachable: the confirmation did not start (resume it "
+            "later)"
         )
     for c, run_id in zip(new, ids, strict=True):
         c.run_id = run_id
-    plan.save(run_dir / PLAN_FILE)
-    storage.upload(run_dir, state, [PLAN_FILE])  # a run kept in an object store: what `resume` needs, there now
+    plan.save(run.path(PLAN_FILE))
+    run.save(PLAN_FILE)  # a run kept in an object store: what `resume` needs, there now
     return plan
 
 
@@ -261,60 +260,33 @@ def round_dir(round_: int) -> str:
     return CONFIRM_DIR if round_ == 0 else f"{CONFIRM_DIR}-round{round_ + 1}"
 
 
-def make_confirm_tuner(
-    spec: SearchFile,
-    run_dir: Path,
-    state: Mapping[str, Any],
-    plan: Plan,
-    trainable: Any,
-    verbose: bool,
-    round_: int = 0,
-) -> tune.Tuner:
-    """One Tune trial per (seed, configuration) of a round, seed-major; FIFO, retried from checkpoints like search
-    trials."""
-    s, t = spec.search, spec.trial.train
+def run_round(run: SearchRun, plan: Plan, trainable: Any, verbose: bool, round_: int) -> Any:
+    """One round as a Tune stage: one trial per (seed, configuration), seed-major; FIFO, retried from checkpoints
+    like search trials; restored from Tune's snapshot when an interrupted driver left one."""
+    s, t = run.spec.search, run.spec.trial.train
     groups = {
         c.label: {PARENT_TAG: str(c.run_id), ROLE_TAG: "confirmation_seed", "pathsearch.candidate": c.label}
         for c in plan.candidates
     }
     this = plan.rounds[round_]
     total = len(this["seeds"]) * len(this["labels"])
-    logger = SearchRuns.of(state).trial_logger(t.epochs, run_dir, groups)
     label = "confirmation" if plan.design is None else f"round {round_ + 1}"
-    return tune.Tuner(
-        runnable(spec, trainable),
+    return run.stage(
+        round_dir(round_),
+        trainable,
+        epochs=t.epochs,
         param_space=param_space(plan, round_),
         tune_config=tune.TuneConfig(
             max_concurrent_trials=s.confirm.max_concurrent_trials or s.max_concurrent_trials,
             reuse_actors=True,
         ),
-        run_config=run_config(
-            spec,
-            round_dir(round_),
-            storage.run_uri(run_dir, state),
-            [logger, ProgressLine(total, plan.metric, plan.mode, t.epochs, verbose, label)],
-        ),
+        callbacks=[ProgressLine(total, plan.metric, plan.mode, t.epochs, verbose, label)],
+        groups=groups,
     )
 
 
-def round_tuner(
-    spec: SearchFile, run_dir: Path, state: Mapping[str, Any], plan: Plan, trainable: Any, verbose: bool, round_: int
-) -> tune.Tuner:
-    """A round's Tuner: restored from Tune's snapshot when an interrupted driver left one (finished trials are not
-    trained again), else new (also where the driver was killed before Tune's first snapshot of the round)."""
-    folder = storage.join(storage.run_uri(run_dir, state), round_dir(round_))
-    if storage.restorable(folder):
-        storage.recover_checkpoints(folder)
-        # the param space again: Tune's snapshot of a sample_from does not resolve after a restore
-        space = param_space(plan, round_)
-        return tune.Tuner.restore(folder, trainable=runnable(spec, trainable), resume_errored=True, param_space=space)
-    return make_confirm_tuner(spec, run_dir, state, plan, trainable, verbose, round_)
-
-
 def confirm_search(
-    spec: SearchFile,
-    run_dir: Path,
-    state: dict[str, Any],
+    run: SearchRun,
     result: SearchResult,
     trainable: Any = None,
     verbose: bool = True,
@@ -323,84 +295,63 @@ def confirm_search(
     on_confirmed: Any = None,
 ) -> SearchResult:
     """The confirmation stage after a finished search (full or two_stage): plans it from the search's completed
-    trials (or the given candidates), or continues the plan a `resume` found, then ends the parent run.
-    `on_confirmed(confirmation) -> files` runs before the parent ends (two_stage logs its ranking quality there)."""
-    plan_file = run_dir / PLAN_FILE
-    status = "FAILED"
-    try:
-        if plan_file.is_file():
-            plan = Plan.load(plan_file)
-            runs = [c.run_id for c in plan.candidates if c.run_id is not None]
-            SearchRuns.of(state).reopen_runs(runs, "reopening the confirmation runs")
-        else:
-            if candidates is None:
-                metric, mode = selection_metric(spec)
-                candidates = choose_candidates(
-                    result.rows, spec, spec.base, metric, mode, spec.search.confirm.top_k, result.baseline
-                )
-                search_metric = metric
-            plan = make_plan(spec, run_dir, state, candidates, search_metric)
-        confirmation = run_confirmation(spec, run_dir, state, plan, trainable, verbose)
-        if on_confirmed is not None and not confirmation.interrupted:
+    trials (or the given candidates), or continues the plan a `resume` found, then ends the search.
+    `on_confirmed(confirmation) -> files` runs before the search ends (two_stage logs its ranking quality there)."""
+    spec = run.spec
+    if run.has(PLAN_FILE):
+        plan = Plan.load(run.path(PLAN_FILE))
+        run.reopen_runs([c.run_id for c in plan.candidates if c.run_id is not None], "reopening the confirmation runs")
+    else:
+        if candidates is None:
+            metric, mode = selection_metric(spec)
+            candidates = choose_candidates(
+                result.rows, spec, spec.base, metric, mode, spec.search.confirm.top_k, result.baseline
+            )
+            search_metric = metric
+        plan = make_plan(spec, run, candidates, search_metric)
+    confirmation = run_confirmation(run, plan, trainable, verbose)
+    if not confirmation.interrupted:
+        if on_confirmed is not None:
             confirmation.files.update(on_confirmed(confirmation))
-        status = "KILLED" if confirmation.interrupted else "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        SearchRuns.of(state).end(status)
-        storage.upload(run_dir, state)  # the verdict's files
+        run.finish()
     result.confirmation = confirmation
     result.interrupted = confirmation.interrupted
     result.files.update(confirmation.files)
     return result
 
 
-def run_confirmation(
-    spec: SearchFile,
-    run_dir: Path,
-    state: Mapping[str, Any],
-    plan: Plan,
-    trainable: Any = None,
-    verbose: bool = True,
-) -> Confirmation:
+def run_confirmation(run: SearchRun, plan: Plan, trainable: Any = None, verbose: bool = True) -> Confirmation:
     """Trains the plan's rounds to the end (a sequential confirmation adds rounds until every challenger is decided
     or the budget is spent), then picks the winner, measures it against the baseline and logs the verdict (MLflow
     parent and configuration runs, `confirmation.yaml`, `confirmation.png`). An interrupted confirmation (Ctrl-C)
     returns `interrupted=True`, its unfinished runs closed KILLED until `resume`."""
-    runs = SearchRuns.of(state)
+    spec = run.spec
     design = plan.sequential()
     if verbose:
         _say_plan(plan, design)
     while not all(r["done"] for r in plan.rounds):
         k = next(i for i, r in enumerate(plan.rounds) if not r["done"])
-        tuner = round_tuner(spec, run_dir, state, plan, trainable, verbose, k)
-        finished, unfinished = _collect(tuner.fit(), plan.rounds[k], spec.trial.train.epochs)
-        if unfinished or stop_signalled():  # Tune returned early on SIGINT: its snapshot keeps them for `resume`
-            for c in plan.candidates:
-                runs.close_orphans(str(c.run_id), "INTERRUPTED")
-            runs.close_orphans(state="INTERRUPTED")
+        grid = run_round(run, plan, trainable, verbose, k)
+        if run.stopped:  # Tune returned early on SIGINT: its snapshot keeps the unfinished trials for `resume`
             return Confirmation(plan.metric, plan.mode, plan.seeds, [], None, {}, "", interrupted=True)
-        for c in plan.candidates:  # trials lost in a driver crash and trained again: their first runs end LOST
-            runs.close_orphans(str(c.run_id))
-        for label, seeds in finished.items():
+        for label, seeds in _collect(grid, plan.rounds[k], spec.trial.train.epochs).items():
             plan.results.setdefault(label, {}).update({str(seed): values for seed, values in seeds.items()})
         plan.rounds[k]["done"] = True
         if design is not None:
             looked = look(plan, design, k)
             plan.looks.append({label: asdict(d) for label, d in looked.items()})
-            _log_round(plan, design, k, looked, runs, verbose)
+            _log_round(plan, design, k, looked, run, verbose)
             following = next_round(plan, design, k, looked)
             if following is not None:
                 plan.rounds.append(following)
                 plan.seeds = sorted({*plan.seeds, *following["seeds"]})
-        plan.save(run_dir / PLAN_FILE)  # the round's results and the next round: what `resume` continues from
-        storage.upload(run_dir, state, [PLAN_FILE])
+        plan.save(run.path(PLAN_FILE))  # the round's results and the next round: what `resume` continues from
+        run.save(PLAN_FILE)
     per = plan.per_seed()
     confirmation = summarise(plan, per, spec.base) if design is None else summarise_sequential(plan, per, spec.base)
-    confirmation.files = _write_files(confirmation, plan, per, run_dir)
+    confirmation.files = _write_files(confirmation, plan, per, run)
     confirmation.search_metric = plan.search_metric
-    _log(confirmation, plan, per, runs)
+    _log(confirmation, plan, per, run)
     return confirmation
 
 
@@ -418,10 +369,9 @@ def _say_plan(plan: Plan, design: Design | None) -> None:
     )
 
 
-def _collect(grid: Any, this: Mapping[str, Any], final_epoch: int) -> tuple[dict[str, dict[int, dict]], int]:
-    """A round's finished trials (label -> seed -> values and checkpoint) and how many did not finish."""
+def _collect(grid: Any, this: Mapping[str, Any], final_epoch: int) -> dict[str, dict[int, dict[str, Any]]]:
+    """A finished round's trials: label -> seed -> values and checkpoint."""
     finished: dict[str, dict[int, dict[str, Any]]] = {label: {} for label in this["labels"]}
-    unfinished = 0
     for result in grid:
         m, config = result.metrics or {}, result.config or {}
         label, seed = config.get("candidate"), config.get("seed")
@@ -429,11 +379,8 @@ def _collect(grid: Any, this: Mapping[str, Any], final_epoch: int) -> tuple[dict
             continue
         if result.error is None and m.get("epoch") == final_epoch:
             values = {k: float(m[k]) for k in ("val_acc", "val_loss", "test_acc", "test_loss") if k in m}
-            checkpoint = storage.checkpoint_location(result.checkpoint) if result.checkpoint is not None else None
-            finished[label][seed] = {**values, "trial_id": m.get("trial_id"), "checkpoint": checkpoint}
-        elif result.error is None:
-            unfinished += 1
-    return finished, unfinished
+            finished[label][seed] = {**values, "trial_id": m.get("trial_id"), "checkpoint": checkpoint_of(result)}
+    return finished
 
 
 # ----- a sequential confirmation's rounds ------------------------------------------------------------------------
@@ -464,7 +411,7 @@ def next_round(plan: Plan, design: Design, round_: int, looked: Mapping[str, Dec
 
 
 def _log_round(
-    plan: Plan, design: Design, round_: int, looked: Mapping[str, Decision], runs: SearchRuns, verbose: bool
+    plan: Plan, design: Design, round_: int, looked: Mapping[str, Decision], run: SearchRun, verbose: bool
 ) -> None:
     """One console line per round, and each challenger's interval on its configuration run at step = round."""
     run_of = {c.label: c.run_id for c in plan.candidates}
@@ -476,7 +423,7 @@ def _log_round(
         )
         for label, d in looked.items()
     ]
-    runs.write(logs, f"logging round {round_ + 1} of the confirmation")
+    run.log(logs, f"logging round {round_ + 1} of the confirmation")
     if verbose:
         parts = [f"{label} {_interval_text(d)} {_state_text(d.state)}" for label, d in looked.items()]
         print(f"round {round_ + 1}: {'; '.join(parts)}", flush=True)
@@ -615,8 +562,9 @@ def _row(
 
 # ----- files and MLflow ----------------------------------------------------------------------------------------
 def _write_files(
-    c: Confirmation, plan: Plan, per: Mapping[str, Mapping[int, Mapping[str, Any]]], run_dir: Path
+    c: Confirmation, plan: Plan, per: Mapping[str, Mapping[int, Mapping[str, Any]]], run: SearchRun
 ) -> dict[str, Path]:
+    run_dir = run.folder
     files = {"confirmation": run_dir / SUMMARY_FILE}
     selected = f"mean {c.metric} over seeds ({c.mode})"
     if c.design is not None:
@@ -641,14 +589,14 @@ def _write_files(
         files["confirmation_rounds"] = rounds
     if c.winner is not None:
         seed = next((s for s in c.seeds if per[c.winner].get(s, {}).get("checkpoint")), None)
-        if seed is not None and storage.copy_out(
+        if seed is not None and run.copy_out(
             per[c.winner][seed]["checkpoint"], "path_config.yaml", run_dir / "best_path_config.yaml"
         ):
             files["best_path_config"] = run_dir / "best_path_config.yaml"
     return files
 
 
-def _log(c: Confirmation, plan: Plan, per: Mapping[str, Mapping[int, Mapping[str, Any]]], runs: SearchRuns) -> None:
+def _log(c: Confirmation, plan: Plan, per: Mapping[str, Mapping[int, Mapping[str, Any]]], run: SearchRun) -> None:
     """Each configuration's run gets its means, spreads and PathConfig, then ends; the parent gets the verdict."""
     stats = ("val_acc", "val_loss", "test_acc", "test_loss")
     logs = []
@@ -664,7 +612,7 @@ def _log(c: Confirmation, plan: Plan, per: Mapping[str, Mapping[int, Mapping[str
             first = next((s for s in c.seeds if s in seeds and seeds[s].get("checkpoint")), None)
             folder = Path(tmp) / row["label"].replace(" ", "_")
             folder.mkdir()
-            if first is not None and storage.fetch(seeds[first]["checkpoint"], ["path_config.yaml"], folder):
+            if first is not None and run.fetch(seeds[first]["checkpoint"], ["path_config.yaml"], folder):
                 log.artifacts.append(folder / "path_config.yaml")
                 log.tags["pathsearch.path_config_seed"] = str(first)  # learned EnsembleScale values differ by seed
             logs.append(log)
@@ -691,8 +639,8 @@ def _log(c: Confirmation, plan: Plan, per: Mapping[str, Mapping[int, Mapping[str
         tags = {VERDICT_TAG: c.verdict[:5000], "pathsearch.confirmed_seeds": json.dumps(c.seeds)}
         if c.winner is not None:
             tags[WINNER_TAG] = str(c.candidate(c.winner)["run_id"])
-        logs.append(RunLog(runs.parent_run_id, metrics=summary, tags=tags, artifacts=list(c.files.values())))
-        runs.write(logs, "logging the confirmation")
+        logs.append(RunLog(run.parent_run_id, metrics=summary, tags=tags, artifacts=list(c.files.values())))
+        run.log(logs, "logging the confirmation")
 
 
 def _plain(value: Any) -> Any:

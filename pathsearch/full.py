@@ -7,19 +7,31 @@ A strategy module gives search.py `run`, `check_resume` and `resume`. No tensors
 
 from __future__ import annotations
 
+import json
 import math
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import optuna
+import yaml
+from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from pathsearch import storage
 from pathsearch.config import SearchFile
 from pathsearch.confirm import PLAN_FILE, confirm_search
-from pathsearch.results import SearchResult
-from pathsearch.runner import ProgressLine, fit_and_finish, run_config, runnable
+from pathsearch.results import (
+    EXHAUSTED,
+    SearchResult,
+    best_and_baseline,
+    final_rows,
+    pareto_rows,
+    plot_study,
+    study_counts,
+    study_table,
+)
+from pathsearch.runner import ProgressLine
 from pathsearch.searcher import (
     JOURNAL,
     PathOptunaSearch,
@@ -29,57 +41,100 @@ from pathsearch.searcher import (
     restoring_into,
     study_storage,
 )
-from pathsearch.tracking.runs import SearchRuns
+from pathsearch.searchrun import SEARCH_STAGE, SearchRun
 
 
-def run(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any, verbose: bool) -> SearchResult:
+def run(run: SearchRun, trainable: Any, verbose: bool) -> SearchResult:
     """Runs the search's trials, then (with `search.confirm`) the confirmation; returns what it found."""
-    return _search_then_confirm(
-        make_tuner(spec, run_dir, state, trainable, verbose), spec, run_dir, state, trainable, verbose
-    )
+    return _search_then_confirm(run, trainable, verbose)
 
 
-def check_resume(spec: SearchFile, run_dir: Path, state: dict[str, Any]) -> None:
+def check_resume(run: SearchRun) -> None:
     """Raises ValueError when the search cannot be continued (before anything is reopened)."""
-    confirming = spec.search.confirm.enabled and (run_dir / PLAN_FILE).is_file()
-    where = storage.run_uri(run_dir, state)
-    if not confirming and not storage.restorable(where):
+    confirming = run.spec.search.confirm.enabled and run.has(PLAN_FILE)
+    if not confirming and not run.has_stage(SEARCH_STAGE):
         # (Tune snapshots at its first step, before any trial can report: nothing finished is lost)
         raise ValueError(
-            f"{where} has no Tune state to resume from (the search stopped before Tune's first snapshot, before any "
-            "trial had a result): remove it and start the search again"
+            f"{run.uri} has no Tune state to resume from (the search stopped before Tune's first snapshot, before "
+            "any trial had a result): remove it and start the search again"
         )
 
 
-def resume(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any, verbose: bool) -> SearchResult:
+def resume(run: SearchRun, trainable: Any, verbose: bool) -> SearchResult:
     """Continues the search: Tune restores its trials (errored ones too) and the searcher, the Optuna history
     continues from its journal; a search that was confirming continues its confirmation."""
-    if spec.search.confirm.enabled and (run_dir / PLAN_FILE).is_file():  # the search was over
-        result = SearchResult(run_dir, spec.tracking.experiment, state["parent_run_id"], None, None)
-        return confirm_search(spec, run_dir, state, result, trainable, verbose)
-    where = storage.run_uri(run_dir, state)
-    storage.recover_checkpoints(where)
-    tuner = tune.Tuner.restore(where, trainable=runnable(spec, trainable), resume_errored=True)
-    with restoring_into(run_dir):  # Tune restores the searcher in fit(): its study is this run's journal
-        return _search_then_confirm(tuner, spec, run_dir, state, trainable, verbose)
+    if run.spec.search.confirm.enabled and run.has(PLAN_FILE):  # the search was over
+        return confirm_search(run, run.result(), trainable, verbose)
+    with restoring_into(run.folder):  # Tune restores the searcher in fit(): its study is this run's journal
+        return _search_then_confirm(run, trainable, verbose)
 
 
-def _search_then_confirm(
-    tuner: tune.Tuner, spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any, verbose: bool
-) -> SearchResult:
-    confirm = spec.search.confirm.enabled
-    result = fit_and_finish(tuner, spec, run_dir, state, end=not confirm)
-    if not confirm or result.interrupted:
+def _search_then_confirm(run: SearchRun, trainable: Any, verbose: bool) -> SearchResult:
+    result = search_stage(run, trainable, verbose)
+    if not run.spec.search.confirm.enabled or result.interrupted:
         return result
-    return confirm_search(spec, run_dir, state, result, trainable, verbose)
+    return confirm_search(run, result, trainable, verbose)
 
 
-def make_tuner(
-    spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any = None, verbose: bool = True
-) -> tune.Tuner:
-    """The search's Tuner: PathOptunaSearch (the baseline and `search.enqueue` first), ASHA, the MLflow logger."""
+def search_stage(run: SearchRun, trainable: Any = None, verbose: bool = True) -> SearchResult:
+    """Runs (or continues) the search's Tune stage, then writes its results to the run folder and the parent run;
+    the search ends there unless a confirmation follows."""
+    spec = run.spec
     s, t = spec.search, spec.trial.train
-    name = state["name"]
+    study = lambda: optuna.load_study(study_name=run.name, storage=study_storage(run.folder))  # noqa: E731
+    grid = run.stage(
+        SEARCH_STAGE,
+        trainable,
+        epochs=t.epochs,
+        tune_config=tune_config(spec, run.folder, run.name, run.stored),
+        callbacks=[ProgressLine(s.num_samples, s.metrics[0], s.modes[0], t.epochs, verbose)],
+        # Tune ends a run on SIGINT (Ctrl-C) by returning, with the unfinished trials saved for a resume
+        unfinished=lambda grid: interrupted(grid, study()),
+    )
+    rows = final_rows(grid, t.epochs)
+    best, baseline = best_and_baseline(rows, s.metrics[0], s.modes[0])
+    front = pareto_rows(rows, s.metrics, s.modes) if len(s.metrics) > 1 else []
+    searched = study()
+    if not run.stopped:  # the search is over: no Optuna trial may stay RUNNING (lost in a driver crash)
+        for trial in searched.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            searched.set_user_attr(f"lost_trial_{trial.number}", True)
+            searched.tell(trial.number, state=TrialState.FAIL)
+    counts = study_counts(searched)
+    files: dict[str, Path] = {"search_file": run.path("search.yaml"), "optuna_trials": run.path("optuna_trials.json")}
+    files["optuna_trials"].write_text(json.dumps(study_table(searched), indent=1))
+    files.update(plot_study(searched, run.folder))
+    confirm = s.confirm.enabled
+    source = best.get("checkpoint") if best is not None and (not confirm or run.stopped) else None  # else: the
+    if source and run.copy_out(source, "path_config.yaml", run.path("best_path_config.yaml")):  # confirmed one
+        files["best_path_config"] = run.path("best_path_config.yaml")
+    if front:
+        files["pareto_front"] = run.path("pareto_front.yaml")
+        files["pareto_front"].write_text(yaml.safe_dump(front, sort_keys=False))
+    summary: dict[str, float] = {f"trials_{k}": v for k, v in counts.items()}
+    for label, row in (("best", best), ("baseline", baseline)):
+        if row is not None:
+            summary[f"{label}_{s.metrics[0]}"] = row[s.metrics[0]]
+    if confirm or run.stopped:  # the parent stays open for the confirmation (or was ended KILLED by the stage)
+        run.record(summary, files.values())
+    else:
+        run.finish(summary, files.values())
+    result = run.result(best, baseline)
+    result.counts, result.files, result.pareto, result.rows = counts, files, front, rows
+    result.ended_early = searched.user_attrs.get(EXHAUSTED)
+    return result
+
+
+def interrupted(grid: Any, study: optuna.Study) -> bool:
+    """True when a trial Tune knows is still RUNNING in Optuna: Tune returned early on SIGINT without telling
+    the searcher. (RUNNING Optuna trials that no Tune trial knows were lost in a driver crash instead.)"""
+    live = {(result.config or {}).get("optuna_trial") for result in grid}
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    return bool(live & running)
+
+
+def tune_config(spec: SearchFile, folder: Path, name: str, stored: bool = False) -> tune.TuneConfig:
+    """The search stage's settings: PathOptunaSearch (the baseline and `search.enqueue` first) and ASHA."""
+    s, t = spec.search, spec.trial.train
     reports = math.ceil(t.epochs / t.eval_every)  # Tune's training_iteration counts reports
     base = spec.base
     multi = len(s.metrics) > 1
@@ -91,9 +146,9 @@ def make_tuner(
         mode=mode,
         sampler=make_sampler(s.sampler, s.seed),
         points_to_evaluate=[baseline_point(spec.space, base), *s.enqueue],
-        storage=study_storage(run_dir),  # on disk: the Optuna history survives a driver crash
-        journal=str(run_dir / JOURNAL),
-        snapshot_journal=bool(state.get("storage")),  # a run kept in an object store: the journal goes there too
+        storage=study_storage(folder),  # on disk: the Optuna history survives a driver crash
+        journal=str(folder / JOURNAL),
+        snapshot_journal=stored,  # a run kept in an object store: the journal goes there too
         study_name=name,
         final_epoch=t.epochs,
         num_paths=spec.space.num_paths,
@@ -110,25 +165,13 @@ def make_tuner(
             grace_period=min(s.grace_period, reports),
             reduction_factor=s.reduction_factor,
         )
-    return tune.Tuner(
-        runnable(spec, trainable),
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            scheduler=scheduler,
-            metric=None if multi else metric,
-            mode=None if multi else mode,
-            num_samples=s.num_samples,
-            max_concurrent_trials=s.max_concurrent_trials,
-            reuse_actors=True,
-            time_budget_s=s.time_budget_s,
-        ),
-        run_config=run_config(
-            spec,
-            name,
-            storage.tune_root(run_dir, state),
-            [
-                SearchRuns.of(state).trial_logger(t.epochs, run_dir),
-                ProgressLine(s.num_samples, s.metrics[0], s.modes[0], t.epochs, verbose),
-            ],
-        ),
+    return tune.TuneConfig(
+        search_alg=searcher,
+        scheduler=scheduler,
+        metric=None if multi else metric,
+        mode=None if multi else mode,
+        num_samples=s.num_samples,
+        max_concurrent_trials=s.max_concurrent_trials,
+        reuse_actors=True,
+        time_budget_s=s.time_budget_s,
     )

@@ -14,84 +14,66 @@ import csv
 import dataclasses
 import json
 import math
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import optuna
 import yaml
-from optuna.trial import TrialState
 from ray import tune
 
-from pathsearch import storage
 from pathsearch.config import SearchFile
 from pathsearch.confirm import choose_candidates, confirm_search
-from pathsearch.paths import path_names, resolve_scale_init
+from pathsearch.proxysearch import proxy_search
 from pathsearch.results import SearchResult
-from pathsearch.runner import claim_device, run_config, runnable, stop_signalled
-from pathsearch.searcher import baseline_point, make_sampler
-from pathsearch.space import SearchSpace, sample_overrides
-from pathsearch.tracking.runs import ROLE_TAG, RunLog, SearchRuns
+from pathsearch.searcher import baseline_point
+from pathsearch.searchrun import SearchRun, checkpoint_of
+from pathsearch.tracking.runs import ROLE_TAG, RunLog
 
 STAGE1_FILE = "oneshot_stage1.json"  # in the run directory: what stage 2 and `resume` need from stage 1
 SUPERNET_DIR = "supernet"  # the supernet's Tune experiment, inside the search's run directory
 
 
 # ----- the two-stage search ----------------------------------------------------------------------------------------
-def run(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any, verbose: bool) -> SearchResult:
+def run(run: SearchRun, trainable: Any, verbose: bool) -> SearchResult:
     """Runs a two-stage search: supernet trial, proxy search of the path entries, then the top-k trained for real.
 
     One MLflow parent run holds everything: the supernet's trial run, the stage-1 summary table, one child run per
     top-k proxy configuration, the confirmation's runs and the rank correlations. Returns the confirmation's result
     (its winner is what `pathsearch export` returns).
     """
-    return _stages(spec, run_dir, state, trainable, verbose)
+    return _stages(run, trainable, verbose)
 
 
-def check_resume(spec: SearchFile, run_dir: Path, state: dict[str, Any]) -> None:
+def _stages(run: SearchRun, trainable: Any, verbose: bool) -> SearchResult:
+    if not run.has(STAGE1_FILE):
+        supernet = train_supernet(run, trainable)
+        if supernet is None:  # Ctrl-C: Tune kept the unfinished trial for `resume`
+            return run.result()
+        if verbose:
+            done = f"supernet trained in {supernet['seconds']:.0f} s ({_metrics_line(supernet['metrics'])})"
+            print(f"stage 1: {done}", flush=True)
+        stage1 = _proxy_search_remote(run.spec, supernet)
+        _record_stage1(run, supernet, stage1, verbose)
+    return _confirm_two_stage(run, trainable, verbose)
+
+
+def check_resume(run: SearchRun) -> None:
     """Every two-stage search can be resumed: stage 1 from the supernet's last checkpoint, stage 2 from its plan."""
 
 
-def resume(spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any, verbose: bool) -> SearchResult:
+def resume(run: SearchRun, trainable: Any, verbose: bool) -> SearchResult:
     """Continues an interrupted two-stage search: an unfinished stage 1 continues its supernet trial from its last
-    checkpoint (Tune's snapshot; finished epochs are not trained again, the RNG states come back with it) and
-    scores the same configurations; a finished one goes on to its confirmation."""
-    return _stages(spec, run_dir, state, trainable, verbose, resuming=True)
+    checkpoint (Tune's snapshot; finished epochs are not trained again, the RNG states come back with it; a driver
+    killed before Tune's first snapshot left none: the supernet starts anew) and scores the same configurations; a
+    finished one goes on to its confirmation."""
+    return _stages(run, trainable, verbose)
 
 
-def _stages(
-    spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any, verbose: bool, resuming: bool = False
-) -> SearchResult:
-    if not (run_dir / STAGE1_FILE).is_file():
-        try:
-            supernet = train_supernet(spec, run_dir, state, trainable, resuming)
-            if supernet is None:  # Ctrl-C: Tune kept the unfinished trial for `resume`
-                runs = SearchRuns.of(state)
-                runs.close_orphans(state="INTERRUPTED")
-                runs.end("KILLED", artifacts=[run_dir / "search.yaml"])
-                storage.upload(run_dir, state)
-                result = SearchResult(run_dir, spec.tracking.experiment, state["parent_run_id"], None, None)
-                result.interrupted = True
-                return result
-            if verbose:
-                done = f"supernet trained in {supernet['seconds']:.0f} s ({_metrics_line(supernet['metrics'])})"
-                print(f"stage 1: {done}", flush=True)
-            stage1 = _proxy_search_remote(spec, supernet)
-            _record_stage1(spec, run_dir, state, supernet, stage1, verbose)
-        except BaseException as err:  # nothing may stay RUNNING; Ctrl-C ends the parent KILLED
-            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-            SearchRuns.of(state).end(status, artifacts=[run_dir / "search.yaml"])
-            raise
-    return _confirm_two_stage(spec, run_dir, state, trainable, verbose)
-
-
-def _confirm_two_stage(
-    spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any, verbose: bool
-) -> SearchResult:
+def _confirm_two_stage(run: SearchRun, trainable: Any, verbose: bool) -> SearchResult:
     """Stage 2: the baseline, `search.enqueue` and the proxy's top-k confirmed on paired seeds; then how well the
     proxy ranked them against their confirmed mean val scores."""
-    stage1 = json.loads((run_dir / STAGE1_FILE).read_text())
+    spec = run.spec
+    stage1 = json.loads(run.path(STAGE1_FILE).read_text())
     metric, mode = stage1["metric"], spec.search.modes[0]
     key = f"proxy_{metric}"
     points, top = stage1["points"], stage1["top"]
@@ -99,55 +81,46 @@ def _confirm_two_stage(
     baseline = points[0] if is_baseline else None
     rows = [*(points[1:] if is_baseline else points), *top]
     candidates = choose_candidates(rows, spec, spec.base, key, mode, len(rows), baseline)
-    result = SearchResult(run_dir, spec.tracking.experiment, state["parent_run_id"], None, None)
 
     def ranking(confirmation: Any) -> dict[str, Path]:
-        return _log_ranking(confirmation, stage1, run_dir, state, verbose)
+        return _log_ranking(confirmation, stage1, run, verbose)
 
-    return confirm_search(spec, run_dir, state, result, trainable, verbose, candidates, key, ranking)
+    return confirm_search(run, run.result(), trainable, verbose, candidates, key, ranking)
 
 
-def train_supernet(
-    spec: SearchFile, run_dir: Path, state: dict[str, Any], trainable: Any = None, resuming: bool = False
-) -> dict[str, Any] | None:
+def train_supernet(run: SearchRun, trainable: Any = None) -> dict[str, Any] | None:
     """Stage 1's training: the base trial with `train.supernet.enabled`, as one Ray trial logged under the parent run
-    (tagged `pathsearch.role: supernet`, so `export` never returns it). Its Tune experiment is `run_dir/supernet`;
-    `resuming` restores it from Tune's snapshot, when there is one (a driver killed before Tune's first snapshot
-    left none: the supernet starts anew). None when Ctrl-C stopped it."""
+    (tagged `pathsearch.role: supernet`, so `export` never returns it), in the stage `supernet`. None when Ctrl-C
+    stopped it."""
+    spec = run.spec
     s, two = spec.search, spec.search.two_stage
     epochs = two.supernet_epochs or spec.trial.train.epochs
     cpus = two.supernet_cpus or s.resources_per_trial.get("cpu", 1.0)
     resources = {**s.resources_per_trial, "cpu": cpus}
     one = dataclasses.replace(spec, search=dataclasses.replace(s, resources_per_trial=resources))
-    runs = SearchRuns.of(state)
-    folder = storage.join(storage.run_uri(run_dir, state), SUPERNET_DIR)
-    if resuming and storage.restorable(folder):
-        storage.recover_checkpoints(folder)
-        tuner = tune.Tuner.restore(folder, trainable=runnable(one, trainable), resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            runnable(one, trainable),
-            param_space={
-                "overrides": {"train.supernet.enabled": True, "train.epochs": epochs},
-                "optuna_trial": "supernet",
-            },
-            tune_config=tune.TuneConfig(num_samples=1),
-            run_config=run_config(
-                spec, SUPERNET_DIR, storage.run_uri(run_dir, state), [runs.trial_logger(epochs, run_dir)]
-            ),
-        )
-    result = tuner.fit()[0]
-    metrics = result.metrics or {}
-    if stop_signalled() or (result.error is None and metrics.get("epoch") != epochs):
+    grid = run.stage(
+        SUPERNET_DIR,
+        trainable,
+        epochs=epochs,
+        spec=one,
+        param_space={
+            "overrides": {"train.supernet.enabled": True, "train.epochs": epochs},
+            "optuna_trial": "supernet",
+        },
+        tune_config=tune.TuneConfig(num_samples=1),
+    )
+    if run.stopped:
         return None
+    result = grid[0]
+    metrics = result.metrics or {}
     if result.error is not None or result.checkpoint is None:
         raise RuntimeError(f"the supernet trial did not train to the end ({result.error or 'no final checkpoint'})")
     trial_id = str(metrics["trial_id"])
     tags = {ROLE_TAG: "supernet", "mlflow.runName": f"supernet {trial_id}"}
     return {
         "trial_id": trial_id,
-        "run_id": runs.tag_trial(trial_id, tags, "tagging the supernet run"),
-        "checkpoint": storage.checkpoint_location(result.checkpoint),
+        "run_id": run.tag_trial(trial_id, tags, "tagging the supernet run"),
+        "checkpoint": checkpoint_of(result),
         "metrics": {k: v for k, v in metrics.items() if k in ("val_acc", "val_loss", "val_acc_full", "train_loss")},
         "seconds": float(metrics.get("time_total_s", 0.0)),
         "cpus": float(cpus),
@@ -162,6 +135,7 @@ def _proxy_search_remote(spec: SearchFile, supernet: dict[str, Any]) -> dict[str
     s, two = spec.search, spec.search.two_stage
     base = spec.base
     gpus = float(s.resources_per_trial.get("gpu", 0.0))  # the supernet trial's GPU share: scoring runs there too
+    # (proxy_search by its module-level name: tests may swap in a torch-free toy)
     task = ray.remote(proxy_search).options(num_cpus=supernet["cpus"], num_gpus=gpus, max_retries=s.max_failures)
     return dict(
         ray.get(
@@ -186,147 +160,9 @@ def _proxy_search_remote(spec: SearchFile, supernet: dict[str, Any]) -> dict[str
     )
 
 
-def proxy_search(
-    checkpoint_dir: str,
-    space: SearchSpace,
-    base: dict[str, Any],
-    points: Sequence[Mapping[str, Any]] = (),
-    metric: str = "val_acc",
-    mode: str = "max",
-    trials: int = 20000,
-    sampler: str = "random",
-    batch: int = 256,
-    top_k: int = 4,
-    seed: int = 0,
-    base_pruned: Sequence[str] = (),
-    base_init: float | Mapping[str, float] = 1.0,
-    max_kept_paths: int | None = None,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """Stage 1's search: Optuna samples the path entries of `space` (define-by-run, the same parameter names as the
-    trials), each configuration is scored from the supernet's cached validation features, `trials` in all.
-
-    A sampled `model.ensemble_scale.init` becomes per-path factors (candidate init / base init) on the supernet's
-    learned EnsembleScale. `points` (baseline, enqueued configurations) are scored first. Returns every evaluation
-    (`rows`), the scored `points` and the `top` k distinct other configurations, best first, each with the
-    PathConfig it scored, and timings.
-    """
-    import ray
-    import torch
-
-    from pathsearch.proxy import ProxyScorer
-
-    device = claim_device(ray.get_runtime_context().get_assigned_resources())[0]
-    if threads:
-        torch.set_num_threads(threads)
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per trial would be tens of thousands
-    try:
-        with storage.local_folder(checkpoint_dir) as folder:  # a copy, when the supernet is kept in a store
-            scorer = ProxyScorer.from_checkpoint(str(folder), device=device)
-        depth = scorer.model.depth
-        if depth != space.depth:
-            raise ValueError(f"the supernet has depth {depth}, the search space was parsed for depth {space.depth}")
-        init = resolve_scale_init(base_init, depth)
-        direction = optuna.study.StudyDirection.MAXIMIZE if mode == "max" else optuna.study.StudyDirection.MINIMIZE
-        study = optuna.create_study(direction=direction, sampler=_sampler(sampler, seed, trials))
-        for point in points:
-            study.enqueue_trial(dict(point))
-        rows: list[dict[str, Any]] = []
-        started = time.perf_counter()
-        while len(rows) < trials:
-            asked = [study.ask() for _ in range(min(batch, trials - len(rows)))]
-            configs = [sample_overrides(trial, space, base) for trial in asked]
-            weights = [config_weights(c, depth, base_pruned, init) for c in configs]
-            ok = [i for i, (keep, _) in enumerate(weights) if 1 <= sum(keep) <= (max_kept_paths or len(keep))]
-            scores = None
-            if ok:
-                masks = torch.tensor([weights[i][0] for i in ok], dtype=torch.bool)  # (k, P)
-                factors = torch.tensor([weights[i][1] for i in ok], dtype=torch.float64)  # (k, P)
-                scores = scorer.score(masks, factors)
-            position = {i: j for j, i in enumerate(ok)}
-            for i, (trial, overrides) in enumerate(zip(asked, configs, strict=True)):
-                row: dict[str, Any] = {
-                    "number": trial.number,
-                    "params": dict(trial.params),
-                    "overrides": overrides,
-                    "key": json.dumps(overrides, sort_keys=True),  # as PathOptunaSearch tells configurations apart
-                    "kept_paths": sum(weights[i][0]),
-                }
-                if scores is None or i not in position:
-                    study.tell(trial, state=TrialState.FAIL)
-                    row["state"] = "INFEASIBLE"
-                else:
-                    acc, loss = float(scores.acc[position[i]]), float(scores.loss[position[i]])
-                    study.tell(trial, acc if metric == "val_acc" else loss)
-                    row.update(state="COMPLETE", proxy_val_acc=acc, proxy_val_loss=loss)
-                rows.append(row)
-        seconds = time.perf_counter() - started
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-    ranked = rank_rows(rows, metric, mode)
-    point_rows = [r for r in rows[: len(points)] if r["state"] == "COMPLETE"]
-    taken = {r["key"] for r in point_rows}
-    top = [r for r in ranked if r["key"] not in taken][:top_k]
-    for row in [*point_rows, *top]:
-        keep, scale_factors = config_weights(row["overrides"], depth, base_pruned, init)
-        row["path_config"] = scorer.path_config(keep, scale_factors).to_dict()
-    return {
-        "rows": rows,
-        "points": point_rows,
-        "top": top,
-        "seconds": seconds,
-        "cache_seconds": scorer.seconds,
-        "num_images": int(scorer.features.labels.shape[0]),
-        "distinct": len(ranked),
-    }
-
-
-def _sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
-    if name == "tpe":  # a tenth of the budget at random first, as TPE needs a spread of observations
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(1000, max(10, trials // 10)))
-    return make_sampler(name, seed)
-
-
-def config_weights(
-    overrides: Mapping[str, Any], depth: int, base_pruned: Sequence[str], base_init: Sequence[float]
-) -> tuple[list[bool], list[float]]:
-    """(path mask, per-path EnsembleScale factors) of a sampled configuration for the proxy scorer.
-
-    The factors re-weight the supernet's learned EnsembleScale as the candidate's init re-weights the base init
-    (1 where the candidate does not set it): the supernet was trained from the base init.
-    """
-    pruned = set(overrides.get("model.pruned", base_pruned))
-    keep = [name not in pruned for name in path_names(depth)]
-    init = overrides.get("model.ensemble_scale.init")
-    if init is None:
-        return keep, [1.0] * len(keep)
-    wanted = resolve_scale_init(init, depth)
-    return keep, [w / b if b else w for w, b in zip(wanted, base_init, strict=True)]
-
-
-def rank_rows(rows: Sequence[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
-    """Distinct scored configurations, best first: by the proxy metric, then the other proxy score (accuracy ties
-    are common on a small validation set), then the order they were sampled in."""
-    sign = -1.0 if mode == "max" else 1.0
-    other = "proxy_val_loss" if metric == "val_acc" else "proxy_val_acc"
-    other_sign = 1.0 if other == "proxy_val_loss" else -1.0
-    distinct: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        if row["state"] == "COMPLETE":
-            distinct.setdefault(row["key"], row)
-    return sorted(distinct.values(), key=lambda r: (sign * r[f"proxy_{metric}"], other_sign * r[other], r["number"]))
-
-
-def _record_stage1(
-    spec: SearchFile,
-    run_dir: Path,
-    state: dict[str, Any],
-    supernet: dict[str, Any],
-    stage1: dict[str, Any],
-    verbose: bool,
-) -> None:
+def _record_stage1(run: SearchRun, supernet: dict[str, Any], stage1: dict[str, Any], verbose: bool) -> None:
     """Stage 1 in files and MLflow: every evaluation in one table (not one run each), the top-k as child runs."""
+    spec, run_dir = run.spec, run.folder
     rows, top, points = stage1["rows"], stage1["top"], stage1["points"]
     table = run_dir / "proxy_scores.csv"
     _write_table(table, rows)
@@ -345,9 +181,9 @@ def _record_stage1(
         **{f"supernet_{k}": float(v) for k, v in supernet["metrics"].items()},
     }
     metric = spec.search.metrics[0]
-    logs = [RunLog(state["parent_run_id"], metrics=summary, artifacts=[table, top_file])]
+    logs = [RunLog(run.parent_run_id, metrics=summary, artifacts=[table, top_file])]
     logs += [_proxy_run(rank, row) for rank, row in enumerate(top, start=1)]
-    ids = SearchRuns.of(state).write(logs, "logging stage 1")
+    ids = run.log(logs, "logging stage 1")
     proxy_runs = {row["key"]: run_id for row, run_id in zip(top, ids[1:], strict=True)} if ids else {}
     proxy = {k: stage1[k] for k in ("seconds", "cache_seconds", "num_images", "distinct")}
     record = {
@@ -359,7 +195,7 @@ def _record_stage1(
         "proxy_runs": proxy_runs,
     }
     (run_dir / STAGE1_FILE).write_text(json.dumps(record, indent=1))
-    storage.upload(run_dir, state)  # stage 1's files: a resume continues from them
+    run.save()  # stage 1's files: a resume continues from them
     if verbose:
         per_s = len(rows) / max(stage1["seconds"], 1e-9)
         print(
@@ -391,9 +227,7 @@ def _proxy_run(rank: int, row: Mapping[str, Any]) -> RunLog:
     )
 
 
-def _log_ranking(
-    confirmation: Any, stage1: Mapping[str, Any], run_dir: Path, state: Mapping[str, Any], verbose: bool
-) -> dict[str, Path]:
+def _log_ranking(confirmation: Any, stage1: Mapping[str, Any], run: SearchRun, verbose: bool) -> dict[str, Path]:
     """Kendall tau and Spearman rho (with p-values) of the proxy scores against the confirmed mean val scores, on
     the parent run; each proxy run gets its configuration's confirmed mean beside its proxy score."""
     metric = stage1["metric"]
@@ -414,15 +248,16 @@ def _log_ranking(
             }
         )
     ranking = rank_correlation([r[f"proxy_{metric}"] for r in rows], [r[f"confirmed_{metric}_mean"] for r in rows])
+    run_dir = run.folder
     path = run_dir / "rank_correlation.yaml"
     path.write_text(yaml.safe_dump({"metric": metric, **ranking, "configurations": rows}, sort_keys=False))
-    logs = [RunLog(state["parent_run_id"], metrics={f"proxy_{k}": v for k, v in ranking.items()})]
+    logs = [RunLog(run.parent_run_id, metrics={f"proxy_{k}": v for k, v in ranking.items()})]
     logs += [
         RunLog(row["proxy_run"], metrics={f"confirmed_{metric}_mean": row[f"confirmed_{metric}_mean"]})
         for row in rows
         if row["proxy_run"]
     ]
-    SearchRuns.of(state).write(logs, "logging the ranking quality")
+    run.log(logs, "logging the ranking quality")
     if verbose:
         print(
             f"ranking quality over {int(ranking['ranked_configurations'])} confirmed configurations (proxy vs mean "

@@ -1,6 +1,6 @@
-"""What every strategy runs on: the trainable Ray runs (a thin adapter around `fit`), Ray's start, a new search's
-run directory and MLflow parent run, the Tuner's run settings, fit-and-finish (a search Tuner's results into files
-and MLflow), and the progress line.
+"""What every Tune stage runs on: the trainable Ray runs (a thin adapter around `fit`) and the device it claims,
+Ray's start, the quiet console, the note of Ctrl-C, and the progress line. A search's life (its folder, store, MLflow
+parent and stages) is searchrun.py's.
 
 No tensors: torch and the model are imported only inside the trial function that Ray runs.
 """
@@ -8,10 +8,8 @@ No tensors: torch and the model are imported only inside the trial function that
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -23,27 +21,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import optuna
-import yaml
-from optuna.trial import TrialState
 from ray import tune
 
-from pathsearch import storage, workcopy
 from pathsearch.config import SearchFile
 from pathsearch.results import (
-    EXHAUSTED,
-    SearchResult,
-    best_and_baseline,
-    final_rows,
-    pareto_rows,
-    plot_study,
-    study_counts,
-    study_table,
     trained_to_end,
 )
-from pathsearch.rundirs import unique_run_dir, unique_run_name
-from pathsearch.searcher import study_storage
-from pathsearch.tracking.runs import SearchRuns, default_tracking_uri
 from pathsearch.typed import set_dotted
 
 
@@ -217,33 +200,6 @@ def shutdown_ray() -> None:
     ray.shutdown()
 
 
-STATE_FILE = "pathsearch_state.json"  # in the run directory: the search's name, tracking store and parent run
-
-
-def load_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], SearchFile]:
-    """An existing run directory's (resolved path, state, search file), or a ValueError naming what is missing.
-
-    A run folder in an object store (a URI) is first copied to a fresh local working copy (its path is returned);
-    Tune reads its own part from the store."""
-    from pathsearch.config import load_search_file
-
-    uri = str(run_dir).rstrip("/") if storage.is_remote(run_dir) else None
-    run_dir = storage.download_run(uri) if uri else Path(run_dir).expanduser().resolve()
-    state_file = run_dir / STATE_FILE
-    if not state_file.is_file():
-        raise ValueError(f"{uri or run_dir} is not a pathsearch run directory (no {STATE_FILE})")
-    state = json.loads(state_file.read_text())
-    if uri:  # the store it is found in now (a bucket may have been copied or renamed since)
-        state["storage"] = storage.parent_of(uri)
-    # the depth the search parsed its space for (a file may name a timm model without model.kwargs.depth): from the
-    # state, so the driver never imports torch; a run directory from before it was recorded is re-read by timm
-    if "depth" in state:
-        return run_dir, state, load_search_file(run_dir / "search.yaml", model_depth=lambda *_: state["depth"])
-    from pathsearch.model import model_depth
-
-    return run_dir, state, load_search_file(run_dir / "search.yaml", model_depth=model_depth)
-
-
 _STOPPED = threading.Event()
 
 
@@ -273,161 +229,6 @@ class StopSignal(tune.Callback):
 def stop_signalled() -> bool:
     """True when the last Tuner's run ended because of Ctrl-C (see StopSignal)."""
     return _STOPPED.is_set()
-
-
-def run_config(spec: SearchFile, name: str, storage_path: str, callbacks: list[Any]) -> tune.RunConfig:
-    """Tune's run settings, the same for the search, the supernet and the confirmation: retries from the last
-    checkpoint (search.max_failures), one checkpoint kept per trial, no console output of Tune's own, and a note of
-    Ctrl-C (StopSignal)."""
-    return tune.RunConfig(
-        name=name,
-        storage_path=str(storage_path),
-        callbacks=[*callbacks, StopSignal()],
-        failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-        # (a snapshot stored before Tune deleted the checkpoint it names is repaired on resume: recover_checkpoints)
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        verbose=0,
-    )
-
-
-RESUME_HINT = "continue that search with `pathsearch resume`"
-
-
-def new_run_dir(spec: SearchFile, storage_path: str | Path, name: str | None) -> tuple[Path, str | None]:
-    """A new search's folder under `storage_path`: `name`, or the file's name and the time (made atomically, so two
-    searches started in the same second get two folders). A name that exists is refused: resume that search.
-
-    Returns (the run directory, None) for a local `storage_path`; for an object store URI, (this machine's working
-    copy, the URI), after proving the store can be written (ValueError: one line, before anything is made). There a
-    name is free when the store does not have it; the working copy is claimed for this process (workcopy.claim:
-    released when the search ends, search.py) and a stale one, which no live process holds, is cleared. A refusal
-    names what holds the name: the run folder in the store, or the live process on this machine that holds the copy.
-    """
-    stem = Path(spec.source).stem
-    if not storage.is_remote(storage_path):
-        return unique_run_dir(Path(storage_path).expanduser().resolve(), stem, name, "--name", RESUME_HINT), None
-    root = str(storage_path).rstrip("/")
-    storage.check(root)
-
-    def claim(candidate: str) -> bool:  # claimed here first, then free in the store: no search can slip in between
-        try:
-            copy = workcopy.claim(storage.local_copy(candidate))
-        except workcopy.InUse as err:
-            if name is None:
-                return False
-            raise ValueError(f"--name {name}: {err}; wait for it to end, or choose another --name") from None
-        try:
-            taken = storage.exists(storage.join(root, candidate))
-        except BaseException:
-            copy.release(remove=copy.made)
-            raise
-        if taken:  # a search of that name was kept there: a copy of it here stays as it was (resume clears it)
-            copy.release(remove=copy.made)
-            if name is not None:
-                raise ValueError(f"--name {name}: {storage.join(root, name)} already exists; {RESUME_HINT}")
-            return False
-        copy.clear()
-        return True
-
-    if name is not None:
-        claim(name)
-        return storage.local_copy(name), root
-    return storage.local_copy(unique_run_name(stem, claim)), root
-
-
-def start_search(spec: SearchFile, run_dir: Path, tracking_uri: str | None, store: str | None = None) -> dict[str, Any]:
-    """Writes the resolved search file and the state file into the new `run_dir` (and the object store `store`
-    keeps the run in) and opens the MLflow parent run; returns the state. Removes `run_dir` when that fails (an
-    unreachable tracking server, say): nothing is left half-made."""
-    try:
-        uri = tracking_uri or spec.tracking.tracking_uri or default_tracking_uri()
-        params = {"search_file": spec.source, **_flat("search", spec.search.__dict__)}
-        (run_dir / "search.yaml").write_text(spec.to_yaml())  # on the parent from the start: fit-scales, the UI
-        metric, mode = spec.search.metrics[0], spec.search.modes[0]
-        files = [run_dir / "search.yaml"]
-        runs = SearchRuns.start(uri, spec.tracking.experiment, run_dir.name, params, files, metric, mode)
-        state = {"name": run_dir.name, "tracking_uri": uri, "experiment_id": runs.experiment_id}
-        state["parent_run_id"] = runs.parent_run_id
-        state["depth"] = spec.space.depth
-        if store:
-            state["storage"] = store
-        (run_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
-        storage.upload(run_dir, state, ["search.yaml", STATE_FILE])  # the state last: it marks a run folder
-    except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    return state
-
-
-def fit_and_finish(
-    tuner: Any, spec: SearchFile, run_dir: Path, state: dict[str, Any], end: bool = True
-) -> SearchResult:
-    """Runs (or continues) the search's Tuner, then writes its results to the run directory and the parent run,
-    and ends the parent unless `end` is False and the search finished (a confirmation stage follows)."""
-    s, t = spec.search, spec.trial.train
-    runs = SearchRuns.of(state)
-    status = "FAILED"
-    files: dict[str, Path] = {"search_file": run_dir / "search.yaml"}
-    best = baseline = None
-    front: list[dict[str, Any]] = []
-    rows: list[dict[str, Any]] = []
-    try:
-        grid = tuner.fit()
-        # Tune ends a run on SIGINT (Ctrl-C) by returning, with the unfinished trials saved for a resume.
-        study = optuna.load_study(study_name=state["name"], storage=study_storage(run_dir))
-        status = "KILLED" if stop_signalled() or _interrupted(grid, study) else "FINISHED"
-        rows = final_rows(grid, t.epochs)
-        best, baseline = best_and_baseline(rows, s.metrics[0], s.modes[0])
-        if len(s.metrics) > 1:
-            front = pareto_rows(rows, s.metrics, s.modes)
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        study = optuna.load_study(study_name=state["name"], storage=study_storage(run_dir))
-        if status != "KILLED":  # the search is over: nothing may stay RUNNING
-            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                study.set_user_attr(f"lost_trial_{trial.number}", True)
-                study.tell(trial.number, state=TrialState.FAIL)
-            runs.close_orphans()
-        else:  # interrupted: runs of unfinished trials end KILLED; `resume` reopens and continues them
-            runs.close_orphans(state="INTERRUPTED")
-        counts = study_counts(study)
-        ended_early = study.user_attrs.get(EXHAUSTED)
-        files["optuna_trials"] = run_dir / "optuna_trials.json"
-        files["optuna_trials"].write_text(json.dumps(study_table(study), indent=1))
-        files.update(plot_study(study, run_dir))
-        source = best.get("checkpoint") if best is not None and (end or status != "FINISHED") else None  # else: the
-        if source and storage.copy_out(source, "path_config.yaml", run_dir / "best_path_config.yaml"):  # confirmed one
-            files["best_path_config"] = run_dir / "best_path_config.yaml"
-        if front:
-            files["pareto_front"] = run_dir / "pareto_front.yaml"
-            files["pareto_front"].write_text(yaml.safe_dump(front, sort_keys=False))
-        summary: dict[str, float] = {f"trials_{k}": v for k, v in counts.items()}
-        for label, row in (("best", best), ("baseline", baseline)):
-            if row is not None:
-                summary[f"{label}_{s.metrics[0]}"] = row[s.metrics[0]]
-        final = status if end or status != "FINISHED" else None  # None: the parent stays open for the confirmation
-        runs.end(final, summary, files.values())
-        storage.upload(run_dir, state)  # the journal, the results, the log, a saved MLflow queue
-    result = SearchResult(run_dir, spec.tracking.experiment, state["parent_run_id"], best, baseline, counts, files)
-    result.pareto = front
-    result.rows = rows
-    result.interrupted = status == "KILLED"
-    result.ended_early = ended_early
-    return result
-
-
-def _interrupted(grid: Any, study: optuna.Study) -> bool:
-    """True when a trial Tune knows is still RUNNING in Optuna: Tune returned early on SIGINT without telling
-    the searcher. (RUNNING Optuna trials that no Tune trial knows were lost in a driver crash instead.)"""
-    live = {(result.config or {}).get("optuna_trial") for result in grid}
-    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    return bool(live & running)
-
-
-def _flat(prefix: str, data: Mapping[str, Any]) -> dict[str, Any]:
-    return {f"{prefix}.{k}": v for k, v in data.items()}
 
 
 class ProgressLine(tune.Callback):

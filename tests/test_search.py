@@ -591,12 +591,13 @@ def test_resume_of_a_search_killed_before_tunes_first_snapshot_says_what_to_do(t
     """Tune writes tuner.pkl (which Tuner.can_restore accepts) before its first snapshot: a driver killed in between
     left nothing to restore. `resume` says so and what to do, instead of failing inside Tune's restore."""
     from pathsearch import full
+    from pathsearch.searchrun import SearchRun
 
     spec = toy_spec(tmp_path, {"model.pruned": {"by": "path"}}, {})
     run_dir = tmp_path / "runs" / "early"
     run_dir.mkdir(parents=True)
     (run_dir / "tuner.pkl").write_bytes(b"")
     with pytest.raises(ValueError, match=r"before Tune's first snapshot.*remove it and start the search again"):
-        full.check_resume(spec, run_dir, {"name": "early"})
+        full.check_resume(SearchRun(run_dir, spec, {"name": "early"}))
     (run_dir / "experiment_state-2026-12-06_00-00-00.json").write_text("{}")
-    full.check_resume(spec, run_dir, {"name": "early"})  # a snapshot: resumable
+    full.check_resume(SearchRun(run_dir, spec, {"name": "early"}))  # a snapshot: resumable

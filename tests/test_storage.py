@@ -259,13 +259,13 @@ def test_a_tuner_folder_without_a_snapshot_is_not_restored(tmp_path):
 # ----- the store is the truth, this machine's working copy only a cache --------------------------------------------
 CHILD = """\
 import json, sys
-from pathsearch import runner
+from pathsearch import searchrun
 from pathsearch.config import load_search_file
 spec = load_search_file(sys.argv[1])
 print("ready", flush=True)
 sys.stdin.readline()  # go
 try:
-    print(json.dumps({"claimed": str(runner.new_run_dir(spec, sys.argv[2], sys.argv[3])[0])}), flush=True)
+    print(json.dumps({"claimed": str(searchrun.new_run_dir(spec, sys.argv[2], sys.argv[3])[0])}), flush=True)
 except ValueError as err:
     print(json.dumps({"refused": str(err)}), flush=True)
 sys.stdin.readline()  # holds its claim until told to end
@@ -284,14 +284,14 @@ def store_env(tmp_path, s3, monkeypatch):
 def test_a_leftover_working_copy_does_not_block_a_name_the_store_lacks(tmp_path, store_env):
     """A finished search's copy left on this machine (no live process holds it, the store does not have the name)
     was refused as if the store had the name; it is cleared and claimed."""
-    from pathsearch import runner, workcopy
+    from pathsearch import searchrun, workcopy
 
     spec = toy_spec(tmp_path, {"model.pruned": {"by": "path"}}, {})
     left = store_env / "again"
     (left / "trial_0" / "checkpoint_000001").mkdir(parents=True)
     (left / "pathsearch_state.json").write_text('{"name": "again", "parent_run_id": "an earlier search"}')
     (left / ".pathsearch-lock").write_text('{"pid": 1, "host": "here", "command": "a search that ended"}')
-    run_dir, store = runner.new_run_dir(spec, "s3://pathsearch/leftover", "again")
+    run_dir, store = searchrun.new_run_dir(spec, "s3://pathsearch/leftover", "again")
     try:
         assert (run_dir, store) == (left.resolve(), "s3://pathsearch/leftover")
         assert [p.name for p in run_dir.iterdir()] == [".pathsearch-lock"]  # nothing of the earlier search
@@ -301,7 +301,7 @@ def test_a_leftover_working_copy_does_not_block_a_name_the_store_lacks(tmp_path,
 
 
 def test_a_name_the_store_has_is_refused_naming_the_store(tmp_path, s3, store_env):
-    from pathsearch import runner, workcopy
+    from pathsearch import searchrun, workcopy
 
     spec = toy_spec(tmp_path, {"model.pruned": {"by": "path"}}, {})
     s3.client("s3").put_object(Bucket=s3.bucket, Key="taken/mine/pathsearch_state.json", Body=b"{}")
@@ -309,7 +309,7 @@ def test_a_name_the_store_has_is_refused_naming_the_store(tmp_path, s3, store_en
     (store_env / "mine" / "search.yaml").write_text("kept")  # a copy of that search, kept: left as it is
     for root in ("s3://pathsearch/taken", "s3://pathsearch/taken/"):
         with pytest.raises(ValueError) as err:
-            runner.new_run_dir(spec, root, "mine")
+            searchrun.new_run_dir(spec, root, "mine")
         assert str(err.value) == (
             "--name mine: s3://pathsearch/taken/mine already exists; continue that search with `pathsearch resume`"
         )
@@ -320,7 +320,7 @@ def test_a_name_the_store_has_is_refused_naming_the_store(tmp_path, s3, store_en
 def test_two_searches_of_one_name_in_two_processes_cannot_both_claim_it(tmp_path, s3, store_env):
     """Two processes claim one name at once: one gets the working copy; the other is refused with the path and the
     process that holds it, as is a third claim while the winner lives; once it is killed, the name is free again."""
-    from pathsearch import runner, workcopy
+    from pathsearch import searchrun, workcopy
 
     spec = toy_spec(tmp_path, {"model.pruned": {"by": "path"}}, {})
     (tmp_path / "child.py").write_text(CHILD)
@@ -344,11 +344,11 @@ def test_two_searches_of_one_name_in_two_processes_cannot_both_claim_it(tmp_path
         assert loser.startswith(f"--name same: {holder}"), loser
         assert loser.endswith("on this machine; wait for it to end, or choose another --name"), loser
         with pytest.raises(ValueError, match="in use by process") as err:
-            runner.new_run_dir(spec, "s3://pathsearch/race", "same")
+            searchrun.new_run_dir(spec, "s3://pathsearch/race", "same")
         assert holder in str(err.value)
         winner.kill()  # a killed process lets go of its claim by itself
         winner.wait()
-        run_dir, _ = runner.new_run_dir(spec, "s3://pathsearch/race", "same")
+        run_dir, _ = searchrun.new_run_dir(spec, "s3://pathsearch/race", "same")
         assert run_dir == copy
         workcopy.release(run_dir)
     finally:
