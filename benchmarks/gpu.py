@@ -50,11 +50,11 @@ from torch import Tensor  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
 from pathsearch.config import FASHION_MNIST_DEBIAN, TrialConfig, load_trial_config  # noqa: E402
-from pathsearch.data import make_loader  # noqa: E402
-from pathsearch.model import PathEnsembleViT, create_path_vit  # noqa: E402
-from pathsearch.paths import EnsembleScaleConfig, PathConfig  # noqa: E402
-from pathsearch.scoring import cache_path_features, evaluate_masks  # noqa: E402
-from pathsearch.train import build_model, fit, load_trial_data, resolve_device  # noqa: E402
+from pathsearch.config.paths import EnsembleScaleConfig, PathConfig  # noqa: E402
+from pathsearch.ensemble.model import PathEnsembleViT, create_path_vit  # noqa: E402
+from pathsearch.ensemble.scoring import cache_path_features, evaluate_masks  # noqa: E402
+from pathsearch.trial.data import make_loader  # noqa: E402
+from pathsearch.trial.train import build_model, fit, load_trial_data, resolve_device  # noqa: E402
 
 FASHION = ROOT / "search_spaces" / "fashion_mnist_vit.yaml"
 SECTIONS = "abcd"

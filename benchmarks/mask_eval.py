@@ -12,9 +12,9 @@ import time
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pathsearch.model import create_path_vit
-from pathsearch.paths import EnsembleScaleConfig, PathConfig
-from pathsearch.scoring import cache_path_features, evaluate_masks
+from pathsearch.config.paths import EnsembleScaleConfig, PathConfig
+from pathsearch.ensemble.model import create_path_vit
+from pathsearch.ensemble.scoring import cache_path_features, evaluate_masks
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ initialisation and data order in every arm) and scored once on the test split, w
 - search: `pathsearch search` on the dataset's search file as shipped (val decides) at that depth, then its
   confirmation (its top_k and the product's own baseline, on the same seeds 1..N): the verdict's paired test
   difference.
-Effects are paired differences in test accuracy (points) with a 95% t interval over seeds (pathsearch.verdict's
+Effects are paired differences in test accuracy (points) with a 95% t interval over seeds (pathsearch.search.verdict's
 paired_difference, scipy.stats). Each run uses one thread; --workers runs side by side.
 
 Results are appended to OUT/runs.jsonl as each run ends, and a run already there is not trained again: an
@@ -81,7 +81,7 @@ def students(depth: int) -> list[int]:
 
 
 def arms(depth: int) -> list[Arm]:
-    from pathsearch.paths import path_names
+    from pathsearch.config.paths import path_names
 
     names = path_names(depth)
     out = [Arm("analysis", "baseline", ())]
@@ -122,7 +122,7 @@ def run_overrides(dataset: str, depth: int, arm: Arm, seed: int, extra: Sequence
 def train_one(dataset: str, depth: int, arm: Arm, seed: int, extra: Sequence[str] = ()) -> dict[str, Any]:
     """One seed of one arm (in a worker process): test and val accuracy, and the path analysis of the last epoch."""
     from pathsearch.config import load_trial_config
-    from pathsearch.train import fit
+    from pathsearch.trial.train import fit
 
     cfg = load_trial_config(FILES[dataset], run_overrides(dataset, depth, arm, seed, extra))
     started = time.perf_counter()
@@ -236,7 +236,7 @@ def _by_seed(records: Iterable[Mapping[str, Any]], dataset: str, depth: int, arm
 def effect_row(
     dataset: str, depth: int, claim: str, arm: str, a: Sequence[float], b: Sequence[float]
 ) -> dict[str, Any]:
-    from pathsearch.verdict import mean_std, paired_difference
+    from pathsearch.search.verdict import mean_std, paired_difference
 
     d = paired_difference(a, b)
     mean, std = mean_std(a)
@@ -278,7 +278,7 @@ def analysis_rows(
     paper: short paths are weaker on their own; `embed` is left out, its class token is the same for every image);
     and, for each path, leave-one-out accuracy minus the full ensemble's (a path whose removal helps "hurts").
     """
-    from pathsearch.verdict import paired_difference
+    from pathsearch.search.verdict import paired_difference
 
     runs = _by_seed(records, dataset, depth, "baseline")
     seeds = sorted(runs)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from common import interleaved_times, median
 
-from pathsearch.model import create_path_vit
-from pathsearch.paths import EnsembleScaleConfig, PathConfig
+from pathsearch.config.paths import EnsembleScaleConfig, PathConfig
+from pathsearch.ensemble.model import create_path_vit
 
 SETTINGS = [  # (label, img_size, patch_size, batch)
     ("ViT-Tiny/16 @224", 224, 16, 16),

@@ -48,11 +48,11 @@ def reseed(spec: Any, overrides: dict[str, Any], seeds: list[int]) -> list[float
     import ray
 
     from pathsearch.config import load_trial_config
-    from pathsearch.typed import set_dotted
+    from pathsearch.config.typed import set_dotted
 
     @ray.remote(num_cpus=1)
     def train(seed: int) -> float:
-        from pathsearch.train import fit
+        from pathsearch.trial.train import fit
 
         raw = copy.deepcopy(spec.base)
         for key, value in {**overrides, "train.seed": seed, "train.threads": 1}.items():
@@ -78,10 +78,10 @@ def main() -> None:
     import torch
 
     from pathsearch.config import load_search_file
-    from pathsearch.model import model_depth
-    from pathsearch.oneshot import STAGE1_FILE, rank_correlation
-    from pathsearch.proxy import ProxyScorer
-    from pathsearch.search import run_search
+    from pathsearch.ensemble.model import model_depth
+    from pathsearch.search.driver import run_search
+    from pathsearch.search.oneshot import STAGE1_FILE, rank_correlation
+    from pathsearch.trial.proxy import ProxyScorer
 
     torch.set_num_threads(1)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)

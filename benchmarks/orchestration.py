@@ -26,8 +26,8 @@ def main() -> None:
     import ray
 
     from pathsearch.config import load_search_file
-    from pathsearch.model import model_depth
-    from pathsearch.search import run_search
+    from pathsearch.ensemble.model import model_depth
+    from pathsearch.search.driver import run_search
 
     spec = load_search_file(args.file, args.set, model_depth=model_depth)
     started = time.perf_counter()

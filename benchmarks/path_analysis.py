@@ -14,8 +14,8 @@ import time
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pathsearch.analysis import analysis_masks, analyze_paths
-from pathsearch.model import PathEnsembleViT, create_path_vit
+from pathsearch.ensemble.analysis import analysis_masks, analyze_paths
+from pathsearch.ensemble.model import PathEnsembleViT, create_path_vit
 
 
 def naive_accuracies(model: PathEnsembleViT, loader: DataLoader, masks: torch.Tensor) -> list[float | None]:

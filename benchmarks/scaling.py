@@ -26,8 +26,8 @@ SEARCH = [
 def run_round(workers: int, trials: int, extra: list[str], folder: Path) -> dict[str, float]:
     from mlflow.tracking import MlflowClient
 
-    from pathsearch.cluster import job_client, submit_search, wait_for_job
-    from pathsearch.localcluster import down, up
+    from pathsearch.cluster.jobs import job_client, submit_search, wait_for_job
+    from pathsearch.cluster.local import down, up
 
     state = up(folder, workers=workers)
     try:

@@ -64,7 +64,7 @@ def simulate_racing(
     time to every configuration still in the race; a challenger leaves when the paired t 95% upper bound of
     (challenger - leader) is below 0. `keep` (the baseline) always stays. Returns the mean share of trials used and
     how often the race's winner is the winner of the full table."""
-    from pathsearch.verdict import paired_difference
+    from pathsearch.search.verdict import paired_difference
 
     labels = list(values)
     n = len(values[labels[0]])
@@ -103,9 +103,9 @@ def main() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
     from pathsearch.config import load_search_file
-    from pathsearch.model import model_depth
-    from pathsearch.search import run_search
-    from pathsearch.verdict import BASELINE, format_confirmation
+    from pathsearch.ensemble.model import model_depth
+    from pathsearch.search.driver import run_search
+    from pathsearch.search.verdict import BASELINE, format_confirmation
 
     overrides = [
         *args.set,

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pathsearch.config import load_search_file  # noqa: E402
-from pathsearch.sequential import BEATS, NO_GAIN, WORSE, Design, assess, naive, run, summary  # noqa: E402
+from pathsearch.search.sequential import BEATS, NO_GAIN, WORSE, Design, assess, naive, run, summary  # noqa: E402
 
 
 def noise_pools(path: Path) -> dict[str, list[float]]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pathsearch.config import load_trial_config
-from pathsearch.train import build_model, build_seed_run, fit, load_trial_data
+from pathsearch.trial.train import build_model, build_seed_run, fit, load_trial_data
 
 ROOT = Path(__file__).resolve().parents[1]
 

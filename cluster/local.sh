@@ -8,4 +8,4 @@ python="${PATHSEARCH_PYTHON:-}"
 if [ -z "$python" ]; then
     if [ -x "$root/.venv/bin/python" ]; then python="$root/.venv/bin/python"; else python=python3; fi
 fi
-PATHSEARCH_PROG=cluster/local.sh exec "$python" -m pathsearch.localcluster "$@"
+PATHSEARCH_PROG=cluster/local.sh exec "$python" -m pathsearch.cluster.local "$@"

@@ -20,7 +20,7 @@ INTERRUPTED = 130  # exit code after Ctrl-C, as a shell reports a command SIGINT
 
 def _demo(args: argparse.Namespace) -> int:
     from pathsearch.demo import run_demo
-    from pathsearch.train import resolve_device
+    from pathsearch.trial.train import resolve_device
 
     device = resolve_device(args.device)  # a missing GPU is bad input: exit 2 before any work
     print(f"training a depth-6 path-ensemble ViT on digits for {args.epochs} epochs on {device} ...", flush=True)
@@ -34,10 +34,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from pathsearch.preflight import load_trial
-    from pathsearch.rundirs import unique_run_dir
+    from pathsearch.storage.rundirs import unique_run_dir
 
     cfg = load_trial(args.file, args.set)  # ConfigError (a ValueError): exit 2 before any work
-    from pathsearch.train import check_compile, resolve_device
+    from pathsearch.trial.train import check_compile, resolve_device
 
     device = resolve_device(args.device)  # so are a device that is not there and a torch that cannot compile
     if cfg.train.compile:
@@ -53,7 +53,7 @@ def _train(args: argparse.Namespace) -> int:
         out = unique_run_dir(".", Path(args.file).stem, args.out, "--out", "--resume a checkpoint of the run in it")
     else:
         out = Path(args.out)
-    from pathsearch.train import NonFiniteLossError, fit, load_trial_data
+    from pathsearch.trial.train import NonFiniteLossError, fit, load_trial_data
 
     # a progress bar redraws itself with carriage returns: only on a terminal, never into a log or a pipe
     progress = not args.no_progress and sys.stderr.isatty()
@@ -106,7 +106,7 @@ def _search(args: argparse.Namespace) -> int:
     from pathsearch.preflight import load_search
 
     spec = load_search(args.file, args.set)  # nothing is written when invalid
-    from pathsearch.search import run_search
+    from pathsearch.search.driver import run_search
 
     result = run_search(
         spec,
@@ -126,7 +126,7 @@ def _resume(args: argparse.Namespace) -> int:
 
     from pathsearch import storage
     from pathsearch.preflight import load_search
-    from pathsearch.search import resume_search
+    from pathsearch.search.driver import resume_search
 
     result = resume_search(
         args.run_dir, address=args.address, library_output=args.verbose, keep_copy=args.keep_working_copy
@@ -171,7 +171,7 @@ def _print_result(result: Any, metrics: list[str], modes: list[str]) -> None:
     if result.interrupted:
         print(f"the search was interrupted; continue it with: pathsearch resume {result.stored_at or result.run_dir}")
     elif result.confirmation is not None:
-        from pathsearch.verdict import format_confirmation
+        from pathsearch.search.verdict import format_confirmation
 
         print(format_confirmation(result.confirmation))
     else:
@@ -261,7 +261,7 @@ def _int_arg(flag: str, text: str) -> int:
 
 def _fit_scales(args: argparse.Namespace) -> int:
     from pathsearch.fitscales import fit_scales_run
-    from pathsearch.train import resolve_device
+    from pathsearch.trial.train import resolve_device
 
     device = resolve_device(args.device)
     if args.threads is not None:
@@ -295,7 +295,7 @@ def _fit_scales(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pathsearch.cluster import submit_resume, submit_search
+    from pathsearch.cluster.jobs import submit_resume, submit_search
     from pathsearch.preflight import load_search
 
     if (args.file is None) == (args.resume is None):
@@ -316,7 +316,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _follow(address: str, job_id: str) -> int:
-    from pathsearch.cluster import TERMINAL_EXIT, job_logs
+    from pathsearch.cluster.jobs import TERMINAL_EXIT, job_logs
 
     try:
         status = job_logs(address, job_id, follow=True)
@@ -328,7 +328,7 @@ def _follow(address: str, job_id: str) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from pathsearch.cluster import job_status
+    from pathsearch.cluster.jobs import job_status
 
     info = job_status(args.address, args.job)
     print(f"job {info['job_id']}: {info['status']}")
@@ -338,7 +338,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from pathsearch.cluster import dashboard_address, job_logs
+    from pathsearch.cluster.jobs import dashboard_address, job_logs
 
     if args.follow:
         return _follow(dashboard_address(args.address), args.job)
@@ -347,14 +347,14 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from pathsearch.cluster import stop_job
+    from pathsearch.cluster.jobs import stop_job
 
     print(f"job {args.job}: {stop_job(args.address, args.job)}")
     return 0
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    from pathsearch.clustercheck import check_cluster
+    from pathsearch.cluster.check import check_cluster
 
     report = check_cluster(args.address, args.tracking_uri, args.storage_path, verbose=args.verbose)
     print(report.last_line())
@@ -528,7 +528,7 @@ def flag_problems(args: argparse.Namespace) -> list[str]:
     anything: one line each, naming the flag and the value. Checks the flags this verb has (by name)."""
     from pathsearch import storage
     from pathsearch.config import tracking_uri_problems
-    from pathsearch.rundirs import name_problems
+    from pathsearch.storage.rundirs import name_problems
 
     got = vars(args)
     problems = []

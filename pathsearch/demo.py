@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from pathsearch.analysis import PathAnalysis
 from pathsearch.config import load_trial_config
-from pathsearch.train import fit
+from pathsearch.ensemble.analysis import PathAnalysis
+from pathsearch.trial.train import fit
 
 # A depth-6 ViT on the raw 8x8 digits (patch 2 -> 16 tokens + class token); it reaches about 96% in 15 epochs.
 # Position embeddings start at std 1.0: timm's 0.02 trains far slower on digits.

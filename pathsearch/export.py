@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from pathsearch.paths import PathConfig
-from pathsearch.results import pareto_front
+from pathsearch.config.paths import PathConfig
+from pathsearch.search.results import pareto_front
 from pathsearch.tracking.runs import Run, Store
 from pathsearch.tracking.tags import KIND_TAG, NOTE_TAG, ROLE_TAG, SEED_TAG, STATE_TAG, VERDICT_TAG, WINNER_TAG
 

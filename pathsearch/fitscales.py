@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from pathsearch.config import load_trial_config, read_yaml
-from pathsearch.paths import path_names
+from pathsearch.config.paths import path_names
 from pathsearch.tracking.runs import PARENT_TAG, ROLE_TAG, SEARCH_TAG, RunLog, Store
 
 
@@ -48,7 +48,7 @@ def fit_scales_run(
     run's own `config.data.*` parameters applied.
     """
     given = read_yaml(search_file) if search_file is not None else None  # bad input first, before any work
-    from pathsearch.proxy import fit_scales_of_files  # tensors: only this verb needs them
+    from pathsearch.trial.proxy import fit_scales_of_files  # tensors: only this verb needs them
 
     store = Store(tracking_uri)
     source = store.run(run_id)

@@ -21,9 +21,9 @@ from timm.data import create_transform
 from timm.optim import create_optimizer_v2, list_optimizers
 
 from pathsearch.config import SearchFile, TrialConfig, load_search_file, load_trial_config
-from pathsearch.data import AUGMENTED, data_shape
-from pathsearch.model import CANNOT_BUILD, create_path_vit, model_depth
-from pathsearch.typed import ConfigError
+from pathsearch.config.typed import ConfigError
+from pathsearch.ensemble.model import CANNOT_BUILD, create_path_vit, model_depth
+from pathsearch.trial.data import AUGMENTED, data_shape
 
 
 def load_search(path: str | Path, overrides: Sequence[str] = ()) -> SearchFile:

@@ -1,9 +1,9 @@
 """What a driver sees of a Ray cluster, as one JSON line: `python tests/cluster_state.py ADDRESS WHAT`, WHAT one of
 nodes (alive nodes: id, resources), request (the autoscaler request Ray holds and pathsearch's entries behind it),
-autoscaler (pathsearch.placement.find_autoscaler); or acts as a search driver would on the autoscaler request: ask
-NAME CPUS (adds NAME's bundle, prints the request, then waits until killed), release NAME, tidy (what any pathsearch
-command does on connecting); or publishes node types as an autoscaler v2 does (publish JSON, unpublish). Run inside a
-test cluster's network namespace."""
+autoscaler (pathsearch.cluster.placement.find_autoscaler); or acts as a search driver would on the autoscaler
+request: ask NAME CPUS (adds NAME's bundle, prints the request, then waits until killed), release NAME, tidy (what
+any pathsearch command does on connecting); or publishes node types as an autoscaler v2 does (publish JSON,
+unpublish). Run inside a test cluster's network namespace."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ray._private import ray_constants
 from ray.core.generated import autoscaler_pb2
 from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_list, _internal_kv_put
 
-from pathsearch import placement
+from pathsearch.cluster import placement
 
 # where Ray keeps the cluster config an autoscaler publishes (what ray._private.state.get_cluster_config reads)
 CONFIG_KEY = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY

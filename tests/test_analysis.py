@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import randomize_norms, tiny_timm_vit
 
-from pathsearch.analysis import PathAnalysis, analyze_paths
-from pathsearch.model import PathEnsembleViT
-from pathsearch.paths import EnsembleScaleConfig, PathConfig
-from pathsearch.scoring import cache_path_features, evaluate_masks, mask_predictions
+from pathsearch.config.paths import EnsembleScaleConfig, PathConfig
+from pathsearch.ensemble.analysis import PathAnalysis, analyze_paths
+from pathsearch.ensemble.model import PathEnsembleViT
+from pathsearch.ensemble.scoring import cache_path_features, evaluate_masks, mask_predictions
 
 POOLS = {"token": {}, "avg": {"global_pool": "avg"}, "tokens": {"global_pool": "map"}}
 

@@ -154,7 +154,7 @@ def _method_records(effects: dict[str, float], seeds: range, depth: int = 6) -> 
 
     import method
 
-    from pathsearch.paths import path_names
+    from pathsearch.config.paths import path_names
 
     rng = random.Random(0)
     names = path_names(depth)

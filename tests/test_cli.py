@@ -13,7 +13,7 @@ import yaml
 
 from pathsearch import cli
 from pathsearch.cli import build_parser
-from pathsearch.paths import PathConfig
+from pathsearch.config.paths import PathConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,8 +27,8 @@ def test_readme_main_command_searches_confirms_and_exports_a_model_that_scores_i
     from safetensors.torch import load_file
     from torch.utils.data import DataLoader
 
-    from pathsearch.data import load_digits_split
-    from pathsearch.model import create_path_vit
+    from pathsearch.ensemble.model import create_path_vit
+    from pathsearch.trial.data import load_digits_split
 
     small = ["train.epochs=3", "train.eval_every=1", "train.warmup_epochs=0", "data.train_size=200",
              "model.kwargs.depth=2", "search.num_samples=3", "search.scheduler=none", "space.model.pruned.high=3",

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from pathsearch.cluster import check_reachable_by_form, read_ray_token
-from pathsearch.paths import PathConfig
+from pathsearch.cluster.jobs import check_reachable_by_form, read_ray_token
+from pathsearch.config.paths import PathConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -426,7 +426,7 @@ def test_search_kept_in_s3_survives_its_killed_driver_and_resumes_from_the_bucke
     weights back from MLflow's artifacts in the bucket."""
     from safetensors.torch import load_file
 
-    from pathsearch.model import create_path_vit
+    from pathsearch.ensemble.model import create_path_vit
 
     ns, state = cluster
     experiment, store = "s3search", "s3://pathsearch/cluster"
@@ -511,6 +511,6 @@ def test_killed_worker_node_trials_resume_from_checkpoints(cluster):
 
 
 def session_pids(sid: int) -> list[int]:
-    from pathsearch.localcluster import session_pids as pids
+    from pathsearch.cluster.local import session_pids as pids
 
     return pids(sid)

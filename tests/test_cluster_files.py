@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import yaml
 
-from pathsearch import localcluster
 from pathsearch.cli import build_parser, flag_problems
-from pathsearch.cluster import check_reachable_by_form
+from pathsearch.cluster import local as localcluster
+from pathsearch.cluster.jobs import check_reachable_by_form
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -468,7 +468,7 @@ def invocation(words: list[str]) -> tuple[str, list[str]] | None:
         return None
     first, rest = words[0], words[1:]
     if re.fullmatch(r"(\S*/)?python3?", first) and rest[:1] == ["-m"] and len(rest) > 1:
-        module = {"pathsearch.cli": "pathsearch", "pathsearch.localcluster": "local.sh"}.get(rest[1])
+        module = {"pathsearch.cli": "pathsearch", "pathsearch.cluster.local": "local.sh"}.get(rest[1])
         return (module, rest[2:]) if module else None
     if first == "pathsearch" or first.endswith("/pathsearch"):
         return "pathsearch", rest

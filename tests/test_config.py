@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from pathsearch.config import TrialConfig, load_trial_config
-from pathsearch.typed import ConfigError, apply_overrides, to_dict
+from pathsearch.config.typed import ConfigError, apply_overrides, to_dict
 
 GOOD = """\
 # run: pathsearch train this.yaml
@@ -143,7 +143,7 @@ def test_every_sampler_the_config_accepts_is_one_optuna_builds():
     import typing
 
     from pathsearch.config import SearchConfig, TwoStageConfig
-    from pathsearch.searcher import make_sampler
+    from pathsearch.search.searcher import make_sampler
 
     names = typing.get_args(typing.get_type_hints(SearchConfig)["sampler"])
     proxy = typing.get_args(typing.get_type_hints(TwoStageConfig)["proxy_sampler"])
@@ -159,15 +159,16 @@ def test_every_sampler_the_config_accepts_is_one_optuna_builds():
 
 
 def test_the_dataset_shape_table_exists_once():
-    """pathsearch.datasets.SHAPES is the one table of the datasets' shapes: the loaders and the searcher's
+    """pathsearch.config.datasets.SHAPES is the one table of the datasets' shapes: the loaders and the searcher's
     max_params count read that object, and no module spells the table again (a dict keyed by the digits and two
     other datasets). A second copy once disagreed with the loaders."""
     import ast
     import typing
     from pathlib import Path
 
-    from pathsearch import data, datasets, searcher
-    from pathsearch.config import DataConfig
+    from pathsearch.config import DataConfig, datasets
+    from pathsearch.search import searcher
+    from pathsearch.trial import data
 
     assert data.SHAPES is datasets.SHAPES and searcher.SHAPES is datasets.SHAPES
     assert set(datasets.SHAPES) == set(typing.get_args(typing.get_type_hints(DataConfig)["name"]))
@@ -187,7 +188,7 @@ def test_the_space_is_read_against_the_models_depth_never_an_assumed_one(tmp_pat
     """A depth-24 ViT named without model.kwargs.depth: its space has 49 paths. Once, without the model_depth
     callable (the resume path), 12 was assumed: 25 paths, so `high: 30` failed and masks were read wrongly."""
     from pathsearch.config import load_search_file
-    from pathsearch.model import model_depth
+    from pathsearch.ensemble.model import model_depth
 
     path = tmp_path / "large.yaml"
     path.write_text(
@@ -218,7 +219,7 @@ def test_run_folders_are_never_shared(tmp_path):
     """Two runs started in the same second get two folders (-2); an explicit name that exists is refused."""
     import time
 
-    from pathsearch.rundirs import unique_run_dir
+    from pathsearch.storage.rundirs import unique_run_dir
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for seconds in range(30):  # every name the next 30 s could give is another run's already
@@ -242,7 +243,7 @@ def test_cluster_jobs_submitted_in_the_same_second_get_two_names(tmp_path):
     folder this machine sees under the storage path is skipped."""
     import time
 
-    from pathsearch.cluster import claim_job_name
+    from pathsearch.cluster.jobs import claim_job_name
 
     jobs: dict[str, str] = {}
 

@@ -19,11 +19,11 @@ import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pathsearch.confirm import describe
+from pathsearch.config.paths import PathConfig
 from pathsearch.export import export_best
-from pathsearch.paths import PathConfig
-from pathsearch.search import run_search
-from pathsearch.verdict import BASELINE, paired_difference
+from pathsearch.search.confirm import describe
+from pathsearch.search.driver import run_search
+from pathsearch.search.verdict import BASELINE, paired_difference
 
 sys.path.insert(0, str(Path(__file__).parent))
 import toy_search
@@ -366,7 +366,7 @@ DIGITS = Path(__file__).resolve().parents[1] / "search_spaces" / "digits_tiny.ya
 )
 def test_bad_confirmation_settings_are_refused_naming_file_key_and_value(overrides, key, value):
     from pathsearch.config import load_search_file
-    from pathsearch.typed import ConfigError
+    from pathsearch.config.typed import ConfigError
 
     with pytest.raises(ConfigError) as raised:
         load_search_file(DIGITS, overrides)
@@ -385,7 +385,7 @@ def test_search_with_a_bad_confirmation_exits_2_and_writes_nothing(tmp_path):
 
 def test_a_confirmation_needs_a_test_split(tmp_path):
     from pathsearch.config import load_search_file
-    from pathsearch.typed import ConfigError
+    from pathsearch.config.typed import ConfigError
 
     for split in ("train", "val"):  # an image folder without test/
         (tmp_path / split).mkdir()
@@ -412,7 +412,7 @@ def test_the_same_seed_gives_two_configurations_the_same_trunk_and_batch_order()
     import torch
 
     from pathsearch.config import load_trial_config
-    from pathsearch.train import build_seed_run, load_trial_data
+    from pathsearch.trial.train import build_seed_run, load_trial_data
 
     def run(seed: int, **model):
         base = yaml.safe_load(DIGITS.read_text())
@@ -433,7 +433,7 @@ def test_the_same_seed_gives_two_configurations_the_same_trunk_and_batch_order()
 
 
 def _table(val: dict[str, list[float]], test: dict[str, list[float]], seeds: list[int]):
-    from pathsearch.confirm import Candidate, Plan, summarise
+    from pathsearch.search.confirm import Candidate, Plan, summarise
 
     candidates = [Candidate(label, {"model.pruned": [] if label == BASELINE else ["embed"]}) for label in val]
     per = {
@@ -462,3 +462,36 @@ def test_the_winner_is_chosen_on_val_and_judged_on_test():
     assert "1 of 3 planned seeds did not finish" in c.verdict  # the verdict says it rests on fewer seeds
     assert "did not finish" not in _table({"baseline": [0.8, 0.81], "top 1": [0.85, 0.86]},
                                           {"baseline": [0.8, 0.82], "top 1": [0.83, 0.84]}, [1, 2]).verdict  # fmt: skip
+
+
+def test_a_searchs_file_reaches_at_most_six_modules(tmp_path, local_ray):
+    """A search file goes where it is needed and no further: a toy search with its confirmation, followed from
+    `run_search` with sys.setprofile, counts the distinct pathsearch modules whose functions receive the search file
+    object or one of its sections (search, trial and its model, data and train, space, tracking) as an argument.
+    Before SearchRun it reached 13."""
+    import threading
+
+    spec = confirmed_spec(tmp_path, TRUE_MEANS, search_seed=1, seeds=2, top_k=1)
+    sections = [spec, spec.search, spec.trial, spec.trial.model, spec.trial.data, spec.trial.train, spec.space]
+    watched = {id(section) for section in [*sections, spec.tracking]}
+    reached: dict[str, set[str]] = {}
+
+    def profile(frame, event, arg):
+        if event != "call" or not frame.f_globals.get("__name__", "").startswith("pathsearch"):
+            return
+        code = frame.f_code
+        names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+        if any(id(frame.f_locals.get(name)) in watched for name in names):
+            reached.setdefault(frame.f_globals["__name__"], set()).add(code.co_name)
+
+    threading.setprofile(profile)
+    sys.setprofile(profile)
+    try:
+        result = run_search(spec, tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}", name="traced",
+                            verbose=False, trainable=toy_search.toy_trial)  # fmt: skip
+    finally:
+        sys.setprofile(None)
+        threading.setprofile(None)  # type: ignore[arg-type]
+    assert result.confirmation is not None and not result.interrupted  # the whole search ran, confirmation too
+    assert "pathsearch.search.driver" in reached and "pathsearch.search.confirm" in reached, reached  # it traces
+    assert len(reached) <= 6, "the search file reaches " + "; ".join(f"{m}: {sorted(f)}" for m, f in reached.items())

@@ -20,14 +20,14 @@ from conftest import TINY_TRIAL
 from cudasim import DEVICE_NAME, simulated_gpu
 from safetensors.torch import load_file
 
-import pathsearch.train as train_module
-from pathsearch.analysis import PathAnalysis, analyze_paths
+import pathsearch.trial.train as train_module
 from pathsearch.config import load_trial_config
-from pathsearch.data import make_loader
+from pathsearch.config.paths import PathConfig
 from pathsearch.demo import run_demo
-from pathsearch.model import create_path_vit
-from pathsearch.paths import PathConfig
-from pathsearch.train import evaluate_sums, fit, load_checkpoint_model, load_trial_data
+from pathsearch.ensemble.analysis import PathAnalysis, analyze_paths
+from pathsearch.ensemble.model import create_path_vit
+from pathsearch.trial.data import make_loader
+from pathsearch.trial.train import evaluate_sums, fit, load_checkpoint_model, load_trial_data
 
 CPU = torch.device("cpu")
 

@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pathsearch import data
 from pathsearch.config import load_trial_config
-from pathsearch.data import (
+from pathsearch.config.typed import ConfigError
+from pathsearch.trial import data
+from pathsearch.trial.data import (
     DIGITS_MEAN,
     DIGITS_STD,
     cifar_split_indices,
@@ -24,7 +25,6 @@ from pathsearch.data import (
     load_digits_split,
     make_synthetic,
 )
-from pathsearch.typed import ConfigError
 
 
 def _rows(dataset) -> Counter:
@@ -407,7 +407,7 @@ def test_mnist_split_sizes_are_validated_against_the_60000_training_images(tmp_p
 def test_the_shape_validation_reads_is_the_shape_the_loader_gives():
     """pathsearch.preflight sizes the meta-device model by data_shape, without loading images: it must be what
     load_data gives the real model (digits stay 8 x 8 whatever img_size says)."""
-    from pathsearch.data import data_shape, load_data
+    from pathsearch.trial.data import data_shape, load_data
 
     for name, img_size in (("digits", None), ("digits", 16), ("synthetic", None), ("synthetic", 12)):
         bundle = load_data(name, img_size=img_size)

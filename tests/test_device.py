@@ -16,14 +16,13 @@ import torch
 from conftest import STEP_KINDS, TINY_TRIAL
 from torch.utils.data import DataLoader, TensorDataset
 
-from pathsearch.analysis import analysis_masks, count_correct
 from pathsearch.cli import main
 from pathsearch.config import load_search_file, load_trial_config
-from pathsearch.data import TensorBatches, make_loader
-from pathsearch.model import create_path_vit
-from pathsearch.runner import trial_device
-from pathsearch.scoring import cache_path_features, mask_sums
-from pathsearch.train import (
+from pathsearch.ensemble.analysis import analysis_masks, count_correct
+from pathsearch.ensemble.model import create_path_vit
+from pathsearch.ensemble.scoring import cache_path_features, mask_sums
+from pathsearch.trial.data import TensorBatches, make_loader
+from pathsearch.trial.train import (
     LossGuard,
     build_seed_run,
     evaluate_sums,
@@ -32,6 +31,7 @@ from pathsearch.train import (
     make_mixup,
     train_step,
 )
+from pathsearch.trial.trainable import trial_device
 
 ROOT = Path(__file__).resolve().parents[1]
 META = torch.device("meta")
@@ -88,7 +88,7 @@ def test_ray_tasks_get_the_device_of_what_ray_assigned_them(tmp_path):
     script = textwrap.dedent(
         """
         import json, os, ray
-        from pathsearch.runner import claim_device
+        from pathsearch.trial.trainable import claim_device
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ["CUDA_VISIBLE_DEVICES"] = "0"  # a GPU node: Ray 2.60 leaves it so for tasks given no GPU
         ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -154,7 +154,7 @@ def test_tensor_batches_are_the_dataloaders_batches_in_the_same_seeded_order(shu
 
 def test_in_memory_data_trains_exactly_as_through_a_dataloader(tmp_path, monkeypatch):
     """The device loader is an implementation detail: fit through it equals fit through torch's DataLoader."""
-    import pathsearch.train as train_module
+    import pathsearch.trial.train as train_module
 
     cfg = load_trial_config(None, [*TINY_TRIAL, "train.epochs=2", "model.kwargs.drop_path_rate=0.1"])
     seen = []

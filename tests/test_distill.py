@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_timm_vit
 
-from pathsearch.model import PathEnsembleViT, distillation_loss
-from pathsearch.paths import DistillConfig, PathConfig
+from pathsearch.config.paths import DistillConfig, PathConfig
+from pathsearch.ensemble.model import PathEnsembleViT, distillation_loss
 
 
 def test_distillation_loss_matches_its_formula():
@@ -59,7 +59,7 @@ def test_distillation_trains_short_paths(tmp_path):
     from pathlib import Path
 
     from pathsearch.config import load_trial_config
-    from pathsearch.train import fit, load_checkpoint_model, load_trial_data
+    from pathsearch.trial.train import fit, load_checkpoint_model, load_trial_data
 
     two_stage = Path(__file__).resolve().parents[1] / "search_spaces" / "digits_two_stage.yaml"
     small = ["model.kwargs.depth=2", "train.epochs=12", "train.eval_every=12", "train.warmup_epochs=0"]

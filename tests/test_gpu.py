@@ -23,14 +23,22 @@ import torch
 from conftest import STEP_KINDS, TINY_TRIAL
 from safetensors.torch import load_file
 
-from pathsearch.analysis import analyze_paths
 from pathsearch.config import load_trial_config
-from pathsearch.data import make_loader
-from pathsearch.model import create_path_vit
-from pathsearch.paths import EnsembleScaleConfig, PathConfig
-from pathsearch.proxy import ProxyScorer, fit_ensemble_scale
-from pathsearch.scoring import evaluate_masks
-from pathsearch.train import LossGuard, NonFiniteLossError, build_seed_run, fit, load_trial_data, make_mixup, train_step
+from pathsearch.config.paths import EnsembleScaleConfig, PathConfig
+from pathsearch.ensemble.analysis import analyze_paths
+from pathsearch.ensemble.model import create_path_vit
+from pathsearch.ensemble.scoring import evaluate_masks
+from pathsearch.trial.data import make_loader
+from pathsearch.trial.proxy import ProxyScorer, fit_ensemble_scale
+from pathsearch.trial.train import (
+    LossGuard,
+    NonFiniteLossError,
+    build_seed_run,
+    fit,
+    load_trial_data,
+    make_mixup,
+    train_step,
+)
 
 pytestmark = pytest.mark.gpu
 DEVICE = torch.device(os.environ.get("PATHSEARCH_GPU_TESTS_ON", "cuda"))
@@ -140,7 +148,7 @@ def test_proxy_scores_and_fit_scales_run_on_the_device(tmp_path):
 def test_a_fractional_gpu_caps_the_trials_memory(tmp_path):
     """fit with gpu_fraction (what {gpu: 0.0005} gives: about 70 MB of a 140 GB GPU) cannot allocate past it."""
     script = (
-        "import sys; from pathsearch.config import load_trial_config; from pathsearch.train import fit\n"
+        "import sys; from pathsearch.config import load_trial_config; from pathsearch.trial.train import fit\n"
         "cfg = load_trial_config(None, ['data.name=synthetic', 'data.img_size=224', 'data.train_size=256',\n"
         "    'model.kwargs.in_chans=1', 'data.batch_size=128', 'train.epochs=1', 'model.name=vit_small_patch16_224'])\n"
         "try:\n"

@@ -15,10 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pathsearch"
 HEAVY_TENSOR = {"torch", "timm", "torchvision"}
 ORCHESTRATION = {"ray", "optuna", "mlflow"}
-TENSOR_MODULES = {
-    f"pathsearch.{m}"
-    for m in ("model", "scoring", "analysis", "data", "train", "supernet", "proxy", "demo", "preflight")
-}
 
 
 def module_name(path: Path) -> str:
@@ -29,73 +25,55 @@ def module_name(path: Path) -> str:
 
 
 FILES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if module_name(p) not in ("", "__main__")}
-MODULES = {f"pathsearch.{name}" for name in FILES}
-TRACKING_INTERNALS = {"pathsearch.model", "pathsearch.train", "pathsearch.data", "pathsearch.supernet"}
-# module -> top-level packages it must never import at module level
-FORBIDDEN = {
+WIRING = {"cli", "export", "ui", "fitscales", "demo", "preflight"}  # the verbs: they may import every layer
+# The layers, lowest first: which layers of pathsearch a package's modules may import (anywhere, inside functions
+# too). Each layer sees only those below it; the wiring (the verbs) sees everything.
+LAYERS: dict[str, set[str]] = {
+    "config": {"config"},  # the search-file schema, its checks, path names and PathConfig: data only
+    "storage": {"storage"},  # the door to files and object stores
+    "ensemble": {"ensemble", "config"},  # tensors: the path-ensemble ViT, scores, the supernet
+    "trial": {"trial", "ensemble", "config"},  # one trial: data, fit, the trainable adapter, the proxy scorer
+    "tracking": {"tracking", "storage", "config", "ensemble"},  # the door to MLflow (the model flavour loads it)
+    "cluster": {"cluster", "storage", "config"},  # the door to Ray clusters
+    # the orchestration: the tensor layers inside the functions Ray runs only (FORBIDDEN keeps torch out at import)
+    "search": {"search", "trial", "ensemble", "tracking", "storage", "cluster", "config"},
+}
+# The libraries a module must never import at module level: by module, else by its package. Ray, Optuna and MLflow
+# are imported inside functions where a lighter entry point must not pay for them.
+FORBIDDEN: dict[str, set[str]] = {
     "config": HEAVY_TENSOR | ORCHESTRATION | {"numpy"},
-    # the config's checks: config imports them, so they take its dataclasses as plain objects and never import it
-    "configcheck": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pathsearch.config"},
-    # what each dataset is (shapes, sizes, files), for config, data and searcher alike: a leaf
-    "datasets": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pathsearch"},
-    "typed": HEAVY_TENSOR | ORCHESTRATION | {"numpy"},
-    "rundirs": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pathsearch"},
-    # object stores through pyarrow, imported inside the functions that open one
-    "storage": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pathsearch", "pyarrow"},
-    # the working copy's lock (flock, naming its process): stdlib only
-    "workcopy": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pathsearch", "pyarrow"},
-    "paths": HEAVY_TENSOR | ORCHESTRATION,
-    "space": HEAVY_TENSOR | ORCHESTRATION,
-    "model": ORCHESTRATION,
-    "data": ORCHESTRATION,
-    "train": ORCHESTRATION,
+    "storage": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pyarrow"},  # pyarrow inside the functions that open a store
+    "storage.workcopy": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pyarrow", "pathsearch"},  # the flock: stdlib only
+    "storage.rundirs": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pathsearch"},
+    "ensemble": ORCHESTRATION,
+    "trial": ORCHESTRATION,
+    "trial.trainable": HEAVY_TENSOR | {"optuna", "mlflow"},  # the one module of the trial layer that knows Ray
+    "tracking": HEAVY_TENSOR | {"ray", "optuna"},
+    "tracking.logger": HEAVY_TENSOR | {"optuna"},  # a Ray Tune callback
+    "tracking.tags": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pathsearch"},
+    "cluster": HEAVY_TENSOR | ORCHESTRATION,  # the client side stays quick: Ray inside the functions
+    "cluster.placement": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch"},
+    "search": HEAVY_TENSOR | {"mlflow"},  # torch only inside the functions Ray runs; MLflow through tracking
+    "search.results": HEAVY_TENSOR | ORCHESTRATION,  # export reads it: no Ray, Optuna inside functions
+    "search.verdict": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch"},
+    "search.sequential": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch"},
+    "export": HEAVY_TENSOR | {"ray", "optuna"},  # reads MLflow only (see test_imports.py)
+    "ui": HEAVY_TENSOR | {"ray"},
+    "fitscales": HEAVY_TENSOR | {"ray"},
+    "cli": HEAVY_TENSOR | ORCHESTRATION,  # each verb imports what it needs
     "demo": ORCHESTRATION,
     "preflight": ORCHESTRATION,
-    "search": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
-    # the one door to MLflow (see test_only_tracking_imports_mlflow); reading runs imports no Ray
-    "tracking": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch"},
-    "tracking.outage": HEAVY_TENSOR | {"ray", "optuna", "pathsearch"},
-    "tracking.runs": HEAVY_TENSOR
-    | {"ray", "optuna"}
-    | (MODULES - {"pathsearch.tracking", "pathsearch.tracking.outage", "pathsearch.tracking.tags"}),
-    # the tags both runs.py and logger.py need: no library, no other module
-    "tracking.tags": HEAVY_TENSOR | ORCHESTRATION | {"numpy", "pathsearch"},
-    # below runs.py (whose SearchRuns.trial_logger builds it): the tags come from tags.py
-    "tracking.logger": HEAVY_TENSOR | {"optuna", "pathsearch.tracking.runs"} | TRACKING_INTERNALS,
-    "tracking.registry": HEAVY_TENSOR | {"ray", "optuna"} | TRACKING_INTERNALS,
-    # loaded by `mlflow.pyfunc.load_model`: builds the model (torch, pathsearch.model) inside load_context only
-    "tracking.path_vit_model": HEAVY_TENSOR | {"ray", "optuna"} | TRACKING_INTERNALS,
-    # reads MLflow only: no Ray or Optuna (confirm imports Ray; its tags are in tracking.tags), see test_imports.py
-    "export": HEAVY_TENSOR
-    | {"ray", "optuna", "pathsearch.confirm", "pathsearch.model", "pathsearch.train", "pathsearch.data"},
-    # `pathsearch ui`: imports tracking/export (which import ray) only inside its functions
-    "ui": HEAVY_TENSOR | {"ray", "pathsearch.model", "pathsearch.train", "pathsearch.data"},
-    "confirm": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data", "pathsearch.supernet"},
-    "supernet": ORCHESTRATION,
-    "scoring": ORCHESTRATION,
-    "analysis": ORCHESTRATION,
-    "proxy": ORCHESTRATION,
-    # orchestration: torch and the tensor modules only inside the functions that Ray runs
-    # where a checkpoint lives (storage); Optuna inside the functions that read a study: export and the logger use it
-    "results": HEAVY_TENSOR | {"ray", "optuna", "mlflow"} | (MODULES - {"pathsearch.storage"}),
-    "verdict": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch"},
-    "sequential": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch"},
-    "searcher": HEAVY_TENSOR | TENSOR_MODULES,
-    "runner": HEAVY_TENSOR | TENSOR_MODULES,
-    # placement on a cluster (its autoscaler included): Ray inside its functions only, no other pathsearch module
-    "placement": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch"},
-    "full": HEAVY_TENSOR | TENSOR_MODULES,
-    "fitscales": HEAVY_TENSOR | TENSOR_MODULES,
-    "oneshot": HEAVY_TENSOR | {"pathsearch.model", "pathsearch.train", "pathsearch.data", "pathsearch.supernet"},
-    # client side of a cluster: imports ray only inside the functions that need it, so `local.sh status` is quick
-    "cluster": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
-    # `pathsearch cluster check`: the same client side; its job's functions import ray (and torch, timm) when run
-    "clustercheck": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch.model", "pathsearch.train", "pathsearch.data"},
-    "localcluster": HEAVY_TENSOR | ORCHESTRATION | {"pathsearch.model", "pathsearch.search", "pathsearch.train"},
-    "cli": HEAVY_TENSOR
-    | ORCHESTRATION
-    | {"pathsearch.model", "pathsearch.train", "pathsearch.data", "pathsearch.search"},
+    "": HEAVY_TENSOR | ORCHESTRATION,  # pathsearch/__init__.py
 }
+
+
+def rule_of(module: str) -> set[str]:
+    """The libraries `module` must not import at module level: its own rule, else its package's."""
+    return FORBIDDEN[module] if module in FORBIDDEN else FORBIDDEN[module.split(".")[0]]
+
+
+def layer_of(module: str) -> str:
+    return module.split(".")[0]
 
 
 def module_level_imports(path: Path) -> set[str]:
@@ -109,20 +87,42 @@ def module_level_imports(path: Path) -> set[str]:
     return names
 
 
-def test_every_module_has_a_rule():
-    modules = set(FILES)
-    assert modules, "no modules found"
-    assert modules <= set(FORBIDDEN), f"add an import rule for {sorted(modules - set(FORBIDDEN))}"
+def test_every_module_has_a_layer_and_a_rule():
+    assert set(FILES) >= {"cli", "search.run", "ensemble.model"}, "the modules are found"
+    homeless = sorted(m for m in FILES if layer_of(m) not in LAYERS and m not in WIRING)
+    assert not homeless, f"give each module a layer (LAYERS) or make it a verb (WIRING): {homeless}"
+    assert all(rule_of(m) is not None for m in FILES)
 
 
-@pytest.mark.parametrize("module", sorted(name for name in FILES if name in FORBIDDEN))
+@pytest.mark.parametrize("module", sorted(FILES))
 def test_module_respects_import_boundaries(module):
-    path = FILES[module]
-    imported = module_level_imports(path)
+    imported = module_level_imports(FILES[module])
     bad = sorted(
-        name for name in imported for banned in FORBIDDEN[module] if name == banned or name.startswith(banned + ".")
+        name for name in imported for banned in rule_of(module) if name == banned or name.startswith(banned + ".")
     )
-    assert not bad, f"pathsearch/{module}.py imports {bad} at module level"
+    assert not bad, f"{FILES[module].relative_to(ROOT)} imports {bad} at module level"
+
+
+def layer_violations(module: str, imported: set[str]) -> list[str]:
+    """The pathsearch modules `module` imports from a layer it may not see (see LAYERS)."""
+    if module in WIRING or layer_of(module) not in LAYERS:
+        return []
+    allowed = LAYERS[layer_of(module)]
+    return sorted(name for name in imported if layer_of(name) not in allowed)
+
+
+@pytest.mark.parametrize("module", sorted(m for m in FILES if m not in WIRING))
+def test_each_layer_imports_only_the_layers_below_it(module):
+    bad = layer_violations(module, module_imports(FILES[module]))
+    assert not bad, f"{FILES[module].relative_to(ROOT)} ({layer_of(module)}) imports {bad}: above its layer"
+
+
+def test_a_layer_reaching_up_is_found():
+    """The check itself: the tensors reaching into the orchestration, the trial into MLflow's door, are refused."""
+    assert layer_violations("ensemble.model", {"search.run", "config"}) == ["search.run"]
+    assert layer_violations("trial.train", {"tracking.runs", "ensemble.model"}) == ["tracking.runs"]
+    assert layer_violations("config.space", {"config.paths"}) == []
+    assert layer_violations("cli", {"search.driver"}) == []
 
 
 def module_imports(path: Path) -> set[str]:
@@ -226,13 +226,13 @@ def test_no_import_cycles_between_modules():
 def test_a_cycle_inside_a_package_is_found(tmp_path):
     """The finer check sees two modules of one package that import each other, which the package-level one cannot."""
     logger, runs = tmp_path / "logger.py", tmp_path / "runs.py"
-    logger.write_text("from pathsearch.tracking.runs import TAG\nfrom pathsearch.results import trained_to_end\n")
+    logger.write_text("from pathsearch.tracking.runs import TAG\nfrom pathsearch.search.results import S\n")
     runs.write_text("def trial_logger():\n    from pathsearch.tracking import logger\n    import pathsearch.storage\n")
-    assert module_imports(logger) == {"tracking.runs", "results"}
+    assert module_imports(logger) == {"tracking.runs", "search.results"}
     assert module_imports(runs) == {"tracking.logger", "storage"}
     graph = {"tracking.logger": module_imports(logger), "tracking.runs": module_imports(runs)}
     assert find_cycle(graph) == ["tracking.logger", "tracking.runs", "tracking.logger"]
-    assert pathsearch_imports(logger) == {"tracking", "results"}  # as one node, the package imports itself
+    assert pathsearch_imports(logger) == {"tracking", "search"}  # as one node, the package imports itself
 
 
 def test_a_cycle_is_found(tmp_path):
@@ -291,7 +291,7 @@ def test_no_private_name_crosses_a_module(folder):
 
 def test_private_names_are_found(tmp_path):
     path = tmp_path / "x.py"
-    path.write_text("from pathsearch.search import _base\nfrom pathsearch import data\ndata._rows(1)\n")
+    path.write_text("from pathsearch.search.driver import _base\nfrom pathsearch import data\ndata._rows(1)\n")
     assert len(private_imports(path)) == 2
 
 
@@ -325,10 +325,13 @@ def test_the_docs_name_only_code_that_exists():
     import re
 
     texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-    cited = {m for path in texts for m in re.findall(r"pathsearch\.([a-z_]+)\.([A-Za-z_]+)", path.read_text())}
+    found = {m for path in texts for m in re.findall(r"pathsearch((?:\.[a-z_]+)+)\.([A-Za-z_]+)", path.read_text())}
+    cited = {(mod.lstrip("."), name) for mod, name in found}
     assert len(cited) >= 10, "the docs cite the code by module.name"
-    missing = [f"pathsearch.{mod}.{name}" for mod, name in sorted(cited)
-               if not hasattr(importlib.import_module(f"pathsearch.{mod}"), name)]  # fmt: skip
+    modules = {f"pathsearch.{m}" if m else "pathsearch" for m in FILES}
+    missing = [f"pathsearch.{mod}.{name}" for mod, name in sorted(cited)  # a name of a module, or a module
+               if f"pathsearch.{mod}.{name}" not in modules
+               and not hasattr(importlib.import_module(f"pathsearch.{mod}"), name)]  # fmt: skip
     assert not missing, f"cited in the docs but not in the code: {missing}"
 
 

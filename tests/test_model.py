@@ -7,8 +7,8 @@ from conftest import TINY, tiny_timm_vit
 from timm.models.vision_transformer import ParallelScalingBlock, ParallelThingsBlock, ResPostBlock
 from timm.optim import create_optimizer_v2
 
-from pathsearch.model import PathEnsembleViT, create_path_vit
-from pathsearch.paths import EnsembleScaleConfig, PathConfig
+from pathsearch.config.paths import EnsembleScaleConfig, PathConfig
+from pathsearch.ensemble.model import PathEnsembleViT, create_path_vit
 
 # Each entry: (id, timm kwargs): the timm ViT variants whose path-ensemble view must equal timm's own forward.
 EQUIVALENCE_CASES = [

@@ -24,13 +24,13 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from pathsearch.config import SupernetConfig, load_search_file, load_trial_config
-from pathsearch.model import PathEnsembleViT, create_path_vit
-from pathsearch.paths import EnsembleScaleConfig, PathConfig
-from pathsearch.proxy import ProxyScorer, fit_ensemble_scale
-from pathsearch.scoring import PathFeatures, cache_path_features, score_masks
-from pathsearch.supernet import sample_supernet_masks
-from pathsearch.train import fit, load_checkpoint_model, load_trial_data
-from pathsearch.typed import ConfigError
+from pathsearch.config.paths import EnsembleScaleConfig, PathConfig
+from pathsearch.config.typed import ConfigError
+from pathsearch.ensemble.model import PathEnsembleViT, create_path_vit
+from pathsearch.ensemble.scoring import PathFeatures, cache_path_features, score_masks
+from pathsearch.ensemble.supernet import sample_supernet_masks
+from pathsearch.trial.proxy import ProxyScorer, fit_ensemble_scale
+from pathsearch.trial.train import fit, load_checkpoint_model, load_trial_data
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_STAGE = ROOT / "search_spaces" / "digits_two_stage.yaml"
@@ -548,7 +548,7 @@ def test_fit_scales_refuses_scales_that_also_change_the_trunk(tmp_path):
     write a model that does not compute what was scored: refused, naming the file and the setting."""
     from safetensors.torch import save_file
 
-    from pathsearch.proxy import fit_scales_of_files
+    from pathsearch.trial.proxy import fit_scales_of_files
 
     config = PathConfig(model_name="vit_tiny_patch16_224", model_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2,
                         "img_size": 8, "patch_size": 2, "in_chans": 1, "num_classes": 10},

@@ -6,8 +6,7 @@ import pytest
 import torch
 from conftest import TINY, tiny_timm_vit
 
-from pathsearch.model import PathEnsembleViT, create_path_vit
-from pathsearch.paths import (
+from pathsearch.config.paths import (
     DistillConfig,
     EnsembleScaleConfig,
     PathConfig,
@@ -17,6 +16,7 @@ from pathsearch.paths import (
     select_paths,
     student_indices,
 )
+from pathsearch.ensemble.model import PathEnsembleViT, create_path_vit
 
 
 def test_select_paths_understands_groups_ranges_and_names():

@@ -7,7 +7,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pathsearch.results import (
+from pathsearch.search.results import (
     INFEASIBLE,
     REUSED,
     best_and_baseline,
@@ -70,7 +70,7 @@ def test_study_counts_separate_reused_and_infeasible_from_complete_and_failed():
 
 def test_two_searches_started_in_the_same_second_get_two_folders(tmp_path):
     from pathsearch.config import load_search_file
-    from pathsearch.searchrun import new_run_dir
+    from pathsearch.search.run import new_run_dir
 
     path = tmp_path / "demo.yaml"
     path.write_text(

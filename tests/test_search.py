@@ -18,9 +18,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pathsearch.config import load_search_file
-from pathsearch.paths import PathConfig, path_names
-from pathsearch.search import run_search
-from pathsearch.searcher import SAMPLERS, make_sampler
+from pathsearch.config.paths import PathConfig, path_names
+from pathsearch.search.driver import run_search
+from pathsearch.search.searcher import SAMPLERS, make_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -320,6 +320,62 @@ def test_driver_killed_then_resumed_keeps_one_run_per_trial(tmp_path):
     assert set(starts) == set(trial_ids)  # the others were started (or restored) after the kill
 
 
+# The last version of the flat layout (pathsearch/runner.py, searcher.py, ...): Tune's snapshots of its searches
+# name the trainable, the searcher and the callbacks by those modules
+FLAT_LAYOUT = "b960fa1"
+
+
+def test_a_search_the_flat_layout_started_and_lost_resumes_in_this_version(tmp_path):
+    """A search run by the flat layout's code (that commit's pathsearch/ on PYTHONPATH) is killed -9 mid-search; this
+    version resumes it: the snapshot's classes load under their old module names, the search finishes, one run per
+    trial, none left RUNNING, no trial finished before the kill trained again."""
+    import io
+    import tarfile
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "-C", str(root), "archive", FLAT_LAYOUT, "pathsearch"], capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"this clone lacks commit {FLAT_LAYOUT} (a shallow clone?): {archive.stderr.decode()[:200]}")
+    old = tmp_path / "flat"
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(old, filter="data")
+    assert (old / "pathsearch" / "runner.py").is_file() and not (old / "pathsearch" / "search").exists()
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    toy_spec(tmp_path, {"model.pruned": {"by": "path"}}, {"num_samples": 5})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = {"file": str(tmp_path / "toy.yaml"), "storage": str(tmp_path / "runs"), "uri": uri, "name": "flat"}
+    driver = [sys.executable, str(Path(__file__).parent / "toy_search.py")]
+    knobs = json.dumps({"marker_dir": str(markers), "sleep": 0.75})
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATHSEARCH_TOY": knobs}
+    flat_env = {**env, "PYTHONPATH": str(old)}  # ahead of this checkout's editable install, Ray's workers too
+    proc = subprocess.Popen(
+        [*driver, "search", json.dumps(args)], env=flat_env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    run_dir = tmp_path / "runs" / "flat"
+    try:
+        finished_before = wait_for_finished_runs(proc, run_dir / "pathsearch_state.json", uri, 2)
+    finally:
+        subprocess.run(["pkill", "-9", "-s", str(proc.pid)], check=False)
+        proc.wait()
+    time.sleep(2)
+    assert b"pathsearch.runner" in (run_dir / "tuner.pkl").read_bytes()  # the flat layout's names, pickled
+    resume = resume_toy_search(driver, run_dir, env)
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    _, parents, children = child_runs(uri)
+    trial_ids = [c.data.tags["pathsearch.trial_id"] for c in children]
+    assert len(trial_ids) == len(set(trial_ids)) and parents[0].info.status == "FINISHED"
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in [*parents, *children])
+    starts: dict[str, list[int]] = {}
+    for marker in markers.iterdir():
+        trial_id, _, start, _ = marker.name.split(".")
+        starts.setdefault(trial_id, []).append(int(start))
+    for trial_id in finished_before:  # trained once: a restore may only resume past the end
+        assert sorted(starts[trial_id])[0] == 0 and all(s == 4 for s in sorted(starts[trial_id])[1:]), starts
+
+
 def test_resume_recovers_a_checkpoint_tune_deleted_before_its_snapshot_was_stored(tmp_path, local_ray):
     """Tune deletes a trial's older checkpoint as soon as it registers a newer one, before the snapshot that names
     the newer one is stored: a driver killed in between left a snapshot naming a deleted checkpoint, and the resumed
@@ -430,7 +486,7 @@ def test_a_trial_the_study_already_ended_is_not_reported_again():
     UpdateFinishedTrialError and ended the resumed search; the study keeps its first result."""
     from ray import tune
 
-    from pathsearch.searcher import PathOptunaSearch
+    from pathsearch.search.searcher import PathOptunaSearch
 
     searcher = PathOptunaSearch(
         space={"overrides": {"train.lr": tune.uniform(1e-3, 1e-2)}},
@@ -559,7 +615,7 @@ def test_ctrl_c_interrupts_cleanly_and_resume_finishes(tmp_path):
 def test_a_search_whose_every_suggestion_is_infeasible_ends_and_says_why(tmp_path, local_ray):
     """Every mask keeps more paths than max_kept_paths allows: the searcher refuses MAX_SKIPPED suggestions in a
     row, ends the search, and the result says why instead of ending silently with no trial."""
-    from pathsearch.searcher import MAX_SKIPPED
+    from pathsearch.search.searcher import MAX_SKIPPED
 
     spec = toy_spec(tmp_path, {"model.pruned": {"by": "shortest", "low": 0, "high": 1}}, {"num_samples": 4})
     spec.search.max_kept_paths = 2  # 5 paths, at most 1 pruned: every configuration keeps 4 or 5
@@ -576,7 +632,7 @@ def test_ray_saying_no_trial_can_start_becomes_one_pathsearch_line(tmp_path, cap
     instead of a search that waits in silence; Ray's own words go to the library log."""
     import logging
 
-    from pathsearch.runner import LIBRARY_LOG, quiet_console
+    from pathsearch.search.runner import LIBRARY_LOG, quiet_console
 
     ray_logger = logging.getLogger("ray.tune.execution.insufficient_resources_manager")
     with quiet_console(tmp_path):
@@ -590,8 +646,8 @@ def test_ray_saying_no_trial_can_start_becomes_one_pathsearch_line(tmp_path, cap
 def test_resume_of_a_search_killed_before_tunes_first_snapshot_says_what_to_do(tmp_path):
     """Tune writes tuner.pkl (which Tuner.can_restore accepts) before its first snapshot: a driver killed in between
     left nothing to restore. `resume` says so and what to do, instead of failing inside Tune's restore."""
-    from pathsearch import full
-    from pathsearch.searchrun import SearchRun
+    from pathsearch.search import full
+    from pathsearch.search.run import SearchRun
 
     spec = toy_spec(tmp_path, {"model.pruned": {"by": "path"}}, {})
     run_dir = tmp_path / "runs" / "early"

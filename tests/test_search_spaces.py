@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from pathsearch.config import load_search_file
-from pathsearch.model import model_depth
-from pathsearch.typed import ConfigError
+from pathsearch.config.typed import ConfigError
+from pathsearch.ensemble.model import model_depth
 
 FILES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
 

@@ -1,4 +1,4 @@
-"""The sequential confirmation's rule (pathsearch.sequential), checked by simulation: its intervals keep their
+"""The sequential confirmation's rule (pathsearch.search.sequential), checked by simulation: its intervals keep their
 error at alpha however often they are looked at, where the same intervals without spending do not."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from pathsearch.sequential import (
+from pathsearch.search.sequential import (
     BEATS,
     NO_GAIN,
     WORSE,

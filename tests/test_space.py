@@ -13,10 +13,10 @@ import yaml
 
 from pathsearch import cli
 from pathsearch.config import load_search_file
-from pathsearch.model import model_depth
-from pathsearch.paths import path_names
-from pathsearch.space import parse_space, sample_overrides
-from pathsearch.typed import ConfigError
+from pathsearch.config.paths import path_names
+from pathsearch.config.space import parse_space, sample_overrides
+from pathsearch.config.typed import ConfigError
+from pathsearch.ensemble.model import model_depth
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "search_spaces" / "digits_tiny.yaml"

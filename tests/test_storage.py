@@ -158,9 +158,9 @@ def test_real_search_in_the_bucket_and_export_with_weights_from_mlflow_artifacts
     import optuna
     from safetensors.torch import load_file
 
-    from pathsearch.model import create_path_vit
-    from pathsearch.paths import PathConfig
-    from pathsearch.searcher import study_journal
+    from pathsearch.config.paths import PathConfig
+    from pathsearch.ensemble.model import create_path_vit
+    from pathsearch.search.searcher import study_journal
 
     env = {**os.environ, **s3.env, "PATHSEARCH_WORK_DIR": str(tmp_path / "work")}
     env.pop("RAY_ADDRESS", None)
@@ -259,7 +259,7 @@ def test_a_tuner_folder_without_a_snapshot_is_not_restored(tmp_path):
 # ----- the store is the truth, this machine's working copy only a cache --------------------------------------------
 CHILD = """\
 import json, sys
-from pathsearch import searchrun
+from pathsearch.search import run as searchrun
 from pathsearch.config import load_search_file
 spec = load_search_file(sys.argv[1])
 print("ready", flush=True)
@@ -284,7 +284,8 @@ def store_env(tmp_path, s3, monkeypatch):
 def test_a_leftover_working_copy_does_not_block_a_name_the_store_lacks(tmp_path, store_env):
     """A finished search's copy left on this machine (no live process holds it, the store does not have the name)
     was refused as if the store had the name; it is cleared and claimed."""
-    from pathsearch import searchrun, workcopy
+    from pathsearch.search import run as searchrun
+    from pathsearch.storage import workcopy
 
     spec = toy_spec(tmp_path, {"model.pruned": {"by": "path"}}, {})
     left = store_env / "again"
@@ -301,7 +302,8 @@ def test_a_leftover_working_copy_does_not_block_a_name_the_store_lacks(tmp_path,
 
 
 def test_a_name_the_store_has_is_refused_naming_the_store(tmp_path, s3, store_env):
-    from pathsearch import searchrun, workcopy
+    from pathsearch.search import run as searchrun
+    from pathsearch.storage import workcopy
 
     spec = toy_spec(tmp_path, {"model.pruned": {"by": "path"}}, {})
     s3.client("s3").put_object(Bucket=s3.bucket, Key="taken/mine/pathsearch_state.json", Body=b"{}")
@@ -320,7 +322,8 @@ def test_a_name_the_store_has_is_refused_naming_the_store(tmp_path, s3, store_en
 def test_two_searches_of_one_name_in_two_processes_cannot_both_claim_it(tmp_path, s3, store_env):
     """Two processes claim one name at once: one gets the working copy; the other is refused with the path and the
     process that holds it, as is a third claim while the winner lives; once it is killed, the name is free again."""
-    from pathsearch import searchrun, workcopy
+    from pathsearch.search import run as searchrun
+    from pathsearch.storage import workcopy
 
     spec = toy_spec(tmp_path, {"model.pruned": {"by": "path"}}, {})
     (tmp_path / "child.py").write_text(CHILD)
@@ -358,7 +361,7 @@ def test_two_searches_of_one_name_in_two_processes_cannot_both_claim_it(tmp_path
 
 
 def test_two_claims_in_two_threads_of_one_process_cannot_both_succeed(tmp_path, store_env):
-    from pathsearch import workcopy
+    from pathsearch.storage import workcopy
 
     start, done = threading.Barrier(2), threading.Barrier(2)
     outcomes: list[object] = []
@@ -401,8 +404,8 @@ def ray_with_store(s3):
 def test_a_finished_search_removes_its_working_copy_unless_kept(tmp_path, s3, ray_with_store, monkeypatch):
     """A finished search removes this machine's working copy once its last upload is done; `keep_copy` keeps it
     (a resumed one: test_killed_search_resumes_from_the_bucket_alone; the CLI's summary: test_real_search_...)."""
-    from pathsearch import workcopy
-    from pathsearch.search import run_search
+    from pathsearch.search.driver import run_search
+    from pathsearch.storage import workcopy
 
     work = tmp_path / "work"
     monkeypatch.setenv("PATHSEARCH_WORK_DIR", str(work))

@@ -23,7 +23,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from pathsearch.paths import PathConfig
+from pathsearch.config.paths import PathConfig
 from pathsearch.tracking.logger import PENDING_FILE, MlflowTrialLogger, send_pending
 from pathsearch.tracking.outage import fail_fast
 from pathsearch.ui import ui_command

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from pathsearch.config import load_trial_config
-from pathsearch.model import create_path_vit
-from pathsearch.paths import PathConfig
-from pathsearch.train import NonFiniteLossError, fit
+from pathsearch.config.paths import PathConfig
+from pathsearch.ensemble.model import create_path_vit
+from pathsearch.trial.train import NonFiniteLossError, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = {"train_loss", "val_loss", "val_acc", "val_acc_full", "kept_paths", "params", "images_per_s", "epoch"}
@@ -210,7 +210,7 @@ class PoisonAfter(torch.utils.data.Dataset):
 def test_nan_loss_fails_the_trial_at_once(tmp_path, monkeypatch):
     import dataclasses
 
-    import pathsearch.train as train_module
+    import pathsearch.trial.train as train_module
 
     cfg = load_trial_config(None, [*TINY, "train.epochs=3", "data.batch_size=32"])
     load = train_module.load_trial_data
@@ -299,7 +299,7 @@ def test_cli_train_nan_exits_1_with_a_clear_message(tmp_path):
 def test_torch_threads_follow_train_threads_then_ray_then_omp_num_threads_then_every_core():
     import os
 
-    from pathsearch.train import torch_threads
+    from pathsearch.trial.train import torch_threads
 
     cores = len(os.sched_getaffinity(0))
     assert torch_threads(3, 2, {"OMP_NUM_THREADS": "1"}) == 3  # train.threads wins
@@ -350,7 +350,7 @@ def test_bernoulli_supernet_masks_keep_their_distribution_when_keep_prob_is_smal
     """Bernoulli masks redrawn until they keep >= min_kept paths: after 100 failed redraws they once came from
     kept_count instead, silently (mean 9.5 kept paths of 13 there). Now every mask follows the conditioned law."""
     from pathsearch.config import SupernetConfig
-    from pathsearch.supernet import sample_supernet_masks
+    from pathsearch.ensemble.supernet import sample_supernet_masks
 
     n, p, low = 13, 0.15, 6  # P(kept >= 6) = 0.0075: about half the masks exhaust the 100 redraws
     pmf = {k: math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(low, n + 1)}

@@ -310,7 +310,7 @@ def test_ctrl_c_before_any_trial_reported_stops_the_search_with_130_and_a_resume
 def test_a_trial_is_placeable_only_on_one_node_holding_all_it_asks():
     """The cluster side of the stall check: resources of different nodes do not add up for one trial, a custom
     resource no node declares is named, and Ray's names (CPU, GPU) are what resources_per_trial's cpu and gpu mean."""
-    from pathsearch.placement import unplaceable
+    from pathsearch.cluster.placement import unplaceable
 
     nodes = [{"CPU": 4.0, "memory": 8e9}, {"CPU": 2.0, "GPU": 1.0}]
     assert unplaceable({"cpu": 2, "gpu": 0.5}, nodes) is None
@@ -325,8 +325,8 @@ def test_a_trial_is_placeable_only_on_one_node_holding_all_it_asks():
 def test_the_autoscaler_is_asked_for_the_trials_a_search_runs_at_once_and_its_supernet():
     """What a search asks a cluster's autoscaler for: max_concurrent_trials trials' bundles (all num_samples when it
     is unset, never more), and a two_stage search's supernet trial with its own CPUs."""
+    from pathsearch.cluster.placement import demand_of
     from pathsearch.config import load_search_file
-    from pathsearch.placement import demand_of
 
     root = Path(__file__).resolve().parents[1] / "search_spaces"
     two = demand_of(load_search_file(root / "digits_two_stage.yaml"), "two")

@@ -12,8 +12,6 @@ from pathlib import Path
 
 from ray import tune
 
-from pathsearch.paths import PathConfig
-
 
 def toy_score(toy: dict, k: int, seed: int | str, split: str) -> float:
     """The toy's accuracy of the configuration that prunes k paths, trained with `seed`, on `split`.
@@ -53,6 +51,10 @@ def toy_trial(config: dict, base: dict) -> None:
     epoch} where the first attempt fails after reporting that epoch, sleep, means, sd, shared_sd, per_config) come
     from base["train"]["toy"] (in-process tests) or the PATHSEARCH_TOY environment variable (driver processes).
     Like `fit`, it reports test_acc/test_loss in the final report only when train.test is set."""
+    # the flat layout's name, which this version still imports: the same script drives a search of an earlier
+    # version (test_search.py resumes a run folder the flat layout made)
+    from pathsearch.paths import PathConfig
+
     toy = base["train"].get("toy") or json.loads(os.environ.get("PATHSEARCH_TOY", "{}"))
     overrides = config["overrides"]
     pruned = overrides.get("model.pruned", [])

@@ -21,7 +21,6 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from ray.tune import Callback
 
-from pathsearch.results import trained_to_end
 from pathsearch.storage import checkpoint_location, fetch
 from pathsearch.tracking.outage import (
     GAVE_UP,
@@ -141,7 +140,7 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
-        pruned = not trained_to_end(last, self.final_epoch)
+        pruned = int(last.get("epoch", 0) or 0) < self.final_epoch  # ASHA stopped it before its final epoch
         self._finish(trial, "KILLED" if pruned else "FINISHED", "PRUNED" if pruned else "COMPLETE")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:

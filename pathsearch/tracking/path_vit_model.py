@@ -20,8 +20,8 @@ class PathViTModel(PythonModel):
     def load_context(self, context: Any) -> None:
         from safetensors.torch import load_file
 
-        from pathsearch.model import create_path_vit
-        from pathsearch.paths import PathConfig
+        from pathsearch.config.paths import PathConfig
+        from pathsearch.ensemble.model import create_path_vit
 
         self.model = create_path_vit(path_config=PathConfig.load(context.artifacts["path_config"]))
         self.model.load_state_dict(load_file(context.artifacts["weights"]))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import Tensor, nn
 
-from pathsearch.paths import (
+from pathsearch.config.paths import (
     DistillConfig,
     EnsembleScaleConfig,
     PathConfig,

@@ -40,7 +40,7 @@ class SearchResult:
     files: dict[str, Path] = field(default_factory=dict)
     pareto: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
-    confirmation: Any = None  # pathsearch.verdict.Confirmation, when search.confirm is on and it finished
+    confirmation: Any = None  # pathsearch.search.verdict.Confirmation, when search.confirm is on and it finished
     rows: list[dict[str, Any]] = field(default_factory=list)  # the final result of every trial that trained to the end
     ended_early: str | None = None  # why the searcher ended the search before num_samples trials, if it did
     stored_at: str | None = None  # the run folder's URI when it is kept in an object store (run_dir: a working copy)

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pathsearch.model import PathEnsembleViT
-from pathsearch.scoring import mask_predictions
+from pathsearch.ensemble.model import PathEnsembleViT
+from pathsearch.ensemble.scoring import mask_predictions
 
 
 @dataclass

@@ -20,8 +20,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from pathsearch.config import SearchFile
-from pathsearch.confirm import PLAN_FILE, confirm_search
-from pathsearch.results import (
+from pathsearch.search.confirm import PLAN_FILE, confirm_search
+from pathsearch.search.results import (
     EXHAUSTED,
     SearchResult,
     best_and_baseline,
@@ -31,8 +31,9 @@ from pathsearch.results import (
     study_counts,
     study_table,
 )
-from pathsearch.runner import ProgressLine
-from pathsearch.searcher import (
+from pathsearch.search.run import SEARCH_STAGE, SearchRun
+from pathsearch.search.runner import ProgressLine
+from pathsearch.search.searcher import (
     JOURNAL,
     PathOptunaSearch,
     baseline_point,
@@ -41,7 +42,6 @@ from pathsearch.searcher import (
     restoring_into,
     study_storage,
 )
-from pathsearch.searchrun import SEARCH_STAGE, SearchRun
 
 
 def run(run: SearchRun, trainable: Any, verbose: bool) -> SearchResult:

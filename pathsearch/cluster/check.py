@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import pathsearch
 from pathsearch import storage
-from pathsearch.cluster import (
+from pathsearch.cluster.jobs import (
     NODE_PYTHON,
     TERMINAL_EXIT,
     as_uri,
@@ -386,7 +386,7 @@ def inspect_cluster(tracking_uri: str, storage_path: str) -> dict[str, Any]:
     from ray.experimental.internal_kv import _internal_kv_list
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from pathsearch import placement
+    from pathsearch.cluster import placement
 
     ray.init(address="auto")
     driver = ray.get_runtime_context().get_node_id()
@@ -472,11 +472,11 @@ def _result(ref: Any, waiting: str) -> tuple[Any, str | None]:
 
 
 def main(argv: Sequence[str]) -> int:
-    """`python -m pathsearch.clustercheck inspect URI PATH`: the check job's entrypoint (one line of JSON)."""
+    """`python -m pathsearch.cluster.check inspect URI PATH`: the check job's entrypoint (one line of JSON)."""
     if argv[:1] == ["inspect"] and len(argv) == 3:
         print("CHECK " + json.dumps(inspect_cluster(argv[1], argv[2])), flush=True)
         return 0
-    print("usage: python -m pathsearch.clustercheck inspect TRACKING_URI STORAGE_PATH", file=sys.stderr)
+    print("usage: python -m pathsearch.cluster.check inspect TRACKING_URI STORAGE_PATH", file=sys.stderr)
     return 2
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from pathsearch.space import parse_number
+from pathsearch.config.space import parse_number
 
 
 class ConfigError(ValueError):

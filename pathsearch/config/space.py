@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pathsearch.paths import path_names
+from pathsearch.config.paths import path_names
 
 MASK_BY = ("path", "layer", "group", "shortest")
 SCALE_BY = ("one", "group", "path")

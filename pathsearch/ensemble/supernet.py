@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from pathsearch.config import SupernetConfig
-from pathsearch.model import PathEnsembleViT
+from pathsearch.ensemble.model import PathEnsembleViT
 
 
 # ----- supernet training ----------------------------------------------------------------------------------------

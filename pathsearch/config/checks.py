@@ -18,10 +18,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from pathsearch.datasets import HELD_OUT_VAL, MNIST_FOLDERS, digits_split_sizes, mnist_missing
-from pathsearch.paths import PathConfig
-from pathsearch.space import lookup_value
-from pathsearch.typed import ConfigError, deep_copy, set_dotted
+from pathsearch.config.datasets import HELD_OUT_VAL, MNIST_FOLDERS, digits_split_sizes, mnist_missing
+from pathsearch.config.paths import PathConfig
+from pathsearch.config.space import lookup_value
+from pathsearch.config.typed import ConfigError, deep_copy, set_dotted
 
 
 def trial_problems(trial: Any, source: str) -> list[str]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from pathsearch.datasets import (
+from pathsearch.config.datasets import (
     CIFAR_VAL_SIZE,
     FASHION_MNIST_DEBIAN,
     MNIST_FILES,

@@ -22,9 +22,9 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from pathsearch.datasets import SHAPES
-from pathsearch.results import EXHAUSTED, INFEASIBLE, REUSED, trained_to_end
-from pathsearch.space import SearchSpace, lookup_value, sample_overrides
+from pathsearch.config.datasets import SHAPES
+from pathsearch.config.space import SearchSpace, lookup_value, sample_overrides
+from pathsearch.search.results import EXHAUSTED, INFEASIBLE, REUSED, trained_to_end
 
 SAMPLERS = ("tpe", "nsga2", "random", "gp", "qmc")
 JOURNAL = "optuna_journal.log"  # in the run directory: the study's full history
@@ -118,7 +118,7 @@ class PathOptunaSearch(OptunaSearch):
 
     def _params(self, overrides: Mapping[str, Any]) -> int:
         """Parameter count for the sampled model settings (meta device, cached per distinct setting)."""
-        from pathsearch.model import model_params  # lazily: the driver needs torch only for this cap
+        from pathsearch.ensemble.model import model_params  # lazily: the driver needs torch only for this cap
 
         model, data = self.base["model"], self.base.get("data", {})
         kwargs = {

@@ -20,11 +20,12 @@ from typing import Any
 
 from ray import tune
 
-from pathsearch import storage, workcopy
+from pathsearch import storage
 from pathsearch.config import SearchFile
-from pathsearch.results import SearchResult, trained_to_end
-from pathsearch.rundirs import unique_run_dir, unique_run_name
-from pathsearch.runner import StopSignal, quiet_console, runnable, stop_signalled
+from pathsearch.search.results import SearchResult, trained_to_end
+from pathsearch.search.runner import StopSignal, quiet_console, runnable, stop_signalled
+from pathsearch.storage import workcopy
+from pathsearch.storage.rundirs import unique_run_dir, unique_run_name
 from pathsearch.tracking.runs import PARENT_TAG, RunLog, SearchRuns, default_tracking_uri
 
 STATE_FILE = "pathsearch_state.json"  # in the run directory: the search's name, tracking store and parent run
@@ -87,7 +88,7 @@ class SearchRun:
             if "depth" in state:
                 spec = load_search_file(folder / "search.yaml", model_depth=lambda *_: state["depth"])
             else:
-                from pathsearch.model import model_depth
+                from pathsearch.ensemble.model import model_depth
 
                 spec = load_search_file(folder / "search.yaml", model_depth=model_depth)
         except BaseException:

@@ -22,11 +22,11 @@ import yaml
 from ray import tune
 
 from pathsearch.config import SearchFile
-from pathsearch.confirm import choose_candidates, confirm_search
-from pathsearch.proxysearch import proxy_search
-from pathsearch.results import SearchResult
-from pathsearch.searcher import baseline_point
-from pathsearch.searchrun import SearchRun, checkpoint_of
+from pathsearch.search.confirm import choose_candidates, confirm_search
+from pathsearch.search.proxysearch import proxy_search
+from pathsearch.search.results import SearchResult
+from pathsearch.search.run import SearchRun, checkpoint_of
+from pathsearch.search.searcher import baseline_point
 from pathsearch.tracking.runs import ROLE_TAG, RunLog
 
 STAGE1_FILE = "oneshot_stage1.json"  # in the run directory: what stage 2 and `resume` need from stage 1

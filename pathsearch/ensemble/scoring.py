@@ -15,7 +15,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from pathsearch.model import PathEnsembleViT, combine_paths
+from pathsearch.ensemble.model import PathEnsembleViT, combine_paths
 
 
 @dataclass

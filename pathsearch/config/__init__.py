@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pathsearch.configcheck import (
+from pathsearch.config.checks import (
     baseline_problems,
     condition_problems,
     confirm_test_problems,
@@ -25,10 +25,12 @@ from pathsearch.configcheck import (
     trial_problems,
     two_stage_problems,
 )
-from pathsearch.datasets import FASHION_MNIST_DEBIAN as FASHION_MNIST_DEBIAN  # benchmarks/gpu.py imports it from here
-from pathsearch.paths import DistillConfig, EnsembleScaleConfig, PathConfig
-from pathsearch.space import parse_space
-from pathsearch.typed import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from pathsearch.config.datasets import (
+    FASHION_MNIST_DEBIAN as FASHION_MNIST_DEBIAN,  # benchmarks/gpu.py imports it from here
+)
+from pathsearch.config.paths import DistillConfig, EnsembleScaleConfig, PathConfig
+from pathsearch.config.space import parse_space
+from pathsearch.config.typed import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 # Top-level sections of a search file; the search-only ones (search, space, tracking) are read by the search.
 SECTIONS = {"model", "data", "train", "search", "space", "tracking"}
@@ -186,7 +188,7 @@ class ConfirmConfig:
 
     With `max_seeds` it is sequential: `seeds` is the first round, each later round adds `step` paired seeds for the
     baseline and the challengers not yet decided, until each is decided (its anytime-valid interval above 0, below 0
-    or below `min_effect`) or `max_seeds` (pathsearch.sequential).
+    or below `min_effect`) or `max_seeds` (pathsearch.search.sequential).
 
     Present in a search file: on (unless `enabled: false`); absent: off.
     """
@@ -251,7 +253,7 @@ class SearchFile:
     trial: TrialConfig
     search: SearchConfig
     tracking: TrackingConfig
-    space: Any  # pathsearch.space.SearchSpace
+    space: Any  # pathsearch.config.space.SearchSpace
     raw: dict[str, Any]  # the file with overrides applied, as plain data
 
     @property
@@ -275,7 +277,7 @@ def load_search_file(
     """Loads and checks a whole search file; raises ConfigError listing every problem (file, key, what).
 
     `model_depth(name, kwargs) -> int` resolves the timm model's depth (and refuses unknown or non-ViT models);
-    the CLI passes `pathsearch.model.model_depth` so that this module stays free of torch. Without it the file
+    the CLI passes `pathsearch.ensemble.model.model_depth` so that this module stays free of torch. Without it the file
     must set `model.kwargs.depth`. `check_trial(cfg, source) -> problems` adds what the trial will meet once it runs
     (pathsearch.preflight builds the model on the meta device), for the base and the space's extreme points. A
     search file needs a non-empty `space` (`load_trial_config` reads the same file for one trial, without one).

@@ -14,10 +14,10 @@ import optuna
 from optuna.trial import TrialState
 
 from pathsearch import storage
-from pathsearch.paths import path_names, resolve_scale_init
-from pathsearch.runner import claim_device
-from pathsearch.searcher import make_sampler
-from pathsearch.space import SearchSpace, sample_overrides
+from pathsearch.config.paths import path_names, resolve_scale_init
+from pathsearch.config.space import SearchSpace, sample_overrides
+from pathsearch.search.searcher import make_sampler
+from pathsearch.trial.trainable import claim_device
 
 
 def proxy_search(
@@ -48,7 +48,7 @@ def proxy_search(
     import ray
     import torch
 
-    from pathsearch.proxy import ProxyScorer
+    from pathsearch.trial.proxy import ProxyScorer
 
     device = claim_device(ray.get_runtime_context().get_assigned_resources())[0]
     if threads:

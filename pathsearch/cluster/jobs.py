@@ -28,7 +28,7 @@ from typing import Any
 
 import pathsearch
 from pathsearch import storage
-from pathsearch.rundirs import unique_run_name
+from pathsearch.storage.rundirs import unique_run_name
 
 LOCAL_ONLY_SCHEMES = ("sqlite", "file", "")  # a store only the head node could open
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
@@ -139,7 +139,7 @@ def tracking_form_problems(tracking_uri: str, nodes: Sequence[dict[str, Any]]) -
         problems.append(
             f"--tracking-uri {tracking_uri}: a local MLflow store, but the cluster has {len(nodes)} nodes; "
             "give an MLflow server every node and you can reach (http://HOST:5000): `python -m "
-            "pathsearch.localcluster up` starts one with a local cluster on this machine, and `mlflow server --host "
+            "pathsearch.cluster.local up` starts one with a local cluster on this machine, and `mlflow server --host "
             "0.0.0.0` with a database store runs a shared one (the repository's cluster/mlflow/ deploys it)"
         )
     elif scheme in LOCAL_ONLY_SCHEMES and not _local_store_path(tracking_uri).is_absolute():
@@ -280,7 +280,7 @@ def _runtime_env(search_file: Path | None) -> tuple[dict[str, Any], tempfile.Tem
 
 
 def run_module_job(
-    client: Any, args: Sequence[str], timeout_s: float = 300, module: str = "pathsearch.cluster"
+    client: Any, args: Sequence[str], timeout_s: float = 300, module: str = "pathsearch.cluster.jobs"
 ) -> tuple[str, str, str]:
     """(job id, final status, logs) of `python -m MODULE ARGS` run as a job on the head, with this package shipped
     as it is for a search (zero CPUs: it runs on a head that offers none)."""
@@ -496,14 +496,14 @@ def stop_job(address: str | None, job_id: str, wait_s: float = 60) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    """`python -m pathsearch.cluster preflight URI PATH`: the preflight job's entrypoint (one line per problem)."""
+    """`python -m pathsearch.cluster.jobs preflight URI PATH`: the preflight job's entrypoint (one line per problem)."""
     if argv[:1] == ["preflight"] and len(argv) == 3:
         problems = preflight(argv[1], argv[2])
         for problem in problems:
             print(f"PROBLEM {problem}", flush=True)
         print(f"preflight: {len(problems)} problem(s)")
         return 0
-    print("usage: python -m pathsearch.cluster preflight TRACKING_URI STORAGE_PATH", file=sys.stderr)
+    print("usage: python -m pathsearch.cluster.jobs preflight TRACKING_URI STORAGE_PATH", file=sys.stderr)
     return 2
 
 

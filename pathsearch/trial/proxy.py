@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pathsearch.config import TrialConfig
-from pathsearch.data import make_loader
-from pathsearch.model import PathEnsembleViT, create_path_vit
-from pathsearch.paths import PathConfig
-from pathsearch.scoring import MaskScores, PathFeatures, cache_path_features, score_masks
-from pathsearch.train import load_checkpoint_model, load_trial_data, resolve_device
+from pathsearch.config.paths import PathConfig
+from pathsearch.ensemble.model import PathEnsembleViT, create_path_vit
+from pathsearch.ensemble.scoring import MaskScores, PathFeatures, cache_path_features, score_masks
+from pathsearch.trial.data import make_loader
+from pathsearch.trial.train import load_checkpoint_model, load_trial_data, resolve_device
 
 
 # ----- scoring path configurations of a trained supernet ---------------------------------------------------------

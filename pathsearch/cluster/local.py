@@ -4,7 +4,7 @@
 MLflow tracking server (one worker, no job execution), all bound to 127.0.0.1 with token authentication on.
 Each runs in its own session, recorded in DIR/cluster.json, so `down` stops exactly those processes and
 nothing else of the user's (`ray stop` would stop every Ray on the machine). Imports no torch.
-Usage: python -m pathsearch.localcluster up|down|status [--dir DIR] [--workers N] ... (the repository's
+Usage: python -m pathsearch.cluster.local up|down|status [--dir DIR] [--workers N] ... (the repository's
 cluster/local.sh runs it with the repository's virtual environment).
 """
 
@@ -27,10 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pathsearch.cluster import auth_headers, list_nodes, read_ray_token
+from pathsearch.cluster.jobs import auth_headers, list_nodes, read_ray_token
 
 # what the user typed: cluster/local.sh sets it; installed without the repository, the module is run directly
-PROG = os.environ.get("PATHSEARCH_PROG", "python -m pathsearch.localcluster")
+PROG = os.environ.get("PATHSEARCH_PROG", "python -m pathsearch.cluster.local")
 
 STATE_FILE = "cluster.json"
 

@@ -12,11 +12,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pathsearch import full, oneshot, placement
+from pathsearch.cluster import placement
 from pathsearch.config import SearchFile
-from pathsearch.results import SearchResult
-from pathsearch.runner import init_ray, shutdown_ray
-from pathsearch.searchrun import Interrupted, SearchRun
+from pathsearch.search import full, oneshot
+from pathsearch.search.results import SearchResult
+from pathsearch.search.run import Interrupted, SearchRun
+from pathsearch.search.runner import init_ray, shutdown_ray
 
 __all__ = ["STRATEGIES", "Interrupted", "resume_search", "run_search"]
 

@@ -41,7 +41,7 @@ class Confirmation:
     interrupted: bool = False
     files: dict[str, Path] = field(default_factory=dict)
     search_metric: str = "val_acc"  # what the candidates' search scores measured (proxy_val_acc in two_stage)
-    design: dict[str, Any] | None = None  # a sequential confirmation's design (pathsearch.sequential.Design)
+    design: dict[str, Any] | None = None  # a sequential confirmation's design (pathsearch.search.sequential.Design)
     rounds: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # per round: challenger -> its Decision
 
     def candidate(self, label: str) -> dict[str, Any]:

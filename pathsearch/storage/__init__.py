@@ -305,7 +305,7 @@ def download_run(uri: str) -> Path:
         raise ValueError(f"{uri}: no such run folder in the store") from None
     except OSError as err:
         raise ValueError(f"{uri}: cannot read the store: {_first_line(err)}") from None
-    from pathsearch.workcopy import InUse, claim  # stdlib only: the lock that names its process
+    from pathsearch.storage.workcopy import InUse, claim  # stdlib only: the lock that names its process
 
     try:
         copy = claim(local_copy(name_of(uri)))  # until the search ends (search.py releases it)

@@ -36,12 +36,12 @@ from timm.scheduler import CosineLRScheduler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from pathsearch.analysis import analyze_paths
 from pathsearch.config import TrialConfig, load_trial_config
-from pathsearch.data import DataBundle, TensorBatches, load_data, make_loader, on_device
-from pathsearch.model import PathEnsembleViT, create_path_vit
-from pathsearch.supernet import sample_supernet_masks, supernet_loss
-from pathsearch.typed import to_dict
+from pathsearch.config.typed import to_dict
+from pathsearch.ensemble.analysis import analyze_paths
+from pathsearch.ensemble.model import PathEnsembleViT, create_path_vit
+from pathsearch.ensemble.supernet import sample_supernet_masks, supernet_loss
+from pathsearch.trial.data import DataBundle, TensorBatches, load_data, make_loader, on_device
 
 Report = Callable[[dict[str, Any], str | None], None]
 CHECKPOINT_VERSION = 1

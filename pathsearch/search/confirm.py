@@ -24,13 +24,11 @@ import yaml
 from ray import tune
 
 from pathsearch.config import SearchFile
-from pathsearch.results import SearchResult
-from pathsearch.runner import ProgressLine
-from pathsearch.searchrun import SearchRun, checkpoint_of
-from pathsearch.sequential import BEATS, NO_GAIN, WORSE, Decision, Design, assess, seeds_to_decide
-from pathsearch.tracking.runs import NOTE_TAG, PARENT_TAG, ROLE_TAG, RunLog
-from pathsearch.tracking.tags import VERDICT_TAG, WINNER_TAG
-from pathsearch.verdict import (
+from pathsearch.search.results import SearchResult
+from pathsearch.search.run import SearchRun, checkpoint_of
+from pathsearch.search.runner import ProgressLine
+from pathsearch.search.sequential import BEATS, NO_GAIN, WORSE, Decision, Design, assess, seeds_to_decide
+from pathsearch.search.verdict import (
     BASELINE,
     METHOD,
     SEQUENTIAL_METHOD,
@@ -44,6 +42,8 @@ from pathsearch.verdict import (
     seeds_text,
     sequential_verdict,
 )
+from pathsearch.tracking.runs import NOTE_TAG, PARENT_TAG, ROLE_TAG, RunLog
+from pathsearch.tracking.tags import VERDICT_TAG, WINNER_TAG
 
 CONFIRM_DIR = "confirm"  # the confirmation's Tune experiment, inside the search's run directory
 PLAN_FILE = "confirm_plan.json"  # candidates, seeds and MLflow runs: what `resume` needs to continue
@@ -74,7 +74,7 @@ class Plan:
     seeds: list[int]  # every seed planned so far (the rounds' seeds, in order)
     candidates: list[Candidate]
     search_metric: str  # what `search_value` measured (val_acc, or proxy_val_acc in a two-stage search)
-    design: dict[str, Any] | None = None  # a sequential confirmation's Design (pathsearch.sequential); None: fixed
+    design: dict[str, Any] | None = None  # a sequential confirmation's Design (search.sequential); None: fixed
     rounds: list[dict[str, Any]] = field(default_factory=list)  # {"seeds", "labels", "done"} each
     results: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # label -> seed -> finished values
     looks: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # per finished round: label -> Decision
@@ -126,7 +126,7 @@ def baseline_overrides(spec: SearchFile) -> dict[str, Any]:
 def config_key(overrides: Mapping[str, Any], base: Mapping[str, Any], keys: Sequence[str]) -> str:
     """Identity of a configuration: the effective value of every key any candidate sets (a sampled value equal to
     the base's is the same configuration as not setting it)."""
-    from pathsearch.space import lookup_value
+    from pathsearch.config.space import lookup_value
 
     return json.dumps({k: lookup_value(overrides, base, k) for k in sorted(keys)}, sort_keys=True, default=str)
 
@@ -171,7 +171,7 @@ def _source(row: Mapping[str, Any]) -> str:
 def describe(overrides: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> str:
     """A configuration in plain words, e.g. 'prune embed, attn.1, mlp.1; EnsembleScale init 0.1; lr 0.0012';
     with `base`, only what differs from it."""
-    from pathsearch.space import lookup_value
+    from pathsearch.config.space import lookup_value
 
     parts = []
     for key, value in overrides.items():
