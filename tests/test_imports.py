@@ -63,3 +63,26 @@ def test_export_leaves_ray_and_optuna_unloaded():
     result = run_python(["-c", code], dict(os.environ))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_the_flat_layouts_module_names_are_the_modules_that_hold_their_code_now():
+    """Tune's and Optuna's snapshots of a search started before the layer packages pickle the trainable, the
+    searcher, the callbacks and the search space by their old module names: each old name imports as the module
+    that holds that code now (one module object, not a copy), and a pickle naming an old module's function loads."""
+    import importlib
+    import pickle
+
+    import pathsearch
+
+    assert len(pathsearch.MOVED) >= 20
+    for old, new in pathsearch.MOVED.items():
+        assert importlib.import_module(f"pathsearch.{old}") is importlib.import_module(f"pathsearch.{new}"), old
+    from pathsearch.search.runner import ProgressLine
+    from pathsearch.trial.trainable import train_trial
+
+    assert pickle.loads(b"cpathsearch.runner\ntrain_trial\n.") is train_trial  # protocol 0: module, then name
+    assert pickle.loads(b"cpathsearch.runner\nProgressLine\n.") is ProgressLine
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("pathsearch.no_such_module")
+    assert pathsearch.create_path_vit.__module__ == "pathsearch.ensemble.model"
+    assert pathsearch.PathConfig.__module__ == "pathsearch.config.paths"

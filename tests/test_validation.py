@@ -325,8 +325,8 @@ def test_a_trial_is_placeable_only_on_one_node_holding_all_it_asks():
 def test_the_autoscaler_is_asked_for_the_trials_a_search_runs_at_once_and_its_supernet():
     """What a search asks a cluster's autoscaler for: max_concurrent_trials trials' bundles (all num_samples when it
     is unset, never more), and a two_stage search's supernet trial with its own CPUs."""
-    from pathsearch.cluster.placement import demand_of
     from pathsearch.config import load_search_file
+    from pathsearch.search.driver import demand_of
 
     root = Path(__file__).resolve().parents[1] / "search_spaces"
     two = demand_of(load_search_file(root / "digits_two_stage.yaml"), "two")

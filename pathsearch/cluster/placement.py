@@ -75,16 +75,6 @@ class Demand:
         return f"{self.concurrent} trial{'s' if self.concurrent != 1 else ''} of {shape(self.shapes[0])}{extra}"
 
 
-def demand_of(spec: Any, name: str) -> Demand:
-    """The search file's demand: its trial's resources (and a two_stage search's supernet trial's), as many at once
-    as max_concurrent_trials allows (all num_samples when unset)."""
-    s = spec.search
-    shapes = [ray_resources(s.resources_per_trial)]
-    if s.strategy == "two_stage" and s.two_stage.supernet_cpus is not None:
-        shapes.append(ray_resources({**s.resources_per_trial, "cpu": s.two_stage.supernet_cpus}))
-    return Demand(name, shapes, min(s.max_concurrent_trials or s.num_samples, s.num_samples))
-
-
 # ----- the autoscaler ---------------------------------------------------------------------------------------
 @dataclass
 class Autoscaler:

@@ -104,5 +104,15 @@ def resume_search(
 
 def _place(spec: SearchFile, name: str, address: str | None) -> placement.Placement:
     """The cluster can hold the search's trials (asking its autoscaler for them where it has one), or ValueError."""
-    demand = placement.demand_of(spec, name)
+    demand = demand_of(spec, name)
     return placement.prepare(demand, address, spec.search.autoscaler_wait_min, say=lambda line: print(line, flush=True))
+
+
+def demand_of(spec: SearchFile, name: str) -> placement.Demand:
+    """The search file's demand: its trial's resources (and a two_stage search's supernet trial's), as many at once
+    as max_concurrent_trials allows (all num_samples when unset)."""
+    s = spec.search
+    shapes = [placement.ray_resources(s.resources_per_trial)]
+    if s.strategy == "two_stage" and s.two_stage.supernet_cpus is not None:
+        shapes.append(placement.ray_resources({**s.resources_per_trial, "cpu": s.two_stage.supernet_cpus}))
+    return placement.Demand(name, shapes, min(s.max_concurrent_trials or s.num_samples, s.num_samples))

@@ -23,10 +23,11 @@ from ray import tune
 from pathsearch import storage
 from pathsearch.config import SearchFile
 from pathsearch.search.results import SearchResult, trained_to_end
-from pathsearch.search.runner import StopSignal, quiet_console, runnable, stop_signalled
+from pathsearch.search.runner import StopSignal, quiet_console, stop_signalled
 from pathsearch.storage import workcopy
 from pathsearch.storage.rundirs import unique_run_dir, unique_run_name
 from pathsearch.tracking.runs import PARENT_TAG, RunLog, SearchRuns, default_tracking_uri
+from pathsearch.trial.trainable import train_trial
 
 STATE_FILE = "pathsearch_state.json"  # in the run directory: the search's name, tracking store and parent run
 RESUME_HINT = "continue that search with `pathsearch resume`"
@@ -318,6 +319,12 @@ class SearchRun:
 def checkpoint_of(result: Any) -> str | None:
     """Where a Tune result's checkpoint lives (a local path or a store URI), or None."""
     return storage.checkpoint_location(result.checkpoint) if result.checkpoint is not None else None
+
+
+def runnable(spec: SearchFile, trainable: Any) -> Any:
+    """The trainable with the base config bound and the trial's resources (search, supernet and confirmation)."""
+    resources = {k.upper() if k in ("cpu", "gpu") else k: v for k, v in spec.search.resources_per_trial.items()}
+    return tune.with_resources(tune.with_parameters(trainable or train_trial, base=spec.base), resources)
 
 
 def run_config(spec: SearchFile, name: str, storage_path: str, callbacks: list[Any]) -> tune.RunConfig:

@@ -22,16 +22,11 @@ from typing import Any
 
 from ray import tune
 
-from pathsearch.config import SearchFile
 from pathsearch.search.results import trained_to_end
-from pathsearch.trial.trainable import train_trial
 
-
-def runnable(spec: SearchFile, trainable: Any) -> Any:
-    """The trainable with the base config bound and the trial's resources (search, supernet and confirmation)."""
-    resources = {k.upper() if k in ("cpu", "gpu") else k: v for k, v in spec.search.resources_per_trial.items()}
-    return tune.with_resources(tune.with_parameters(trainable or train_trial, base=spec.base), resources)
-
+# The flat layout's trainable was pathsearch.runner.train_trial (pathsearch/__init__.py's MOVED maps that module
+# here): Tune's snapshots of searches started before the layer packages name it so.
+from pathsearch.trial.trainable import train_trial as train_trial
 
 LIBRARY_LOG = "library_output.log"  # in the run directory: Ray's and Optuna's own output, unless --verbose
 # Library warnings that mean the search cannot go on as asked: the quiet console says them in a line of its own
