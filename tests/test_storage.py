@@ -319,6 +319,35 @@ def test_a_name_the_store_has_is_refused_naming_the_store(tmp_path, s3, store_en
     assert workcopy.held((store_env / "mine").resolve()) is None  # no claim kept
 
 
+def test_resume_while_a_live_process_holds_the_working_copy_is_refused_naming_it(tmp_path, s3, store_env):
+    """A resume of a run kept in the store while another live process (here, a child that claimed the copy) holds
+    this machine's working copy: refused with the copy and the process, the copy left as it is; once that process
+    is gone, the resume claims the copy (and finds the run folder in the store)."""
+    from pathsearch.search.run import SearchRun
+    from pathsearch.storage import workcopy
+
+    s3.client("s3").put_object(Bucket=s3.bucket, Key="held/busy/search.yaml", Body=b"in the store")
+    copy = store_env / "busy"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathsearch.storage import workcopy; "
+         f"workcopy.claim(__import__('pathlib').Path({str(copy)!r})); print('held', flush=True); sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError) as err:
+            SearchRun.open("s3://pathsearch/held/busy")
+        assert str(err.value).startswith(f"s3://pathsearch/held/busy: this machine's working copy {copy.resolve()}")
+        assert f"in use by process {holder.pid} (" in str(err.value) and str(err.value).endswith("wait for it to end")
+        assert not (copy / "search.yaml").exists()  # nothing downloaded into a copy another process holds
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(ValueError, match="not a pathsearch run directory"):  # claimed now; the folder has no state
+        SearchRun.open("s3://pathsearch/held/busy")
+    assert workcopy.held(copy.resolve()) is None  # the refused open let go of its claim
+
+
 def test_two_searches_of_one_name_in_two_processes_cannot_both_claim_it(tmp_path, s3, store_env):
     """Two processes claim one name at once: one gets the working copy; the other is refused with the path and the
     process that holds it, as is a third claim while the winner lives; once it is killed, the name is free again."""
