@@ -1,18 +1,18 @@
-"""Is the sequential confirmation right? Simulated confirmations with the seed noise measured in docs/method/runs.jsonl.
+"""Is the sequential confirmation right, and how soon does it answer? Simulated confirmations, every error counted.
 
-Run: .venv/bin/python benchmarks/sequential.py [--sims 10000] [--file search_spaces/fashion_mnist_vit.yaml]
-The noise: per dataset and depth, each arm's per-seed paired test difference from the baseline (same seed), minus
-that arm's mean difference (so only seed noise is left), pooled over the arms and scaled by sqrt(n / (n - 1)) for
-the mean taken out; a simulated seed draws a difference from that pool (a bootstrap of what was measured). The
-design: the search file's `search.confirm` (seeds, step, max_seeds, min_effect, alpha, top_k challengers).
-1. No true difference (every challenger equal to the baseline): the rate of "beats the baseline" verdicts for any
-   challenger, with its Clopper-Pearson 95% interval, against alpha; and the same for the naive rule (a plain 95%
-   t interval at every round), which is not valid when looked at repeatedly.
-2. A true +0.3 points for the first challenger (the others equal to the baseline): how often it is found (beats),
-   and the seeds it used, against the fixed designs of `seeds` and of `max_seeds` seeds (one look, its 95% paired t
-   interval at alpha split over the challengers, as the sequential rule splits it).
-3. A true -0.75 points (self-distillation's measured effect): how often it is decided worse (or of no gain), and
-   the seeds spent before it stops.
+Run: .venv/bin/python benchmarks/sequential.py [--sims 20000]            # the table: every rule, noise and case
+     .venv/bin/python benchmarks/sequential.py --sd 0.0029 --effect 0.0025 --max-seeds 20 --sims N --json
+                                                                         # one case, one JSON line
+A simulated challenger's paired test differences from the baseline are its true effect plus seed noise: normal with
+a paired SD (0.19, 0.29, 0.37 points: the spreads measured on digits and Fashion-MNIST), a heavy-tailed t with 3 df
+scaled to that SD, or drawn from the per-seed pools measured in docs/method/runs.jsonl (centred per arm, as a
+bootstrap). Each row: the rate of every decision (beats, worse, no gain, undecided) with its Clopper-Pearson 95%
+interval, and the seeds a challenger trained, for three rules on the same draws: the exact boundaries (every new
+confirmation), the union-bound spending rule (confirmations planned before them) and one fixed look at max_seeds
+(a paired t test at alpha, two-sided: the plain experiment). With no true difference every "beats" and every "worse"
+is an error; with K = 2 the second challenger has no true difference and "any error" counts both.
+Challengers are simulated independently (the shared baseline seeds make theirs positively correlated in a real
+confirmation, which only lowers the chance that two err together).
 """
 
 from __future__ import annotations
@@ -20,99 +20,191 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pathsearch.config import load_search_file  # noqa: E402
-from pathsearch.search.sequential import BEATS, NO_GAIN, WORSE, Design, assess, naive, run, summary  # noqa: E402
+from pathsearch.search.sequential import BEATS, NO_GAIN, WORSE, Design, t_quantile  # noqa: E402
+
+STATES = (BEATS, WORSE, NO_GAIN, "undecided")
 
 
 def noise_pools(path: Path) -> dict[str, list[float]]:
     """'<dataset> depth <d>' -> centred per-seed paired test differences from the baseline, pooled over arms."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     pools: dict[str, list[float]] = {}
-    groups = {(r["dataset"], r["depth"]) for r in rows}
-    for dataset, depth in sorted(groups):
+    for dataset, depth in sorted({(r["dataset"], r["depth"]) for r in rows}):
         here = [r for r in rows if (r["dataset"], r["depth"]) == (dataset, depth)]
         base = {r["seed"]: r["test_acc"] for r in here if r["arm"] == "baseline"}
-        arms = sorted({r["arm"] for r in here if r["arm"] != "baseline" and r["claim"] != "search"})
         pool = []
-        for arm in arms:
+        for arm in sorted({r["arm"] for r in here if r["arm"] != "baseline" and r["claim"] != "search"}):
             diffs = [r["test_acc"] - base[r["seed"]] for r in here if r["arm"] == arm and r["seed"] in base]
-            if len(diffs) < 2:
-                continue
-            mean, scale = statistics.fmean(diffs), math.sqrt(len(diffs) / (len(diffs) - 1))
-            pool += [scale * (d - mean) for d in diffs]
+            if len(diffs) >= 2:
+                mean, scale = statistics.fmean(diffs), math.sqrt(len(diffs) / (len(diffs) - 1))
+                pool += [scale * (d - mean) for d in diffs]
         pools[f"{dataset} depth {depth}"] = pool
     return pools
 
 
-def simulate(design: Design, deltas: Sequence[float], pool: Sequence[float], sims: int, rule=assess, seed: int = 0):
-    rng = random.Random(seed)
-    labels = [f"c{i}" for i in range(len(deltas))]
-    shift = dict(zip(labels, deltas, strict=True))
+def bounds_of(design: Design, rule: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(beats, worse, no gain) boundaries on the paired t statistic at each look: the design's exact ones, or the
+    spending rule's interval at each look's level (its interval above 0 is t > q; below 0, t < -q; below
+    min_effect, the shifted t < -q), or the fixed design's one look at alpha."""
+    if rule == "exact":
+        return np.array(design.beats), np.array(design.worse), np.array(design.no_gain)
+    looks = design.looks()
+    if rule == "fixed":
+        q = np.full(len(looks), np.inf)
+        q[-1] = t_quantile(design.alpha / design.challengers, looks[-1])
+        return q, q, q
+    spending = Design(design.seeds, design.step, design.max_seeds, design.min_effect, design.alpha, design.challengers)
+    q = np.array([t_quantile(spending.level(k), n) for k, n in enumerate(looks)])
+    return q, q, q
 
-    def draw(label: str, k: int) -> list[float]:
-        return [shift[label] + rng.choice(pool) for _ in range(k)]
 
-    return [run(design, draw, labels, rule) for _ in range(sims)]
+def simulate(
+    design: Design, rule: str, effect: float, noise: str, sd: float, sims: int, seed: int, pool: Sequence[float] = ()
+) -> dict[str, np.ndarray]:
+    """`sims` confirmations of one challenger with true `effect`: its decision (index into STATES) and seeds."""
+    rng = np.random.default_rng(seed)
+    n_max = design.max_seeds
+    if noise == "normal":
+        draws = rng.standard_normal((sims, n_max)) * sd
+    elif noise == "t3":
+        draws = rng.standard_t(3, (sims, n_max)) * sd / math.sqrt(3.0)  # t(3) has variance 3
+    else:
+        draws = rng.choice(np.asarray(pool), (sims, n_max))
+    x = effect + draws
+    beats, worse, no_gain = bounds_of(design, rule)
+    state = np.full(sims, 3)
+    seeds = np.full(sims, n_max)
+    open_ = np.ones(sims, dtype=bool)
+    for k, n in enumerate(design.looks()):
+        part = x[:, :n]
+        mean = part.mean(axis=1)
+        sd_hat = part.std(axis=1, ddof=1)
+        spread = sd_hat > 1e-12
+        se = np.where(spread, sd_hat, np.nan) / math.sqrt(n)
+        with np.errstate(invalid="ignore"):
+            t = mean / se
+            shifted = (mean - design.min_effect) / se
+            verdicts = [t > beats[k], t < -worse[k], shifted < -no_gain[k]]
+        for index, hit in enumerate(verdicts):
+            now = open_ & spread & hit
+            state[now], seeds[now] = index, n
+            open_ &= ~now
+        if not open_.any():
+            break
+    return {"state": state, "seeds": seeds}
 
 
-def rate_ci(hits: int, total: int) -> str:
+def rate(hits: int, total: int) -> dict[str, float]:
     from scipy.stats import binomtest
 
     ci = binomtest(hits, total).proportion_ci(0.95)
-    return f"{hits / total:.4f} (95% CI {ci.low:.4f} to {ci.high:.4f}, {hits} of {total})"
+    return {"rate": hits / total, "low": float(ci.low), "high": float(ci.high)}
 
 
-def fixed(n: int, design: Design, deltas: Sequence[float], pool: Sequence[float], sims: int, seed: int = 0) -> float:
-    """Power of a fixed design of n seeds for the first challenger: its 95% paired t interval (alpha split over the
-    challengers) lies above 0."""
-    one = Design(n, 1, n, design.min_effect, design.alpha, design.challengers)
-    outcomes = simulate(one, deltas, pool, sims, seed=seed)
-    return summary(outcomes, "c0")[BEATS]
+def case(
+    design: Design, rule: str, effect: float, noise: str, sd: float, sims: int, pool: Sequence[float] = ()
+) -> dict[str, object]:
+    """Every decision's rate with its interval, the mean seeds (with its 95% interval) and, for K = 2, any error
+    (the second challenger's "beats" or "worse", or the first's wrong end)."""
+    first = simulate(design, rule, effect, noise, sd, sims, 1, pool)
+    out: dict[str, object] = {name: rate(int((first["state"] == i).sum()), sims) for i, name in enumerate(STATES)}
+    spent = first["seeds"].astype(float)
+    half = 1.96 * spent.std(ddof=1) / math.sqrt(sims)
+    out["mean_seeds"] = {
+        "mean": float(spent.mean()),
+        "low": float(spent.mean() - half),
+        "high": float(spent.mean() + half),
+    }
+    wrong = first["state"] == (1 if effect > 0 else 0) if effect != 0 else np.isin(first["state"], (0, 1))
+    if design.challengers > 1:  # the others have no true difference: any "beats" or "worse" of theirs is an error
+        for j in range(1, design.challengers):
+            other = simulate(design, rule, 0.0, noise, sd, sims, 1 + j, pool)
+            wrong |= np.isin(other["state"], (0, 1))
+    out["any_error"] = rate(int(wrong.sum()), sims)
+    return out
+
+
+def design_of(max_seeds: int, challengers: int, min_effect: float = 0.0025, seeds: int = 3, step: int = 2) -> Design:
+    return Design.exact(seeds, step, max_seeds, min_effect, 0.05, challengers)
+
+
+def table(sims: int, runs: Path) -> None:
+    pools = noise_pools(runs)
+    fmt = "{:<11} {:<7} {:<2} {:<9} {:>7}  {:>22} {:>22} {:>8} {:>10} {:>6}"
+    print(fmt.format("noise", "sd pts", "K", "rule", "effect", "beats [95% CI]", "worse [95% CI]", "no gain",
+                     "undecided", "seeds"))  # fmt: skip
+    cases: list[tuple[str, float, Sequence[float]]] = [("normal", sd, ()) for sd in (0.0019, 0.0029, 0.0037)]
+    cases += [("t3", 0.0029, ())]
+    for name, pool in pools.items():  # '<dataset> depth <d>'
+        if len(pool) > 20:
+            dataset, depth = name.split()[0], name.split()[-1]
+            cases.append((f"{dataset[:7]}/d{depth}", statistics.pstdev(pool), pool))
+    for k in (1, 2):
+        design = design_of(20, k)
+        for noise, sd, pool in cases:
+            kind = noise if noise in ("normal", "t3") else "pool"
+            effects = [0.0, 0.0025] if kind == "normal" else [0.0]
+            if kind == "normal" and sd == 0.0037:
+                effects.append(-0.0075)
+            for effect in effects:
+                for rule in ("exact", "spending", "fixed"):
+                    r = case(design, rule, effect, kind, sd, sims, pool)
+
+                    def cell(name: str, r: dict[str, object] = r) -> str:
+                        v = r[name]
+                        assert isinstance(v, dict)
+                        return f"{v['rate']:.3f} [{v['low']:.3f},{v['high']:.3f}]"
+
+                    seeds = r["mean_seeds"]
+                    assert isinstance(seeds, dict)
+                    print(fmt.format(noise, f"{100 * sd:.2f}", k, rule, f"{100 * effect:+.2f}", cell(BEATS),
+                                     cell(WORSE), f"{r[NO_GAIN]['rate']:.3f}", f"{r['undecided']['rate']:.3f}",  # type: ignore[index]
+                                     f"{seeds['mean']:.1f}"))  # fmt: skip
+                    if k == 2 and effect == 0.0:
+                        print(f"{'':>40} any error (both challengers): {cell('any_error')}")
+    worse = design_of(20, 1)
+    stop = simulate(worse, "exact", -0.0075, "normal", 0.0037, sims, 7)
+    within = rate(int((stop["seeds"] <= 9).sum() - ((stop["state"] == 3) & (stop["seeds"] <= 9)).sum()), sims)
+    print(f"\ntrue -0.75 points at sd 0.37, exact: stopped within 9 seeds {within['rate']:.3f} "
+          f"[{within['low']:.3f}, {within['high']:.3f}]")  # fmt: skip
+    d = design_of(20, 1)
+    print(
+        f"alpha {d.alpha} split: beats {d.split['beats']:.4f}, worse {d.split['worse']:.4f}, reserve for one "  # type: ignore[index]
+        f"extension {d.split['reserve']:.4f}; 'no gain' errs at most {d.alpha} for a true gain of min_effect"
+    )  # type: ignore[index]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sims", type=int, default=10000)
-    parser.add_argument("--file", default=str(ROOT / "search_spaces" / "fashion_mnist_vit.yaml"))
+    parser.add_argument("--sims", type=int, default=20000)
     parser.add_argument("--runs", default=str(ROOT / "docs" / "method" / "runs.jsonl"))
+    parser.add_argument("--sd", type=float, help="one case: the paired SD (accuracy units: 0.0029 is 0.29 points)")
+    parser.add_argument("--effect", type=float, default=0.0, help="one case: the true paired difference")
+    parser.add_argument("--max-seeds", type=int, default=20)
+    parser.add_argument("--challengers", type=int, default=1)
+    parser.add_argument("--min-effect", type=float, default=0.0025)
+    parser.add_argument("--noise", choices=("normal", "t3"), default="normal")
+    parser.add_argument("--rule", choices=("exact", "spending", "fixed"), default="exact")
+    parser.add_argument("--json", action="store_true", help="one case as one JSON line")
     args = parser.parse_args()
-    c = load_search_file(args.file).search.confirm
-    if c.max_seeds is None:
-        raise SystemExit(f"{args.file}: search.confirm has no max_seeds: not a sequential confirmation")
-    design = Design(c.seeds, c.step, c.max_seeds, c.min_effect, c.alpha, challengers=c.top_k)
-    pools = noise_pools(Path(args.runs))
-    print(f"design from {Path(args.file).name}: looks at {design.looks()} seeds, min_effect {100 * c.min_effect:.2f} "
-          f"points, alpha {c.alpha} over {c.top_k} challengers; {args.sims} simulated confirmations each")  # fmt: skip
-    for name, pool in pools.items():
-        sd = statistics.pstdev(pool)
-        print(f"\n{name}: seed noise of a paired difference sd {100 * sd:.2f} points ({len(pool)} measured seeds)")
-        null = [0.0] * c.top_k
-        for label, rule in (("sequential", assess), ("naive (95% t at every round)", naive)):
-            outcomes = simulate(design, null, pool, args.sims, rule)
-            beats = sum(any(o.decisions[f"c{i}"].state == BEATS for i in range(c.top_k)) for o in outcomes)
-            seeds = statistics.fmean(o.baseline_seeds for o in outcomes)
-            print(f"  no true difference, {label}: 'beats the baseline' rate {rate_ci(beats, len(outcomes))} "
-                  f"(alpha {c.alpha}); baseline seeds used {seeds:.1f}")  # fmt: skip
-        gain = [0.003] + [0.0] * (c.top_k - 1)
-        s = summary(simulate(design, gain, pool, args.sims), "c0")
-        f_first = fixed(design.seeds, design, gain, pool, args.sims)
-        f_max = fixed(design.max_seeds, design, gain, pool, args.sims)
-        print(f"  true +0.30 points: sequential power {s[BEATS]:.3f} with {s['mean_seeds']:.1f} seeds on average "
-              f"(undecided {s['undecided']:.3f}); fixed {design.seeds} seeds {f_first:.3f}; fixed "
-              f"{design.max_seeds} seeds {f_max:.3f}")  # fmt: skip
-        worse = [-0.0075] + [0.0] * (c.top_k - 1)
-        w = summary(simulate(design, worse, pool, args.sims), "c0")
-        print(f"  true -0.75 points: decided worse {w[WORSE]:.3f}, of no gain {w[NO_GAIN]:.3f}, beats {w[BEATS]:.3f};"
-              f" seeds spent before it stops {w['mean_seeds']:.1f} of {design.max_seeds}")  # fmt: skip
+    if args.sd is None:
+        table(args.sims, Path(args.runs))
+        return
+    design = design_of(args.max_seeds, args.challengers, args.min_effect)
+    result = case(design, args.rule, args.effect, args.noise, args.sd, args.sims)
+    result.update(sd=args.sd, effect=args.effect, max_seeds=args.max_seeds, rule=args.rule, sims=args.sims,
+                  looks=design.looks(), split=design.split)  # fmt: skip
+    print(json.dumps(result) if args.json else result)
 
 
 if __name__ == "__main__":

@@ -129,7 +129,11 @@ def _resume(args: argparse.Namespace) -> int:
     from pathsearch.search.driver import resume_search
 
     result = resume_search(
-        args.run_dir, address=args.address, library_output=args.verbose, keep_copy=args.keep_working_copy
+        args.run_dir,
+        address=args.address,
+        library_output=args.verbose,
+        keep_copy=args.keep_working_copy,
+        max_seeds=args.max_seeds,
     )
     with tempfile.TemporaryDirectory(prefix="pathsearch-") as tmp:
         folder = result.run_dir
@@ -437,6 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     resume = verbs.add_parser("resume", help="continue an interrupted search from its run directory")
     resume.add_argument("run_dir", help="the run directory, or its URI in an object store (s3://bucket/prefix/NAME)")
     resume.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    resume.add_argument(
+        "--max-seeds",
+        type=int,
+        default=None,
+        help="extend a finished sequential confirmation that left challengers undecided up to this many paired "
+        "seeds (once: a reserve of its alpha pays for it, so the whole confirmation keeps its error at alpha)",
+    )
     _add_keep_copy(resume)
     resume.set_defaults(func=_resume)
     export = verbs.add_parser(

@@ -28,7 +28,16 @@ from pathsearch.trial.data import AUGMENTED, data_shape
 
 def load_search(path: str | Path, overrides: Sequence[str] = ()) -> SearchFile:
     """A search file, with every problem `search` would meet (ConfigError, one line each)."""
-    return load_search_file(path, overrides, model_depth=model_depth, check_trial=trial_problems)
+    spec = load_search_file(path, overrides, model_depth=model_depth, check_trial=trial_problems)
+    c = spec.search.confirm
+    if c.enabled and c.max_seeds is not None:  # a sequential confirmation: its boundaries must be computable
+        from pathsearch.search.sequential import design_problem
+
+        challengers = c.top_k + (len(spec.search.enqueue) if spec.search.strategy == "two_stage" else 0)
+        problem = design_problem(c.alpha, challengers)
+        if problem:
+            raise ConfigError([f"{path}: search.confirm.alpha: {problem}, got {c.alpha!r}"])
+    return spec
 
 
 def load_trial(path: str | Path, overrides: Sequence[str] = ()) -> TrialConfig:

@@ -225,13 +225,19 @@ def test_method_benchmark_trains_every_arm_on_paired_seeds_and_continues_where_i
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 14
 
 
-def test_sequential_benchmark_simulates_every_dataset_of_the_measured_runs():
+def test_sequential_benchmark_counts_every_error_for_every_noise_and_rule():
     out = run_benchmark("sequential.py", "--sims", "200")
-    assert "looks at [5, 8, 11, 14] seeds" in out  # the shipped Fashion-MNIST file's design
-    for name in ("digits depth 6", "fashion_mnist depth 6", "fashion_mnist depth 12"):
-        block = out[out.index(f"{name}: seed noise") :]
-        sd = float(re.search(r"sd ([\d.]+) points", block).group(1))
-        assert 0 < sd < 5, block  # measured noise of a paired difference, in points
-        rates = re.findall(r"'beats the baseline' rate ([\d.]+) \(95% CI", block)[:2]
-        assert len(rates) == 2  # the sequential rule and the naive one
-        assert re.search(r"true \+0.30 points: sequential power [\d.]+ with [\d.]+ seeds", block)
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[3:4] in (["exact"], ["spending"],
+            ["fixed"])]  # fmt: skip
+    noises = {r[0] for r in rows}
+    assert {"normal", "t3", "digits/d6", "fashion/d6", "fashion/d12"} <= noises, noises  # measured pools too
+    assert {(r[0], r[2], r[3]) for r in rows} >= {(n, k, rule) for n in noises for k in "12"
+                                                  for rule in ("exact", "spending", "fixed")}  # fmt: skip
+    for r in rows:  # beats [CI], worse [CI], no gain, undecided: rates that add up to 1
+        beats, worse, no_gain, undecided = float(r[5]), float(r[7]), float(r[9]), float(r[10])
+        assert abs(beats + worse + no_gain + undecided - 1) < 0.01, r
+    assert "any error (both challengers)" in out and re.search(r"stopped within 9 seeds [\d.]+", out)
+    line = run_benchmark("sequential.py", "--sd", "0.0029", "--effect", "0.0025", "--sims", "300", "--json")
+    case = json.loads(line.strip().splitlines()[-1])
+    assert set(case) >= {"beats", "worse", "no_gain", "undecided", "mean_seeds", "any_error", "split"}
+    assert case["beats"]["low"] <= case["beats"]["rate"] <= case["beats"]["high"] and case["sims"] == 300

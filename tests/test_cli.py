@@ -33,7 +33,7 @@ def test_readme_main_command_searches_confirms_and_exports_a_model_that_scores_i
     small = ["train.epochs=3", "train.eval_every=1", "train.warmup_epochs=0", "data.train_size=200",
              "model.kwargs.depth=2", "search.num_samples=3", "search.scheduler=none", "space.model.pruned.high=3",
              "search.confirm.top_k=1", "search.confirm.seeds=2", "search.confirm.max_seeds=3",
-             "search.confirm.step=1", "search.confirm.alpha=0.001"]  # fmt: skip
+             "search.confirm.step=1", "search.confirm.alpha=0.002"]  # fmt: skip
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [a for s in small for a in ("--set", s)] + ["--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri]
     result = subprocess.run([str(ROOT / "dev.sh"), "run", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -47,8 +47,8 @@ def test_readme_main_command_searches_confirms_and_exports_a_model_that_scores_i
     assert "Started a local Ray instance" in log and "A new study created" in log  # Ray's and Optuna's lines
     lines = result.stdout.strip().splitlines()
     assert lines[-1].startswith("verdict: ") and "paired seeds" in lines[-1]  # the confirmation's verdict ends it
-    # sequential, as the shipped file: 2 seeds at alpha 0.001 decide nothing (one degree of freedom: an interval
-    # 600 times the spread wide), so a second round adds seed 3
+    # sequential, as the shipped file: 2 seeds at alpha 0.002 decide nothing (one degree of freedom: a boundary
+    # over a thousand times the spread), so a second round adds seed 3
     assert "round 1: top 1" in result.stdout and "round 2: top 1" in result.stdout
     assert "confirmation over 3 paired seeds (1-3) in 2 rounds" in result.stdout and "optimism:" in result.stdout
     assert (tmp_path / "mlruns").is_dir()  # artifacts live beside the SQLite store

@@ -196,6 +196,51 @@ def test_sequential_confirmation_adds_seeds_for_the_undecided_and_stops_the_deci
     assert summary["sequential"]["design"]["max_seeds"] == 7 and len(summary["sequential"]["rounds"]) == len(rounds)
 
 
+def test_an_undecided_confirmation_is_extended_once_on_its_reserve_and_decided(tmp_path, local_ray):
+    """A toy search whose challenger is truly +0.7 points with a paired seed SD of about 1.2: 3 seeds leave it
+    undecided; `resume --max-seeds 10` adds rounds for it alone (the baseline and it), on boundaries that spend
+    the reserve, and it is decided to beat the baseline; the verdict says it was extended and on how many seeds it
+    rests. A second extension, one below the seeds run, one of a decided confirmation, and a changed design are
+    refused with one line (exit 2) and the plan is left as it was."""
+    from pathsearch.cli import main
+    from pathsearch.search.driver import resume_search
+
+    spec = confirmed_spec(tmp_path, [0.80, 0.807, 0.78, 0.78], search_seed=0, seeds=2, top_k=1)
+    spec.raw["train"]["toy"].update(sd=0.0085, shared_sd=0.0)
+    c = spec.search.confirm
+    c.max_seeds, c.step = 3, 1
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_search(spec, tmp_path / "runs", uri, name="ext", verbose=False, trainable=toy_search.toy_trial)
+    folder = tmp_path / "runs" / "ext"
+    plan = json.loads((folder / "confirm_plan.json").read_text())
+    challenger = plan["candidates"][1]["label"]
+    assert plan["looks"][-1][challenger]["state"] is None, plan["looks"]  # undecided at its budget of 3 seeds
+    assert "undecided" in result.confirmation.verdict
+    before = (folder / "confirm_plan.json").read_text()
+    for bad in ("3", "2"):  # not more than the seeds that ran
+        assert main(["resume", str(folder), "--max-seeds", bad]) == 2
+    assert (folder / "confirm_plan.json").read_text() == before
+
+    extended = resume_search(folder, trainable=toy_search.toy_trial, verbose=False, max_seeds=10)
+    plan = json.loads((folder / "confirm_plan.json").read_text())
+    assert plan["design"]["extended_from"] == 3 and plan["design"]["max_seeds"] == 10
+    assert all(r["labels"] == ["baseline", challenger] for r in plan["rounds"][2:]) and len(plan["rounds"]) > 2
+    assert plan["looks"][-1][challenger]["state"] == "beats", plan["looks"][-1]
+    verdict = extended.confirmation.verdict
+    assert "beats the baseline" in verdict and "extended from 3 to 10 seeds" in verdict, verdict
+    seeds = len(plan["results"]["baseline"])
+    assert f"{seeds} paired seeds of the baseline" in verdict and 3 < seeds <= 10
+    _, parents, children = child_runs(uri)
+    assert parents[0].info.status == "FINISHED" and all(r.info.status != "RUNNING" for r in children)
+    after = (folder / "confirm_plan.json").read_text()
+    assert main(["resume", str(folder), "--max-seeds", "12"]) == 2  # decided now (and the reserve is spent)
+    data = yaml.safe_load((folder / "search.yaml").read_text())
+    data["search"]["confirm"]["alpha"] = 0.1
+    (folder / "search.yaml").write_text(yaml.safe_dump(data))
+    assert main(["resume", str(folder)]) == 2  # a changed design is refused
+    assert (folder / "confirm_plan.json").read_text() == after
+
+
 def test_paired_t_interval_covers_the_true_difference_95_percent_of_the_time():
     rng = random.Random(0)
     covered, runs = 0, 2000
@@ -297,7 +342,7 @@ def test_sequential_confirmation_killed_in_round_2_resumes_to_its_last_round(tmp
     confirmed_spec(tmp_path, [0.80, 0.805, 0.80, 0.80], search_seed=1, seeds=2, top_k=1)
     spec_file = tmp_path / "toy.yaml"
     data = yaml.safe_load(spec_file.read_text())
-    data["search"]["confirm"].update(max_seeds=6, step=2, alpha=0.001)  # nothing decided before the budget
+    data["search"]["confirm"].update(max_seeds=6, step=2, alpha=0.002)  # nothing decided before the budget
     data["search"]["enqueue"] = [{"prune.shortest": k} for k in (1, 2, 3)]
     data["train"]["seed"] = 1
     spec_file.write_text(yaml.safe_dump(data))

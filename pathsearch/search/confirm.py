@@ -27,7 +27,16 @@ from pathsearch.config import SearchFile
 from pathsearch.search.results import SearchResult
 from pathsearch.search.run import SearchRun, checkpoint_of
 from pathsearch.search.runner import ProgressLine
-from pathsearch.search.sequential import BEATS, NO_GAIN, WORSE, Decision, Design, assess, seeds_to_decide
+from pathsearch.search.sequential import (
+    BEATS,
+    IDENTICAL,
+    NO_GAIN,
+    WORSE,
+    Decision,
+    Design,
+    assess,
+    seeds_to_decide,
+)
 from pathsearch.search.verdict import (
     BASELINE,
     METHOD,
@@ -47,6 +56,7 @@ from pathsearch.tracking.tags import VERDICT_TAG, WINNER_TAG
 
 CONFIRM_DIR = "confirm"  # the confirmation's Tune experiment, inside the search's run directory
 PLAN_FILE = "confirm_plan.json"  # candidates, seeds and MLflow runs: what `resume` needs to continue
+DESIGN_FILE = "confirmation_design.json"  # on the parent run: a sequential confirmation's design and boundaries
 SUMMARY_FILE = "confirmation.yaml"
 PLOT_FILE = "confirmation.png"
 ROUNDS_PLOT_FILE = "confirmation_rounds.png"  # a sequential confirmation's intervals, round by round
@@ -227,7 +237,7 @@ def make_plan(spec: SearchFile, run: SearchRun, candidates: list[Candidate], sea
     conf = spec.search.confirm
     if conf.max_seeds is not None:
         challengers = max(1, len(candidates) - 1)
-        design = Design(conf.seeds, conf.step, conf.max_seeds, conf.min_effect, conf.alpha, challengers)
+        design = Design.exact(conf.seeds, conf.step, conf.max_seeds, conf.min_effect, conf.alpha, challengers)
         plan.design = asdict(design)
     new = [c for c in plan.candidates if c.run_id is None]
     logs = [
@@ -242,13 +252,16 @@ def make_plan(spec: SearchFile, run: SearchRun, candidates: list[Candidate], sea
         )
         for c in new
     ]
+    if plan.design is not None:  # the boundaries every round will be judged by, on the parent from the start
+        text = json.dumps(plan.design, indent=1)
+        logs.append(RunLog(run.parent_run_id, texts={DESIGN_FILE: text}))
     ids = run.log(logs, "creating the confirmation runs")
     if ids is None:
         raise ValueError(
             f"MLflow at {run.state['tracking_uri']} stayed unreachable: the confirmation did not start (resume it "
             "later)"
         )
-    for c, run_id in zip(new, ids, strict=True):
+    for c, run_id in zip(new, ids[: len(new)], strict=True):  # (the design's record, if any, comes after them)
         c.run_id = run_id
     plan.save(run.path(PLAN_FILE))
     run.save(PLAN_FILE)  # a run kept in an object store: what `resume` needs, there now
@@ -410,6 +423,58 @@ def next_round(plan: Plan, design: Design, round_: int, looked: Mapping[str, Dec
     return {"seeds": seeds, "labels": [BASELINE, *undecided], "done": False}
 
 
+def extend_plan(run: SearchRun, max_seeds: int) -> None:
+    """Adds rounds, up to `max_seeds` paired seeds, for the challengers a finished sequential confirmation left
+    undecided (Design.extend: the reserve of alpha pays for them, so the whole confirmation keeps its error at
+    alpha); `resume` then trains them. ValueError (nothing written) when there is nothing it may extend."""
+    where = f"{run.uri}: --max-seeds {max_seeds}"
+    if not run.has(PLAN_FILE):
+        raise ValueError(f"{where}: the search has no confirmation to extend")
+    plan = Plan.load(run.path(PLAN_FILE))
+    design = plan.sequential()
+    if design is None:
+        raise ValueError(f"{where}: its confirmation is not sequential (search.confirm.max_seeds is not set)")
+    if not all(r["done"] for r in plan.rounds) or not plan.looks:
+        raise ValueError(f"{where}: the confirmation has not finished: resume it first, then extend what it leaves")
+    undecided = [label for label, d in plan.looks[-1].items() if d["state"] is None]
+    if not undecided:
+        raise ValueError(f"{where}: every challenger was decided: there is nothing to extend")
+    try:
+        grown = design.extend(max_seeds)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    looks = grown.looks()
+    k = len(plan.rounds)
+    first = max(plan.seeds) + 1
+    seeds = list(range(first, first + looks[k] - looks[k - 1]))
+    plan.design = asdict(grown)
+    plan.rounds.append({"seeds": seeds, "labels": [BASELINE, *undecided], "done": False})
+    plan.seeds = sorted({*plan.seeds, *seeds})
+    plan.save(run.path(PLAN_FILE))
+    run.save(PLAN_FILE)
+
+
+def check_plan(run: SearchRun) -> None:
+    """ValueError when the search file's sequential confirmation differs from the one its plan was made with (a
+    changed design would judge the rounds by boundaries computed for another): extend with `--max-seeds`
+    instead of changing max_seeds."""
+    if not run.has(PLAN_FILE):
+        return
+    design = Plan.load(run.path(PLAN_FILE)).sequential()
+    c = run.spec.search.confirm
+    if design is None or c.max_seeds is None:
+        return
+    planned = {"seeds": design.seeds, "step": design.step, "alpha": design.alpha, "min_effect": design.min_effect}
+    planned["max_seeds"] = design.extended_from if design.extended_from is not None else design.max_seeds
+    changed = [f"{key} {getattr(c, key)!r} (planned {value!r})" for key, value in planned.items()
+               if getattr(c, key) != value]  # fmt: skip
+    if changed:
+        raise ValueError(
+            f"{run.uri}: search.confirm changed since its confirmation was planned: {', '.join(changed)}; put it "
+            "back (more seeds for an undecided confirmation: `pathsearch resume RUN --max-seeds N`)"
+        )
+
+
 def _log_round(
     plan: Plan, design: Design, round_: int, looked: Mapping[str, Decision], run: SearchRun, verbose: bool
 ) -> None:
@@ -436,9 +501,9 @@ def _interval_text(d: Decision) -> str:
 
 
 def _state_text(state: str | None) -> str:
-    return {BEATS: "beats the baseline", WORSE: "worse: stops", NO_GAIN: "no gain worth having: stops"}.get(
-        str(state), "undecided"
-    )
+    stops = {BEATS: "beats the baseline", WORSE: "worse: stops", NO_GAIN: "no gain worth having: stops"}
+    stops[IDENTICAL] = "identical to the baseline on every seed: stops"
+    return stops.get(str(state), "undecided")
 
 
 # ----- statistics and the verdict ----------------------------------------------------------------------------
@@ -503,7 +568,7 @@ def summarise_sequential(
         last.update({label: dict(d) for label, d in round_.items()})
     for d in last.values():
         if d["state"] is None:
-            d["to_decide"] = seeds_to_decide(Decision(**{k: d[k] for k in Decision.__dataclass_fields__}), design)
+            d["to_decide"] = seeds_to_decide(Decision.of(d), design)
     descriptions = {r["label"]: r["description"] for r in rows}
     difference: dict[str, Any] = {}
     if challenger is not None and challenger in last:

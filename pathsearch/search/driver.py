@@ -15,6 +15,7 @@ from typing import Any
 from pathsearch.cluster import placement
 from pathsearch.config import SearchFile
 from pathsearch.search import full, oneshot
+from pathsearch.search.confirm import check_plan, extend_plan
 from pathsearch.search.results import SearchResult
 from pathsearch.search.run import Interrupted, SearchRun
 from pathsearch.search.runner import init_ray, shutdown_ray
@@ -76,14 +77,19 @@ def resume_search(
     verbose: bool = True,
     library_output: bool = False,
     keep_copy: bool = False,
+    max_seeds: int | None = None,
 ) -> SearchResult:
     """Continues an interrupted search from its run directory: finished trials are not trained again and keep their
     MLflow runs; the strategy continues where it stopped (its search, or its confirmation). A run folder in an object
-    store is resumed in a fresh working copy, removed when the search finishes unless `keep_copy`."""
+    store is resumed in a fresh working copy, removed when the search finishes unless `keep_copy`. `max_seeds`
+    extends a finished sequential confirmation that left challengers undecided (confirm.extend_plan)."""
     run = SearchRun.open(run_dir)
     try:
         strategy = STRATEGIES[run.spec.search.strategy]
+        check_plan(run)
         strategy.check_resume(run)
+        if max_seeds is not None:
+            extend_plan(run, max_seeds)
         run.reopen()
         with run.console(library_output):
             ours = init_ray(address)

@@ -139,6 +139,8 @@ def sequential_verdict(
     an answer would take), always with the seeds and rounds it rests on. `decisions`: each challenger's last
     Decision (as a dict, with `to_decide` for the undecided)."""
     rest = f"{baseline_seeds} paired seeds of the baseline over {rounds} round{'s' if rounds != 1 else ''}"
+    if design.get("extended_from") is not None:
+        rest += f"; extended from {design['extended_from']} to {design['max_seeds']} seeds, on its reserve of alpha"
     if challenger is None or challenger not in decisions:
         return f"no verdict: the confirmation completed no configuration besides the baseline ({rest})"
     floor = pts(design["min_effect"], 2)
@@ -153,6 +155,7 @@ def sequential_verdict(
     worse = [label for label, x in decisions.items() if x["state"] == "worse"]
     worse_text = f"; worse than the baseline: {', '.join(worse)}" if worse else ""
     states = {"beats": "beats the baseline", "worse": "worse", "no_gain": "no gain worth having", None: "undecided"}
+    states["identical"] = "identical to the baseline"
     others = [
         f"{label} {states[x['state']]} after {x['n']} seeds"
         + (f" (about {x['to_decide']} would decide it)" if x.get("to_decide") else "")
@@ -167,7 +170,13 @@ def sequential_verdict(
             if d["mean"] >= design["min_effect"] else f"below min_effect {floor} points"
         )  # fmt: skip
         return f"{prefix}{what}: beats the baseline by {band(d)}; {reach}{others_text} ({rest})"
-    if all(x["state"] in ("no_gain", "worse") for x in decisions.values()):
+    if d["state"] == "identical":  # the same trained model as the baseline's on every paired seed
+        return (
+            f"{prefix}{what}: identical to the baseline on every one of its {d['n']} paired seeds (every test "
+            f"accuracy the same): the settings it changes had no effect on training, so it was stopped after its "
+            f"first round{others_text} ({rest})"
+        )
+    if all(x["state"] in ("no_gain", "worse", "identical") for x in decisions.values()):
         bounds = ", ".join(f"{label} {pts(x['high'])}" for label, x in decisions.items())
         return f"no configuration gains min_effect {floor} points or more (upper bounds: {bounds}){worse_text} ({rest})"
     if d["state"] == "worse":
