@@ -184,6 +184,10 @@ def test_sequential_confirmation_adds_seeds_for_the_undecided_and_stops_the_deci
     assert conf.winner == label[1]
     assert "beats the baseline by +4" in conf.verdict and f"over {len(rounds)} rounds" in conf.verdict, conf.verdict
     assert f"{trained[0]} paired seeds of the baseline" in conf.verdict
+    progress = [line for line in out.splitlines() if "] round " in line]  # per finished trial of a round
+    assert progress and all("trials done (" in line and "challengers decided before it" in line for line in progress)
+    assert not any("pruned" in line or "best val_acc" in line for line in progress), progress
+    assert "12/12 trials done (4 configurations x seeds 1-3)" in out and "1 of 3 challengers decided" in out, out
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("round ")] == [
         f"round {i + 1}" for i in range(len(rounds))
     ]

@@ -26,7 +26,7 @@ from ray import tune
 from pathsearch.config import SearchFile
 from pathsearch.search.results import SearchResult
 from pathsearch.search.run import SearchRun, checkpoint_of
-from pathsearch.search.runner import ProgressLine
+from pathsearch.search.runner import RoundLine
 from pathsearch.search.sequential import (
     BEATS,
     IDENTICAL,
@@ -284,6 +284,13 @@ def run_round(run: SearchRun, plan: Plan, trainable: Any, verbose: bool, round_:
     this = plan.rounds[round_]
     total = len(this["seeds"]) * len(this["labels"])
     label = "confirmation" if plan.design is None else f"round {round_ + 1}"
+    covered = f"{len(this['labels'])} configurations x seeds {seeds_text(this['seeds']).strip('()')}"
+    after = sum(len(r["seeds"]) for r in plan.rounds[: round_ + 1])  # paired seeds of the open ones after it
+    planned = plan.sequential()
+    budget = f" of at most {planned.looks()[-1]}" if planned is not None else ""
+    decided = sum(d["state"] is not None for looked in plan.looks for d in looked.values())
+    status = f"{after}{budget} seeds after it; {decided} of {len(plan.candidates) - 1} challengers decided before it"
+    line = RoundLine(total, t.epochs, verbose, label, covered, status)
     return run.stage(
         round_dir(round_),
         trainable,
@@ -293,7 +300,7 @@ def run_round(run: SearchRun, plan: Plan, trainable: Any, verbose: bool, round_:
             max_concurrent_trials=s.confirm.max_concurrent_trials or s.max_concurrent_trials,
             reuse_actors=True,
         ),
-        callbacks=[ProgressLine(total, plan.metric, plan.mode, t.epochs, verbose, label)],
+        callbacks=[line],
         groups=groups,
     )
 
@@ -491,7 +498,20 @@ def _log_round(
     run.log(logs, f"logging round {round_ + 1} of the confirmation")
     if verbose:
         parts = [f"{label} {_interval_text(d)} {_state_text(d.state)}" for label, d in looked.items()]
-        print(f"round {round_ + 1}: {'; '.join(parts)}", flush=True)
+        print(f"round {round_ + 1}: {'; '.join(parts)}{_bars_text(design, round_)}", flush=True)
+
+
+def _bars_text(design: Design, look: int) -> str:
+    """The bars of an exact design at one look, in plain words: an early look needs a larger effect."""
+    if design.rule != "exact":
+        return ""
+    beats = design.beats[look]
+    if not math.isfinite(beats):
+        return " (at this look nothing can beat the baseline yet: almost all of alpha is kept for later looks)"
+    return (
+        f" (at this look a challenger beats the baseline when its mean gain exceeds {beats:.2f} standard errors, and "
+        f"is worse below -{design.worse[look]:.2f}; later looks ask less)"
+    )
 
 
 def _interval_text(d: Decision) -> str:

@@ -199,7 +199,9 @@ class ProgressLine(tune.Callback):
     def _print(self, trials: list[Any]) -> None:
         if not self.verbose:
             return
-        running = sum(tr.status == "RUNNING" for tr in trials)
+        # (Tune may hold one more trial than the search samples, and a trial it restores may be counted as it
+        # finishes again: what is left to do bounds what can be running)
+        running = min(sum(tr.status == "RUNNING" for tr in trials), max(0, self.total - self.done))
         pending = max(0, self.total - self.done - running)
         elapsed = time.monotonic() - self.started
         eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
@@ -208,5 +210,28 @@ class ProgressLine(tune.Callback):
         print(
             f"[{elapsed:6.0f}s] {self.label} done {self.done}/{self.total}  running {running}  pending {pending}  "
             f"pruned {self.pruned}  failed {self.failed}{retried}  best {self.metric} {best}  ETA {eta:.0f}s",
+            flush=True,
+        )
+
+
+class RoundLine(ProgressLine):
+    """A confirmation round's line per finished trial: the round's (configuration, seed) trials done of planned,
+    the seeds they cover and how many challengers were decided before it."""
+
+    def __init__(self, total: int, final_epoch: int, verbose: bool, label: str, seeds: str, decided: str) -> None:
+        super().__init__(total, "val_acc", "max", final_epoch, verbose, label)
+        self.seeds, self.decided = seeds, decided
+
+    def _print(self, trials: list[Any]) -> None:
+        if not self.verbose:
+            return
+        running = min(sum(tr.status == "RUNNING" for tr in trials), max(0, self.total - self.done))
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        failed = f", failed {self.failed}" if self.failed else ""
+        retried = f", retried {self.retried}" if self.retried else ""
+        print(
+            f"[{elapsed:6.0f}s] {self.label}: {self.done}/{self.total} trials done ({self.seeds}), running "
+            f"{running}{failed}{retried}; {self.decided}; ETA {eta:.0f}s",
             flush=True,
         )
