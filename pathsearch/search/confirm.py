@@ -381,10 +381,17 @@ def _say_plan(plan: Plan, design: Design | None) -> None:
     if design is None:
         print(f"{head} x {len(plan.seeds)} paired seeds {seeds_text(plan.seeds)}", flush=True)
         return
+    rule = f"alpha {design.alpha:g} over every round and challenger"
+    if design.rule == "exact" and design.split is not None:
+        split = design.split
+        rule = (
+            f"bars computed for this design: a wrong 'beats' at most {split['beats']:g}, a wrong 'worse' at most "
+            f"{split['worse']:g}, {split['reserve']:g} kept for one extension"
+        )
     print(
         f"{head}, sequential: {design.seeds} paired seeds, then {design.step} more per round for the baseline and "
-        f"the undecided, up to {design.max_seeds}; decided at an interval above 0, below 0 or below min_effect "
-        f"{pts(design.min_effect, 2)} points (alpha {design.alpha:g} over every round and challenger)",
+        f"the undecided, up to {design.max_seeds}; decided when it beats the baseline, is worse, or gains less than "
+        f"min_effect {pts(design.min_effect, 2)} points ({rule})",
         flush=True,
     )
 
