@@ -178,10 +178,22 @@ def table(sims: int, runs: Path) -> None:
     print(f"\ntrue -0.75 points at sd 0.37, exact: stopped within 9 seeds {within['rate']:.3f} "
           f"[{within['low']:.3f}, {within['high']:.3f}]")  # fmt: skip
     d = design_of(20, 1)
-    print(
-        f"alpha {d.alpha} split: beats {d.split['beats']:.4f}, worse {d.split['worse']:.4f}, reserve for one "  # type: ignore[index]
-        f"extension {d.split['reserve']:.4f}; 'no gain' errs at most {d.alpha} for a true gain of min_effect"
-    )  # type: ignore[index]
+    no_reserve = Design.exact(3, 2, 20, 0.0025, split={"beats": 0.75, "worse": 0.25, "reserve": 0.0001, "no_gain": 0.5})
+    for sd in (0.0029, 0.0037):  # what holding the reserve costs, and what one extension to 40 seeds buys
+        kept = simulate(d, "exact", 0.0025, "normal", sd, sims, 21)
+        spent = simulate(no_reserve, "exact", 0.0025, "normal", sd, sims, 21)
+        grown = d.extend(40)
+        extended = simulate(grown, "exact", 0.0025, "normal", sd, sims, 21)
+        null = simulate(grown, "exact", 0.0, "normal", sd, sims, 22)
+        print(f"sd {100 * sd:.2f} points, true +0.25: power at 20 seeds {float((kept['state'] == 0).mean()):.3f} with "
+              f"the reserve held, {float((spent['state'] == 0).mean()):.3f} without it; extended to 40 for the "
+              f"undecided {float((extended['state'] == 0).mean()):.3f} ({extended['seeds'].mean():.1f} seeds); no "
+              f"true difference, extension included: any error "
+              f"{float(np.isin(null['state'], (0, 1)).mean()):.4f}")  # fmt: skip
+    split = d.split or {}
+    print(f"alpha {d.alpha} split: beats {split['beats']:.4f}, worse {split['worse']:.4f}, reserve for one "
+          f"extension {split['reserve']:.4f}; 'no gain' errs at most {split['no_gain']:.4f} for a true gain of "
+          "min_effect")  # fmt: skip
 
 
 def main() -> None:
