@@ -148,8 +148,11 @@ def sequential_verdict(
     what = descriptions[challenger]
     prefix = "the baseline is the best configuration on val; best challenger, " if winner == BASELINE else ""
 
+    # exact bars: low is where "beats" is decided, high where "no gain" is (each at its own level), not one CI
+    kind = "sequential bounds" if design.get("rule") == "exact" else "sequential 95% CI"
+
     def band(x: Mapping[str, Any]) -> str:
-        return f"{pts(x['mean'])} points test accuracy (sequential 95% CI {pts(x['low'])} to {pts(x['high'])}, " \
+        return f"{pts(x['mean'])} points test accuracy ({kind} {pts(x['low'])} to {pts(x['high'])}, " \
             f"{x['n']} seeds)"  # fmt: skip
 
     worse = [label for label, x in decisions.items() if x["state"] == "worse"]
