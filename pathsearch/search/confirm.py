@@ -40,10 +40,10 @@ from pathsearch.search.sequential import (
 from pathsearch.search.verdict import (
     BASELINE,
     METHOD,
-    SEQUENTIAL_METHOD,
     Confirmation,
     make_verdict,
     mean_std,
+    method_of,
     paired_difference,
     plot_confirmation,
     plot_rounds,
@@ -605,7 +605,7 @@ def summarise_sequential(
         difference = {
             "of": challenger,
             "metric": "test_acc",
-            "method": SEQUENTIAL_METHOD,
+            "method": method_of(asdict(design)),
             "mean": d["mean"],
             "ci_low": d["low"],
             "ci_high": d["high"],
@@ -666,7 +666,7 @@ def _write_files(
         "winner": c.winner,
         "selected_by": selected,
         "seeds": c.seeds,
-        "method": METHOD if c.design is None else SEQUENTIAL_METHOD,
+        "method": method_of(c.design),
         "difference": c.difference,
         "configurations": c.candidates,
     }

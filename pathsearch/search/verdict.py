@@ -25,6 +25,17 @@ SEQUENTIAL_METHOD = (
     "sequential: paired t intervals, alpha spent over the planned rounds in proportion to their seeds and split over "
     "the challengers (valid at every round at once, by the union bound)"
 )
+EXACT_METHOD = (
+    "sequential: bars for the paired t statistic computed for this design by simulation under the null (a wrong "
+    "'beats' or 'worse' at most alpha over every round and challenger, one extension included)"
+)
+
+
+def method_of(design: Mapping[str, Any] | None) -> str:
+    """How a confirmation decided: one paired t test, the union-bound sequential rule, or exact bars."""
+    if design is None:
+        return METHOD
+    return EXACT_METHOD if design.get("rule") == "exact" else SEQUENTIAL_METHOD
 
 
 @dataclass
@@ -226,7 +237,7 @@ def format_confirmation(confirmation: Confirmation) -> str:
                 f"optimism: the winner ({c.winner}) scored {100 * found:.2f}% {search_metric} in the search, "
                 f"{100 * confirmed:.2f}% mean val_acc confirmed ({100 * (found - confirmed):+.2f} points)"
             )
-    lines.append(f"({METHOD if c.design is None else SEQUENTIAL_METHOD}; * = winner)")
+    lines.append(f"({method_of(c.design)}; * = winner)")
     lines.append(f"verdict: {c.verdict}")
     return "\n".join(lines)
 
