@@ -691,7 +691,7 @@ def test_every_command_in_the_cluster_files_and_docs_runs_as_written(path):
 
 # Each case changes one command of a shipped file; the check must then report it (and name the line).
 BROKEN_COMMANDS = [
-    ("cluster/README.md", "--storage-path s3://BUCKET/runs --wait", "--wait", "README.md:57: no --storage-path"),
+    ("cluster/README.md", "--storage-path s3://BUCKET/runs --wait", "--wait", "README.md:59: no --storage-path"),
     (
         "cluster/kuberay/rayjob.yaml",
         "    --storage-path /mnt/shared/pathsearch/runs\n",

@@ -421,7 +421,9 @@ def look(plan: Plan, design: Design, round_: int) -> dict[str, Decision]:
             continue
         seeds = [s for s in plan.seeds if s in per[label] and s in base]
         diffs = [per[label][s]["test_acc"] - base[s]["test_acc"] for s in seeds]
-        out[label] = assess(diffs, design, round_)
+        # the same trained model, not a tie: every value it reported equal (losses are not equal by chance)
+        same = all(per[label][s].get(k) == base[s].get(k) for s in seeds for k in ("test_loss", "val_loss", "val_acc"))
+        out[label] = assess(diffs, design, round_, identical=same)
     return out
 
 
@@ -472,12 +474,11 @@ def check_plan(run: SearchRun) -> None:
     """ValueError when the search file's sequential confirmation differs from the one its plan was made with (a
     changed design would judge the rounds by boundaries computed for another): extend with `--max-seeds`
     instead of changing max_seeds."""
-    if not run.has(PLAN_FILE):
-        return
-    design = Plan.load(run.path(PLAN_FILE)).sequential()
+    saved = json.loads(run.path(PLAN_FILE).read_text()).get("design") if run.has(PLAN_FILE) else None
     c = run.spec.search.confirm
-    if design is None or c.max_seeds is None:
+    if saved is None or c.max_seeds is None:
         return
+    design = Design(**saved)
     planned = {"seeds": design.seeds, "step": design.step, "alpha": design.alpha, "min_effect": design.min_effect}
     planned["max_seeds"] = design.extended_from if design.extended_from is not None else design.max_seeds
     changed = [f"{key} {getattr(c, key)!r} (planned {value!r})" for key, value in planned.items()
