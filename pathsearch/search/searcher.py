@@ -139,7 +139,9 @@ class PathOptunaSearch(OptunaSearch):
         return ot_trial is not None and self.study().get_trials(deepcopy=False)[ot_trial.number].state.is_finished()
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if not self._told(trial_id):
+        # a trial this searcher's snapshot does not know (Tune's experiment snapshot in a store was newer than the
+        # searcher's when the driver was killed): Optuna has no trial to hear it, as on_trial_complete also skips it
+        if trial_id in self._ot_trials and not self._told(trial_id):
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
