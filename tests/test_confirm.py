@@ -6,6 +6,7 @@ accuracies per configuration plus deterministic seed noise (tests/toy_search.py,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -548,3 +549,34 @@ def test_a_searchs_file_reaches_at_most_six_modules(tmp_path, local_ray):
     where = "; ".join(f"{m}: {sorted(f)}" for m, f in sorted(reached.items()))
     assert {"pathsearch.config", "pathsearch.config.space"} <= set(reached), where  # the schema is seen, not counted
     assert len(travelled) <= 6, f"the search file reaches {len(travelled)} modules: {where}"
+
+
+def test_a_challenger_that_is_the_baseline_in_disguise_stops_after_its_first_round_naming_its_settings():
+    """A searched distillation temperature while distillation's weight is 0 trains the baseline's model again: every
+    value of every paired seed equal. Its first look says so, the next round leaves it out, and the verdict names
+    the settings that had no effect; a challenger whose test accuracies merely tie (its losses differ) does not."""
+    from pathsearch.search.confirm import Candidate, Plan, look, next_round, summarise_sequential
+    from pathsearch.search.sequential import IDENTICAL, Design
+
+    design = Design.exact(3, 2, 9, 0.0025, challengers=2)
+    candidates = [
+        Candidate(BASELINE, {"model.pruned": []}),
+        Candidate("top 1", {"model.pruned": [], "model.distill.temperature": 4.0}),
+        Candidate("top 2", {"model.pruned": ["attn.0"]}),
+    ]
+    base = {s: {"val_acc": 0.8 + s / 100, "val_loss": 0.5 - s / 100, "test_acc": 0.79 + s / 100, "test_loss": 0.6}
+            for s in range(3)}  # fmt: skip
+    # same test accuracies, another model (its losses differ); a little better on val: the best challenger
+    tie = {s: {**v, "test_loss": v["test_loss"] + 0.01, "val_acc": v["val_acc"] + 0.001} for s, v in base.items()}
+    plan = Plan("val_acc", "max", [0, 1, 2], candidates, "val_acc", design=dataclasses.asdict(design))
+    plan.rounds = [{"seeds": [0, 1, 2], "labels": [c.label for c in candidates], "done": True}]
+    plan.results = {BASELINE: base, "top 1": dict(base), "top 2": tie}
+    decisions = look(plan, design, 0)
+    assert decisions["top 1"].state == IDENTICAL and decisions["top 2"].state is None
+    assert next_round(plan, design, 0, decisions)["labels"] == [BASELINE, "top 2"]
+    plan.looks = [{label: dataclasses.asdict(d) for label, d in decisions.items()}]
+    raw = {"model": {"pruned": [], "distill": {"alpha": 0.0, "temperature": 1.0}}}  # the search file's base
+    verdict = summarise_sequential(plan, plan.per_seed(), raw).verdict
+    assert "top 1 identical to the baseline after 3 seeds (its settings had no effect: temperature 4)" in verdict, (
+        verdict
+    )

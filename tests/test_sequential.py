@@ -160,3 +160,35 @@ def test_an_extension_keeps_the_whole_confirmations_error_at_alpha():
     wrong = int(np.isin(paths["state"], (0, 1)).sum())  # every "beats" and "worse" of the whole confirmation
     assert wrong > 0.5 * 0.05 * 20000  # the check can fail: it counts errors where there are some
     assert wrong / 20000 <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / 20000)
+
+
+def test_the_rounds_plot_draws_the_designs_boundaries_and_each_challengers_statistic(tmp_path):
+    import dataclasses
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pathsearch.search.verdict import Confirmation, _plot_bounds, plot_rounds
+
+    design = Design.exact(3, 2, 9, 0.0025)
+    rng = random.Random(3)
+    diffs = [rng.gauss(0.002, SD) for _ in range(9)]
+    looks = design.looks()
+    rounds = [{"c1": dataclasses.asdict(assess(diffs[:n], design, k))} for k, n in enumerate(looks[:2])]
+    saved = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(design).items()}  # as in JSON
+    c = Confirmation("test_acc", "max", [], [], None, {}, "undecided", design=saved, rounds=rounds)
+    fig, ax = plt.subplots()
+    _plot_bounds(ax, c, ["c1"], {"c1": "C1"})
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    beats = lines["beats: above this line"]
+    assert list(beats.get_xdata()) == looks[:2]
+    assert list(beats.get_ydata()) == pytest.approx([b if math.isfinite(b) else math.nan for b in design.beats[:2]],
+                                                    nan_ok=True)  # fmt: skip
+    assert list(lines["worse: below this line"].get_ydata()) == pytest.approx([-w for w in design.worse[:2]])
+    t = [statistics.fmean(diffs[:n]) / (statistics.stdev(diffs[:n]) / math.sqrt(n)) for n in looks[:2]]
+    drawn = lines["c1: mean / se"]
+    assert list(drawn.get_xdata()) == looks[:2] and list(drawn.get_ydata()) == pytest.approx(t)  # the paired t
+    plt.close(fig)
+    assert plot_rounds(c, tmp_path / "rounds.png").stat().st_size > 0

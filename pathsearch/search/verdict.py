@@ -173,6 +173,7 @@ def sequential_verdict(
     others = [
         f"{label} {states[x['state']]} after {x['n']} seeds"
         + (f" (about {x['to_decide']} would decide it)" if x.get("to_decide") else "")
+        + (f" (its settings had no effect: {descriptions[label]})" if x["state"] == "identical" else "")
         for label, x in decisions.items()
         if label != challenger
     ]
@@ -313,9 +314,13 @@ def plot_confirmation(c: Confirmation, path: Path) -> Path | None:
 
 
 def plot_rounds(c: Confirmation, path: Path) -> Path | None:
-    """A sequential confirmation round by round: each challenger's interval for its paired test difference from the
-    baseline (points) narrowing as seeds are added, against the 0 and min_effect lines; a challenger's last bar is
-    the round that decided it."""
+    """A sequential confirmation round by round. Left: each challenger's interval for its paired test difference
+    from the baseline (points) narrowing as seeds are added, against the 0 and min_effect lines; a challenger's last
+    bar is the round that decided it. Right (exact boundaries): the boundaries themselves, drawn as lines over the
+    seeds of each look, on the scale they are computed on: a challenger's paired t statistic (mean / standard
+    error) must rise above the "beats" line or fall below the "worse" line; its statistic shifted by min_effect
+    ((mean - min_effect) / standard error) must fall below the "no gain" line. Early lines lie further out: that is
+    why an early look needs a larger effect."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -324,27 +329,69 @@ def plot_rounds(c: Confirmation, path: Path) -> Path | None:
     if c.design is None or not c.rounds:
         return None
     labels = sorted({label for round_ in c.rounds for label in round_})
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(c.rounds) + 3), 4.2))
-    width = 0.6 / max(1, len(labels))
+    exact = c.design.get("rule") == "exact" and bool(c.design.get("beats"))
+    width = max(6.0, 1.2 * len(c.rounds) + 3)
+    fig, axes = plt.subplots(1, 2 if exact else 1, figsize=(2 * width if exact else width, 4.2), squeeze=False)
+    ax = axes[0][0]
+    palette = ["tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+    colors = {label: "tab:green" if label == c.winner else palette[j % len(palette)] for j, label in enumerate(labels)}
+    step = 0.6 / max(1, len(labels))
     for j, label in enumerate(labels):
-        color = "tab:green" if label == c.winner else f"C{j + 1}"
         for k, round_ in enumerate(c.rounds):
             d = round_.get(label)
             if d is None:
                 continue
-            x = k + 1 + (j - (len(labels) - 1) / 2) * width
-            ax.scatter([x], [100 * d["mean"]], color=color, s=16, zorder=3, label=label if k == 0 else None)
+            x = k + 1 + (j - (len(labels) - 1) / 2) * step
+            ax.scatter([x], [100 * d["mean"]], color=colors[label], s=16, zorder=3, label=label if k == 0 else None)
             if math.isfinite(d["low"]):
-                ax.vlines(x, 100 * d["low"], 100 * d["high"], color=color, lw=2)
+                ax.vlines(x, 100 * d["low"], 100 * d["high"], color=colors[label], lw=2)
     ax.axhline(0.0, color="tab:blue", lw=1, ls="--", label="0: the baseline")
     floor = 100 * c.design["min_effect"]
     ax.axhline(floor, color="tab:red", lw=1, ls=":", label=f"min_effect {floor:+.2f}")
     ax.set_xticks(range(1, len(c.rounds) + 1))
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy minus the baseline's (points)")
-    ax.set_title("sequential 95% intervals per round (decided: above 0, below 0 or below min_effect)", fontsize=9)
+    ax.set_title("intervals per round (decided: above 0, below 0 or below min_effect)", fontsize=9)
     ax.legend(fontsize=7, loc="best")
+    if exact:
+        _plot_bounds(axes[0][1], c, labels, colors)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _plot_bounds(ax: Any, c: Confirmation, labels: Sequence[str], colors: Mapping[str, str]) -> None:
+    """The exact design's boundaries as lines over the seeds of each look, and each challenger's statistics."""
+    from pathsearch.search.sequential import Design
+
+    design = Design(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.design.items()})
+    looks = design.looks()[: len(c.rounds)]
+    beats, worse, no_gain = (
+        [b if math.isfinite(b) else math.nan for b in bound[: len(looks)]]
+        for bound in (design.beats, [-w for w in design.worse], [-g for g in design.no_gain])
+    )
+    # the boundaries exist at the looks only: a marker at each, joined by a thin line to read them as one schedule
+    ax.plot(looks, beats, "_-", color="black", ms=16, mew=2, lw=0.8, label="beats: above this line")
+    ax.plot(looks, worse, "_--", color="black", ms=16, mew=2, lw=0.8, label="worse: below this line")
+    ax.plot(looks, no_gain, "_:", color="0.45", ms=16, mew=2, lw=0.8, label="no gain: shifted statistic below")
+    ax.axhline(0.0, color="0.8", lw=0.8)
+    for label in labels:
+        points = []
+        for k, round_ in enumerate(c.rounds):
+            d = round_.get(label)
+            if d is None or k >= len(looks) or not math.isfinite(d["low"]) or not math.isfinite(design.beats[k]):
+                continue
+            se = (d["mean"] - d["low"]) / design.beats[k]  # the bound is mean - beats[k] * se
+            if se > 0:
+                points.append((looks[k], d["mean"] / se, (d["mean"] - design.min_effect) / se))
+        if points:
+            xs, ts, shifted = zip(*points)
+            ax.plot(xs, ts, "o-", color=colors[label], ms=4, lw=1, label=f"{label}: mean / se")
+            ax.plot(xs, shifted, "o", mfc="none", color=colors[label], ms=4, label=f"{label}: (mean - min_effect) / se")
+    ax.set_xticks(looks)
+    ax.set_xlabel("paired seeds at the look")
+    ax.set_ylabel("paired t statistic")
+    ax.set_title(f"the boundaries at each look (alpha {design.alpha:g}, {design.challengers} challenger"
+                 f"{'s' if design.challengers != 1 else ''})", fontsize=9)  # fmt: skip
+    ax.legend(fontsize=6, loc="best")
