@@ -1,9 +1,10 @@
 """What a driver sees of a Ray cluster, as one JSON line: `python tests/cluster_state.py ADDRESS WHAT`, WHAT one of
 nodes (alive nodes: id, resources), request (the autoscaler request Ray holds and pathsearch's entries behind it),
 autoscaler (pathsearch.cluster.placement.find_autoscaler); or acts as a search driver would on the autoscaler
-request: ask NAME CPUS (adds NAME's bundle, prints the request, then waits until killed), release NAME, tidy (what
-any pathsearch command does on connecting); or publishes node types as an autoscaler v2 does (publish JSON,
-unpublish). Run inside a test cluster's network namespace."""
+request: ask NAME CPUS [WORKERS] (adds NAME's bundle, or with WORKERS a trial of that many workers of CPUS each,
+prints the request, then waits until killed), release NAME, tidy (what any pathsearch command does on connecting);
+or publishes node types as an autoscaler v2 does (publish JSON, unpublish). Run inside a test cluster's network
+namespace."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def request() -> dict:
 def main(address: str, what: str, *args: str) -> None:
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     if what == "ask":
-        placement.ask_autoscaler(placement.Demand(args[0], [{"CPU": float(args[1])}], 1))
+        workers = int(args[2]) if len(args) > 2 else 1
+        placement.ask_autoscaler(placement.Demand(args[0], [{"CPU": float(args[1])}], 1, workers))
         print(json.dumps(request()), flush=True)
         time.sleep(3600)
     elif what == "release":

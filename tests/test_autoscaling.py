@@ -176,10 +176,11 @@ def test_a_trial_no_published_node_type_holds_is_refused_at_once(cluster):
 def test_searches_keep_each_others_requests_and_a_killed_drivers_is_cleared(cluster):
     """`request_resources` is one request per cluster, replaced by each call: each search's bundles are kept apart and
     the union sent, so one search releasing its own leaves the other's; a driver killed with kill -9 leaves an
-    entry that the next pathsearch command on the cluster drops."""
+    entry that the next pathsearch command on the cluster drops. The second asks for a trial of 2 workers: both
+    workers' bundles and the Tune trial's token are in the request."""
     script = [PY, str(ROOT / "tests/cluster_state.py"), cluster.address]
     first = cluster.popen([*script, "ask", "first", "1"])
-    second = cluster.popen([*script, "ask", "second", "0.5"])
+    second = cluster.popen([*script, "ask", "second", "0.5", "2"])
     try:
         for proc in (first, second):  # each prints the request once it has asked (after Ray's own lines, if any)
             assert proc.stdout is not None
@@ -189,7 +190,7 @@ def test_searches_keep_each_others_requests_and_a_killed_drivers_is_cleared(clus
                 assert seen[-1], seen  # it ended before asking
         both = cluster.probe("request")
         assert both["entries"] == ["autoscaler_request/first", "autoscaler_request/second"]
-        assert sorted(b["CPU"] for b in both["sent"]) == [0.5, 1.0]
+        assert sorted(b["CPU"] for b in both["sent"]) == [0.01, 0.5, 0.5, 1.0]
         second.kill()  # a driver that ends without releasing (kill -9), while the first is still running
         second.wait(timeout=30)
         left = cluster.probe("release", "none-such")  # any command: the dead driver's entry goes once Ray knows

@@ -26,6 +26,7 @@ import yaml
 from pathsearch.cli import build_parser, flag_problems
 from pathsearch.cluster import local as localcluster
 from pathsearch.cluster.jobs import check_reachable_by_form
+from pathsearch.cluster.placement import TOKEN_CPU
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -325,7 +326,7 @@ BROKEN = [
     ("cluster/aws-gpu.yaml", "# CHANGE: your AWS region", "", "region is not marked"),
     ("cluster/aws-gpu.yaml", "# Start: ray up", "# Start:", "first line"),
     ("cluster/kuberay/raycluster.yaml", "mode: token", "mode: disabled", "token auth is off"),
-    ("cluster/kuberay/raycluster.yaml", "nvidia.com/gpu: 1}", "}", "nvidia.com/gpu"),
+    ("cluster/kuberay/raycluster.yaml", ", nvidia.com/gpu: ", ", gpu: ", "nvidia.com/gpu"),  # every group's
     ("cluster/kuberay/raycluster.yaml", "ReadWriteMany", "ReadWriteOnce", "ReadWriteMany"),
     ("cluster/kuberay/rayjob.yaml", "pathsearch search", "python train.py", "entrypoint"),
     ("cluster/kuberay/rayjob.yaml", "image: CHANGE-ME/pathsearch:latest   # CHANGE: the same", "#", "no image"),
@@ -382,13 +383,19 @@ def fits(trial: dict[str, float], offer: dict[str, float]) -> bool:
 
 
 def unplaceable(search_text: str, cluster_files: dict[str, str]) -> list[str]:
-    """Pairs (search file's trial, cluster file) where no worker of the cluster can take the trial: Tune would wait."""
-    trial = yaml.safe_load(search_text)["search"].get("resources_per_trial", {"cpu": 1})
+    """Pairs (search file's trial, cluster file) where no worker of the cluster can take the whole trial: Tune would
+    wait. A trial of `workers: N` is N times its resources and the Tune trial's token CPU, all on one node, so that
+    its data-parallel workers talk within a node (Ray could spread them, but a shipped file should not need to)."""
+    trial = dict(yaml.safe_load(search_text)["search"].get("resources_per_trial", {"cpu": 1}))
+    workers = trial.pop("workers", 1)
+    whole = {name: workers * amount for name, amount in trial.items()}
+    if workers > 1:
+        whole["cpu"] = whole.get("cpu", 0) + TOKEN_CPU
     problems = []
     for name, text in cluster_files.items():
         offers = [o for doc in yaml.safe_load_all(text) if doc is not None for o in worker_offers(doc)]
-        if offers and not any(fits(trial, o) for o in offers):
-            problems.append(f"{trial} fits no worker of {name} ({offers})")
+        if offers and not any(fits(whole, o) for o in offers):
+            problems.append(f"{trial} x {workers} workers fits no worker of {name} ({offers})")
     return problems
 
 
@@ -398,8 +405,9 @@ CLUSTER_TEXTS = {rel(p): p.read_text() for p in YAML_FILES}
 def test_cluster_files_describe_their_workers():
     offers = {name: [o for d in yaml.safe_load_all(t) if d is not None for o in worker_offers(d)]
               for name, t in CLUSTER_TEXTS.items()}  # fmt: skip
-    assert offers["cluster/aws-gpu.yaml"] == [{"cpu": 8.0, "gpu": 1.0}]
+    assert offers["cluster/aws-gpu.yaml"] == [{"cpu": 8.0, "gpu": 1.0}, {"cpu": 48.0, "gpu": 4.0}]
     assert {"cpu": 8.0, "gpu": 1.0} in offers["cluster/kuberay/raycluster.yaml"]
+    assert {"cpu": 40.0, "gpu": 4.0} in offers["cluster/kuberay/raycluster.yaml"]
 
 
 @pytest.mark.parametrize("path", SEARCH_FILES, ids=lambda p: p.name)
@@ -407,11 +415,16 @@ def test_every_search_files_trial_fits_a_worker_of_every_cluster_file(path):
     assert unplaceable(path.read_text(), CLUSTER_TEXTS) == []
 
 
-def test_a_trial_larger_than_every_worker_is_found():
+@pytest.mark.parametrize(
+    "bigger", ["{cpu: 64, gpu: 1}", "{cpu: 12, gpu: 1, workers: 4}", "{cpu: 8, gpu: 1, workers: 6}"]
+)
+def test_a_trial_larger_than_every_worker_is_found(bigger):
+    """A trial of one process larger than every node type; worker groups each of whose workers fits a node type, but
+    not the whole group on one (4 x 12 CPUs leaves no room for the Tune trial's token CPU on 48; 6 GPUs on 4)."""
     text = (ROOT / "search_spaces/imagenet_deit_small.yaml").read_text()
-    bigger = re.sub(r"resources_per_trial: \{[^}]*\}", "resources_per_trial: {cpu: 10, gpu: 1}", text)
-    assert bigger != text
-    assert any("cluster/aws-gpu.yaml" in p for p in unplaceable(bigger, CLUSTER_TEXTS))
+    changed = re.sub(r"resources_per_trial: \{[^}]*\}", f"resources_per_trial: {bigger}", text)
+    assert changed != text
+    assert any("cluster/aws-gpu.yaml" in p for p in unplaceable(changed, CLUSTER_TEXTS))
 
 
 # ----- every command the cluster files and docs show runs as written ---------------------------------------------
@@ -691,7 +704,7 @@ def test_every_command_in_the_cluster_files_and_docs_runs_as_written(path):
 
 # Each case changes one command of a shipped file; the check must then report it (and name the line).
 BROKEN_COMMANDS = [
-    ("cluster/README.md", "--storage-path s3://BUCKET/runs --wait", "--wait", "README.md:59: no --storage-path"),
+    ("cluster/README.md", "--storage-path s3://BUCKET/runs --wait", "--wait", "README.md:61: no --storage-path"),
     (
         "cluster/kuberay/rayjob.yaml",
         "    --storage-path /mnt/shared/pathsearch/runs\n",

@@ -202,15 +202,9 @@ def test_train_compile_trains_the_same_model(tmp_path):
             "search.resources_per_trial.gpu: must be at most 1: a trial trains on one GPU (a share, e.g. 0.25, packs "
             "trials on a GPU), got 2",
         ),
-        (
-            "{cpu: 1, gpu: two}",
-            "search.resources_per_trial: expected a mapping of names to float, got {'cpu': 1, 'gpu': 'two'}",
-        ),
+        ("{cpu: 1, gpu: two}", "search.resources_per_trial.gpu: expected int or float, got 'two'"),
         ("{cpu: .inf}", "search.resources_per_trial.cpu: must be a finite number (not inf or nan), got inf"),
-        (
-            "{cpu: 1, gpu: true}",
-            "search.resources_per_trial: expected a mapping of names to float, got {'cpu': 1, 'gpu': True}",
-        ),
+        ("{cpu: 1, gpu: true}", "search.resources_per_trial.gpu: expected int or float, got True"),
     ],
 )
 def test_bad_gpu_amounts_exit_2_naming_key_and_value(tmp_path, capsys, resources, wanted):

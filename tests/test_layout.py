@@ -32,7 +32,12 @@ LAYERS: dict[str, set[str]] = {
     "config": {"config"},  # the search-file schema, its checks, path names and PathConfig: data only
     "storage": {"storage"},  # the door to files and object stores
     "ensemble": {"ensemble", "config"},  # tensors: the path-ensemble ViT, scores, the supernet
-    "trial": {"trial", "ensemble", "config"},  # one trial: data, fit, the trainable adapter, the proxy scorer
+    "trial": {
+        "trial",
+        "ensemble",
+        "config",
+        "storage",
+    },  # one trial: data, fit, the trainable adapters, the proxy scorer
     "tracking": {"tracking", "storage", "config", "ensemble"},  # the door to MLflow (the model flavour loads it)
     "cluster": {"cluster", "storage", "config"},  # the door to Ray clusters
     # the orchestration: the tensor layers inside the functions Ray runs only (FORBIDDEN keeps torch out at import)

@@ -170,7 +170,7 @@ def test_the_rounds_plot_draws_the_designs_boundaries_and_each_challengers_stati
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pathsearch.search.verdict import Confirmation, _plot_bounds, plot_rounds
+    from pathsearch.search.verdict import Confirmation, plot_bounds, plot_rounds
 
     design = Design.exact(3, 2, 9, 0.0025)
     rng = random.Random(3)
@@ -180,7 +180,7 @@ def test_the_rounds_plot_draws_the_designs_boundaries_and_each_challengers_stati
     saved = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(design).items()}  # as in JSON
     c = Confirmation("test_acc", "max", [], [], None, {}, "undecided", design=saved, rounds=rounds)
     fig, ax = plt.subplots()
-    _plot_bounds(ax, c, ["c1"], {"c1": "C1"})
+    plot_bounds(ax, c, ["c1"], {"c1": "C1"})
     lines = {line.get_label(): line for line in ax.get_lines()}
     beats = lines["beats: above this line"]
     assert list(beats.get_xdata()) == looks[:2]

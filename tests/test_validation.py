@@ -99,6 +99,48 @@ def test_a_mistake_in_the_file_is_one_line_from_validate_and_the_same_from_searc
         assert len(trained) == 1 and all(text in trained[0] for text in says), trained
 
 
+# (case, search file, --set overrides, what the one line must say): trials split over workers (a Ray Train worker
+# group), each mistake alone. digits_tiny.yaml trains batches of 32 without mixup.
+GROUP = "search.resources_per_trial={cpu: 1, workers: %s}"
+WORKER_CASES = {
+    "no workers": (DIGITS, [GROUP % 0], ["search.resources_per_trial.workers:", "whole number >= 1", "got 0"]),
+    "half a worker": (DIGITS, [GROUP % 2.5], ["search.resources_per_trial.workers:", "whole number", "got 2.5"]),
+    "workers in quotes": (DIGITS, [GROUP % "'2'"], ["search.resources_per_trial.workers:", "not 2.0 or '2'"]),
+    "workers true": (DIGITS, [GROUP % "true"], ["search.resources_per_trial.workers:", "got True"]),
+    "a GPU shared by workers": (
+        DIGITS,
+        ["search.resources_per_trial={cpu: 1, gpu: 0.5, workers: 2}"],
+        ["search.resources_per_trial.gpu:", "one worker per whole GPU", "got 0.5"],
+    ),
+    "a two_stage search over workers": (
+        DIGITS.with_name("digits_two_stage.yaml"),
+        [GROUP % 2],
+        ["search.resources_per_trial.workers:", "train in one process", "got 2"],
+    ),
+    "fewer images than workers": (DIGITS, [GROUP % 64], ["data.batch_size:", "64 workers", "multiple of 64", "got 32"]),
+    "a batch the workers do not divide": (DIGITS, [GROUP % 3], ["data.batch_size:", "multiple of 3", "got 32"]),
+    "an odd mixup batch on a worker": (
+        DIGITS,
+        [GROUP % 2, "data.batch_size=30", "data.mixup=0.8"],
+        ["data.batch_size:", "even batch on each worker", "multiple of 4", "got 30"],
+    ),
+    "a searched batch the workers do not divide": (
+        DIGITS,
+        [GROUP % 2, "space.data.batch_size={choices: [32, 33]}"],
+        ["space.data.batch_size:", "multiple of 2", "got 33"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WORKER_CASES))
+def test_a_worker_group_mistake_is_one_line_from_validate_and_the_same_from_search(case, tmp_path, capfd):
+    path, overrides, says = WORKER_CASES[case]
+    sets = [item for o in overrides for item in ("--set", o)]
+    said = refused(["validate", str(path), *sets], tmp_path, capfd)
+    assert len(said) == 1 and said[0].startswith(f"{path}: ") and all(text in said[0] for text in says), said
+    assert refused(["search", str(path), *sets], tmp_path, capfd) == said  # nothing written: no folder, no store
+
+
 def test_every_problem_of_a_file_is_listed(tmp_path, capfd):
     """Problems of the search section and problems only the built model shows are listed together, one each."""
     sets = ["model.kwargs.patch_size=3", "train.opt=sgdd", "search.seed=-1", "search.resources_per_trial={cpus: 1}"]
@@ -271,14 +313,16 @@ def test_generated_malformed_files_and_flags_exit_0_or_2_in_lines_and_write_noth
 
 
 def test_a_search_no_node_can_hold_says_so_and_exits_2_leaving_nothing(tmp_path):
-    """A trial asking 64 CPUs of this machine's Ray: Tune would keep it pending for ever; pathsearch says why and
-    exits 2 at once, with no run folder and no MLflow store."""
-    result = subprocess.run([*PATHSEARCH, "search", str(DIGITS), "--set", "search.resources_per_trial={cpu: 64}"],
+    """A trial whose workers ask 64 CPUs each of this machine's Ray: Tune would keep it pending for ever; pathsearch
+    says why and exits 2 at once, with no run folder and no MLflow store. (One process asking 64 CPUs is the same
+    check: tests/test_autoscaling.py runs it against node types, the unit tests below against nodes.)"""
+    sets = ["--set", "search.resources_per_trial={cpu: 64, workers: 2}"]
+    result = subprocess.run([*PATHSEARCH, "search", str(DIGITS), *sets],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "search.resources_per_trial: no node of this machine's Ray can hold" in lines[0]
-    assert "CPU 64 (the most any node has: " in lines[0]
+    assert "CPU 64 (the most any node has: " in lines[0] and "for each of its 2 workers" in lines[0], lines
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
@@ -320,6 +364,43 @@ def test_a_trial_is_placeable_only_on_one_node_holding_all_it_asks():
     )  # each node has one of them: no node has both
     assert "fast_disk 1 (the most any node has: 0)" in unplaceable({"cpu": 1, "fast_disk": 1}, nodes)
     assert unplaceable({"cpu": 1}, []) == "it asks CPU 1 (the most any node has: 0)"
+
+
+def test_a_worker_group_is_placeable_where_some_node_holds_a_worker_and_the_nodes_hold_the_group():
+    """A trial of N workers: N bundles of the per-worker shape and the Tune trial's token CPU. Ray's PACK and SPREAD
+    are best effort, so the group may span nodes; the token needs CPU left on some node. An autoscaler's node types
+    (repeat) may each be started again and again."""
+    from pathsearch.cluster.placement import unplaceable
+
+    group = {"cpu": 8, "gpu": 1, "workers": 3}
+    two_of_three = [{"CPU": 48.0, "GPU": 2.0}]
+    assert "the nodes together hold 2 of those workers" in unplaceable(group, two_of_three)
+    assert unplaceable(group, [*two_of_three, {"CPU": 8.0, "GPU": 1.0}]) is None  # the third on another node
+    exact = [{"CPU": 24.0, "GPU": 3.0}]  # the three workers, and no CPU left for the trial itself
+    assert unplaceable(group, exact).endswith(
+        "the nodes together hold 3 of those workers, and no CPU for the trial itself"
+    )
+    assert unplaceable(group, [*exact, {"CPU": 1.0}]) is None  # the token on the CPU node
+    assert unplaceable(group, exact, repeat=True) is None  # a node type: a second node of it takes the token
+    assert unplaceable(group, [{"CPU": 4.0, "GPU": 4.0}] * 8) == (
+        "it asks CPU 8 (the most any node has: 4), GPU 1 (the most any node has: 4) for each of its 3 workers"
+    )  # no node holds one worker, whatever their total
+    assert unplaceable(group, [{"CPU": 4.0, "GPU": 4.0}], repeat=True).startswith("it asks CPU 8")
+    assert unplaceable({"cpu": 8, "gpu": 1, "workers": 1}, exact) is None  # one process: no token
+
+
+def test_the_autoscaler_is_asked_for_every_worker_of_a_trial_and_the_trials_token():
+    """A trial of N workers asks N bundles and the token; as many trials as max_concurrent_trials, and one when it is
+    unset (Tune sees only the tokens: it would start every trial at once)."""
+    from pathsearch.config import load_search_file
+    from pathsearch.search.driver import demand_of
+
+    group = "search.resources_per_trial={cpu: 2, gpu: 1, workers: 4}"
+    capped = demand_of(load_search_file(DIGITS, [group, "search.max_concurrent_trials=2"]), "x")
+    assert capped.bundles == ([{"CPU": 0.01}] + [{"CPU": 2.0, "GPU": 1.0}] * 4) * 2
+    assert str(capped) == "2 trials of 4 workers of {CPU: 2, GPU: 1}"
+    unset = demand_of(load_search_file(DIGITS, [group, "search.max_concurrent_trials=null"]), "x")
+    assert unset.bundles == [{"CPU": 0.01}] + [{"CPU": 2.0, "GPU": 1.0}] * 4
 
 
 def test_the_autoscaler_is_asked_for_the_trials_a_search_runs_at_once_and_its_supernet():

@@ -11,6 +11,12 @@ once. Autoscaler v1 (the cluster launcher's and the fake provider's default) pub
 placement group's demand as infeasible: there the search waits up to `search.autoscaler_wait_min` for a node that
 holds a trial, and gives up when the autoscaler launched nothing for it (or what it launched never joined).
 
+A trial of `workers: N` (N > 1) is a Ray Train worker group: N bundles of the per-worker resources, placed PACK or
+SPREAD, plus TOKEN_CPU that the Tune trial driving them reserves for itself. Both strategies are best effort (Ray
+spans nodes, or doubles up on one, when it must), so such a trial fits when some node holds one worker and the nodes
+together hold all N and the token; an autoscaler's node types, which it may start again and again, need only hold
+one worker and the token.
+
 `request_resources` is one request for the whole cluster, replaced by each call. So each search keeps its bundles in
 Ray's internal key-value store under its own key, and the request sent is always the union of the live ones: two
 searches on one cluster keep each other's, and the entry of a driver that died (kill -9) is dropped by the next
@@ -31,11 +37,17 @@ NAMESPACE = "pathsearch"  # Ray internal KV: this package's keys, apart from Ray
 REQUEST_PREFIX = "autoscaler_request/"  # + the search's name: {"job": driver job id, "bundles": [...]}
 JOIN_WAIT_S = 60.0  # a cluster without an autoscaler: how long nodes that are joining may take to show
 POLL_S = 1.0
+# The Tune trial's own reservation when it drives a worker group (workers > 1): Tune cannot see the resources the
+# group's placement group takes, and refuses a trial that reserves nothing.
+TOKEN_CPU = 0.01
 
 
 def ray_resources(ask: Mapping[str, float]) -> dict[str, float]:
-    """resources_per_trial's names (cpu, gpu, custom) as Ray names them (CPU, GPU, custom)."""
-    return {name.upper() if name in ("cpu", "gpu") else name: float(amount) for name, amount in ask.items()}
+    """resources_per_trial's names (cpu, gpu, custom) as Ray names them (CPU, GPU, custom), without `workers`: with
+    workers > 1, one worker's resources."""
+    from pathsearch.config import worker_resources
+
+    return {name.upper() if name in ("cpu", "gpu") else name: amount for name, amount in worker_resources(ask).items()}
 
 
 def shape(bundle: Mapping[str, float]) -> str:
@@ -47,32 +59,75 @@ def holds(node: Mapping[str, float], bundle: Mapping[str, float]) -> bool:
     return all(node.get(name, 0.0) >= amount for name, amount in bundle.items())
 
 
-def unplaceable(ask: Mapping[str, float], nodes: Sequence[Mapping[str, float]]) -> str | None:
-    """Why no node in `nodes` (Ray's resources of each) holds `ask` (resources_per_trial's names), or None."""
-    want = ray_resources(ask)
-    if any(holds(node, want) for node in nodes):
+def unplaceable(ask: Mapping[str, float], nodes: Sequence[Mapping[str, float]], repeat: bool = False) -> str | None:
+    """Why `nodes` (Ray's resources of each) cannot hold one trial of `ask` (resources_per_trial's names), or None.
+
+    One worker: some node must hold it all. A worker group (workers > 1): some node must hold one worker, and the
+    nodes together all of them and the token (see the module's docstring). `repeat`: each node may be started again
+    and again (an autoscaler's node types), so one worker and the token on some node each is enough."""
+    from pathsearch.config import trial_workers
+
+    want, workers = ray_resources(ask), trial_workers(ask)
+    each = f" for each of its {workers} workers" if workers > 1 else ""
+    if not any(holds(node, want) for node in nodes):
+        most = {name: max((node.get(name, 0.0) for node in nodes), default=0.0) for name in want}
+        short = [f"{name} {amount:g} (the most any node has: {most[name]:g})" for name, amount in want.items()]
+        return f"it asks {', '.join(short)}{each}"
+    if workers == 1 or _holds_group(want, workers, nodes, repeat):
         return None
-    most = {name: max((node.get(name, 0.0) for node in nodes), default=0.0) for name in want}
-    short = [f"{name} {amount:g} (the most any node has: {most[name]:g})" for name, amount in want.items()]
-    return f"it asks {', '.join(short)}"
+    held = sum(_count(node, want) for node in nodes)
+    left = f"{held} of those workers" + (", and no CPU for the trial itself" if held >= workers else "")
+    return (
+        f"it is a group of {workers} workers of {shape(want)} (search.resources_per_trial.workers: {workers}) "
+        f"and CPU {TOKEN_CPU:g} for the trial itself; the nodes together hold {left}"
+    )
+
+
+def _count(node: Mapping[str, float], bundle: Mapping[str, float]) -> int:
+    """How many copies of `bundle` the node holds (a bundle that asks nothing: as many as anyone asks)."""
+    counts = (int(node.get(name, 0.0) / amount + 1e-9) for name, amount in bundle.items() if amount > 0)
+    return min(counts, default=2**31)
+
+
+def _holds_group(bundle: Mapping[str, float], workers: int, nodes: Sequence[Mapping[str, float]], repeat: bool) -> bool:
+    """Whether `nodes` hold `workers` copies of `bundle` and the token at once: the token on one node, the workers
+    wherever room is left."""
+    token = {"CPU": TOKEN_CPU}
+    if repeat:
+        return any(holds(node, token) for node in nodes)
+    for i, node in enumerate(nodes):
+        if holds(node, token):
+            left = [{**n, "CPU": n.get("CPU", 0.0) - TOKEN_CPU} if j == i else n for j, n in enumerate(nodes)]
+            if sum(_count(n, bundle) for n in left) >= workers:
+                return True
+    return False
 
 
 @dataclass
 class Demand:
-    """What a search (or a resumed one) needs from the cluster: one bundle per trial shape, and how many trials of
-    the first shape run at once."""
+    """What a search (or a resumed one) needs from the cluster: one bundle per trial shape, how many trials of the
+    first shape run at once, and how many workers each of those has (each a bundle of the first shape)."""
 
     name: str  # the search's name: its key for the autoscaler request
-    shapes: list[dict[str, float]]  # Ray resource names; [0]: a search trial, then the supernet trial, if any
+    shapes: list[dict[str, float]]  # Ray resource names; [0]: a search trial's (one worker's), then the supernet's
     concurrent: int
+    workers: int = 1  # search.resources_per_trial.workers
+
+    @property
+    def trial(self) -> list[dict[str, float]]:
+        """One search trial's bundles: its own, or with workers > 1 the token and one bundle per worker."""
+        if self.workers == 1:
+            return [self.shapes[0]]
+        return [{"CPU": TOKEN_CPU}, *[self.shapes[0]] * self.workers]
 
     @property
     def bundles(self) -> list[dict[str, float]]:
-        return [self.shapes[0]] * self.concurrent + self.shapes[1:]
+        return self.trial * self.concurrent + self.shapes[1:]
 
     def __str__(self) -> str:
         extra = "".join(f" and 1 of {shape(s)}" for s in self.shapes[1:])
-        return f"{self.concurrent} trial{'s' if self.concurrent != 1 else ''} of {shape(self.shapes[0])}{extra}"
+        what = shape(self.shapes[0]) if self.workers == 1 else f"{self.workers} workers of {shape(self.shapes[0])}"
+        return f"{self.concurrent} trial{'s' if self.concurrent != 1 else ''} of {what}{extra}"
 
 
 # ----- the autoscaler ---------------------------------------------------------------------------------------
@@ -251,7 +306,7 @@ def prepare(
             _wait_for_join(demand, address, missing, join_s, say)
         return place
     if scaler.node_types is not None:  # v2: the node types it may start are known
-        refused = _missing(demand, list(scaler.node_types.values()) + _live_nodes())
+        refused = _missing(demand, list(scaler.node_types.values()) + _live_nodes(), repeat=True)
         if refused is not None:
             raise ValueError(
                 f"search.resources_per_trial: no node type of the cluster's autoscaler can hold a trial: {refused}; "
@@ -269,8 +324,9 @@ def prepare(
     return place
 
 
-def _missing(demand: Demand, nodes: list[dict[str, float]]) -> str | None:
-    return next((why for ask in demand.shapes if (why := unplaceable(ask, nodes)) is not None), None)
+def _missing(demand: Demand, nodes: list[dict[str, float]], repeat: bool = False) -> str | None:
+    asks = [{**demand.shapes[0], "workers": demand.workers}, *demand.shapes[1:]]
+    return next((why for ask in asks if (why := unplaceable(ask, nodes, repeat)) is not None), None)
 
 
 def _wait_for_join(

@@ -16,6 +16,7 @@ import yaml
 
 from pathsearch.config.checks import (
     baseline_problems,
+    batch_split_problems,
     condition_problems,
     confirm_test_problems,
     enqueue_problems,
@@ -24,6 +25,12 @@ from pathsearch.config.checks import (
     tracking_uri_problems,
     trial_problems,
     two_stage_problems,
+)
+from pathsearch.config.checks import (  # the training side and the placement read a trial's workers from here
+    trial_workers as trial_workers,
+)
+from pathsearch.config.checks import (
+    worker_resources as worker_resources,
 )
 from pathsearch.config.datasets import (
     FASHION_MNIST_DEBIAN as FASHION_MNIST_DEBIAN,  # benchmarks/gpu.py imports it from here
@@ -217,7 +224,13 @@ class SearchConfig:
     grace_period: int = 1  # ASHA: reports before a trial can be stopped
     reduction_factor: float = 2.0
     seed: int = 0
-    resources_per_trial: dict[str, float] = field(default_factory=lambda: {"cpu": 1.0})
+    # Ray resources of a trial (cpu, gpu, memory, custom); with `workers: N` (N > 1) the trial is a Ray Train worker
+    # group of N processes and the resources are each worker's (checks.trial_workers, checks.worker_resources).
+    # int | float: a worker count is written as an integer, and stays one
+    resources_per_trial: dict[str, int | float] = field(default_factory=lambda: {"cpu": 1.0})
+    # how the worker group's placement group lays out its workers: Ray's PACK (as few nodes as will hold them) or
+    # SPREAD (over as many nodes as there are); both are best effort, so a group fits wherever the nodes hold it
+    worker_placement: Literal["pack", "spread"] = "pack"
     max_failures: int = 2
     # on a cluster whose autoscaler starts workers: how long the search waits for a worker that holds a trial before
     # it gives up (an autoscaler that reports nothing launched, or launched nodes that never joined)
@@ -311,6 +324,8 @@ def load_search_file(
         if isinstance(raw_space, Mapping):
             raw_space = {key: entry for key, entry in raw_space.items() if key != "model.pruned"}
         space = parse_space(raw_space, 1, source, problems)
+    if trial_ok:
+        problems += batch_split_problems(trial, search, space, source)
     if trial_ok and depth is not None and check_trial is not None:  # even where the search has problems of its own
         problems += check_trial(trial, source)
     base = _trial_sections(raw)

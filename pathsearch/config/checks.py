@@ -139,6 +139,7 @@ def search_problems(s: Any, source: str) -> list[str]:
     need(s.max_params is None or s.max_params >= 1, "max_params", s.max_params, "must be >= 1")
     for name, amount in s.resources_per_trial.items():
         problems.extend(resource_problems(name, amount, source))
+    problems += group_problems(s, source)
     need(len(s.metrics) == 1 or s.scheduler == "none", "scheduler", s.scheduler,
          "ASHA needs a single metric; use scheduler: none with several")  # fmt: skip
     need(len(s.metrics) > 1 or s.sampler != "nsga2", "sampler", s.sampler, "nsga2 is for several metrics")
@@ -176,17 +177,41 @@ def search_problems(s: Any, source: str) -> list[str]:
 
 
 RAY_RESOURCES = ("cpu", "gpu", "memory")  # resources_per_trial's names of Ray's own resources (memory in bytes)
+WORKERS = "workers"  # resources_per_trial's one name that is not a resource: how many workers train a trial
+
+
+def trial_workers(resources: Mapping[str, float]) -> int:
+    """How many data-parallel workers (one process each, a Ray Train worker group) train one trial of
+    `resources` (a search's resources_per_trial): its `workers`, 1 when absent (one process, no worker group)."""
+    return int(resources.get(WORKERS, 1))
+
+
+def worker_resources(resources: Mapping[str, float]) -> dict[str, float]:
+    """One worker's resources: resources_per_trial without `workers`. With workers > 1, cpu, gpu and custom
+    resources are each worker's (a worker given no cpu gets 1, as Ray Train gives it); with one worker they are
+    the trial's, which is the same thing."""
+    own = {name: float(amount) for name, amount in resources.items() if name != WORKERS}
+    if trial_workers(resources) > 1 and not {"cpu", "CPU"} & set(own):  # (placement passes Ray's names)
+        own["cpu"] = 1.0
+    return own
 
 
 def resource_problems(name: str, amount: Any, source: str) -> list[str]:
     """What is wrong with one `search.resources_per_trial` entry: a non-number, a non-positive or infinite amount,
-    or a GPU amount above 1 (a trial trains on one GPU: Ray would reserve the others and they would sit idle)."""
+    or a GPU amount above 1 (a trial, or each of its workers, trains on one GPU: Ray would reserve the others and
+    they would sit idle); `workers` must be a whole number >= 1."""
     key = f"{source}: search.resources_per_trial.{name}"
-    near = difflib.get_close_matches(name.lower(), RAY_RESOURCES, n=1, cutoff=0.6)
+    if name == WORKERS:  # a count, not an amount: 2.0 or '2' is a mistake, not a number of processes
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 1:
+            return [f"{key}: must be a whole number >= 1 (the trial's data-parallel workers, one per process; an "
+                    f"integer, not 2.0 or '2'), got {amount!r}"]  # fmt: skip
+        return []
+    near = difflib.get_close_matches(name.lower(), (*RAY_RESOURCES, WORKERS), n=1, cutoff=0.6)
     if name not in RAY_RESOURCES and near:  # other names are custom resources, which nodes declare themselves
         return [
-            f"{key}: not a resource Ray knows (did you mean {near[0]!r}? Ray's own are {', '.join(RAY_RESOURCES)}; "
-            f"any other name is a custom resource that some node must declare), got {name!r}: {amount!r}"
+            f"{key}: not a resource Ray knows (did you mean {near[0]!r}? Ray's own are {', '.join(RAY_RESOURCES)}, "
+            f"and {WORKERS} sets a trial's worker count; any other name is a custom resource that some node must "
+            f"declare), got {name!r}: {amount!r}"
         ]
     if isinstance(amount, bool) or not isinstance(amount, int | float):
         return [f"{key}: must be a number, got {amount!r}"]
@@ -196,6 +221,69 @@ def resource_problems(name: str, amount: Any, source: str) -> list[str]:
         return [f"{key}: must be at most 1: a trial trains on one GPU (a share, e.g. 0.25, packs trials on a GPU), "
                 f"got {amount!r}"]  # fmt: skip
     return []
+
+
+def group_problems(s: Any, source: str) -> list[str]:
+    """What a search (a pathsearch.config.SearchConfig) cannot do with its trials split over workers (Ray Train,
+    one worker per GPU): share a GPU between workers, or train a two_stage search's supernet and proxy step, which
+    run in one process."""
+    workers = s.resources_per_trial.get(WORKERS, 1)
+    if not (isinstance(workers, int) and workers > 1):
+        return []  # one process (or a bad count, said by resource_problems)
+    key = f"{source}: search.resources_per_trial"
+    problems = []
+    gpu = s.resources_per_trial.get("gpu")
+    if isinstance(gpu, int | float) and 0 < gpu < 1:
+        problems.append(
+            f"{key}.gpu: a worker group trains one worker per whole GPU (workers: {workers}): give each worker "
+            f"gpu 1, or leave gpu out to train on CPUs, got {gpu!r}"
+        )
+    if s.strategy == "two_stage":
+        problems.append(
+            f"{key}.{WORKERS}: the supernet and its proxy step train in one process, so two_stage trials cannot "
+            f"be split over workers (search.strategy: two_stage); leave workers out or use strategy full, "
+            f"got {workers!r}"
+        )
+    return problems
+
+
+BATCH_KEY = "data.batch_size"
+MIX_KEYS = ("data.mixup", "data.cutmix")
+
+
+def batch_split_problems(trial: Any, search: Any, space: Any, source: str) -> list[str]:
+    """With workers > 1 the global batch (data.batch_size) is split evenly over the workers, and with mixup or
+    cutmix on (or searched) each worker's share must be even (timm's Mixup mixes a batch with its flip): the base
+    value and every value a `space.data.batch_size` entry samples (each choice, or each point of an integer
+    range) must be a multiple of the workers (twice that with mixing)."""
+    workers = search.resources_per_trial.get(WORKERS, 1)
+    if not (isinstance(workers, int) and workers > 1):
+        return []
+    d = trial.data
+    mixed = d.mixup > 0 or d.cutmix > 0
+    for entry in space.entries:
+        if entry.key in MIX_KEYS:
+            mixed = mixed or any(isinstance(v, int | float) and v > 0 for v in entry.dist.extremes())
+    split = 2 * workers if mixed else workers
+    why = (
+        f"the global batch is split evenly over the trial's {workers} workers (search.resources_per_trial.workers)"
+        + (", and mixup/cutmix needs an even batch on each worker" if mixed else "")
+        + f", so it must be a multiple of {split}"
+    )
+    problems = []
+    if d.batch_size % split:
+        problems.append(f"{source}: {BATCH_KEY}: {why}, got {d.batch_size!r}")
+    for entry in space.entries:
+        if entry.key != BATCH_KEY:
+            continue
+        dist = entry.dist
+        values: Any = dist.choices
+        if values is None and all(isinstance(v, int) for v in (dist.low, dist.high, dist.step or 1)):
+            values = range(dist.low, dist.high + 1, dist.step or 1)  # Optuna's suggest_int grid
+        bad = next((v for v in values or [] if isinstance(v, int) and v % split), None)
+        if bad is not None:
+            problems.append(f"{source}: space.{BATCH_KEY}: {why}, got {bad!r} (a value the space samples)")
+    return problems
 
 
 def confirm_test_problems(trial: Any, search: Any, space: Any, source: str) -> list[str]:

@@ -146,7 +146,13 @@ def _convert(tp: Any, value: Any, source: str, key: str, problems: list[str]) ->
         return from_dict(tp, value, source, key + ".", problems)  # type: ignore[arg-type]
     result = _try_convert(tp, value)
     if result is _MISSING:
-        problems.append(f"{source}: {key}: expected {_describe(tp)}, got {value!r}")
+        if get_origin(tp) is dict and isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+            kind = get_args(tp)[1]
+            for name, item in value.items():  # a mapping's entries each by their own key
+                if _try_convert(kind, item) is _MISSING:
+                    problems.append(f"{source}: {key}.{name}: expected {_describe(kind)}, got {item!r}")
+        else:
+            problems.append(f"{source}: {key}: expected {_describe(tp)}, got {value!r}")
     elif not all_finite(result):
         entries = result.items() if isinstance(result, Mapping) else [(None, result)]
         for name, item in entries:  # a mapping's entries each by their own key

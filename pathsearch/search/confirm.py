@@ -25,7 +25,7 @@ from ray import tune
 
 from pathsearch.config import SearchFile
 from pathsearch.search.results import SearchResult
-from pathsearch.search.run import SearchRun, checkpoint_of
+from pathsearch.search.run import SearchRun, checkpoint_of, trial_limits
 from pathsearch.search.runner import RoundLine
 from pathsearch.search.sequential import (
     BEATS,
@@ -297,8 +297,7 @@ def run_round(run: SearchRun, plan: Plan, trainable: Any, verbose: bool, round_:
         epochs=t.epochs,
         param_space=param_space(plan, round_),
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=s.confirm.max_concurrent_trials or s.max_concurrent_trials,
-            reuse_actors=True,
+            **trial_limits(run.spec, s.confirm.max_concurrent_trials or s.max_concurrent_trials)
         ),
         callbacks=[line],
         groups=groups,
@@ -516,9 +515,10 @@ def _bars_text(design: Design, look: int) -> str:
     beats = design.beats[look]
     if not math.isfinite(beats):
         return " (at this look nothing can beat the baseline yet: almost all of alpha is kept for later looks)"
+    later = "later looks ask less" if look + 1 < len(design.looks()) else "the last look of this design"
     return (
         f" (at this look a challenger beats the baseline when its mean gain exceeds {beats:.2f} standard errors, and "
-        f"is worse below -{design.worse[look]:.2f}; later looks ask less)"
+        f"is worse below -{design.worse[look]:.2f}; {later})"
     )
 
 

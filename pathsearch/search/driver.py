@@ -13,7 +13,7 @@ from types import ModuleType
 from typing import Any
 
 from pathsearch.cluster import placement
-from pathsearch.config import SearchFile
+from pathsearch.config import SearchFile, trial_workers
 from pathsearch.search import full, oneshot
 from pathsearch.search.confirm import check_plan, extend_plan
 from pathsearch.search.results import SearchResult
@@ -49,7 +49,7 @@ def run_search(
         with run.console(library_output):
             ours = False
             try:  # until the search has started, a stop leaves nothing: no run folder, no MLflow run, no Ray of ours
-                ours = init_ray(address)
+                ours = init_ray(address, dashboard=grouped(spec))
                 place = _place(spec, run.name, address)
                 try:
                     run.begin(tracking_uri)
@@ -92,7 +92,7 @@ def resume_search(
             extend_plan(run, max_seeds)
         run.reopen()
         with run.console(library_output):
-            ours = init_ray(address)
+            ours = init_ray(address, dashboard=grouped(run.spec))
             try:
                 place = _place(run.spec, run.name, address)
             except BaseException:
@@ -108,6 +108,11 @@ def resume_search(
         run.close(keep_copy)
 
 
+def grouped(spec: SearchFile) -> bool:
+    """Whether the search's trials are data-parallel worker groups (Ray Train)."""
+    return trial_workers(spec.search.resources_per_trial) > 1
+
+
 def _place(spec: SearchFile, name: str, address: str | None) -> placement.Placement:
     """The cluster can hold the search's trials (asking its autoscaler for them where it has one), or ValueError."""
     demand = demand_of(spec, name)
@@ -116,9 +121,13 @@ def _place(spec: SearchFile, name: str, address: str | None) -> placement.Placem
 
 def demand_of(spec: SearchFile, name: str) -> placement.Demand:
     """The search file's demand: its trial's resources (and a two_stage search's supernet trial's), as many at once
-    as max_concurrent_trials allows (all num_samples when unset)."""
+    as max_concurrent_trials allows. Unset, that is all num_samples for trials of one process, but one trial for
+    worker groups (workers > 1): Tune sees only a group's token, so it is capped to max_concurrent_trials or 1
+    (the cap Tune is given too), and a request for every group at once would start nodes for trials that wait."""
     s = spec.search
+    workers = trial_workers(s.resources_per_trial)
     shapes = [placement.ray_resources(s.resources_per_trial)]
     if s.strategy == "two_stage" and s.two_stage.supernet_cpus is not None:
         shapes.append(placement.ray_resources({**s.resources_per_trial, "cpu": s.two_stage.supernet_cpus}))
-    return placement.Demand(name, shapes, min(s.max_concurrent_trials or s.num_samples, s.num_samples))
+    unset = s.num_samples if workers == 1 else 1
+    return placement.Demand(name, shapes, min(s.max_concurrent_trials or unset, s.num_samples), workers)

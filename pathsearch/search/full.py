@@ -31,7 +31,7 @@ from pathsearch.search.results import (
     study_counts,
     study_table,
 )
-from pathsearch.search.run import SEARCH_STAGE, SearchRun
+from pathsearch.search.run import SEARCH_STAGE, SearchRun, trial_limits
 from pathsearch.search.runner import ProgressLine
 from pathsearch.search.searcher import (
     JOURNAL,
@@ -171,7 +171,6 @@ def tune_config(spec: SearchFile, folder: Path, name: str, stored: bool = False)
         metric=None if multi else metric,
         mode=None if multi else mode,
         num_samples=s.num_samples,
-        max_concurrent_trials=s.max_concurrent_trials,
-        reuse_actors=True,
+        **trial_limits(spec, s.max_concurrent_trials),
         time_budget_s=s.time_budget_s,
     )

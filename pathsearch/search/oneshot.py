@@ -113,7 +113,7 @@ def train_supernet(run: SearchRun, trainable: Any = None) -> dict[str, Any] | No
         return None
     result = grid[0]
     metrics = result.metrics or {}
-    if result.error is not None or result.checkpoint is None:
+    if result.error is not None or checkpoint_of(result) is None:
         raise RuntimeError(f"the supernet trial did not train to the end ({result.error or 'no final checkpoint'})")
     trial_id = str(metrics["trial_id"])
     tags = {ROLE_TAG: "supernet", "mlflow.runName": f"supernet {trial_id}"}

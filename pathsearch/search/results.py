@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pathsearch.storage import checkpoint_location
+from pathsearch.storage import result_checkpoint
 
 if TYPE_CHECKING:
     import optuna
@@ -62,7 +62,7 @@ def final_rows(grid: Any, final_epoch: int) -> list[dict[str, Any]]:
                 "trial_id": m.get("trial_id"),
                 "optuna_trial": config.get("optuna_trial"),
                 "overrides": config.get("overrides", {}),
-                "checkpoint": checkpoint_location(result.checkpoint) if result.checkpoint is not None else None,
+                "checkpoint": result_checkpoint(result.checkpoint, m),
             }
         )
     return rows

@@ -21,13 +21,15 @@ from typing import Any
 from ray import tune
 
 from pathsearch import storage
+from pathsearch.cluster import placement
 from pathsearch.config import SearchFile
+from pathsearch.config.checks import trial_workers, worker_resources
 from pathsearch.search.results import SearchResult, trained_to_end
 from pathsearch.search.runner import StopSignal, quiet_console, stop_signalled
 from pathsearch.storage import workcopy
 from pathsearch.storage.rundirs import unique_run_dir, unique_run_name
 from pathsearch.tracking.runs import PARENT_TAG, RunLog, SearchRuns, default_tracking_uri
-from pathsearch.trial.trainable import train_trial
+from pathsearch.trial.trainable import WorkerGroup, group_trial, train_trial
 
 STATE_FILE = "pathsearch_state.json"  # in the run directory: the search's name, tracking store and parent run
 RESUME_HINT = "continue that search with `pathsearch resume`"
@@ -318,13 +320,31 @@ class SearchRun:
 
 def checkpoint_of(result: Any) -> str | None:
     """Where a Tune result's checkpoint lives (a local path or a store URI), or None."""
-    return storage.checkpoint_location(result.checkpoint) if result.checkpoint is not None else None
+    return storage.result_checkpoint(result.checkpoint, result.metrics)
 
 
 def runnable(spec: SearchFile, trainable: Any) -> Any:
     """The trainable with the base config bound and the trial's resources (search, supernet and confirmation)."""
-    resources = {k.upper() if k in ("cpu", "gpu") else k: v for k, v in spec.search.resources_per_trial.items()}
-    return tune.with_resources(tune.with_parameters(trainable or train_trial, base=spec.base), resources)
+    s = spec.search
+    workers = trial_workers(s.resources_per_trial)
+    resources = placement.ray_resources(worker_resources(s.resources_per_trial))
+    if workers == 1 or trainable is not None:
+        return tune.with_resources(tune.with_parameters(trainable or train_trial, base=spec.base), resources)
+    group = WorkerGroup(workers, resources, s.worker_placement.upper(), s.max_failures, 60 * s.autoscaler_wait_min)
+    # the trial's own process only drives Ray Train's worker group, whose placement group holds the resources
+    return tune.with_resources(
+        tune.with_parameters(group_trial, base=spec.base, group=group), {"CPU": placement.TOKEN_CPU}
+    )
+
+
+def trial_limits(spec: SearchFile, concurrent: int | None) -> dict[str, Any]:
+    """Tune's limits for a stage's trials (`concurrent`: the stage's max_concurrent_trials). A worker group's trial
+    reserves only a token (the group's placement group holds the rest), so Tune would start every trial at once:
+    one at a time unless the file says how many groups fit. And its actor is not reused: it does no work of its
+    own, and its thread outlives the trial while Train takes the group down (Tune's reset would fail and stall)."""
+    if trial_workers(spec.search.resources_per_trial) == 1:
+        return {"max_concurrent_trials": concurrent, "reuse_actors": True}
+    return {"max_concurrent_trials": concurrent or 1, "reuse_actors": False}
 
 
 def run_config(spec: SearchFile, name: str, storage_path: str, callbacks: list[Any]) -> tune.RunConfig:

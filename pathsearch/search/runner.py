@@ -88,8 +88,10 @@ def quiet_console(run_dir: Path, library_output: bool = False) -> Iterator[None]
             os.environ["RAY_AIR_NEW_OUTPUT"] = old_output
 
 
-def init_ray(address: str | None) -> bool:
-    """Ray on this machine (on 127.0.0.1, no dashboard, worker output kept out of the console), or the cluster at
+def init_ray(address: str | None, dashboard: bool = False) -> bool:
+    """Ray on this machine (on 127.0.0.1, worker output kept out of the console; the dashboard only with
+    `dashboard`: Ray Train's placement-group cleaner asks its state API whether a data-parallel trial's controller
+    still lives, and without it a stopped trial's worker group would keep its resources), or the cluster at
     `address`; nothing when Ray is already up. True when this call started it (or connected to it)."""
     import ray
 
@@ -103,7 +105,7 @@ def init_ray(address: str | None) -> bool:
         ray.init(address=address)
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps a local Ray on 127.0.0.1
-        ray.init(include_dashboard=False, log_to_driver=False)  # logging: quiet_console decides where it goes
+        ray.init(include_dashboard=dashboard, log_to_driver=False)  # logging: quiet_console decides where it goes
     return True
 
 

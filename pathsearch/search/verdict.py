@@ -354,18 +354,19 @@ def plot_rounds(c: Confirmation, path: Path) -> Path | None:
     ax.set_title("intervals per round (decided: above 0, below 0 or below min_effect)", fontsize=9)
     ax.legend(fontsize=7, loc="best")
     if exact:
-        _plot_bounds(axes[0][1], c, labels, colors)
+        plot_bounds(axes[0][1], c, labels, colors)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def _plot_bounds(ax: Any, c: Confirmation, labels: Sequence[str], colors: Mapping[str, str]) -> None:
+def plot_bounds(ax: Any, c: Confirmation, labels: Sequence[str], colors: Mapping[str, str]) -> None:
     """The exact design's boundaries as lines over the seeds of each look, and each challenger's statistics."""
     from pathsearch.search.sequential import Design
 
-    design = Design(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.design.items()})
+    saved: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in (c.design or {}).items()}
+    design = Design(**saved)
     looks = design.looks()[: len(c.rounds)]
     beats, worse, no_gain = (
         [b if math.isfinite(b) else math.nan for b in bound[: len(looks)]]
@@ -386,7 +387,7 @@ def _plot_bounds(ax: Any, c: Confirmation, labels: Sequence[str], colors: Mappin
             if se > 0:
                 points.append((looks[k], d["mean"] / se, (d["mean"] - design.min_effect) / se))
         if points:
-            xs, ts, shifted = zip(*points)
+            xs, ts, shifted = zip(*points, strict=True)
             ax.plot(xs, ts, "o-", color=colors[label], ms=4, lw=1, label=f"{label}: mean / se")
             ax.plot(xs, shifted, "o", mfc="none", color=colors[label], ms=4, label=f"{label}: (mean - min_effect) / se")
     ax.set_xticks(looks)

@@ -192,6 +192,17 @@ def checkpoint_location(checkpoint: Any) -> str:
     return f"{scheme}://{checkpoint.path}"
 
 
+GROUP_CHECKPOINT = "group_checkpoint"  # a data-parallel trial's metric: its checkpoint's place in Ray Train's storage
+
+
+def result_checkpoint(checkpoint: Any, metrics: Mapping[str, Any] | None) -> str | None:
+    """Where a trial's (last) checkpoint lives: Tune's checkpoint, or for a data-parallel trial, whose checkpoints
+    Ray Train keeps, the place its last report named (GROUP_CHECKPOINT); None when it has none."""
+    if checkpoint is not None:
+        return checkpoint_location(checkpoint)
+    return (metrics or {}).get(GROUP_CHECKPOINT)
+
+
 def restorable(experiment: str) -> bool:
     """Whether Tune can restore `experiment` (a folder or URI): `Tuner.can_restore` and an experiment snapshot
     (`experiment_state-*.json`). A driver killed between creating its Tuner and Tune's first snapshot leaves a folder

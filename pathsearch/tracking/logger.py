@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from ray.tune import Callback
 
-from pathsearch.storage import checkpoint_location, fetch
+from pathsearch.storage import fetch, result_checkpoint
 from pathsearch.tracking.outage import (
     GAVE_UP,
     RETRY_EVERY_S,
@@ -155,10 +155,10 @@ class MlflowTrialLogger(Callback):
             self.on_trial_start(0, [], trial)
 
     def _finish(self, trial: Any, status: str, state: str) -> None:
-        checkpoint = getattr(trial, "checkpoint", None)
-        if checkpoint is not None:  # Tune keeps a finished trial's last checkpoint (locally or in a store): its place
-            # suffices; its own operation: files MLflow refuses must not cost the run its final status
-            folder = checkpoint_location(checkpoint)
+        # Tune keeps a finished trial's last checkpoint (Ray Train a data-parallel trial's), locally or in a store:
+        # its place suffices; its own operation: files MLflow refuses must not cost the run its final status
+        folder = result_checkpoint(getattr(trial, "checkpoint", None), getattr(trial, "last_result", None))
+        if folder is not None:
             self._send({"op": "artifacts", "trial": trial.trial_id, "folder": folder, "names": list(TRIAL_ARTIFACTS)})
         inputs = self._inputs.pop(trial.trial_id, None)
         if inputs is not None:  # the runs page's Dataset column and MLflow's dataset filters read these

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset, TensorDataset
 
 from pathsearch.config.datasets import (
     CIFAR_VAL_SIZE,
@@ -96,7 +96,8 @@ class TensorBatches:
     Hand-written because torch's DataLoader fetches and collates image by image. It draws from its generator (and,
     like the DataLoader, from torch's global RNG once per pass) exactly as `DataLoader(dataset, batch_size,
     shuffle, generator=generator, drop_last=drop_last)` does, so the same seed gives the same batches in the same
-    order and a checkpointed generator resumes the same order.
+    order and a checkpointed generator resumes the same order. With `shard=(rank, world)` each batch is this
+    worker's part of the global batch (`shard_of`).
     """
 
     def __init__(
@@ -106,6 +107,7 @@ class TensorBatches:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         self.tensors = tensors
         self.batch_size = batch_size
@@ -113,6 +115,7 @@ class TensorBatches:
         self.generator = generator
         self.drop_last = drop_last
         self.num_items = len(tensors[0])
+        self.shard = shard
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -129,13 +132,41 @@ class TensorBatches:
             order = order.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else order.to(device)
         for k in range(len(self)):
             start = k * self.batch_size
-            if order is None:
+            if order is None and self.shard is None:
                 yield tuple(t[start : start + self.batch_size] for t in self.tensors)
+                continue
+            if order is None:
+                index = torch.arange(start, min(start + self.batch_size, self.num_items), device=device)
             else:
                 index = order[start : start + self.batch_size]
-                yield tuple(t.index_select(0, index) for t in self.tensors)
+            if self.shard is not None:
+                index = shard_of(index, *self.shard)
+            yield tuple(t.index_select(0, index) for t in self.tensors)
         if order is not None:  # RandomSampler draws a second, empty, permutation when it is exhausted (its
             torch.randperm(self.num_items, generator=self.generator)  # `num_samples % n` tail): so do we
+
+
+def shard_of(batch: Any, rank: int, world: int) -> Any:
+    """Worker `rank`'s part of a global batch (indices) split over `world` workers: contiguous, sizes differing by
+    at most one. Every worker draws the same global order from the same generator and keeps its part, so the
+    workers' batches together are exactly the one-process trial's batch. Hand-written because torch's
+    DistributedSampler draws an order of its own (seed + epoch, not the checkpointed generator) and pads the epoch
+    with repeated images: the batches would differ from a one-worker trial's."""
+    if isinstance(batch, torch.Tensor):
+        return batch.tensor_split(world)[rank]
+    return [int(i) for i in np.array_split(np.asarray(batch), world)[rank]]
+
+
+class ShardedBatches(BatchSampler):
+    """A BatchSampler's global batches, each cut to this worker's part (`shard_of`), for DataLoader-fed datasets."""
+
+    def __init__(self, sampler: Any, batch_size: int, drop_last: bool, shard: tuple[int, int]) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.shard = shard
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in super().__iter__():
+            yield shard_of(batch, *self.shard)
 
 
 def on_device(dataset: Any, device: torch.device) -> Any:
@@ -154,13 +185,26 @@ def make_loader(
     generator: torch.Generator | None = None,
     drop_last: bool = False,
     num_workers: int = 0,
+    shard: tuple[int, int] | None = None,
 ) -> TensorBatches | DataLoader[Any]:
     """The loader of one split for a trial on `device`: an in-memory TensorDataset (digits, synthetic, mnist,
     fashion_mnist) is moved there once and batched there (`TensorBatches`); any other dataset (CIFAR, imagefolder:
     decoded and augmented per image on the CPU) goes through a DataLoader that pins memory on CUDA and keeps its
-    workers alive between epochs. Both give the same batches for the same generator."""
+    workers alive between epochs. Both give the same batches for the same generator. `shard=(rank, world)`: this
+    worker's part of each global batch of `batch_size` images (a data-parallel trial)."""
     if isinstance(dataset, TensorDataset):
-        return TensorBatches(on_device(dataset, device).tensors, batch_size, shuffle, generator, drop_last)
+        return TensorBatches(on_device(dataset, device).tensors, batch_size, shuffle, generator, drop_last, shard)
+    if shard is not None:  # the sampler DataLoader(shuffle=...) would make, drawing from the same generator
+        sized: Any = dataset  # a map-style dataset: it has a length
+        sampler = RandomSampler(sized, generator=generator) if shuffle else SequentialSampler(sized)
+        return DataLoader(
+            dataset,
+            batch_sampler=ShardedBatches(sampler, batch_size, drop_last, shard),
+            generator=generator,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=num_workers > 0,
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size,

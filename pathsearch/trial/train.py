@@ -2,6 +2,12 @@
 
 `fit(cfg, report)` knows nothing of Ray: `report(metrics, checkpoint_dir)` is its only way out, so the search
 wraps it in a thin adapter. Checkpoints are safetensors (tensors) + JSON (the rest), never pickle.
+
+Run in a torch.distributed process group (a data-parallel trial: Ray Train starts one process per worker and sets
+up the group), `fit` trains one replica per worker: each worker takes its part of every global batch of
+`data.batch_size` images (`data.shard_of`), DistributedDataParallel averages the gradients, so a step is the
+one-process step on the whole global batch; evaluation is split over the workers and summed; metrics are the
+group's, and only rank 0 writes checkpoints and the path analysis.
 Imports torch, timm and numpy; never ray, optuna or mlflow.
 """
 
@@ -27,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.data import Mixup
@@ -49,6 +56,49 @@ CHECKPOINT_VERSION = 1
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite: the trial failed (a search counts it as a failed trial)."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in a data-parallel trial: its rank among `world` workers (0 of 1 alone)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> Group:
+        """The torch.distributed process group this process is in (Ray Train sets it up), or a group of one."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        return (self.rank, self.world) if self.world > 1 else None
+
+    @property
+    def lead(self) -> bool:
+        """The worker that writes checkpoints and the path analysis, and whose report the search hears."""
+        return self.rank == 0
+
+    def total(self, tensor: Tensor) -> Tensor:
+        """`tensor` summed over the workers (in place; itself alone): a collective on the device, no host sync."""
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+
+class StepLoss(nn.Module):
+    """`step_loss` as a module, so DistributedDataParallel can wrap the whole step (its forward is where DDP hooks
+    in, and a step calls several of the model's methods, not only `forward`)."""
+
+    def __init__(self, model: PathEnsembleViT, criterion: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+
+    def forward(self, images: Tensor, targets: Tensor, masks: Tensor | None = None, distill: bool = False) -> Tensor:
+        return step_loss(self.model, self.criterion, images, targets, masks, distill)
 
 
 @dataclass
@@ -114,6 +164,7 @@ def fit(
     """
     torch.set_num_threads(torch_threads(cfg.train.threads, cpus))
     dev = resolve_device(device)
+    group = Group.current()
     if cfg.train.compile:
         check_compile()
     if dev.type == "cuda" and gpu_fraction is not None and gpu_fraction < 1:
@@ -135,11 +186,15 @@ def fit(
     mixup = make_mixup(cfg, bundle.num_classes)
     criterion = _make_criterion(cfg, mixup is not None)
     train_data = on_device(bundle.train, dev)  # one copy on the device, shared by the seeds
-    runs = [build_seed_run(cfg, bundle, cfg.train.seed + k, dev, criterion, train_data) for k in range(cfg.train.seeds)]
+    runs = [
+        build_seed_run(cfg, bundle, cfg.train.seed + k, dev, criterion, train_data, group)
+        for k in range(cfg.train.seeds)
+    ]
     start_epoch = 0
     if resume is not None:
         start_epoch = _restore(runs, Path(str(checkpoint_dir)), resume, dev)
-    val_loader = make_loader(bundle.val, cfg.data.eval_batch_size, dev, num_workers=cfg.data.num_workers)
+    val_loader = make_loader(bundle.val, cfg.data.eval_batch_size, dev, num_workers=cfg.data.num_workers,
+                             shard=group.shard)  # fmt: skip
     out_root = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="pathsearch-trial-"))
     out_root.mkdir(parents=True, exist_ok=True)
     previous: Path | None = None
@@ -151,7 +206,7 @@ def fit(
         per_seed: list[dict[str, float]] = []
         for run in runs:
             started = time.perf_counter()
-            loss, seen = _train_one_epoch(run, cfg, epoch, mixup, dev, amp, progress)
+            loss, seen = _train_one_epoch(run, cfg, epoch, mixup, dev, amp, progress, group)
             train_seconds += time.perf_counter() - started
             train_images += seen
             per_seed.append({"train_loss": loss})
@@ -159,34 +214,40 @@ def fit(
         if not last and (epoch + 1) % cfg.train.eval_every:
             continue  # evaluate, checkpoint and report every eval_every epochs (and after the last)
         for run, entry in zip(runs, per_seed, strict=True):
-            entry.update(_evaluate(run.model, val_loader, dev))
+            entry.update(_evaluate(run.model, val_loader, dev, group=group))
         if last and cfg.train.test:
             assert bundle.test is not None  # checked before training
-            test_loader = make_loader(bundle.test, cfg.data.eval_batch_size, dev, num_workers=cfg.data.num_workers)
+            test_loader = make_loader(bundle.test, cfg.data.eval_batch_size, dev, num_workers=cfg.data.num_workers,
+                                      shard=group.shard)  # fmt: skip
             for run, entry in zip(runs, per_seed, strict=True):
-                scores = _evaluate(run.model, test_loader, dev, prefix="test")
+                scores = _evaluate(run.model, test_loader, dev, prefix="test", group=group)
                 entry.update(test_acc=scores["test_acc"], test_loss=scores["test_loss"])
         metrics = _summarise(per_seed)
         metrics.update(
             epoch=epoch + 1,
             kept_paths=runs[0].model.kept_paths,
             params=sum(p.numel() for p in runs[0].model.parameters()),
-            images_per_s=train_images / max(train_seconds, 1e-9),
+            images_per_s=group.world * train_images / max(train_seconds, 1e-9),  # equal parts: the group's rate
             seeds=len(runs),
         )
+        inputs = dataset_inputs(cfg, bundle, test=last and cfg.train.test)
+        train_images, train_seconds = 0, 0.0
+        if not group.lead:  # the group's numbers, heard from rank 0; its checkpoint holds every worker's state
+            report({**metrics, "dataset_inputs": inputs}, None)
+            continue
         ckpt = out_root / f"checkpoint_{epoch + 1:04d}"
         _write_checkpoint(ckpt, runs, cfg, epoch + 1, metrics, dev)
-        if last:
-            files = _write_final_artifacts(ckpt, runs, val_loader, dev)
-        report({**metrics, "dataset_inputs": dataset_inputs(cfg, bundle, test=last and cfg.train.test)}, str(ckpt))
-        train_images, train_seconds = 0, 0.0
+        if last:  # on the whole val split, unsplit
+            full_val = val_loader if group.world == 1 else make_loader(bundle.val, cfg.data.eval_batch_size, dev)
+            files = _write_final_artifacts(ckpt, runs, full_val, dev)
+        report({**metrics, "dataset_inputs": inputs}, str(ckpt))
         if previous is not None and previous.exists():
             shutil.rmtree(previous)
         previous = ckpt
-    if previous is None:  # resumed from a checkpoint of the last epoch: nothing left to train
+    if previous is None and resume is not None and start_epoch == cfg.train.epochs:  # nothing left to train
         previous = Path(str(checkpoint_dir))
-        metrics = dict(resume["metrics"]) if resume is not None else {}
-    return FitResult(metrics, previous, files)
+        metrics = dict(resume["metrics"])
+    return FitResult(metrics, previous or out_root, files)
 
 
 def torch_threads(configured: int | None, cpus: int | None, environ: Mapping[str, str] = os.environ) -> int:
@@ -313,9 +374,12 @@ def build_seed_run(
     dev: torch.device,
     criterion: nn.Module | None = None,
     train_data: Any = None,
+    group: Group = Group(),
 ) -> SeedRun:
     """Seed `seed`'s model, optimiser, schedule, data order and step function on `dev`. `train_data`: the training
-    split already moved to `dev` (`bundle.train` by default)."""
+    split already moved to `dev` (`bundle.train` by default). In a group of several workers the loader gives this
+    worker's part of each global batch, a last partial global batch is dropped (every part the same size, so DDP's
+    mean of the workers' gradients is the global batch's), and the step is wrapped in DistributedDataParallel."""
     model = build_model(cfg, bundle, seed).to(dev)
     if dev.type == "cuda" and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -323,15 +387,16 @@ def build_seed_run(
     optimizer = create_optimizer_v2(model, t.opt, lr=t.lr, weight_decay=t.weight_decay, **_fused(t.opt, dev))
     generator = torch.Generator().manual_seed(seed)
     # timm's Mixup needs an even batch: a last, odd, batch would stop the trial, so with mixup it is dropped
-    drop_last = cfg.data.mixup > 0 or cfg.data.cutmix > 0
+    soft_targets = cfg.data.mixup > 0 or cfg.data.cutmix > 0
     loader = make_loader(
         train_data if train_data is not None else bundle.train,
         cfg.data.batch_size,
         dev,
         shuffle=True,
         generator=generator,
-        drop_last=drop_last,
+        drop_last=soft_targets or group.world > 1,
         num_workers=cfg.data.num_workers,
+        shard=group.shard,
     )
     steps = t.epochs * len(loader)
     scheduler = CosineLRScheduler(
@@ -344,7 +409,14 @@ def build_seed_run(
         t_in_epochs=False,
     )
     masks = torch.Generator().manual_seed(seed + 7919)  # a stream of its own: shuffling is unchanged by supernet mode
-    loss_fn: Callable[..., Tensor] = partial(step_loss, model, criterion or _make_criterion(cfg, drop_last))
+    criterion = criterion or _make_criterion(cfg, soft_targets)
+    loss_fn: Callable[..., Tensor] = partial(step_loss, model, criterion)
+    if group.world > 1:
+        # every parameter that requires a gradient gets one in every step kind (pruned paths and the supernet's
+        # masks multiply, they do not skip a component): DDP need not search the graph for unused ones each step
+        loss_fn = nn.parallel.DistributedDataParallel(
+            StepLoss(model, criterion), device_ids=[dev.index] if dev.type == "cuda" else None
+        )
     if t.compile:
         loss_fn = torch.compile(loss_fn)
     return SeedRun(seed, model, optimizer, scheduler, generator, loader, masks, loss_fn)
@@ -480,9 +552,10 @@ def _train_one_epoch(
     dev: torch.device,
     amp: bool,
     progress: bool,
+    group: Group = Group(),
 ) -> tuple[float, int]:
-    """One epoch of one seed; returns (mean training loss, images seen). The host waits for the device once, at
-    the end (LossGuard.check and the loss sum)."""
+    """One epoch of one seed; returns (mean training loss over the group, images this worker saw). The host waits
+    for the device once, at the end (LossGuard.check and the loss sum)."""
     model = run.model
     model.train()
     steps_per_epoch = len(run.train_loader)
@@ -506,7 +579,9 @@ def _train_one_epoch(
         total += loss.double() * len(images)
         seen += len(images)
     guard.check()
-    return float(total) / max(seen, 1), seen
+    sums = group.total(torch.stack([total, torch.tensor(float(seen), dtype=torch.float64, device=dev)]))
+    loss_sum, images = sums.tolist()
+    return loss_sum / max(images, 1.0), seen
 
 
 def evaluate_sums(model: PathEnsembleViT, loader: Iterable[Any], dev: torch.device) -> tuple[Tensor, int]:
@@ -520,6 +595,8 @@ def evaluate_sums(model: PathEnsembleViT, loader: Iterable[Any], dev: torch.devi
     count = 0
     with torch.no_grad():
         for images, targets in loader:
+            if len(targets) == 0:  # a worker's part of a last batch smaller than the group (a shape, not a sync)
+                continue
             images, targets = images.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
             features = model.forward_paths(images)  # (P, B, ...)
             logits = model.forward_masks(features, masks)  # (2, B, C)
@@ -530,12 +607,14 @@ def evaluate_sums(model: PathEnsembleViT, loader: Iterable[Any], dev: torch.devi
 
 
 def _evaluate(
-    model: PathEnsembleViT, loader: Iterable[Any], dev: torch.device, prefix: str = "val"
+    model: PathEnsembleViT, loader: Iterable[Any], dev: torch.device, prefix: str = "val", group: Group = Group()
 ) -> dict[str, float]:
     """`<prefix>_loss` / `<prefix>_acc` of the model as configured and `<prefix>_acc_full` (every path kept) on the
-    loader's split, in float32, one trunk pass each batch and one host sync in all."""
+    loader's split (each worker's part, summed over the group), in float32, one trunk pass each batch and one host
+    sync in all."""
     sums, count = evaluate_sums(model, loader, dev)
-    loss_sum, correct, correct_full = sums.tolist()
+    sums = group.total(torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64, device=dev)]))
+    loss_sum, correct, correct_full, count = sums.tolist()
     return {
         f"{prefix}_loss": loss_sum / count,
         f"{prefix}_acc": correct / count,
