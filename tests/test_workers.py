@@ -18,6 +18,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -123,3 +124,88 @@ def test_each_worker_takes_its_own_part_of_every_global_batch(in_memory):
     for k, batch in enumerate(whole):
         assert [i for p in parts for i in p[k]] == batch  # in rank order: exactly the global batch
     assert [len(p[0]) for p in parts] == [6, 5, 5] and [len(p[-1]) for p in parts] == [2, 2, 2]
+
+
+def _worker_pids() -> set[int]:
+    """The live Ray Train workers of this machine (their process title is Ray's: ray::RayTrainWorker...)."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                    pids.add(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_a_search_of_two_worker_trials_runs_end_to_end_and_survives_a_killed_worker(tmp_path):
+    """The demo's search file with `workers: 2` (2 worker processes of 0.5 CPU per trial, gloo; Ray given 4 logical
+    CPUs so that groups overlap their start-up): the search and its confirmation run through Ray Train, every trial
+    COMPLETE or PRUNED with one MLflow run each, holding the path analysis (read from Train's storage); a worker
+    killed (SIGKILL) after the first trial's first checkpoint is replaced and that trial continues from its
+    checkpoint (no epoch reported twice)."""
+    import signal
+    import threading
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from pathsearch.config import load_search_file
+    from pathsearch.search.driver import run_search
+
+    spec = load_search_file(
+        Path(__file__).parents[1] / "search_spaces" / "digits_tiny.yaml",
+        [
+            "search.resources_per_trial={cpu: 0.5, workers: 2}",
+            "search.num_samples=2",
+            "search.grace_period=1",
+            "train.epochs=3",
+            "train.eval_every=1",
+            "train.warmup_epochs=0",
+            "search.confirm.top_k=1",
+            "search.confirm.seeds=2",
+            "search.confirm.max_seeds=2",
+            "search.confirm.max_concurrent_trials=4",
+        ],
+    )
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def kill_a_worker() -> None:  # once the first Train checkpoint exists, one worker of its group dies
+        while not stop.is_set() and not killed:
+            if list((tmp_path / "runs").glob("w2/train/*/checkpoint_*")) and (pids := _worker_pids()):
+                killed.append(min(pids))
+                os.kill(killed[0], signal.SIGKILL)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)  # as init_ray starts it for worker groups
+    try:
+        result = run_search(spec, tmp_path / "runs", uri, name="w2", verbose=False)
+    finally:
+        stop.set()
+        ray.shutdown()
+    assert killed, "no worker was killed: the test proved nothing"
+    folder = tmp_path / "runs" / "w2"
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("digits_tiny").experiment_id])
+    trials = [r for r in runs if r.info.run_name.startswith("trial ")]
+    assert len(trials) == 2 + 2 * 2  # 2 search trials, 2 configurations x 2 seeds: one run each
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    states = {r.data.tags.get("pathsearch.state") for r in trials}
+    assert states <= {"COMPLETE", "PRUNED"}, states
+    for r in trials:
+        if r.data.tags.get("pathsearch.state") == "COMPLETE":
+            assert "path_analysis.json" in {a.path for a in client.list_artifacts(r.info.run_id)}, r.info.run_name
+    assert result.confirmation is not None and result.confirmation.winner is not None
+    epochs = [
+        [int(line.split(",")[header.index("epoch")]) for line in lines]
+        for progress in folder.glob("group_trial_*/progress.csv")
+        for header, *lines in [progress.read_text().splitlines()]
+        for header in [header.split(",")]
+    ]
+    assert epochs and all(e == sorted(set(e)) for e in epochs), epochs  # no trial went back to an earlier epoch
