@@ -241,3 +241,55 @@ def test_sequential_benchmark_counts_every_error_for_every_noise_and_rule():
     case = json.loads(line.strip().splitlines()[-1])
     assert set(case) >= {"beats", "worse", "no_gain", "undecided", "mean_seeds", "any_error", "split"}
     assert case["beats"]["low"] <= case["beats"]["rate"] <= case["beats"]["high"] and case["sims"] == 300
+
+
+def test_workers_benchmark_quick_runs_every_configuration_where_ray_optuna_and_mlflow_cannot_be_imported(tmp_path):
+    """benchmarks/workers.py --quick: 1 worker, 2 workers (gloo) and 1 worker of 2 threads, each a real process group,
+    in a Python that cannot import what a GPU image lacks (its worker processes neither): one JSON line on stdout."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NOT_INSTALLED)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "workers.py"), "--quick", "--json"],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(site)},
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("command: python3 benchmarks/workers.py --quick --json")
+    figures = json.loads(result.stdout)  # the only line on stdout
+    assert figures["machine"]["backend"] == "gloo" and figures["machine"]["torch"] == torch.__version__
+    configs = {c["label"]: c for c in figures["configs"]}
+    assert list(configs) == ["1 worker x 1 thread", "2 workers x 1 thread", "1 worker x 2 threads"]
+    assert [(r["workers"], r["threads"]) for r in figures["runs"]] == [(1, 1), (2, 1), (1, 2)]
+    assert all(len(r["images_per_s"]) == 3 and min(r["images_per_s"]) > 0 for r in figures["runs"])  # 3 epochs
+    two = configs["2 workers x 1 thread"]
+    assert two["epochs_measured"] == 2  # the warm-up epoch skipped
+    assert two["efficiency"]["mean"] == pytest.approx(two["speedup"]["mean"] / 2)
+    assert two["speedup"]["low"] is None  # one repeat: no interval
+    (same_cores,) = figures["equal_cpu"]
+    ratio = two["run_means"][0] / configs["1 worker x 2 threads"]["run_means"][0]
+    assert same_cores["workers"] == 2 and same_cores["ratio"]["mean"] == pytest.approx(ratio)
+    (allreduce,) = figures["allreduce"]
+    assert allreduce["floats"] == figures["runs"][1]["params"] and allreduce["ms"] > 0
+
+
+def test_workers_benchmark_pairs_runs_by_repeat():
+    """The speed-up is the mean of per-repeat ratios with a t interval: a repeat on which the machine ran at half
+    speed for both runs changes no ratio (the paired design), and three ratios 1.8, 2.0, 2.2 give 2.0 +- t(0.975, 2)
+    x 0.2 / sqrt(3) = 0.4968."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import workers
+
+    one, two = workers.Run(1, 1, "cpu"), workers.Run(2, 1, "cpu")
+    slow = [1.0, 0.5, 1.0]  # repeat 2 ran on a busy machine
+    records = [{"run": one, "images_per_s": [1.0, 100 * s, 100 * s], "params": 10, "allreduce_s": None}
+               for s in slow]  # fmt: skip
+    records += [{"run": two, "images_per_s": [1.0, r * 100 * s, r * 100 * s], "params": 10, "allreduce_s": 0.001}
+                for r, s in zip([1.8, 2.0, 2.2], slow, strict=True)]  # fmt: skip
+    summary = workers.summarise([one, two], records, batch=20)
+    speedup = summary["configs"][1]["speedup"]
+    assert speedup["values"] == pytest.approx([1.8, 2.0, 2.2])
+    assert speedup["mean"] == pytest.approx(2.0)
+    assert speedup["low"] == pytest.approx(2.0 - 0.49683, abs=1e-4) and speedup["high"] == pytest.approx(2.49683, 1e-4)
+    assert summary["configs"][1]["efficiency"]["mean"] == pytest.approx(1.0)
+    assert summary["configs"][0]["images_per_s_mean"] == pytest.approx(250 / 3)  # warm-up epochs left out
+    assert summary["equal_cpu"] == []  # no 1 worker x 2 threads run
+    assert summary["allreduce"][0]["step_ms"] == pytest.approx(1e3 * 20 / (2.0 * 250 / 3))

@@ -13,6 +13,7 @@ gradient.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -144,7 +145,8 @@ def test_a_search_of_two_worker_trials_runs_end_to_end_and_survives_a_killed_wor
     CPUs so that groups overlap their start-up): the search and its confirmation run through Ray Train, every trial
     COMPLETE or PRUNED with one MLflow run each, holding the path analysis (read from Train's storage); a worker
     killed (SIGKILL) after the first trial's first checkpoint is replaced and that trial continues from its
-    checkpoint (no epoch reported twice)."""
+    checkpoint (no epoch reported twice). Then, with a placement group holding the CPUs a group needs, a search's trial fails
+    after the placement wait (search.autoscaler_wait_min) with one line naming it, where Train would wait for ever."""
     import signal
     import threading
     import time
@@ -186,16 +188,29 @@ def test_a_search_of_two_worker_trials_runs_end_to_end_and_survives_a_killed_wor
     ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)  # as init_ray starts it for worker groups
     try:
         result = run_search(spec, tmp_path / "runs", uri, name="w2", verbose=False)
+        # a group the cluster has no room for (another placement group holds the CPUs it needs) fails its trial in the wait
+        hog = ray.util.placement_group([{"CPU": 3.5}])
+        ray.get(hog.ready())
+        cramped = dataclasses.replace(spec.search, num_samples=1, autoscaler_wait_min=0.1, max_failures=0)
+        cramped = dataclasses.replace(cramped, confirm=dataclasses.replace(cramped.confirm, enabled=False))
+        failed = run_search(dataclasses.replace(spec, search=cramped), tmp_path / "runs", uri, name="cramped")
     finally:
         stop.set()
         ray.shutdown()
+    assert failed.counts["failed"] == 1
+    (error,) = (tmp_path / "runs" / "cramped").glob("group_trial_*/error.txt")
+    assert error.read_text().strip().splitlines()[-1] == (
+        "RuntimeError: the trial's worker group (2 workers of {'CPU': 0.5}) could not be placed within "
+        "search.autoscaler_wait_min (0.1 min): the cluster had no room for it"
+    )
     assert killed, "no worker was killed: the test proved nothing"
     folder = tmp_path / "runs" / "w2"
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("digits_tiny").experiment_id])
-    trials = [r for r in runs if r.info.run_name.startswith("trial ")]
+    ours = [r for r in runs if result.parent_run_id in (r.info.run_id, r.data.tags.get("pathsearch.search"))]
+    trials = [r for r in ours if r.info.run_name.startswith("trial ")]
     assert len(trials) == 2 + 2 * 2  # 2 search trials, 2 configurations x 2 seeds: one run each
-    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    assert all(r.info.status == "FINISHED" for r in ours), [(r.info.run_name, r.info.status) for r in ours]
     states = {r.data.tags.get("pathsearch.state") for r in trials}
     assert states <= {"COMPLETE", "PRUNED"}, states
     for r in trials:

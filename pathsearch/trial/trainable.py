@@ -80,7 +80,9 @@ def group_trial(config: dict[str, Any], base: dict[str, Any], group: WorkerGroup
     continues from its last checkpoint, and Train replaces a dead worker from it too."""
     from ray.train._internal.session import get_session
     from ray.train.torch import TorchConfig
+    from ray.train import ControllerError
     from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
     from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.torch.torch_trainer import TorchTrainer  # Train V2's (ray.train.torch's, typed as such)
 
@@ -111,7 +113,15 @@ def group_trial(config: dict[str, Any], base: dict[str, Any], group: WorkerGroup
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ControllerError as err:
+        if isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):  # Train's own says to set its variable
+            raise RuntimeError(
+                f"the trial's worker group ({group.workers} workers of {group.resources}) could not be placed within "
+                f"search.autoscaler_wait_min ({group.wait_s / 60:g} min): the cluster had no room for it"
+            ) from None
+        raise
 
 
 def group_worker(loop: dict[str, Any]) -> None:
