@@ -145,8 +145,9 @@ def test_a_search_of_two_worker_trials_runs_end_to_end_and_survives_a_killed_wor
     CPUs so that groups overlap their start-up): the search and its confirmation run through Ray Train, every trial
     COMPLETE or PRUNED with one MLflow run each, holding the path analysis (read from Train's storage); a worker
     killed (SIGKILL) after the first trial's first checkpoint is replaced and that trial continues from its
-    checkpoint (no epoch reported twice). Then, with a placement group holding the CPUs a group needs, a search's trial fails
-    after the placement wait (search.autoscaler_wait_min) with one line naming it, where Train would wait for ever."""
+    checkpoint (no epoch reported twice). Then, with a placement group holding the CPUs a group needs, a search's
+    trial fails after the placement wait (search.autoscaler_wait_min) with one line naming it, where Train would
+    wait for ever."""
     import signal
     import threading
     import time
@@ -188,7 +189,7 @@ def test_a_search_of_two_worker_trials_runs_end_to_end_and_survives_a_killed_wor
     ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)  # as init_ray starts it for worker groups
     try:
         result = run_search(spec, tmp_path / "runs", uri, name="w2", verbose=False)
-        # a group the cluster has no room for (another placement group holds the CPUs it needs) fails its trial in the wait
+        # a group the cluster has no room for (another placement group holds its CPUs) fails its trial in the wait
         hog = ray.util.placement_group([{"CPU": 3.5}])
         ray.get(hog.ready())
         cramped = dataclasses.replace(spec.search, num_samples=1, autoscaler_wait_min=0.1, max_failures=0)

@@ -78,9 +78,9 @@ def group_trial(config: dict[str, Any], base: dict[str, Any], group: WorkerGroup
     and, under GROUP_CHECKPOINT, where Train stored the checkpoint (Tune itself holds none for such a trial). The
     Train run is named after the Tune trial and kept beside Tune's experiment, so a retried or resumed trial
     continues from its last checkpoint, and Train replaces a dead worker from it too."""
+    from ray.train import ControllerError
     from ray.train._internal.session import get_session
     from ray.train.torch import TorchConfig
-    from ray.train import ControllerError
     from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
     from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
