@@ -47,6 +47,9 @@ from scipy import stats  # noqa: E402
 from pathsearch.config import load_trial_config  # noqa: E402
 from pathsearch.trial.train import fit  # noqa: E402
 
+# Imported once, by the forkserver the workers fork from, not by each worker (seconds each). Not "__main__": Python
+# 3.11's forkserver never receives the main module's path, so preloading it imports nothing
+PRELOAD = ["torch", "torch.distributed", "timm", "scipy.stats", "pathsearch.trial.train"]
 WARMUP_EPOCHS = 1  # skipped: the first steps allocate, and DDP builds its buckets
 # The trial of each mode as config overrides; a global batch divides the training set (no partial last batch)
 CPU_TRIAL = [
@@ -353,7 +356,7 @@ def main() -> None:
         f"{'bf16 autocast' if amp else 'float32'}; overrides: {' '.join(overrides)}"
     )
     plan = plan_runs(counts, args.device)
-    mp.set_forkserver_preload(["__main__"])  # this script, so torch, timm and pathsearch: imported once, not per run
+    mp.set_forkserver_preload(PRELOAD)
     records: list[dict[str, Any]] = []
     started = time.perf_counter()
     for repeat in range(repeats):

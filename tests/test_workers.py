@@ -140,6 +140,15 @@ def _worker_pids() -> set[int]:
     return pids
 
 
+def _live_groups() -> list[list[dict]]:
+    """The bundles of every placement group of this Ray that holds resources (created or being created)."""
+    return [
+        [dict(b) for b in pg["bundles"].values()]
+        for pg in ray.util.placement_group_table().values()
+        if pg["state"] in ("CREATED", "PENDING", "RESCHEDULING")
+    ]
+
+
 def test_a_search_of_two_worker_trials_runs_end_to_end_and_survives_a_killed_worker(tmp_path):
     """The demo's search file with `workers: 2` (2 worker processes of 0.5 CPU per trial, gloo; Ray given 4 logical
     CPUs so that groups overlap their start-up): the search and its confirmation run through Ray Train, every trial
@@ -156,6 +165,7 @@ def test_a_search_of_two_worker_trials_runs_end_to_end_and_survives_a_killed_wor
 
     from pathsearch.config import load_search_file
     from pathsearch.search.driver import run_search
+    from pathsearch.search.runner import init_ray
 
     spec = load_search_file(
         Path(__file__).parents[1] / "search_spaces" / "digits_tiny.yaml",
@@ -185,10 +195,15 @@ def test_a_search_of_two_worker_trials_runs_end_to_end_and_survives_a_killed_wor
     killer = threading.Thread(target=kill_a_worker, daemon=True)
     killer.start()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)  # as init_ray starts it for worker groups
+    init_ray(None, dashboard=True, num_cpus=4)  # as a search of worker groups starts it, with 4 logical CPUs
     try:
         result = run_search(spec, tmp_path / "runs", uri, name="w2", verbose=False)
+        # every group's placement group is gone, a stopped (pruned) trial's too: Train's cleaner found the
+        # dashboard (another test's Ray may run beside this one)
+        deadline = time.monotonic() + 30
+        while (left := _live_groups()) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not left, left
         # a group the cluster has no room for (another placement group holds its CPUs) fails its trial in the wait
         hog = ray.util.placement_group([{"CPU": 3.5}])
         ray.get(hog.ready())

@@ -88,11 +88,16 @@ def quiet_console(run_dir: Path, library_output: bool = False) -> Iterator[None]
             os.environ["RAY_AIR_NEW_OUTPUT"] = old_output
 
 
-def init_ray(address: str | None, dashboard: bool = False) -> bool:
-    """Ray on this machine (on 127.0.0.1, worker output kept out of the console; the dashboard only with
-    `dashboard`: Ray Train's placement-group cleaner asks its state API whether a data-parallel trial's controller
-    still lives, and without it a stopped trial's worker group would keep its resources), or the cluster at
-    `address`; nothing when Ray is already up. True when this call started it (or connected to it)."""
+def init_ray(address: str | None, dashboard: bool = False, num_cpus: int | None = None) -> bool:
+    """Ray on this machine (on 127.0.0.1, `num_cpus` logical CPUs (default: its cores), worker output kept out of
+    the console; the dashboard only with `dashboard`), or the cluster at `address`; nothing when Ray is already up.
+    True when this call started it (or connected to it).
+
+    The dashboard is for data-parallel trials: when Tune stops one (ASHA), Ray Train's placement-group cleaner asks
+    the dashboard's state API whether the trial's controller still lives, and removes the group's placement group
+    when it does not; without it the stopped group's resources stay taken until the search ends. The cleaner finds
+    the API by RAY_API_SERVER_ADDRESS, set here to this Ray's dashboard before Ray starts its processes (else it
+    looks for a Ray on this machine and gives up when it finds two: a second search, or tests side by side)."""
     import ray
 
     # Tune snapshots the experiment whenever a trial replaces its kept checkpoint; that is what we want.
@@ -105,8 +110,20 @@ def init_ray(address: str | None, dashboard: bool = False) -> bool:
         ray.init(address=address)
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps a local Ray on 127.0.0.1
-        ray.init(include_dashboard=dashboard, log_to_driver=False)  # logging: quiet_console decides where it goes
+        options: dict[str, Any] = {"num_cpus": num_cpus}
+        if dashboard:
+            port = free_port()
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by every Ray process
+            options.update(dashboard_host="127.0.0.1", dashboard_port=port)
+        ray.init(include_dashboard=dashboard, log_to_driver=False, **options)  # logging: quiet_console decides
     return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def check_answers(address: str, timeout_s: float = 5.0) -> None:
