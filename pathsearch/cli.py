@@ -407,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
     demo = verbs.add_parser("demo", help="train a tiny ViT on the offline digits data and analyse its paths")
     demo.add_argument("--out", default="runs/demo", help="folder for path_analysis.json/.png and path_config.yaml")
-    demo.add_argument("--epochs", type=int, default=15)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=int, default=15, help="training epochs")
+    demo.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
     demo.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     _add_device(demo)
     demo.set_defaults(func=_demo)
@@ -421,11 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(train)
     train.set_defaults(func=_train)
     validate = verbs.add_parser("validate", help="check a search file and print it resolved (exit 2 if invalid)")
-    validate.add_argument("file")
+    validate.add_argument("file", help="search file (YAML)")
     _add_set(validate)
     validate.set_defaults(func=_validate)
     search = verbs.add_parser("search", help="run the search of a search file (Ray Tune + Optuna + MLflow)")
-    search.add_argument("file")
+    search.add_argument("file", help="search file (YAML)")
     _add_set(search)
     search.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     search.add_argument(
@@ -453,12 +453,18 @@ def build_parser() -> argparse.ArgumentParser:
     export = verbs.add_parser(
         "export", help="write a search's confirmed winner (or best trial) as a PathConfig, read from MLflow"
     )
-    export.add_argument("--experiment", required=True)
+    export.add_argument("--experiment", required=True, help="the MLflow experiment of the search (tracking.experiment)")
     export.add_argument("--run-id", default=None, help="the search's parent run (default: the latest finished search)")
     export.add_argument("--seed", default=None, help="which confirmation seed's weights (default: the first), or all")
     export.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     export.add_argument("--metric", action="append", default=None, help="metric to rank by (default val_acc)")
-    export.add_argument("--mode", action="append", choices=["max", "min"], default=None)
+    export.add_argument(
+        "--mode",
+        action="append",
+        choices=["max", "min"],
+        default=None,
+        help="one per --metric (default max; with --pareto max for val_acc, min for kept_paths)",
+    )
     export.add_argument("--pareto", action="store_true", help="export every Pareto-front configuration")
     export.add_argument("--with-weights", action="store_true", help="also write the weights (.safetensors)")
     export.add_argument(
@@ -472,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--file", default=None, help="search file for the data (default: the run's search.yaml)")
     fit.add_argument("--fit-fraction", type=float, default=0.5, help="share of the validation images to fit on")
     fit.add_argument("--steps", type=int, default=300, help="gradient steps (Adam, full batch)")
-    fit.add_argument("--lr", type=float, default=0.05)
+    fit.add_argument("--lr", type=float, default=0.05, help="Adam's learning rate")
     fit.add_argument("--prune", action="store_true", help="also prune paths greedily on the fit split")
     fit.add_argument("--seed", type=int, default=0, help="seed of the fit/validation split")
     fit.add_argument("--out", default=None, help="folder for the fitted path_config.yaml and weights")
@@ -524,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cluster)
     ui = verbs.add_parser("ui", help="serve the MLflow UI on 127.0.0.1, opened on the latest search's runs")
     ui.add_argument("--tracking-uri", default=None, help="MLflow store or server (default: sqlite:///mlflow.db)")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=int, default=5000, help="port of the UI on 127.0.0.1")
     ui.add_argument("--experiment", default=None, help="open this experiment (default: the latest search's)")
     ui.set_defaults(func=_ui)
     for sub in verbs.choices.values():

@@ -1,6 +1,8 @@
 """The sections of a search file as typed dataclasses (model, data, train: the trial; search, space, tracking: the
-search), loaded from YAML with `--set` overrides (typed.py) and validated as a whole by configcheck.py's checks.
+search), loaded from YAML with `--set` overrides (typed.py) and validated as a whole by checks.py's checks.
 
+Each field's comment (at the end of its line, or the lines just above it) is its description in the generated
+reference, docs/reference/search-file.md (`python -m pathsearch.reference`); a field without one fails the tests.
 Errors name the file, the dotted key and the value, one line per problem. Imports no torch (nor ray, optuna,
 mlflow), so configs can be read and checked anywhere.
 """
@@ -46,16 +48,22 @@ DatasetName = Literal["digits", "synthetic", "cifar10", "cifar100", "fashion_mni
 
 @dataclass
 class EnsembleScaleSection:
-    kind: Literal["scalar", "vector"] = "scalar"
-    scope: Literal["ensemble", "both"] = "ensemble"
-    init: float | dict[str, float] = 1.0
-    learnable: bool = True
+    """EnsembleScale: a learnable weight `s_i` on each path in the ensemble feature the classifier sees."""
+
+    kind: Literal["scalar", "vector"] = "scalar"  # one number per path, or one per channel (embed_dim numbers)
+    scope: Literal["ensemble", "both"] = "ensemble"  # both: also scales the path where it enters the trunk
+    init: float | dict[str, float] = 1.0  # initial value: one number, or {path selector: number} (`all`: the rest)
+    learnable: bool = True  # false: the scales stay at `init`
 
 
 @dataclass
 class DistillSection:
-    alpha: float = 0.0
-    temperature: float = 1.0
+    """Self-distillation: the full ensemble (teacher) teaches short-path ensembles (students)."""
+
+    alpha: float = 0.0  # weight of the distillation term in the loss; 0 turns self-distillation off
+    temperature: float = 1.0  # softmax temperature T of teacher and students (the term is scaled by T^2)
+    # the students: prefix lengths (k: the first k paths) or path selectors (`attn`, `layers.1-3`); needed when
+    # alpha > 0
     students: list[int | str] = field(default_factory=list)
 
 
@@ -63,11 +71,11 @@ class DistillSection:
 class ModelConfig:
     """The timm ViT and its path configuration. `kwargs` go to `timm.create_model` (img_size, depth, ...)."""
 
-    name: str = "vit_tiny_patch16_224"
-    pretrained: bool = False
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    name: str = "vit_tiny_patch16_224"  # the timm model, by the name `timm.create_model` takes
+    pretrained: bool = False  # start from timm's pretrained weights
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of `timm.create_model`: depth, img_size...
     pos_embed_std: float | None = None  # re-initialise position embeddings (std 1.0 trains digits far faster)
-    pruned: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)  # path names left out of the ensemble feature (they feed the trunk)
     ensemble_scale: EnsembleScaleSection = field(default_factory=EnsembleScaleSection)
     distill: DistillSection = field(default_factory=DistillSection)
 
@@ -95,20 +103,21 @@ class DataConfig:
     root/test (`train_size` and `val_size` are not used).
     """
 
-    name: DatasetName = "digits"
-    root: str | None = None
-    download: bool = False
-    train_size: int | None = None
-    val_size: int | None = None
-    split_seed: int = 0
+    name: DatasetName = "digits"  # the dataset (digits and synthetic are built in and offline)
+    root: str | None = None  # the dataset's folder (required for cifar10, cifar100 and imagefolder)
+    download: bool = False  # fetch (or unpack) missing dataset files into `root`
+    train_size: int | None = None  # training images (default: the dataset's rule above)
+    val_size: int | None = None  # validation images (default: the dataset's rule above)
+    split_seed: int = 0  # seed of the train / val / test split (the same for every trial and seed)
+    # training batch; with workers > 1 (search.resources_per_trial) the global batch, split evenly over the workers
     batch_size: int = 64
-    eval_batch_size: int = 256
-    num_workers: int = 0
+    eval_batch_size: int = 256  # batch of the evaluation passes (val, test)
+    num_workers: int = 0  # data loader worker processes (0: load in the training process)
     img_size: int | None = None  # resize for torchvision/imagefolder data (default: the model's img_size)
     auto_augment: str | None = None  # timm's policy string, e.g. "rand-m9-mstd0.5-inc1"
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    label_smoothing: float = 0.0
+    mixup: float = 0.0  # timm Mixup's alpha (0: off)
+    cutmix: float = 0.0  # timm CutMix's alpha (0: off)
+    label_smoothing: float = 0.0  # label smoothing of the cross-entropy (with Mixup/CutMix: of their soft targets)
 
 
 @dataclass
@@ -122,24 +131,26 @@ class SupernetConfig:
     what `val_acc` reports.
     """
 
-    enabled: bool = False
-    masks_per_batch: int = 4
-    distribution: Literal["kept_count", "bernoulli", "shortest"] = "kept_count"
-    keep_prob: float = 0.5
-    min_kept: int = 1
+    enabled: bool = False  # train the trial as a path supernet (a two_stage search turns it on for its supernet)
+    masks_per_batch: int = 4  # path masks each batch trains: the full one, a minimal one, the rest drawn
+    distribution: Literal["kept_count", "bernoulli", "shortest"] = "kept_count"  # how the other masks are drawn
+    keep_prob: float = 0.5  # bernoulli: the chance that each path is kept
+    min_kept: int = 1  # paths the minimal mask keeps (shortest: the longest ones), and the fewest any mask keeps
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 15
-    opt: str = "adamw"
-    lr: float = 1.0e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    min_lr: float = 1.0e-6
-    grad_clip: float | None = None
-    seed: int = 0
-    seeds: int = 1
+    """How a trial trains: timm's optimiser and cosine schedule, seeds, evaluation, the device settings."""
+
+    epochs: int = 15  # passes over the training split
+    opt: str = "adamw"  # the optimiser, by the name timm's `create_optimizer_v2` takes
+    lr: float = 1.0e-3  # peak learning rate, after the warm-up (timm's cosine schedule)
+    weight_decay: float = 0.05  # the optimiser's weight decay (none on EnsembleScale, nor where timm exempts)
+    warmup_epochs: float = 1.0  # linear warm-up, in epochs (a fraction allowed: it is counted in steps)
+    min_lr: float = 1.0e-6  # the learning rate the cosine schedule ends at
+    grad_clip: float | None = None  # clip the gradients' global norm to this (default: no clipping)
+    seed: int = 0  # seed of initialisation, data order and augmentation (the first seed with `seeds` > 1)
+    seeds: int = 1  # seeds trained in one trial (seed, seed + 1, ...): metrics are their mean, with `<metric>_std`
     eval_every: int = 1  # epochs between evaluations (= reports and checkpoints); the last epoch always reports
     amp: bool = True  # bf16 autocast of training steps, on CUDA only (evaluation is always float32)
     # channels_last memory format, on CUDA only: only the patch embedding is a convolution, and converting costs a
@@ -163,7 +174,7 @@ class TrialConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, source: str = "config") -> None:
-        """Checks value ranges and the path configuration (configcheck.trial_problems); raises ConfigError listing
+        """Checks value ranges and the path configuration (checks.trial_problems); raises ConfigError listing
         every problem."""
         problems = trial_problems(self, source)
         if problems:
@@ -176,13 +187,13 @@ class TwoStageConfig:
     configurations of the path entries of `space` from its cached validation features, then train the `top_k` best
     (plus the baseline and `search.enqueue`) as ordinary trials."""
 
-    top_k: int = 4
-    proxy_trials: int = 20000
+    top_k: int = 4  # the proxy's best configurations that stage 2 trains
+    proxy_trials: int = 20000  # configurations stage 1's Optuna study scores from the supernet
     # Optuna sampler of stage 1. random: about 1 ms per evaluation at any count; tpe slows as the study grows
     # (measured 15 ms per trial at 1,000 trials, 30 ms at 2,000): give it a few thousand trials at most.
     proxy_sampler: Literal["random", "qmc", "tpe"] = "random"
     proxy_batch: int = 256  # Optuna trials asked, scored together from the cache, then told
-    supernet_epochs: int | None = None  # default: train.epochs
+    supernet_epochs: int | None = None  # epochs of the supernet's training (default: train.epochs)
     supernet_cpus: float | None = None  # CPUs of the supernet trial (default: resources_per_trial's cpu)
 
 
@@ -200,12 +211,12 @@ class ConfirmConfig:
     Present in a search file: on (unless `enabled: false`); absent: off.
     """
 
-    enabled: bool = True
-    top_k: int = 3
-    seeds: int = 5
-    first_seed: int | None = None  # default: train.seed + train.seeds, the first seed the search did not use
-    max_concurrent_trials: int | None = None  # default: search.max_concurrent_trials
-    max_seeds: int | None = None  # the budget of a sequential confirmation; None: `seeds` seeds, one round
+    enabled: bool = True  # false: no confirmation, though the section is there
+    top_k: int = 3  # configurations confirmed besides the baseline (a two_stage search uses two_stage.top_k)
+    seeds: int = 5  # paired seeds of each configuration (with max_seeds: the first round)
+    first_seed: int | None = None  # the first seed (default: train.seed + train.seeds, one the search did not use)
+    max_concurrent_trials: int | None = None  # confirmation trials at once (default: search.max_concurrent_trials)
+    max_seeds: int | None = None  # paired seeds a sequential confirmation may use (default: `seeds`, one round)
     step: int = 2  # seeds each later round adds
     min_effect: float = 0.0025  # the smallest gain worth having, in the metric's units (a quarter point of accuracy)
     alpha: float = 0.05  # the chance that any interval of any round misses, at most
@@ -215,31 +226,33 @@ class ConfirmConfig:
 class SearchConfig:
     """How to search: Ray Tune's words for the run, Optuna's sampler, caps checked before training."""
 
-    metric: str | list[str] = "val_acc"
-    mode: Literal["max", "min"] | list[Literal["max", "min"]] = "max"
-    num_samples: int = 16
-    max_concurrent_trials: int | None = None
-    sampler: Literal["tpe", "nsga2", "random", "gp", "qmc"] = "tpe"
-    scheduler: Literal["asha", "none"] = "asha"
+    metric: str | list[str] = "val_acc"  # what the search optimises; a list of several: a multi-objective search
+    mode: Literal["max", "min"] | list[Literal["max", "min"]] = "max"  # max or min, one per metric
+    num_samples: int = 16  # configurations the search trains (the baseline among them)
+    max_concurrent_trials: int | None = None  # trials at once (default: as many as fit; worker groups: one)
+    sampler: Literal["tpe", "nsga2", "random", "gp", "qmc"] = "tpe"  # Optuna's sampler (nsga2: several metrics)
+    scheduler: Literal["asha", "none"] = "asha"  # ASHA stops weak trials early (one metric only)
     grace_period: int = 1  # ASHA: reports before a trial can be stopped
-    reduction_factor: float = 2.0
-    seed: int = 0
+    reduction_factor: float = 2.0  # ASHA: the fraction 1/reduction_factor of trials goes on at each rung
+    seed: int = 0  # the sampler's seed
     # Ray resources of a trial (cpu, gpu, memory, custom); with `workers: N` (N > 1) the trial is a Ray Train worker
-    # group of N processes and the resources are each worker's (checks.trial_workers, checks.worker_resources).
-    # int | float: a worker count is written as an integer, and stays one
+    # group of N processes and the resources are each worker's (checks.trial_workers, checks.worker_resources); a
+    # worker count is written as an integer, and stays one (hence int | float)
     resources_per_trial: dict[str, int | float] = field(default_factory=lambda: {"cpu": 1.0})
     # how the worker group's placement group lays out its workers: Ray's PACK (as few nodes as will hold them) or
     # SPREAD (over as many nodes as there are); both are best effort, so a group fits wherever the nodes hold it
     worker_placement: Literal["pack", "spread"] = "pack"
-    max_failures: int = 2
+    max_failures: int = 2  # retries of a failed trial, from its last checkpoint (Ray Tune's FailureConfig)
     # on a cluster whose autoscaler starts workers: how long the search waits for a worker that holds a trial before
     # it gives up (an autoscaler that reports nothing launched, or launched nodes that never joined)
     autoscaler_wait_min: float = 5.0
-    time_budget_s: float | None = None
-    max_kept_paths: int | None = None
-    max_params: int | None = None
+    time_budget_s: float | None = None  # Ray Tune stops the search's trials after this many seconds (default: none)
+    max_kept_paths: int | None = None  # a sampled configuration that keeps more paths is not trained
+    max_params: int | None = None  # a sampled configuration with more parameters is not trained
     enqueue: list[dict[str, Any]] = field(default_factory=list)  # configurations to train first (param values)
-    strategy: Literal["full", "two_stage"] = "full"  # two_stage: one-shot path search (see TwoStageConfig)
+    # full: every configuration a trial; two_stage: one-shot path search, a path supernet scores the configurations
+    # and the best are trained (TwoStageConfig)
+    strategy: Literal["full", "two_stage"] = "full"
     two_stage: TwoStageConfig = field(default_factory=TwoStageConfig)
     confirm: ConfirmConfig = field(default_factory=lambda: ConfirmConfig(enabled=False))
 
@@ -254,8 +267,10 @@ class SearchConfig:
 
 @dataclass
 class TrackingConfig:
-    tracking_uri: str | None = None  # default: an SQLite file in the working directory
-    experiment: str = "pathsearch"
+    """Where MLflow records the search."""
+
+    tracking_uri: str | None = None  # MLflow tracking URI (default: sqlite:///mlflow.db in the working directory)
+    experiment: str = "pathsearch"  # the MLflow experiment of the search's runs
 
 
 @dataclass

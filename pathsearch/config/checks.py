@@ -74,8 +74,8 @@ def trial_problems(trial: Any, source: str) -> list[str]:
         need(left > 0, "data.val_size", val, f"must be < {total}, the {what} training images")
         need(d.train_size is None or d.train_size <= left, "data.train_size", d.train_size,
              f"must be <= {left}, the {what} training images left by val_size {val}")  # fmt: skip
-    for key in ("mixup", "cutmix"):
-        need(getattr(d, key) >= 0, f"data.{key}", getattr(d, key), "must be >= 0")
+    need(d.mixup >= 0, "data.mixup", d.mixup, "must be >= 0")
+    need(d.cutmix >= 0, "data.cutmix", d.cutmix, "must be >= 0")
     need(0 <= d.label_smoothing < 1, "data.label_smoothing", d.label_smoothing, "must be in [0, 1)")
     need(d.name not in ("cifar10", "cifar100", "imagefolder") or bool(d.root), "data.root", d.root, "is required")
     if d.root and d.name == "imagefolder":

@@ -48,11 +48,11 @@ class TrialLike(Protocol):
 class Dist:
     """One distribution: float/int range (low, high, log, step) or categorical (choices)."""
 
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: list[Any] | None = None
+    low: float | None = None  # the range's lower end (integers with an integer `high`: Optuna's suggest_int)
+    high: float | None = None  # the range's upper end, included
+    log: bool = False  # sample the range on a log scale (needs low > 0; not with step)
+    step: float | None = None  # sample the range on a grid low, low + step, ...
+    choices: list[Any] | None = None  # values to choose from: numbers, strings, booleans or null (not with low/high)
 
     def sample(self, trial: TrialLike, name: str) -> Any:
         if self.choices is not None:
@@ -96,8 +96,8 @@ class Dist:
 class SpaceEntry:
     key: str  # dotted config key: `train.lr`, `model.pruned`, `model.ensemble_scale.init`, ...
     dist: Dist
-    by: str | None = None  # for model.pruned / model.ensemble_scale.init
-    when: dict[str, Any] = field(default_factory=dict)
+    by: str | None = None  # how model.pruned or model.ensemble_scale.init is parametrised (their entries only)
+    when: dict[str, Any] = field(default_factory=dict)  # sample only when these keys have these values: {key: value}
 
 
 @dataclass
