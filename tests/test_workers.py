@@ -206,7 +206,7 @@ def test_a_search_of_two_worker_trials_runs_end_to_end_and_survives_a_killed_wor
         assert not left, left
         # a group the cluster has no room for (another placement group holds its CPUs) fails its trial in the wait
         hog = ray.util.placement_group([{"CPU": 3.5}])
-        ray.get(hog.ready())
+        ray.get(hog.ready(), timeout=60)
         cramped = dataclasses.replace(spec.search, num_samples=1, autoscaler_wait_min=0.1, max_failures=0)
         cramped = dataclasses.replace(cramped, confirm=dataclasses.replace(cramped.confirm, enabled=False))
         failed = run_search(dataclasses.replace(spec, search=cramped), tmp_path / "runs", uri, name="cramped")
