@@ -108,7 +108,7 @@ def group_trial(config: dict[str, Any], base: dict[str, Any], group: WorkerGroup
             storage_filesystem=storage.storage_filesystem,
             callbacks=[ReportToTune()],
             # worker deaths are retried from the last checkpoint; a group that cannot be placed in time is not
-            # (Train would otherwise try to place it for ever): the trial fails with Train's one-line reason
+            # (Train would otherwise try to place it for ever): the trial fails with the line below
             failure_config=FailureConfig(max_failures=group.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
@@ -147,16 +147,17 @@ def group_worker(loop: dict[str, Any]) -> None:
         ray.train.report({**metrics, "node_id": node_id}, checkpoint=checkpoint)
         reports.append(metrics.get("epoch"))
 
-    work_dir = Path(tempfile.mkdtemp(prefix="pathsearch-worker-"))
-    cpus = int(assigned.get("CPU", 1)) or 1
+    cpus = int(assigned.get("CPU", 1)) or 1  # a share of a CPU trains on one thread
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        fit(cfg, report, work_dir=work_dir, cpus=cpus, device=device)
-        return
-    with checkpoint.as_directory() as folder:
-        result = fit(cfg, report, folder, work_dir, cpus=cpus, device=device)
-        if not reports and result.metrics:  # restored at its last epoch: Tune hears the final result again
-            report({**result.metrics, GROUP_CHECKPOINT: checkpoint_location(checkpoint)}, None)
+    # rank 0's checkpoints are written here and copied to Train's storage by each report before it returns
+    with tempfile.TemporaryDirectory(prefix="pathsearch-worker-") as work_dir:
+        if checkpoint is None:
+            fit(cfg, report, work_dir=work_dir, cpus=cpus, device=device)
+            return
+        with checkpoint.as_directory() as folder:
+            result = fit(cfg, report, folder, work_dir, cpus=cpus, device=device)
+            if not reports and result.metrics:  # restored at its last epoch: Tune hears the final result again
+                report({**result.metrics, GROUP_CHECKPOINT: checkpoint_location(checkpoint)}, None)
 
 
 class ReportToTune(TuneReportCallback):
