@@ -150,13 +150,13 @@ def _live_groups() -> list[list[dict]]:
 
 
 def test_a_search_of_two_worker_trials_runs_end_to_end_and_survives_a_killed_worker(tmp_path):
-    """The demo's search file with `workers: 2` (2 worker processes of 0.5 CPU per trial, gloo; Ray given 4 logical
-    CPUs so that groups overlap their start-up): the search and its confirmation run through Ray Train, every trial
-    COMPLETE or PRUNED with one MLflow run each, holding the path analysis (read from Train's storage); a worker
-    killed (SIGKILL) after the first trial's first checkpoint is replaced and that trial continues from its
-    checkpoint (no epoch reported twice). Then, with a placement group holding the CPUs a group needs, a search's
-    trial fails after the placement wait (search.autoscaler_wait_min) with one line naming it, where Train would
-    wait for ever."""
+    """The demo's search file with `workers: 2` (2 worker processes of 0.5 CPU per trial, gloo; one group at a time,
+    so that its dozen processes do not starve the tests beside it): the search and its confirmation run through Ray
+    Train, every trial COMPLETE or PRUNED with one MLflow run each, holding the path analysis (read from Train's
+    storage); a worker killed (SIGKILL) after the first trial's first checkpoint is replaced and that trial
+    continues from its checkpoint (no epoch reported twice); no placement group is left. Then, with a placement
+    group holding the CPUs a group needs, a search's trial fails after the placement wait
+    (search.autoscaler_wait_min) with one line naming it, where Train would wait for ever."""
     import signal
     import threading
     import time
@@ -179,7 +179,8 @@ def test_a_search_of_two_worker_trials_runs_end_to_end_and_survives_a_killed_wor
             "search.confirm.top_k=1",
             "search.confirm.seeds=2",
             "search.confirm.max_seeds=2",
-            "search.confirm.max_concurrent_trials=4",
+            "search.max_concurrent_trials=1",
+            "search.confirm.max_concurrent_trials=1",
         ],
     )
     killed: list[int] = []
@@ -195,7 +196,7 @@ def test_a_search_of_two_worker_trials_runs_end_to_end_and_survives_a_killed_wor
     killer = threading.Thread(target=kill_a_worker, daemon=True)
     killer.start()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    init_ray(None, dashboard=True, num_cpus=4)  # as a search of worker groups starts it, with 4 logical CPUs
+    init_ray(None, dashboard=True)  # as a search of worker groups starts it
     try:
         result = run_search(spec, tmp_path / "runs", uri, name="w2", verbose=False)
         # every group's placement group is gone, a stopped (pruned) trial's too: Train's cleaner found the
@@ -205,7 +206,7 @@ def test_a_search_of_two_worker_trials_runs_end_to_end_and_survives_a_killed_wor
             time.sleep(1)
         assert not left, left
         # a group the cluster has no room for (another placement group holds its CPUs) fails its trial in the wait
-        hog = ray.util.placement_group([{"CPU": 3.5}])
+        hog = ray.util.placement_group([{"CPU": ray.cluster_resources()["CPU"] - 0.5}])
         ray.get(hog.ready(), timeout=60)
         cramped = dataclasses.replace(spec.search, num_samples=1, autoscaler_wait_min=0.1, max_failures=0)
         cramped = dataclasses.replace(cramped, confirm=dataclasses.replace(cramped.confirm, enabled=False))
