@@ -165,7 +165,7 @@ def test_a_search_of_two_worker_trials_runs_end_to_end_and_survives_a_killed_wor
 
     from pathsearch.config import load_search_file
     from pathsearch.search.driver import run_search
-    from pathsearch.search.runner import init_ray
+    from pathsearch.search.runner import init_ray, shutdown_ray
 
     spec = load_search_file(
         Path(__file__).parents[1] / "search_spaces" / "digits_tiny.yaml",
@@ -213,7 +213,7 @@ def test_a_search_of_two_worker_trials_runs_end_to_end_and_survives_a_killed_wor
         failed = run_search(dataclasses.replace(spec, search=cramped), tmp_path / "runs", uri, name="cramped")
     finally:
         stop.set()
-        ray.shutdown()
+        shutdown_ray()  # and the dashboard address it gave this process
     assert failed.counts["failed"] == 1
     (error,) = (tmp_path / "runs" / "cramped").glob("group_trial_*/error.txt")
     assert error.read_text().strip().splitlines()[-1] == (
@@ -241,3 +241,4 @@ def test_a_search_of_two_worker_trials_runs_end_to_end_and_survives_a_killed_wor
         for header in [header.split(",")]
     ]
     assert epochs and all(e == sorted(set(e)) for e in epochs), epochs  # no trial went back to an earlier epoch
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # a later job submission from this process goes where it says

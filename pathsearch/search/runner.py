@@ -88,6 +88,9 @@ def quiet_console(run_dir: Path, library_output: bool = False) -> Iterator[None]
             os.environ["RAY_AIR_NEW_OUTPUT"] = old_output
 
 
+OWN_API: dict[str, str] = {}  # the dashboard address init_ray set for the local Ray it started
+
+
 def init_ray(address: str | None, dashboard: bool = False, num_cpus: int | None = None) -> bool:
     """Ray on this machine (on 127.0.0.1, `num_cpus` logical CPUs (default: its cores), worker output kept out of
     the console; the dashboard only with `dashboard`), or the cluster at `address`; nothing when Ray is already up.
@@ -113,7 +116,7 @@ def init_ray(address: str | None, dashboard: bool = False, num_cpus: int | None 
         options: dict[str, Any] = {"num_cpus": num_cpus}
         if dashboard:
             port = free_port()
-            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by every Ray process
+            OWN_API["address"] = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # to Ray's processes
             options.update(dashboard_host="127.0.0.1", dashboard_port=port)
         ray.init(include_dashboard=dashboard, log_to_driver=False, **options)  # logging: quiet_console decides
     return True
@@ -144,10 +147,13 @@ def check_answers(address: str, timeout_s: float = 5.0) -> None:
 
 
 def shutdown_ray() -> None:
-    """Disconnects from Ray (and stops a local one this process started)."""
+    """Disconnects from Ray (and stops a local one this process started); the dashboard address `init_ray` gave
+    Ray's processes goes with it (it would override the address of a later job submission from this process)."""
     import ray
 
     ray.shutdown()
+    if os.environ.get("RAY_API_SERVER_ADDRESS") == OWN_API.get("address"):
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
 
 
 _STOPPED = threading.Event()
