@@ -203,7 +203,7 @@ class MlflowTrialLogger(Callback):
             path = self.save_pending()
             say(
                 f"MLflow at {self.tracking_uri} {why}: {len(self._pending)} operation(s) not sent, saved to {path} "
-                f"(send them later with pathsearch.tracking.send_pending('{path}'))"
+                f"(send them later with pathsearch.tracking.logger.send_pending('{path}'))"
             )
 
     def save_pending(self) -> Path:
