@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 INTERRUPTED = 130  # exit code after Ctrl-C, as a shell reports a command SIGINT ended
 
@@ -402,8 +402,16 @@ def _add_device(verb: argparse.ArgumentParser) -> None:
     )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are one line as every other bad input is (`pathsearch VERB: error:
+    what`, exit 2), without the usage text argparse prints before them (`--help` shows it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pathsearch", description=__doc__.splitlines()[0])
+    parser = Parser(prog="pathsearch", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
     demo = verbs.add_parser("demo", help="train a tiny ViT on the offline digits data and analyse its paths")
     demo.add_argument("--out", default="runs/demo", help="folder for path_analysis.json/.png and path_config.yaml")
@@ -545,6 +553,7 @@ def flag_problems(args: argparse.Namespace) -> list[str]:
     anything: one line each, naming the flag and the value. Checks the flags this verb has (by name)."""
     from pathsearch import storage
     from pathsearch.config import tracking_uri_problems
+    from pathsearch.config.checks import MAX_PROCESSES, SEED_MAX
     from pathsearch.storage.rundirs import name_problems
 
     got = vars(args)
@@ -556,6 +565,11 @@ def flag_problems(args: argparse.Namespace) -> list[str]:
 
     if args.verb in ("search", "submit"):
         problems += name_problems(got.get("name"))
+        stem = Path(got["file"]).stem if got.get("file") and got.get("name") is None else None
+        if stem is not None and name_problems(stem):  # the run is named after the file: FILE-<time>
+            problems.append(f"{got['file']}: without --name the run is named after the file, and {stem!r} is not one "
+                            "folder name of letters, digits, '.', '_' and '-' (not starting with '.' or '-'); give "
+                            "--name or rename the file")  # fmt: skip
     if got.get("storage_path") is not None:
         where = got["storage_path"]
         if storage.is_remote(where):
@@ -571,10 +585,13 @@ def flag_problems(args: argparse.Namespace) -> list[str]:
     if args.verb == "fit-scales":
         need("steps", got["steps"] >= 1, "must be >= 1")
         need("lr", got["lr"] > 0 and math.isfinite(got["lr"]), "must be a finite number > 0")
-        need("seed", got["seed"] >= 0, "must be >= 0")
+    if args.verb in ("fit-scales", "demo"):  # (export's --seed names a confirmation seed, or all)
+        need("seed", 0 <= got["seed"] <= SEED_MAX, "must be 0 to 2**32 - 1 (numpy's seeds)")
     for flag in ("threads", "epochs"):
         if got.get(flag) is not None:
             need(flag, got[flag] >= 1, "must be >= 1")
+    if got.get("threads") is not None:
+        need("threads", got["threads"] <= MAX_PROCESSES, f"must be at most {MAX_PROCESSES}")
     if args.verb == "ui":
         need("port", 1 <= got["port"] <= 65535, "must be a port number, 1 to 65535")
     for flag in ("out", "resume"):  # (a search file is read, and judged, by its loader before any work)

@@ -47,10 +47,19 @@ RANGE_CHECKS = {"trial_problems": "", "search_problems": "search."}
 # the URI), or a range that depends on another value.
 RULES = {
     "model.name": "a timm ViT whose blocks are `Block` or `ResPostBlock` (`pathsearch validate` asks timm)",
-    "model.kwargs": "what `timm.create_model` takes for the model; the model is built on the meta device to check it",
+    "model.pretrained": "the published weights must fill the model (checked from the Hugging Face cache, or from the "
+    "shapes timm registers for them while they are not cached); with HF_HUB_OFFLINE set they must be cached",
+    "model.weights": "a file timm's loader reads whose tensors fill the model (checked on the meta device); not with "
+    "`model.pretrained: true`",
+    "model.kwargs": "what `timm.create_model` takes for the model; the model is built on the meta device to check it. "
+    "The sizes of a ViT: `depth` a whole number 1 to 256; `embed_dim`, `num_heads`, `in_chans`, `num_classes`, "
+    "`img_size`, `patch_size` 1 to 65536 (the last two also [height, width]); `mlp_ratio` > 0, giving 1 to 65536 "
+    "MLP units; dropout rates in [0, 1); at most 2**34 parameters in all",
+    "model.pos_embed_std": "with pretrained weights only together with `model.reinit_pos_embed: true`",
+    "model.reinit_pos_embed": "needs `model.pos_embed_std`",
     "model.pruned": "path names (`embed`, `attn.K`, `mlp.K`, K in 1..depth), each once; at least one path kept",
-    "model.ensemble_scale.init": "finite numbers; selectors `all`, `embed`, `attn`, `mlp`, `attn.K`, `mlp.K-M`, "
-    "`layer.K`, `layers.K-M` (a narrower one overrides a wider one)",
+    "model.ensemble_scale.init": "finite numbers of size at most 1e15; selectors `all`, `embed`, `attn`, `mlp`, "
+    "`attn.K`, `mlp.K-M`, `layer.K`, `layers.K-M` (a narrower one overrides a wider one)",
     "model.distill.alpha": "must be a finite number >= 0",
     "model.distill.temperature": "must be a finite number > 0",
     "model.distill.students": "prefix lengths in 1..2L (L the depth) or path selectors; at least one when alpha > 0",
@@ -66,10 +75,20 @@ RULES = {
     "search.enqueue": "each name a parameter of the space, each value a point of it",
     "search.confirm.top_k": "at most search.num_samples - 1 (strategy full)",
     "search.confirm.max_seeds": "must be >= confirm.seeds",
+    "data.batch_size": "with mixup or cutmix at most the training images, where the dataset tells them (digits, "
+    "synthetic, CIFAR, MNIST)",
+    "train.seeds": "train.seed + seeds - 1 at most 2**32 - 1",
+    "train.min_lr": "at most train.lr",
+    "search.max_kept_paths": "at least the paths the baseline keeps (all of them, or all but the base's model.pruned "
+    "where the space does not search it)",
+    "tracking.experiment": "one line of printable characters, not empty, without spaces around it, at most 500 "
+    "characters (MLflow's limit); a slash is allowed (Databricks names experiments by workspace path)",
 }
 NOT_SEARCHED = {"train.test": "no: the test split is never a search parameter"}
 # An example of each key that no shipped search file sets to another value than its default.
 EXAMPLES = {
+    "model.weights": "weights/digits_vit.safetensors",
+    "model.reinit_pos_embed": True,
     "model.pruned": ["embed", "attn.1"],
     "model.ensemble_scale.scope": "both",
     "model.ensemble_scale.learnable": False,
@@ -110,6 +129,9 @@ EXAMPLES = {
 # The guide that explains a key, by the longest dotted prefix of it (paths relative to docs/).
 GUIDES = {
     "model": "model.md",
+    "model.pretrained": "own-data.md#pretrained-weights",
+    "model.weights": "own-data.md#pretrained-weights",
+    "model.reinit_pos_embed": "own-data.md#position-embeddings",
     "model.pruned": "paths.md#path-masks-and-pruning",
     "model.ensemble_scale": "paths.md#ensemblescale",
     "model.distill": "paths.md#self-distillation",

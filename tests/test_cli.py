@@ -21,19 +21,31 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_readme_main_command_searches_confirms_and_exports_a_model_that_scores_its_logged_test_accuracy(tmp_path):
     """`./dev.sh run` exactly as the README gives it (made small with overrides, kept inside tmp_path): the search,
     then the confirmation, whose verdict ends the output; then `pathsearch export --with-weights --seed 2`: the
-    exported model scores on the test split exactly the test accuracy logged for that seed."""
+    exported model scores on the test split exactly the test accuracy logged for that seed.
+
+    It starts from a weights file, as docs/own-data.md's worked example does: a timm ViT of the file's architecture,
+    whose position embeddings (drawn at std 1.0, which no initialisation of timm's gives) every trial starts from;
+    the file is gone before the export, which rebuilds the winner from its own checkpoint."""
+    import timm
     import torch
     from mlflow.tracking import MlflowClient
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
     from torch.utils.data import DataLoader
 
     from pathsearch.ensemble.model import create_path_vit
     from pathsearch.trial.data import load_digits_split
 
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=2,
+                            num_heads=2, num_classes=10)  # fmt: skip
+    torch.nn.init.normal_(vit.pos_embed, std=1.0)
+    weights = tmp_path / "digits_vit.safetensors"
+    save_file(vit.state_dict(), str(weights))
     small = ["train.epochs=3", "train.eval_every=1", "train.warmup_epochs=0", "data.train_size=200",
              "model.kwargs.depth=2", "search.num_samples=3", "search.scheduler=none", "space.model.pruned.high=3",
              "search.confirm.top_k=1", "search.confirm.seeds=2", "search.confirm.max_seeds=3",
-             "search.confirm.step=1", "search.confirm.alpha=0.002"]  # fmt: skip
+             "search.confirm.step=1", "search.confirm.alpha=0.002", f"model.weights={weights}",
+             "model.pos_embed_std=null"]  # fmt: skip
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [a for s in small for a in ("--set", s)] + ["--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri]
     result = subprocess.run([str(ROOT / "dev.sh"), "run", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -67,6 +79,7 @@ def test_readme_main_command_searches_confirms_and_exports_a_model_that_scores_i
     assert all(len(client.get_metric_history(c.info.run_id, "val_acc")) == 3 for c in trials)
     assert not [t for t in trials if "test_acc" in t.data.metrics]  # search trials never read the test split
 
+    weights.unlink()  # the export needs only the search's own checkpoints
     out = tmp_path / "best.yaml"
     cmd = [sys.executable, "-m", "pathsearch.cli", "export", "--experiment", "digits_tiny", "--tracking-uri", uri]
     exported = subprocess.run(
@@ -83,6 +96,8 @@ def test_readme_main_command_searches_confirms_and_exports_a_model_that_scores_i
     model = create_path_vit(path_config=config)
     model.load_state_dict(load_file(str(out.with_suffix(".safetensors"))))
     model.eval()
+    # trained from the file's position embeddings: 3 epochs of about 7 steps move them by a few hundredths
+    assert (model.vit.pos_embed - vit.pos_embed).abs().max() < 0.25 and model.vit.pos_embed.std() > 0.5
     split = load_digits_split(200, seed=0)
     correct = 0
     with torch.no_grad():

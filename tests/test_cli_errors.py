@@ -64,11 +64,13 @@ def cases(tmp_path: Path) -> dict[str, list[tuple[list[str], int, str]]]:
     """verb -> [(arguments, exit code, text the one line must contain)]."""
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing here\n")
+    spaced = tmp_path / "my search.yaml"  # a run is named after its file: this name is no folder name
+    spaced.write_text(DIGITS.read_text())
     down = f"http://127.0.0.1:{closed_port()}"
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     dashboard = ["--address", down]
     return {
-        "demo": [(["--epochs", "0"], 2, "--epochs: must be >= 1")],
+        "demo": [(["--epochs", "0"], 2, "--epochs: must be >= 1"), (["--seed", "-1"], 2, "--seed: must be 0 to 2**32")],
         "train": [
             (["missing.yaml"], 2, "missing.yaml: no such file"),
             ([str(DIGITS), "--set", "train.epochs=many"], 2, "train.epochs"),
@@ -76,6 +78,7 @@ def cases(tmp_path: Path) -> dict[str, list[tuple[list[str], int, str]]]:
         "validate": [([str(empty)], 2, "empty file"), ([str(DIGITS), "--set", "search.sampler=best"], 2, "sampler")],
         "search": [
             ([str(DIGITS), "--set", "train.bogus=1"], 2, "train.bogus: unknown key"),
+            ([str(spaced)], 2, "without --name the run is named after the file, and 'my search' is not one folder"),
             ([str(DIGITS), "--tracking-uri", down], 2, f"no MLflow tracking server answers at {down}"),
             # a Ray head address where nothing listens: said at once (ray.init would retry for minutes)
             ([str(DIGITS), "--address", down.removeprefix("http://")], 2, "no Ray cluster answers there"),
@@ -133,7 +136,27 @@ def test_the_real_command_fails_in_one_line_without_a_traceback(tmp_path):
     lines = result.stderr.strip().splitlines()  # one line per problem, each naming its key
     assert len(lines) == 2 and all(line.startswith("pathsearch search: error: ") for line in lines), lines
     assert "search.sampler" in "".join(lines) and "train.bogus" in "".join(lines)
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_usage_errors_are_one_line_and_exit_2(capfd):
+    """argparse's own refusals (a missing argument, an unknown flag or verb, a value of the wrong type) are one line
+    and exit 2, as all bad input is; argparse printed its usage text first, on lines of their own."""
+    from pathsearch.cli import main
+
+    cases = [
+        ([], "pathsearch: error: the following arguments are required: verb"),
+        (["validate"], "pathsearch validate: error: the following arguments are required: file"),
+        (["validate", "f.yaml", "--bogus"], "pathsearch: error: unrecognized arguments: --bogus"),
+        (["demo", "--epochs", "many"], "pathsearch demo: error: argument --epochs: invalid int value: 'many'"),
+        (["nosuchverb"], "pathsearch: error: argument verb: invalid choice: 'nosuchverb'"),
+    ]
+    for args, says in cases:
+        capfd.readouterr()
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        out, err = capfd.readouterr()
+        assert info.value.code == 2 and not out and err.count("\n") == 1 and err.startswith(says), (args, err)
 
 
 def test_ctrl_c_during_training_exits_130_with_one_line(tmp_path):

@@ -208,7 +208,7 @@ def test_the_space_is_read_against_the_models_depth_never_an_assumed_one(tmp_pat
         load_search_file(path, ["train.epochs=0", "space.train.lr.low=2", "space.train.lr.high=1"], model_depth)
     assert info.value.problems == [
         f"{path}: train.epochs: must be >= 1, got 0",
-        f"{path}: space.train.lr: low 2 > high 1",
+        f"{path}: space.train.lr: low must be at most high, got low 2 > high 1",
     ]
     with pytest.raises(ConfigError) as info:  # an unknown model: said once, and the rest of the space still checked
         load_search_file(path, ["model.name=no_such_vit", "space.train.lr.low=2", "space.train.lr.high=1"], model_depth)

@@ -155,7 +155,11 @@ MALFORMED = [
         patched(search__metric=["val_acc", "params"], search__mode=["max", "min"]),
         "search.scheduler",
     ),
-    ("low > high", patched(space={"train.lr": {"low": 0.1, "high": 0.01}}), "space.train.lr: low 0.1 > high 0.01"),
+    (
+        "low > high",
+        patched(space={"train.lr": {"low": 0.1, "high": 0.01}}),
+        "space.train.lr: low must be at most high, got low 0.1 > high 0.01",
+    ),
     (
         "empty choices",
         patched(space={"train.opt": {"choices": []}}),

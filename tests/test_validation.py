@@ -83,6 +83,10 @@ FILE_CASES = {
     ),
     "a tracking URI MLflow cannot open": (["tracking.tracking_uri=bogus://x"], ["tracking.tracking_uri:", "bogus://x"]),
     "augmentation of tensor data": (["data.auto_augment=rand-m9"], ["data.auto_augment:", "got 'rand-m9'"]),
+    "a misspelt timm model": (  # before: "unknown timm model 'vit_tiny_patch16'", no way to the right name
+        ["model.name=vit_tiny_patch16"],
+        ["model.name: unknown timm model", "'vit_tiny_patch16_224'", "got 'vit_tiny_patch16'"],
+    ),
 }
 
 
@@ -147,6 +151,19 @@ def test_every_problem_of_a_file_is_listed(tmp_path, capfd):
     said = refused(["validate", str(DIGITS), *(x for s in sets for x in ("--set", s))], tmp_path, capfd)
     keys = sorted(line.split(": ")[1] for line in said)
     assert keys == ["model.kwargs.patch_size", "search.resources_per_trial.cpus", "search.seed", "train.opt"], said
+
+
+def test_a_problem_of_each_stage_is_listed_in_one_run(tmp_path, capfd):
+    """A schema problem (an unknown search key), a space problem (a value only a probe of the space finds), a model
+    problem (one only the model built on the meta device shows) and a data problem: one line each, in one run.
+    Before, a problem of one stage hid the later stages: the trial's data problem kept the model from being built,
+    and any problem kept the space from being probed."""
+    sets = ["search.samplr=tpe", "space.data.batch_size={choices: [0, 32]}", "model.kwargs.num_heads=3",
+            "data.train_size=2000"]  # fmt: skip
+    said = refused(["validate", str(DIGITS), *(x for s in sets for x in ("--set", s))], tmp_path, capfd)
+    by_key = {line.split(": ")[1]: line for line in said}
+    assert sorted(by_key) == ["data.train_size", "model.kwargs", "search.samplr", "space.data.batch_size"], said
+    assert "'num_heads': 3" in by_key["model.kwargs"] and "value 0 is invalid" in by_key["space.data.batch_size"]
 
 
 def test_yaml_mistakes_say_file_line_and_column_in_one_line(tmp_path, capfd):

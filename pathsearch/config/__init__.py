@@ -19,14 +19,17 @@ import yaml
 from pathsearch.config.checks import (
     baseline_problems,
     batch_split_problems,
+    budget_problems,
     condition_problems,
     confirm_test_problems,
     enqueue_problems,
+    experiment_problems,
     probe_space,
     search_problems,
     tracking_uri_problems,
     trial_problems,
     two_stage_problems,
+    vit_kwargs_problems,
 )
 from pathsearch.config.checks import (  # the training side and the placement read a trial's workers from here
     trial_workers as trial_workers,
@@ -72,9 +75,17 @@ class ModelConfig:
     """The timm ViT and its path configuration. `kwargs` go to `timm.create_model` (img_size, depth, ...)."""
 
     name: str = "vit_tiny_patch16_224"  # the timm model, by the name `timm.create_model` takes
-    pretrained: bool = False  # start from timm's pretrained weights
+    pretrained: bool = False  # start from timm's published weights for `name` (read from the Hugging Face cache)
+    # start from a checkpoint file instead: a torch state dict (.pth, .pt, .bin; nested under `state_dict` or `model`
+    # as timm's own loaders accept) or .safetensors, of a timm ViT. timm's pretrained loader fills the model from it:
+    # position embeddings and patch kernels resampled, channels adapted, the head reset for another class count.
+    # A relative path is read from the working directory; not with `pretrained: true`
+    weights: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of `timm.create_model`: depth, img_size...
     pos_embed_std: float | None = None  # re-initialise position embeddings (std 1.0 trains digits far faster)
+    # with pretrained weights (`pretrained` or `weights`): replace their position embeddings by pos_embed_std's
+    # random ones; without it pos_embed_std is refused there, as it would silently overwrite them
+    reinit_pos_embed: bool = False
     pruned: list[str] = field(default_factory=list)  # path names left out of the ensemble feature (they feed the trunk)
     ensemble_scale: EnsembleScaleSection = field(default_factory=EnsembleScaleSection)
     distill: DistillSection = field(default_factory=DistillSection)
@@ -312,21 +323,24 @@ def load_search_file(
     """
     source = str(path)
     raw = apply_overrides(read_yaml(path), overrides, source)
-    problems: list[str] = []
+    weights_from_here(raw)
+    # Every stage runs wherever the keys it reads are sound, so that one run lists every problem: a problem in one
+    # section hides none in another, and a stage whose inputs are broken is skipped (its inputs' problems say why).
+    problems: list[str] = section_problems(raw, source)
     unknown = sorted(set(raw) - SECTIONS)
     problems += [f"{source}: {key}: unknown section (known: {', '.join(sorted(SECTIONS))})" for key in unknown]
-    trial = TrialConfig()
-    try:
-        trial = load_trial_config(None, data=_trial_sections(raw), source=source)
-        trial_ok = True
-    except ConfigError as err:
-        problems += err.problems
-        trial_ok = False
+    depth_said: list[str] = []
+    depth = _search_depth(raw, model_depth, source, depth_said)
+    check = check_trial if depth is not None else None  # no depth: the model cannot be built (a problem says why)
+    base = _trial_sections(raw)
+    trial, trial_said = _trial_problems(base, source, check)
+    problems += trial_said
     search = from_dict(SearchConfig, raw.get("search") or {}, source, "search.", problems)
     tracking = from_dict(TrackingConfig, raw.get("tracking") or {}, source, "tracking.", problems)
     problems += search_problems(search, source)
     problems += tracking_uri_problems(tracking.tracking_uri, f"{source}: tracking.tracking_uri")
-    depth = _search_depth(raw, model_depth, source, problems)
+    problems += experiment_problems(tracking.experiment, source)
+    problems += depth_said
     raw_space = raw.get("space")
     if not raw_space:
         problems.append(
@@ -339,24 +353,40 @@ def load_search_file(
         if isinstance(raw_space, Mapping):
             raw_space = {key: entry for key, entry in raw_space.items() if key != "model.pruned"}
         space = parse_space(raw_space, 1, source, problems)
-    if trial_ok:
+    # each point of the space is told by what it adds to the base's own problems
+    problems += probe_space(
+        base, space, source, TrialConfig, lambda sections, src: _trial_problems(sections, src, check)[1], trial_said
+    )
+    named = said_keys(problems, source)
+    if not names_any(named, "data.batch_size", "data.mixup", "data.cutmix", "search.resources_per_trial"):
         problems += batch_split_problems(trial, search, space, source)
-    if trial_ok and depth is not None and check_trial is not None:  # even where the search has problems of its own
-        problems += check_trial(trial, source)
-    base = _trial_sections(raw)
-    if not problems:
-        problems += probe_space(base, space, source, TrialConfig, _load_trial_sections, check_trial)
-    if not problems:
+    if not names_any(named, "space"):
         problems += condition_problems(base, space, source, TrialConfig)
         problems += baseline_problems(base, space, source)
-        problems += enqueue_problems(search, space, source)
-    if not problems:
+        if not names_any(named, "search.max_kept_paths", "model.pruned"):
+            problems += budget_problems(base, search, space, source)
+        if not names_any(named, "search.enqueue"):
+            problems += enqueue_problems(search, space, source)
+    if not names_any(named, "train.test", "search.confirm", "data.name", "data.root"):
         problems += confirm_test_problems(trial, search, space, source)
-    if not problems and search.strategy == "two_stage":
+    if search.strategy == "two_stage" and not names_any(named, "space", "model.ensemble_scale.scope"):
         problems += two_stage_problems(trial, space, source)
     if problems:
         raise ConfigError(problems)
     return SearchFile(source, trial, search, tracking, space, raw)
+
+
+def section_problems(raw: dict[str, Any], source: str) -> list[str]:
+    """A section written as something other than a mapping (`data: 0`, `search: []`) is a mistake, not "all defaults"
+    (which is what empty is: `data:` or `data: {}`): one line each, and the section is then read as empty, so that
+    the others are still checked. The space says its own (pathsearch.config.space)."""
+    problems = []
+    for name in sorted(SECTIONS - {"space"}):
+        value = raw.get(name)
+        if value is not None and not isinstance(value, Mapping):
+            problems.append(f"{source}: {name}: expected a mapping of the section's keys, got {value!r}")
+            raw[name] = {}
+    return problems
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -398,8 +428,8 @@ def _search_depth(raw: Mapping[str, Any], model_depth: Any, source: str, problem
     scratch: list[str] = []
     model = from_dict(ModelConfig, raw.get("model") or {}, source, "model.", scratch)
     explicit = model.kwargs.get("depth")
-    if scratch or (isinstance(explicit, int) and explicit < 1):
-        return None  # the trial's own checks report these
+    if scratch or vit_kwargs_problems(model.kwargs, source) or (isinstance(explicit, int) and explicit < 1):
+        return None  # the trial's own checks report these (sizes timm cannot build among them)
     if model_depth is not None:
         try:
             depth = model_depth(model.name, model.kwargs)
@@ -425,9 +455,53 @@ def _trial_sections(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {k: raw[k] for k in ("model", "data", "train") if k in raw}
 
 
-def _load_trial_sections(sections: dict[str, Any], source: str) -> TrialConfig:
-    """The trial of a space's probe point (its model/data/train sections), loaded and checked."""
-    return load_trial_config(None, data=sections, source=source)
+# What `check_trial` (pathsearch.preflight) reads: it runs only where no problem names one of these keys
+CHECK_TRIAL_READS = (
+    "model.name", "model.kwargs", "model.pruned", "model.ensemble_scale", "model.distill",
+    "data.name", "data.root", "data.img_size", "data.auto_augment", "train.opt", "train.lr", "train.weight_decay",
+)  # fmt: skip
+
+
+def _trial_problems(sections: Mapping[str, Any], source: str, check_trial: Any) -> tuple[TrialConfig, list[str]]:
+    """A trial's sections loaded as far as they go (a bad value keeps its default) and every problem they have: types,
+    ranges, and, where the keys it reads are sound, what `check_trial(cfg, source)` finds."""
+    problems: list[str] = []
+    cfg = from_dict(TrialConfig, {k: sections.get(k) or {} for k in ("model", "data", "train")}, source, "", problems)
+    assert isinstance(cfg, TrialConfig)
+    problems += trial_problems(cfg, source)
+    if check_trial is not None and not names_any(said_keys(problems, source), *CHECK_TRIAL_READS):
+        problems += check_trial(cfg, source)
+    return cfg, problems
+
+
+def said_keys(problems: Sequence[str], source: str) -> set[str]:
+    """The dotted keys that `problems` name: each line is `SOURCE: KEY: what`."""
+    head = f"{source}: "
+    return {p[len(head) :].split(": ", 1)[0] for p in problems if p.startswith(head)}
+
+
+def names_any(keys: set[str], *prefixes: str) -> bool:
+    """Whether any of `keys` is one of `prefixes` or lies below one (`space` covers `space.train.lr`)."""
+    return any(k == p or k.startswith((f"{p}.", f"{p}[")) for k in keys for p in prefixes)
+
+
+def weights_from_here(raw: dict[str, Any]) -> None:
+    """Makes a relative `model.weights` (and the choices of a space entry for it) absolute from the working directory,
+    as `train` reads it: trials run elsewhere (Ray starts each in a folder of its own), and a resumed run may start
+    from another directory."""
+
+    def here(value: Any) -> Any:
+        try:
+            return str(Path.cwd() / Path(value).expanduser()) if isinstance(value, str) and value else value
+        except RuntimeError:  # `~name/...` of no such user: the checks say so
+            return value
+
+    model = raw.get("model")
+    if isinstance(model, dict) and "weights" in model:
+        model["weights"] = here(model["weights"])
+    entry = (raw.get("space") or {}).get("model.weights") if isinstance(raw.get("space"), dict) else None
+    if isinstance(entry, dict) and isinstance(entry.get("choices"), list):
+        entry["choices"] = [here(choice) for choice in entry["choices"]]
 
 
 def load_trial_config(
@@ -448,8 +522,9 @@ def load_trial_config(
             [f"{source}: {key}: unknown section (known: {', '.join(sorted(SECTIONS))})" for key in unknown]
         )
     raw = apply_overrides(raw, overrides, source)
+    weights_from_here(raw)
+    problems: list[str] = section_problems(raw, source)
     sections = {k: raw.get(k) or {} for k in ("model", "data", "train")}
-    problems: list[str] = []
     cfg = from_dict(TrialConfig, sections, source, "", problems)
     assert isinstance(cfg, TrialConfig)
     try:

@@ -14,14 +14,67 @@ import difflib
 import itertools
 import math
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from pathsearch.config.datasets import HELD_OUT_VAL, MNIST_FOLDERS, digits_split_sizes, mnist_missing
-from pathsearch.config.paths import PathConfig
+from pathsearch.config.datasets import (
+    HELD_OUT_VAL,
+    MNIST_FOLDERS,
+    SYNTHETIC_TRAIN_IMAGES,
+    digits_split_sizes,
+    mnist_missing,
+)
+from pathsearch.config.paths import FLOAT32_SAFE, PathConfig
 from pathsearch.config.space import lookup_value
-from pathsearch.config.typed import ConfigError, deep_copy, set_dotted
+from pathsearch.config.typed import deep_copy, set_dotted
+
+SEED_MAX = 2**32 - 1  # numpy's seeds end here (torch's and Optuna's go as far or further): every seed a run uses
+MAX_PROCESSES = 1024  # threads or worker processes of one trial: more than any machine's cores
+MAX_MASKS = 1024  # path masks a supernet step trains: the head runs once per mask
+MAX_DEPTH = 256  # blocks of a ViT: timm's deepest have 48, and validation builds the model (about 10 ms a block)
+MAX_WIDTH = 2**16  # any one width of a ViT (embed_dim, MLP units, heads, image, patch, channels, classes)
+MAX_PARAMS = 2**34  # parameters of a trial's model: one process holds it, its gradients and AdamW's two moments
+# The keyword arguments of timm's VisionTransformer that size it, and what each takes: whole numbers from 1 to
+# MAX_WIDTH (depth: to MAX_DEPTH), img_size and patch_size also as [height, width]; mlp_ratio any number > 0 that
+# leaves the MLP 1 to MAX_WIDTH hidden units; the dropout rates [0, 1).
+VIT_WHOLE = ("depth", "embed_dim", "num_heads", "in_chans", "num_classes")
+VIT_PAIRS = ("img_size", "patch_size")
+VIT_RATES = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
+
+
+def vit_kwargs_problems(kwargs: Mapping[str, Any], source: str) -> list[str]:
+    """What timm's VisionTransformer cannot build, or no trial can train, among the `model.kwargs` that size it
+    (VIT_WHOLE, VIT_PAIRS, mlp_ratio, VIT_RATES), one line each naming its key; [] when those are sound (the model
+    is then built on the meta device by pathsearch.preflight, which finds the rest). Told before anything is built:
+    a build of sizes timm cannot handle divides by zero, overflows or runs for ever."""
+    problems = []
+
+    def whole(value: Any, top: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= top
+
+    for name in (*VIT_WHOLE, *VIT_PAIRS):
+        if name not in kwargs:
+            continue
+        value, top = kwargs[name], MAX_DEPTH if name == "depth" else MAX_WIDTH
+        pair = name in VIT_PAIRS and isinstance(value, list) and len(value) == 2 and all(whole(v, top) for v in value)
+        if not (whole(value, top) or pair):
+            form = " (or a [height, width] pair of them)" if name in VIT_PAIRS else ""
+            why = "timm's deepest ViTs have 48 blocks" if name == "depth" else "no ViT comes near the top"
+            problems.append(f"{source}: model.kwargs.{name}: must be a whole number from 1 to {top}{form} ({why}), "
+                            f"got {value!r}")  # fmt: skip
+    if "mlp_ratio" in kwargs:
+        ratio, width = kwargs["mlp_ratio"], kwargs.get("embed_dim")
+        number = isinstance(ratio, int | float) and not isinstance(ratio, bool) and 0 < ratio <= MAX_WIDTH  # not nan
+        units = int(ratio * width) if number and whole(width, MAX_WIDTH) else 1  # (a model's own width: timm's)
+        if not (number and 1 <= units <= MAX_WIDTH):
+            problems.append(f"{source}: model.kwargs.mlp_ratio: must be a number > 0 giving the MLP 1 to {MAX_WIDTH} "
+                            f"hidden units (mlp_ratio x embed_dim), got {ratio!r}")  # fmt: skip
+    for name in VIT_RATES:
+        rate = kwargs.get(name, 0.0)
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1:
+            problems.append(f"{source}: model.kwargs.{name}: must be a number in [0, 1) (a dropout rate), got {rate!r}")
+    return problems
 
 
 def trial_problems(trial: Any, source: str) -> list[str]:
@@ -36,33 +89,54 @@ def trial_problems(trial: Any, source: str) -> list[str]:
     t, d = trial.train, trial.data
     need(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
     need(t.seed >= 0, "train.seed", t.seed, "must be >= 0 (torch and numpy seeds)")
+    need(t.seed <= SEED_MAX, "train.seed", t.seed, "must be at most 2**32 - 1 (numpy's seeds, the narrowest range)")
     need(d.split_seed >= 0, "data.split_seed", d.split_seed, "must be >= 0")
+    need(d.split_seed <= SEED_MAX, "data.split_seed", d.split_seed, "must be at most 2**32 - 1, as every seed")
     need(t.seeds >= 1, "train.seeds", t.seeds, "must be >= 1")
+    if 0 <= t.seed <= SEED_MAX:
+        need(t.seed + t.seeds - 1 <= SEED_MAX, "train.seeds", t.seeds,
+             f"the seeds train.seed ({t.seed}) to train.seed + seeds - 1 must be at most 2**32 - 1")  # fmt: skip
     need(t.eval_every >= 1, "train.eval_every", t.eval_every, "must be >= 1")
     need(t.lr > 0 and math.isfinite(t.lr), "train.lr", t.lr, "must be a finite number > 0")
     need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
     need(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "must be >= 0")
     need(t.min_lr >= 0, "train.min_lr", t.min_lr, "must be >= 0")
+    need(t.min_lr <= t.lr or not t.lr > 0, "train.min_lr", t.min_lr,
+         f"must be at most train.lr ({t.lr:g}), where the cosine schedule starts")  # fmt: skip
     need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", t.grad_clip, "must be > 0")
     need(t.threads is None or t.threads >= 1, "train.threads", t.threads, "must be >= 1")
+    need(t.threads is None or t.threads <= MAX_PROCESSES, "train.threads", t.threads,
+         "must be at most 1024 (more than any machine's cores: the rest only oversubscribe it)")  # fmt: skip
     sn = t.supernet
     need(sn.masks_per_batch >= 2, "train.supernet.masks_per_batch", sn.masks_per_batch,
          "must be >= 2 (the full and a minimal mask, then random ones)")  # fmt: skip
+    need(sn.masks_per_batch <= MAX_MASKS, "train.supernet.masks_per_batch", sn.masks_per_batch,
+         "must be at most 1024 (every step runs the head once per mask)")  # fmt: skip
     need(0 < sn.keep_prob <= 1, "train.supernet.keep_prob", sn.keep_prob, "must be in (0, 1]")
     need(sn.min_kept >= 1, "train.supernet.min_kept", sn.min_kept, "must be >= 1")
+    kwargs_said = vit_kwargs_problems(trial.model.kwargs, source)
+    problems += kwargs_said
     depth = trial.model.kwargs.get("depth")
-    if isinstance(depth, int) and depth >= 1:
+    depth = depth if isinstance(depth, int) and not kwargs_said else None  # checked there, with the other sizes
+    if depth is not None:
         need(sn.min_kept <= 2 * depth + 1, "train.supernet.min_kept", sn.min_kept,
              f"must be <= {2 * depth + 1}, the number of paths of a depth-{depth} ViT")  # fmt: skip
     need(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
     need(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be >= 1")
+    need(d.img_size is None or 1 <= d.img_size <= MAX_WIDTH, "data.img_size", d.img_size,
+         "must be a whole number from 1 to 65536 (pixels)")  # fmt: skip
     need(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    need(d.num_workers <= MAX_PROCESSES, "data.num_workers", d.num_workers,
+         "must be at most 1024 (more than any machine's cores: the rest only oversubscribe it)")  # fmt: skip
     need(d.train_size is None or d.train_size >= 1, "data.train_size", d.train_size, "must be >= 1")
     need(d.val_size is None or d.val_size >= 1, "data.val_size", d.val_size, "must be >= 1")
     sizes_ok = (d.train_size is None or d.train_size >= 1) and (d.val_size is None or d.val_size >= 1)
+    train_images = None  # the training split's size, where the config tells it
+    if d.name == "synthetic" and sizes_ok:
+        train_images = d.train_size or SYNTHETIC_TRAIN_IMAGES
     if d.name == "digits" and sizes_ok:
         try:
-            digits_split_sizes(d.train_size, d.val_size)
+            train_images = digits_split_sizes(d.train_size, d.val_size)[0]
         except ValueError as err:  # blame val_size when it was set and train_size alone is fine
             train_ok = d.train_size is None or d.train_size >= 10
             key = "val_size" if d.val_size is not None and train_ok else "train_size"
@@ -74,6 +148,11 @@ def trial_problems(trial: Any, source: str) -> list[str]:
         need(left > 0, "data.val_size", val, f"must be < {total}, the {what} training images")
         need(d.train_size is None or d.train_size <= left, "data.train_size", d.train_size,
              f"must be <= {left}, the {what} training images left by val_size {val}")  # fmt: skip
+        train_images = d.train_size or left if left > 0 and (d.train_size or 0) <= left else None
+    if train_images is not None and (d.mixup > 0 or d.cutmix > 0):  # (without them a larger batch is the split)
+        need(d.batch_size <= train_images, "data.batch_size", d.batch_size,
+             f"must be at most {train_images}, the training images of dataset {d.name!r}, with mixup or cutmix: "
+             "they drop a last partial batch, so an epoch would train on none")  # fmt: skip
     need(d.mixup >= 0, "data.mixup", d.mixup, "must be >= 0")
     need(d.cutmix >= 0, "data.cutmix", d.cutmix, "must be >= 0")
     need(0 <= d.label_smoothing < 1, "data.label_smoothing", d.label_smoothing, "must be in [0, 1)")
@@ -93,8 +172,11 @@ def trial_problems(trial: Any, source: str) -> list[str]:
         trial.model.pos_embed_std,
         "must be > 0",
     )
-    depth = trial.model.kwargs.get("depth")
-    depth = depth if isinstance(depth, int) and not isinstance(depth, bool) and depth >= 1 else None
+    need(trial.model.pos_embed_std is None or trial.model.pos_embed_std <= FLOAT32_SAFE, "model.pos_embed_std",
+         trial.model.pos_embed_std, "must be at most 1e15 (activations scaled by it are squared and summed in "
+         "float32, which ends at 3.4e38)")  # fmt: skip
+    problems += weights_problems(trial.model, source)
+    problems += pos_embed_problems(trial.model, source)
     m = trial.model
     whole = m.path_config()
     parts = (  # each part of the path configuration on its own, so that a problem names its key
@@ -111,6 +193,48 @@ def trial_problems(trial: Any, source: str) -> list[str]:
     return problems
 
 
+def weights_problems(m: Any, source: str) -> list[str]:
+    """What is wrong with where a model's pretrained weights come from (a pathsearch.config.ModelConfig), told without
+    reading them: one source at most, and a weights file that is there (pathsearch.preflight reads it and checks that
+    it fills the model)."""
+    if m.weights is None:
+        return []
+    where = f"{source}: model.weights"
+    if m.pretrained:
+        return [
+            f"{where}: a weights file and timm's published weights (model.pretrained: true) are two starting points; "
+            f"keep one, got {m.weights!r}"
+        ]
+    if not m.weights.strip():
+        return [f"{where}: must name a checkpoint file (leave it out, or null, for random weights), got {m.weights!r}"]
+    try:
+        path = Path(m.weights).expanduser()
+        folder, there = path.is_dir(), path.is_file()
+    except (OSError, ValueError, RuntimeError) as err:  # no file system holds the name (too long, a NUL, ~nobody)
+        return [f"{where}: not a file name this machine can open ({err}), got {m.weights!r}"]
+    if folder:
+        return [f"{where}: is a folder; give the checkpoint file in it, got {m.weights!r}"]
+    return [] if there else [f"{where}: no such file, got {m.weights!r}"]
+
+
+def pos_embed_problems(m: Any, source: str) -> list[str]:
+    """Position embeddings are re-initialised over pretrained ones (model.pretrained or model.weights) only when the
+    file says so: otherwise `pos_embed_std` would silently replace them."""
+    problems = []
+    pretrained = m.pretrained or m.weights is not None
+    if m.pos_embed_std is not None and pretrained and not m.reinit_pos_embed:
+        problems.append(
+            f"{source}: model.pos_embed_std: would overwrite the pretrained position embeddings; leave it out, or set "
+            f"model.reinit_pos_embed: true to replace them, got {m.pos_embed_std!r}"
+        )
+    if m.reinit_pos_embed and m.pos_embed_std is None:
+        problems.append(
+            f"{source}: model.reinit_pos_embed: needs model.pos_embed_std, the std of the new position embeddings, "
+            f"got {m.reinit_pos_embed!r}"
+        )
+    return problems
+
+
 METRICS = ("val_acc", "val_loss", "val_acc_full", "train_loss", "kept_paths", "params", "images_per_s")
 
 
@@ -122,6 +246,7 @@ def search_problems(s: Any, source: str) -> list[str]:
         if not ok:
             problems.append(f"{source}: search.{key}: {what}, got {value!r}")
 
+    need(len(s.metrics) >= 1, "metric", s.metric, "must name at least one metric")
     for metric in s.metrics:
         need(metric in METRICS, "metric", metric, f"unknown metric (known: {', '.join(METRICS)})")
     need(len(s.metrics) == len(s.modes), "mode", s.mode, f"needs one mode per metric ({len(s.metrics)})")
@@ -162,9 +287,15 @@ def search_problems(s: Any, source: str) -> list[str]:
         need(c.top_k <= s.num_samples - 1, "confirm.top_k", c.top_k,
              f"a search of num_samples {s.num_samples} trials (the baseline among them) has at most "
              f"{s.num_samples - 1} other configurations to confirm")  # fmt: skip
-    need(s.seed >= 0, "seed", s.seed, "must be >= 0 (Optuna's samplers take seeds 0 to 2**32 - 1)")
+    need(0 <= s.seed <= SEED_MAX, "seed", s.seed, "must be 0 to 2**32 - 1 (Optuna's samplers take those seeds)")
     need(c.seeds >= 2, "confirm.seeds", c.seeds, "must be >= 2 (a spread and a confidence interval need two seeds)")
     need(c.first_seed is None or c.first_seed >= 0, "confirm.first_seed", c.first_seed, "must be >= 0")
+    need(c.first_seed is None or c.first_seed <= SEED_MAX, "confirm.first_seed", c.first_seed,
+         "must be at most 2**32 - 1 (numpy's seeds)")  # fmt: skip
+    for key, count in (("confirm.seeds", c.seeds), ("confirm.max_seeds", c.max_seeds)):
+        last = (c.first_seed or 0) + (count or 1) - 1  # the last seed the confirmation trains
+        need(last <= SEED_MAX or (c.first_seed or 0) > SEED_MAX, key, count, "the confirmation's seeds, from "
+             f"confirm.first_seed ({c.first_seed or 0}), must be at most 2**32 - 1 (numpy's seeds)")  # fmt: skip
     need(c.max_concurrent_trials is None or c.max_concurrent_trials >= 1, "confirm.max_concurrent_trials",
          c.max_concurrent_trials, "must be >= 1")  # fmt: skip
     need(c.max_seeds is None or c.max_seeds >= c.seeds, "confirm.max_seeds", c.max_seeds,
@@ -336,16 +467,17 @@ def probe_space(
     space: Any,
     source: str,
     trial_type: type,
-    load_trial: Callable[[dict[str, Any], str], Any],
-    check_trial: Any = None,
+    point_problems: Callable[[dict[str, Any], str], list[str]],
+    known: Collection[str] = (),
 ) -> list[str]:
-    """Checks each space entry's key and extreme values against the trial config's types and ranges, and with
-    `check_trial(cfg, source) -> problems` what the trial will meet (the model built from the configuration):
-    at each extreme value of each entry, and at each corner of the model.kwargs entries together (at most
-    MAX_CORNERS: a model is built at each), as those interact (embed_dim and num_heads, img_size and patch_size).
+    """Checks each space entry's key and extreme values against the trial config's types and ranges, and what the
+    trial will meet (the model built from the configuration): at each extreme value of each entry, and at each
+    corner of the model.kwargs entries together (at most MAX_CORNERS: a model is built at each), as those interact
+    (embed_dim and num_heads, img_size and patch_size).
 
     `base` is the file's trial sections; `trial_type` the trial dataclass, whose dotted keys the entries name;
-    `load_trial(sections, source)` loads and checks one point's trial sections, raising ConfigError.
+    `point_problems(sections, source)` is every problem of one point's trial sections; `known` are the base's own,
+    which a point repeats and which are said once, by the base.
     """
     problems: list[str] = []
     points: list[dict[str, Any]] = []
@@ -370,11 +502,7 @@ def probe_space(
         probe = deep_copy(dict(base))
         for key, value in point.items():
             set_dotted(probe, key, value)
-        try:
-            cfg = load_trial(probe, source)
-            said = check_trial(cfg, source) if check_trial is not None else []
-        except ConfigError as err:
-            said = err.problems
+        said = [p for p in point_problems(probe, source) if p not in known]
         if said:
             bad.add(label)
             why = "; ".join(p.split(": ", 1)[1] for p in said)
@@ -485,6 +613,44 @@ def enqueue_problems(search: Any, space: Any, source: str) -> list[str]:
             elif (why := dists[name].excludes(value)) is not None:
                 problems.append(f"{where}: an enqueued point must be a point of the space, but {why}, got {value!r}")
     return problems
+
+
+def budget_problems(base: Mapping[str, Any], search: Any, space: Any, source: str) -> list[str]:
+    """Every search trains the baseline first (no path pruned by the space, else the base's `model.pruned`), and a
+    configuration that keeps more paths than `search.max_kept_paths` is never trained: a budget below the baseline's
+    paths leaves the search without its baseline."""
+    cap = search.max_kept_paths
+    if cap is None or cap < 1:
+        return []  # no budget, or one the range check refuses
+    searched = any(entry.key == "model.pruned" for entry in space.entries)
+    pruned = [] if searched else lookup_value({}, base, "model.pruned") or []
+    kept = space.num_paths - len(pruned)
+    if cap >= kept:
+        return []
+    return [
+        f"{source}: search.max_kept_paths: every search trains the baseline first, which keeps {kept} of the "
+        f"{space.num_paths} paths, and a configuration keeping more than max_kept_paths is never trained; must be "
+        f">= {kept}, got {cap!r}"
+    ]
+
+
+MLFLOW_NAME_MAX = 500  # characters of an MLflow experiment name (mlflow.utils.validation)
+
+
+def experiment_problems(name: str, source: str) -> list[str]:
+    """What MLflow, or the one-line output naming it, cannot take as an experiment name: an empty or blank one, one
+    with spaces around it (`--experiment NAME` would not find it), a line break or control character, or more than
+    MLflow's 500 characters. A slash is allowed: Databricks names experiments by workspace path (/Users/me/x)."""
+    where = f"{source}: tracking.experiment"
+    if not name.strip():
+        return [f"{where}: must not be empty (MLflow refuses it; leave it out for 'pathsearch'), got {name!r}"]
+    if name != name.strip():
+        return [f"{where}: must not start or end with spaces (`--experiment` would not find it), got {name!r}"]
+    if any(not ch.isprintable() for ch in name):
+        return [f"{where}: must be one line of printable characters, got {name!r}"]
+    if len(name) > MLFLOW_NAME_MAX:
+        return [f"{where}: must be at most {MLFLOW_NAME_MAX} characters (MLflow's limit), got {name[:40]!r}..."]
+    return []
 
 
 # MLflow's tracking stores by URI scheme ("" a folder): its file and database stores, a tracking server, Databricks

@@ -21,6 +21,7 @@ SHAPES: dict[str, tuple[int, int, int | None]] = {
     "mnist": (1, 28, 10),
     "imagefolder": (3, 224, None),
 }
+SYNTHETIC_TRAIN_IMAGES = 256  # the synthetic data's training images without data.train_size (data.py makes them)
 DIGITS_IMAGES = 1797  # the UCI digits data.py loads; counted here because data.py imports torch
 CIFAR_TRAIN_IMAGES = 50000  # the official CIFAR-10/100 training set, which the validation slice is drawn from
 CIFAR_VAL_SIZE = 5000  # default size of that slice

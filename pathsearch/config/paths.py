@@ -129,11 +129,21 @@ def resolve_scale_init(init: float | Mapping[str, float], depth: int) -> list[fl
     return [c[2] if c is not None else 1.0 for c in chosen]
 
 
+# The largest factor a trial may put on activations (an EnsembleScale, a loss weight, position embeddings' std):
+# LayerNorm squares them and sums over the channels, and float32 (bf16 too) ends at 3.4e38
+FLOAT32_SAFE = 1e15
+
+
 def _finite_init(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{where} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"{where} must be finite, got {value!r}")
+    if abs(value) > FLOAT32_SAFE:
+        raise ValueError(
+            f"{where} must be at most {FLOAT32_SAFE:g} in size (activations scaled by it are squared and summed in "
+            f"float32, which ends at 3.4e38), got {value!r}"
+        )
     return float(value)
 
 

@@ -88,8 +88,12 @@ class Dist:
         return None
 
     def extremes(self) -> list[Any]:
-        """Points that validation probes: both ends of a range, or every choice."""
-        return list(self.choices) if self.choices is not None else [self.low, self.high]
+        """Points that validation probes: both ends of a range, as `sample` gives them (whole ends with a fractional
+        step sample floats: 1.0, not 1), or every choice."""
+        if self.choices is not None:
+            return list(self.choices)
+        whole = isinstance(self.low, int) and isinstance(self.high, int) and not isinstance(self.step, float)
+        return [self.low, self.high] if whole else [float(self.low or 0), float(self.high or 0)]
 
 
 @dataclass
@@ -140,7 +144,8 @@ def parse_space(raw: Any, depth: int, source: str, problems: list[str]) -> Searc
         if unknown:
             problems.append(f"{where}: unknown field(s) {unknown} (known: {', '.join(sorted(allowed))})")
             continue
-        when = spec.get("when") or {}
+        when = spec.get("when", {})
+        when = {} if when is None else when  # `when:` written empty; 0, "" or [] are mistakes, not "no condition"
         if not isinstance(when, Mapping) or not all(isinstance(k, str) for k in when):
             problems.append(f"{where}.when: expected a mapping of dotted keys to values, got {when!r}")
             continue
@@ -205,20 +210,20 @@ def _parse_dist(spec: Mapping[str, Any], where: str, problems: list[str]) -> Dis
     log, step = spec.get("log", False), spec.get("step")
     bad = False
     for name, value in (("low", low), ("high", high)):
-        if value is None:
-            problems.append(f"{where}.{name}: expected a number, got {spec[name]!r}")
+        if value is None or not math.isfinite(value):  # Optuna samples between finite ends only
+            problems.append(f"{where}.{name}: expected a finite number, got {spec[name]!r}")
             bad = True
     if not isinstance(log, bool):
         problems.append(f"{where}.log: expected true or false, got {log!r}")
         bad = True
-    if step is not None and (parse_number(step) is None or parse_number(step) <= 0):  # type: ignore[operator]
-        problems.append(f"{where}.step: expected a number > 0, got {step!r}")
+    if step is not None and not 0 < (parse_number(step) or 0) < math.inf:  # not nan either
+        problems.append(f"{where}.step: expected a finite number > 0, got {step!r}")
         bad = True
     if bad:
         return None
     assert low is not None and high is not None
     if low > high:
-        problems.append(f"{where}: low {low} > high {high}")
+        problems.append(f"{where}: low must be at most high, got low {low!r} > high {high!r}")
         return None
     if log and low <= 0:
         problems.append(f"{where}: log scale needs low > 0, got {low}")
@@ -243,6 +248,9 @@ def _parse_mask(spec: Mapping[str, Any], depth: int, where: str, problems: list[
     dist = _parse_dist({k: v for k, v in spec.items() if k not in ("by", "when")}, where, problems)
     if dist is None:
         return None
+    if dist.step is not None and not isinstance(dist.step, int):
+        problems.append(f"{where}.step: k counts paths, so the step must be a whole number, got {spec['step']!r}")
+        return None
     values = dist.extremes()
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         problems.append(f"{where}: prune-the-k-shortest needs integer k, got {values}")
@@ -251,10 +259,13 @@ def _parse_mask(spec: Mapping[str, Any], depth: int, where: str, problems: list[
         problems.append(f"{where}: k must be >= 0, got {min(values)}")
         return None
     if min(values) >= num_paths:
-        problems.append(f"{where}: every point prunes all {num_paths} paths (k >= {num_paths})")
+        problems.append(f"{where}: every point prunes all {num_paths} paths (k >= {num_paths}), got {min(values)!r}")
         return None
     if max(values) >= num_paths:
-        problems.append(f"{where}: k up to {max(values)} would prune all {num_paths} paths; use k <= {num_paths - 1}")
+        problems.append(
+            f"{where}: k up to {max(values)} would prune all {num_paths} paths; use k <= {num_paths - 1}, got high "
+            f"{max(values)!r}"
+        )
         return None
     return SpaceEntry("model.pruned", dist, by=by)
 

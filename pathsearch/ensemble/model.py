@@ -7,7 +7,11 @@ Imports torch, timm and numpy only; never ray, optuna or mlflow.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import json
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import timm
@@ -25,6 +29,7 @@ from pathsearch.config.paths import (
     resolve_scale_init,
     student_indices,
 )
+from pathsearch.ensemble.weights import read_weights, weights_overlay
 
 PoolMode = Literal["token", "avg", "tokens"]
 # Blocks whose residual branches are additive: pre-norm x + a + f (Block) and post-norm (ResPostBlock).
@@ -299,11 +304,14 @@ def create_path_vit(
     model_name: str | None = None,
     path_config: PathConfig | None = None,
     pretrained: bool = False,
+    weights: str | Path | None = None,
     **timm_kwargs: Any,
 ) -> PathEnsembleViT:
     """Builds a timm ViT by name and wraps it. `model_name` and kwargs default to those in `path_config`.
 
-    `timm_kwargs` (img_size, patch_size, depth, embed_dim, num_classes, ...) go to `timm.create_model`.
+    `timm_kwargs` (img_size, patch_size, depth, embed_dim, num_classes, ...) go to `timm.create_model`. `pretrained`
+    loads timm's published weights for the name; `weights` a checkpoint file instead (`read_weights`), through the
+    same loader of timm's (`weights_overlay`).
     """
     if model_name is None:
         if path_config is None or path_config.model_name is None:
@@ -312,7 +320,11 @@ def create_path_vit(
     kwargs = dict(path_config.model_kwargs) if path_config is not None and path_config.model_name == model_name else {}
     kwargs.update(timm_kwargs)
     if not timm.is_model(model_name):
-        raise ValueError(f"unknown timm model {model_name!r}")
+        raise ValueError(unknown_model(model_name))
+    if weights is not None:
+        pretrained = True
+        overlay = weights_overlay(model_name, read_weights(weights))
+        kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), **overlay}
     try:
         vit = timm.create_model(model_name, pretrained=pretrained, **kwargs)
     except TypeError as err:
@@ -345,14 +357,19 @@ CANNOT_BUILD = "timm cannot build"  # how model_depth's errors about the kwargs 
 
 
 def model_depth(model_name: str, timm_kwargs: Mapping[str, Any] | None = None) -> int:
-    """Depth of a timm ViT by name, built on the meta device (no memory, no weights); refuses non-ViTs."""
-    if not timm.is_model(model_name):
-        raise ValueError(f"unknown timm model {model_name!r}")
+    """Depth of a timm ViT by name, built on the meta device (no memory, no weights); refuses non-ViTs. Remembered
+    for the last configurations asked (`_remembered`)."""
     kwargs = dict(timm_kwargs or {})
+    return _remembered(("depth", model_name, kwargs), lambda: _model_depth(model_name, kwargs))
+
+
+def _model_depth(model_name: str, kwargs: dict[str, Any]) -> int:
+    if not timm.is_model(model_name):
+        raise ValueError(unknown_model(model_name))
     try:
         with torch.device("meta"):
             vit = timm.create_model(model_name, pretrained=False, **kwargs)
-    except (TypeError, AssertionError, ValueError) as err:  # timm asserts what it cannot build (heads, dims)
+    except Exception as err:  # whatever timm raises for sizes it cannot build (asserts, a division by 0, overflows)
         said = " ".join(str(err).split()) or type(err).__name__
         if kwargs:  # the name may be the mistake (a ResNet takes no img_size): say that rather than the kwargs
             model_depth(model_name)
@@ -363,6 +380,54 @@ def model_depth(model_name: str, timm_kwargs: Mapping[str, Any] | None = None) -
         raise ValueError(f"timm model {model_name!r}: {err}") from None
     assert isinstance(vit, VisionTransformer)
     return len(vit.blocks)
+
+
+def meta_path_vit(
+    model_name: str, path_config: PathConfig, image_shape: tuple[int, int, int], **timm_kwargs: Any
+) -> PathEnsembleViT:
+    """The path-ensemble ViT built on the meta device (no memory, no weights) and run forward once on two images of
+    `image_shape` (C, H, W), so that timm checks what it builds and runs. Raises ValueError with what the builder
+    or the forward pass raised, whatever it was (timm asserts heads and dims; sizes it cannot build divide by 0 or
+    overflow). Remembered for the last configurations asked (`_remembered`): validation asks for the same model at
+    every point of a space that changes no model key. The model is shared: callers must not change it."""
+
+    def build() -> PathEnsembleViT:
+        try:
+            with torch.device("meta"):
+                model = create_path_vit(model_name, path_config=path_config, **timm_kwargs)
+                model(torch.empty(2, *image_shape))
+        except Exception as err:
+            raise ValueError(" ".join(str(err).split()) or type(err).__name__) from None
+        return model
+
+    return _remembered(("meta", model_name, dataclasses.asdict(path_config), image_shape, timm_kwargs), build)
+
+
+_REMEMBERED: dict[str, Any] = {}  # a key's JSON -> its value, or the ValueError it raised (oldest first)
+
+
+def _remembered(key: Any, compute: Any, keep: int = 32) -> Any:
+    """`compute()`, or what it gave (or the ValueError it raised) for the same `key` among the last `keep` keys: the
+    meta-device builds of validation, which a search file's space repeats point after point."""
+    text = json.dumps(key, sort_keys=True, default=repr)
+    if text not in _REMEMBERED:
+        try:
+            _REMEMBERED[text] = compute()
+        except ValueError as err:
+            _REMEMBERED[text] = err
+        while len(_REMEMBERED) > keep:
+            _REMEMBERED.pop(next(iter(_REMEMBERED)))
+    found = _REMEMBERED[text]
+    if isinstance(found, ValueError):
+        raise ValueError(*found.args)
+    return found
+
+
+def unknown_model(model_name: str) -> str:
+    """What to say of a name timm does not know: the three closest names it does, in the search file's one-line form."""
+    near = difflib.get_close_matches(model_name, timm.list_models(), n=3)
+    hint = f" (the closest timm names: {', '.join(map(repr, near))})" if near else " (`timm.list_models()` has them)"
+    return f"unknown timm model{hint}, got {model_name!r}"
 
 
 def _refresh_keep(module: nn.Module, incompatible_keys: Any) -> None:

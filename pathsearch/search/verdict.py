@@ -266,7 +266,7 @@ def plot_confirmation(c: Confirmation, path: Path) -> Path | None:
     order = sorted(c.candidates, key=lambda r: (r["label"] != BASELINE, r.get("rank", 1e9)))
     if not order or not c.seeds:
         return None
-    fig, (ax, dx) = plt.subplots(1, 2, figsize=(max(8.0, 2.6 * len(order) + 2), 4.8), width_ratios=[1, 1])
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(max(10.0, 2.6 * len(order) + 3), 5.0), width_ratios=[1, 1])
     colors = {r["label"]: "tab:green" if r["label"] == c.winner else "tab:blue" if r["label"] == BASELINE else "0.45"
               for r in order}  # fmt: skip
     for seed in c.seeds:  # a sequential confirmation's decided challengers stopped early: their seeds only
@@ -284,7 +284,7 @@ def plot_confirmation(c: Confirmation, path: Path) -> Path | None:
     labels = [r["label"] + ("\n(winner)" if r["label"] == c.winner else "") for r in order]
     ax.set_xticks(range(len(order)), labels)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"test accuracy, {len(c.seeds)} paired seeds (bar: mean, whisker: 95% CI)", fontsize=9)
+    ax.set_title(f"test accuracy, {len(c.seeds)} paired seeds\n(bar: mean, whisker: 95% CI)", fontsize=9)
     base = next(r for r in order if r["label"] == BASELINE)
     others = [r for r in order if r["label"] != BASELINE]
     last = {label: d for round_ in c.rounds for label, d in round_.items()}  # each challenger's last look
@@ -303,9 +303,9 @@ def plot_confirmation(c: Confirmation, path: Path) -> Path | None:
     dx.axhline(0.0, color="tab:blue", lw=1, ls="--")
     dx.set_xticks(range(len(others)), labels[1:])
     dx.set_xlim(-0.6, max(len(others), 1) - 0.4)
-    dx.set_ylabel("test accuracy minus the baseline's, same seed (points)")
-    kind = "paired t" if c.design is None else "sequential, at its last round"
-    dx.set_title(f"paired difference from the baseline (whisker: 95% CI, {kind})", fontsize=9)
+    dx.set_ylabel("test accuracy minus the baseline's\n(same seed, points)")
+    kind = "95% CI, paired t" if c.design is None else "sequential bounds at its last round"
+    dx.set_title(f"paired difference from the baseline\n(whisker: {kind})", fontsize=9)
     fig.suptitle("\n".join(textwrap.wrap(c.verdict, 120)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -26,6 +26,7 @@ from pathsearch.config.datasets import (
     MNIST_FILES,
     MNIST_VAL_SIZE,
     SHAPES,
+    SYNTHETIC_TRAIN_IMAGES,
     digits_split_sizes,
     mnist_missing,
     mnist_raw_folder,
@@ -330,7 +331,10 @@ def _load(
         return DataBundle(split.train, split.val, split.test, split.num_classes, split.img_size, split.in_chans)
     if name == "synthetic":
         return make_synthetic(
-            train_size=train_size or 256, val_size=val_size or 128, seed=split_seed, img_size=img_size or 8
+            train_size=train_size or SYNTHETIC_TRAIN_IMAGES,
+            val_size=val_size or 128,
+            seed=split_seed,
+            img_size=img_size or 8,
         )
     if name in ("cifar10", "cifar100"):
         path = _require_root(name, root, must_exist=not download)

@@ -170,31 +170,13 @@ def fit(
     if dev.type == "cuda" and gpu_fraction is not None and gpu_fraction < 1:
         # a fractional GPU shares the device with other trials: its allocator may take only its share
         torch.cuda.set_per_process_memory_fraction(gpu_fraction, dev)
-    bundle = load_trial_data(cfg)
-    if cfg.train.test and bundle.test is None:
-        where = f" at {cfg.data.root}" if cfg.data.root else ""
-        raise ValueError(
-            f"train.test is set but dataset {cfg.data.name!r}{where} has no test split "
-            "(imagefolder: add a test/ folder with the train/ classes, or set train.test: false)"
-        )
     resume = _read_state(Path(checkpoint_dir)) if checkpoint_dir is not None else None
     if resume is not None and resume["config"]["model"] != to_dict(cfg)["model"]:
         raise ValueError(f"checkpoint {checkpoint_dir} was written for another model configuration")
-    # timm's Mixup draws from numpy and its augmentations from `random`: seed both, like torch, per trial.
-    np.random.seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
-    mixup = make_mixup(cfg, bundle.num_classes)
-    criterion = _make_criterion(cfg, mixup is not None)
-    train_data = on_device(bundle.train, dev)  # one copy on the device, shared by the seeds
-    runs = [
-        build_seed_run(cfg, bundle, cfg.train.seed + k, dev, criterion, train_data, group)
-        for k in range(cfg.train.seeds)
-    ]
+    bundle, mixup, runs, val_loader = set_up_trial(cfg, dev, group)
     start_epoch = 0
     if resume is not None:
         start_epoch = _restore(runs, Path(str(checkpoint_dir)), resume, dev)
-    val_loader = make_loader(bundle.val, cfg.data.eval_batch_size, dev, num_workers=cfg.data.num_workers,
-                             shard=group.shard)  # fmt: skip
     out_root = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="pathsearch-trial-"))
     out_root.mkdir(parents=True, exist_ok=True)
     previous: Path | None = None
@@ -248,6 +230,38 @@ def fit(
         previous = Path(str(checkpoint_dir))
         metrics = dict(resume["metrics"])
     return FitResult(metrics, previous or out_root, files)
+
+
+def set_up_trial(
+    cfg: TrialConfig, dev: torch.device, group: Group = Group()
+) -> tuple[DataBundle, Mixup | None, list[SeedRun], TensorBatches | DataLoader[Any]]:
+    """Everything a trial makes before its first step, as `fit` makes it: the data, the seeded global RNGs, Mixup,
+    each seed's run (model, optimiser, schedule, loader) and the validation loader. tests/test_boundaries.py runs it
+    and one `train_step` for every value validation accepts.
+
+    Raises:
+        ValueError: `cfg.train.test` is set and the data has no test split.
+    """
+    bundle = load_trial_data(cfg)
+    if cfg.train.test and bundle.test is None:
+        where = f" at {cfg.data.root}" if cfg.data.root else ""
+        raise ValueError(
+            f"train.test is set but dataset {cfg.data.name!r}{where} has no test split "
+            "(imagefolder: add a test/ folder with the train/ classes, or set train.test: false)"
+        )
+    # timm's Mixup draws from numpy and its augmentations from `random`: seed both, like torch, per trial.
+    np.random.seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    mixup = make_mixup(cfg, bundle.num_classes)
+    criterion = _make_criterion(cfg, mixup is not None)
+    train_data = on_device(bundle.train, dev)  # one copy on the device, shared by the seeds
+    runs = [
+        build_seed_run(cfg, bundle, cfg.train.seed + k, dev, criterion, train_data, group)
+        for k in range(cfg.train.seeds)
+    ]
+    val_loader = make_loader(bundle.val, cfg.data.eval_batch_size, dev, num_workers=cfg.data.num_workers,
+                             shard=group.shard)  # fmt: skip
+    return bundle, mixup, runs, val_loader
 
 
 def torch_threads(configured: int | None, cpus: int | None, environ: Mapping[str, str] = os.environ) -> int:
@@ -344,9 +358,9 @@ def build_model(cfg: TrialConfig, bundle: DataBundle, seed: int) -> PathEnsemble
             f"{cfg.data.name!r} ({bundle.in_chans} x {bundle.img_size} x {bundle.img_size} images)"
         )
     torch.manual_seed(seed)
-    model = create_path_vit(
-        cfg.model.name, path_config=cfg.model.path_config(), pretrained=cfg.model.pretrained, **kwargs
-    )
+    m = cfg.model
+    model = create_path_vit(m.name, path_config=m.path_config(), pretrained=m.pretrained, weights=m.weights, **kwargs)
+    # over pretrained position embeddings only with model.reinit_pos_embed, which the config's checks demand there
     if cfg.model.pos_embed_std is not None and model.vit.pos_embed is not None:
         nn.init.normal_(model.vit.pos_embed, std=cfg.model.pos_embed_std)
     return model
@@ -356,12 +370,16 @@ def load_checkpoint_model(
     checkpoint_dir: str | Path, seed_index: int = 0, device: str | torch.device = "cpu"
 ) -> tuple[PathEnsembleViT, TrialConfig]:
     """The trained model of a `fit` checkpoint (seed `seed_index`) in eval mode, and the trial config it was
-    trained with. Builds it without pretrained weights: the checkpoint holds them all."""
+    trained with. Builds it without pretrained weights (published or a file): the checkpoint holds them all."""
     path = Path(checkpoint_dir)
     state = _read_state(path)
-    cfg = load_trial_config(None, data=state["config"], source=f"{path}/state.json")
+    trained = state["config"]
+    started = {k: trained["model"].get(k) for k in ("pretrained", "weights") if k in trained.get("model", {})}
+    # read as a model without pretrained weights: the weights file may be gone, and the checkpoint needs none of it
+    blank = load_trial_config(None, data={**trained, "model": {**trained.get("model", {}), "pretrained": False,
+                              "weights": None}}, source=f"{path}/state.json")  # fmt: skip
+    cfg = dataclasses.replace(blank, model=dataclasses.replace(blank.model, **started))
     bundle = load_trial_data(cfg)
-    blank = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False))
     model = build_model(blank, bundle, int(state["runs"][seed_index]["seed"])).to(device)
     model.load_state_dict(load_file(str(path / f"model_{seed_index}.safetensors"), device=str(device)))
     return model.eval(), cfg
