@@ -1,12 +1,14 @@
 """The README is a front page a newcomer reads to the end, and every link in it and in docs/ leads somewhere.
 
-Cheap checks on text only: the README's length, its two set-up commands, its pictures, and every relative
-markdown link (`](path)`, `](path#anchor)`, `](#anchor)`) in README.md and docs/**/*.md: the file exists in the
-repository and, for an anchor, the target file has a heading with that GitHub-style anchor.
+Cheap checks on text only: the README's length, its two set-up commands, the pictures of README.md and docs/ (each
+the one docs/img/render.sh made, by the sha256 it recorded), and every relative markdown link (`](path)`,
+`](path#anchor)`, `](#anchor)`) in README.md and docs/**/*.md: the file exists in the repository and, for an anchor,
+the target file has a heading with that GitHub-style anchor.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -88,14 +90,48 @@ def test_every_relative_link_leads_to_a_file_and_heading_of_the_repository(path)
     assert not broken_links(path)
 
 
+PICTURE = re.compile(r"!\[[^\]]*\]\(([^()\s]+)\)")
+RENDERED = ROOT / "docs" / "img" / "rendered.sha256"  # written by docs/img/render.sh
+
+
+def shown_pictures() -> dict[Path, str]:
+    """Every local picture README.md and docs/ show: {file: the page that shows it first}."""
+    shown: dict[Path, str] = {}
+    for page in markdown_files():
+        for target in PICTURE.findall(without_code(page.read_text())):
+            if not re.match(r"[a-z][a-z0-9+.-]*:", target):
+                shown.setdefault((page.parent / target).resolve(), str(page.relative_to(ROOT)))
+    return shown
+
+
+def rendered() -> dict[Path, str]:
+    """{picture: sha256} as render.sh last recorded them."""
+    lines = [line for line in RENDERED.read_text().splitlines() if line and not line.startswith("#")]
+    return {(ROOT / name.strip()).resolve(): digest for digest, name in (line.split(maxsplit=1) for line in lines)}
+
+
 def test_the_readme_pictures_exist_as_pngs():
-    pictures = [t for t in re.findall(r"!\[[^\]]*\]\(([^()\s]+)\)", README.read_text()) if not t.startswith("http")]
+    pictures = PICTURE.findall(README.read_text())
     assert len(pictures) >= 2, "the README's tour shows the runs page and the confirmation plot"
-    for picture in pictures:
-        image = ROOT / picture
-        assert image.is_file(), f"README.md shows {picture}, which does not exist"
-        assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{picture} is not a PNG"
-        assert image.stat().st_size < 400_000, f"{picture} is {image.stat().st_size} bytes: keep pictures small"
+    for picture, page in shown_pictures().items():
+        name = picture.relative_to(ROOT)
+        assert picture.is_file(), f"{page} shows {name}, which does not exist"
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{name} is not a PNG"
+        assert picture.stat().st_size < 400_000, f"{name} is {picture.stat().st_size} bytes: keep pictures small"
+
+
+def test_every_picture_shown_is_the_one_render_sh_made():
+    """A picture changed by hand, left from an older run, or added without render.sh fails here."""
+    made = rendered()
+    for picture, page in shown_pictures().items():
+        name = picture.relative_to(ROOT)
+        assert picture in made, f"{page} shows {name}, which docs/img/render.sh does not render"
+        digest = hashlib.sha256(picture.read_bytes()).hexdigest()
+        assert digest == made[picture], f"{name} is not the picture render.sh made: run bash docs/img/render.sh"
+    script = (ROOT / "docs" / "img" / "render.sh").read_text()
+    for picture in made:  # each recorded picture is one the script writes
+        name = picture.relative_to(ROOT)
+        assert picture.name in script or f"{name.parent}/*.png" in script, f"render.sh does not write {name}"
 
 
 def test_the_anchor_rule_is_githubs():

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Regenerates the README's pictures from scratch: runs a small digits search in a temporary folder, copies the
-# confirmation plot it writes (confirmation.png), serves its store with `pathsearch ui` and screenshots the runs
-# page that opens in headless Chromium (runs_page.png). Run it again when MLflow's UI or the plot changes:
-#   bash docs/img/render.sh            # about 2-3 minutes on 2 cores; needs .venv and Debian's `chromium`
+# Renders every picture the README and docs show, from scratch, and records them in docs/img/rendered.sha256:
+# - docs/img/confirmation.png and confirmation_rounds.png: the plots a small digits search writes (run here, in a
+#   temporary folder);
+# - docs/img/runs_page.png: MLflow's runs page as `pathsearch ui` opens it on that search's store, screenshot in
+#   headless Chromium by screenshot.py (without MLflow's assistant panel, which opens on a first visit);
+# - docs/method/*.png: the method benchmark's plots, drawn again from docs/method/runs.jsonl (nothing trained).
+# tests/test_readme.py checks that every picture the docs show is in rendered.sha256 with its current content: a
+# picture changed by hand, or added without this script, fails it. Run it when MLflow's UI or a plot changes:
+#   bash docs/img/render.sh            # about 3-5 minutes on 2 cores; needs .venv and Debian's `chromium`
 set -euo pipefail
 img=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$img/../.." && pwd)
@@ -18,13 +23,14 @@ cleanup() {
 trap cleanup EXIT
 cd "$work"
 
-# The shipped demo made small (25 epochs, 4 blocks, 6 trials); its confirmation as shipped: top 2 and the
-# baseline on 4 paired seeds.
+# The shipped demo made small (25 epochs, 4 blocks, 6 trials); its confirmation as shipped (sequential, top 2 and
+# the baseline on paired seeds).
 small=(train.epochs=25 train.eval_every=5 model.kwargs.depth=4 search.num_samples=6
        search.scheduler=none space.model.pruned.high=4)
 "$python" -m pathsearch.cli search "$root/search_spaces/digits_tiny.yaml" --set "${small[@]}" \
     --storage-path "$work/runs" --tracking-uri "sqlite:///$work/mlflow.db"
 cp "$work"/runs/digits_tiny-*/confirmation.png "$img/confirmation.png"
+cp "$work"/runs/digits_tiny-*/confirmation_rounds.png "$img/confirmation_rounds.png"
 
 port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$python" -m pathsearch.cli ui --tracking-uri "sqlite:///$work/mlflow.db" --port "$port" >"$work/ui.out" 2>&1 &
@@ -40,8 +46,15 @@ for _ in $(seq 120); do  # the printed URL, once the server answers /health
 done
 [ -n "$url" ] || { cat "$work/ui.out" >&2; echo "render.sh: pathsearch ui did not come up" >&2; exit 1; }
 echo "screenshot of $url"
-# a fresh profile (no saved UI state); the virtual time budget lets MLflow's JavaScript load the runs table
-chromium --headless=new --no-sandbox --disable-gpu --hide-scrollbars --user-data-dir="$work/profile" \
-    --window-size=1400,800 --virtual-time-budget="${BUDGET_MS:-30000}" --screenshot="$img/runs_page.png" "$url" \
-    2>"$work/chromium.log" || { cat "$work/chromium.log" >&2; exit 1; }
-ls -l "$img/runs_page.png" "$img/confirmation.png"
+"$python" "$img/screenshot.py" "$url" "$img/runs_page.png" --size 1400x800 --wait-for "matching runs"
+
+"$python" "$root/benchmarks/method.py" --report-only --out "$root/docs/method" >/dev/null
+
+# what was rendered, and from which commit: the test compares each picture the docs show with this list
+cd "$root"
+{
+    echo "# written by docs/img/render.sh at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+         "on $(date -u +%Y-%m-%d); sha256 and path of each picture it rendered"
+    sha256sum docs/img/confirmation.png docs/img/confirmation_rounds.png docs/img/runs_page.png docs/method/*.png
+} >"$img/rendered.sha256"
+cat "$img/rendered.sha256"
