@@ -370,6 +370,21 @@ def wait_for_running_trials(ns: Namespace, uri: str, experiment: str, job, count
     raise AssertionError(f"{count} trial(s) never ran at once")
 
 
+def wait_for_busy_trials(run_dir: Path, job, count: int, epochs: int) -> None:
+    """Waits until `count` trials of the search in `run_dir` (on the cluster's shared disk) have stored a checkpoint
+    and still have at least two of their `epochs` to go: read from the disk at once, where a look at MLflow is a new
+    process that sees an epoch seconds late (on a quiet machine the search once ended between two such looks)."""
+    deadline = time.monotonic() + 300
+    while True:
+        latest = [max((int(c.name.split("_")[-1]) for c in t.glob("checkpoint_*")), default=None)
+                  for t in run_dir.glob("train_trial_*")]  # fmt: skip
+        if sum(1 for n in latest if n is not None and n <= epochs - 3) >= count:
+            return
+        assert job.poll() is None, job.stdout.read()[-4000:]
+        assert time.monotonic() < deadline, f"{count} trial(s) never trained at once"
+        time.sleep(0.2)
+
+
 def wait_for_checkpoint(run_dir: Path, job) -> None:
     """Waits until a trial of the search in `run_dir` (on the cluster's shared disk) has stored its first
     checkpoint: seen at once, where MLflow shows an epoch only seconds later (each look is a new process)."""
@@ -477,15 +492,14 @@ def test_killed_worker_node_trials_resume_from_checkpoints(cluster):
     """Runs last: it takes a worker node away. Its raylet is killed by pid while both nodes train."""
     ns, state = cluster
     experiment = "node_failure"
-    # 1200 training and 500 validation images, 8 epochs: each trial runs long enough (about 13 s) for both nodes to
-    # be seen busy with epochs still to go. MLflow shows a run's epochs a few seconds after they end (each look is a
-    # new process): waiting for a second epoch, the kill landed as the first trials ended (with 6 epochs once on an
-    # idle node; with 8 as a third trial was starting on the node), so it waits for one epoch of each
+    # 1200 training and 500 validation images, 10 epochs (about 0.7 s each on a quiet machine, 2 s loaded): both nodes
+    # are seen busy with epochs still to go. Watched in MLflow (a new process per look, epochs seen seconds late) the
+    # kill once landed as the first trials ended, and on a quiet machine the search once ended unseen: the disk is read
     sizes = ["--set", "data.train_size=1200", "--set", "data.val_size=500"]
-    job = submit(ns, state, experiment, "--set", "train.epochs=8", *sizes, background=True)
+    job = submit(ns, state, experiment, "--set", "train.epochs=10", *sizes, background=True)
     worker = next(p for p in state["processes"] if p["name"] == "worker-1")
     # two trials past their first checkpoints: both worker nodes are busy (the head has no CPU)
-    wait_for_running_trials(ns, state["tracking_uri"], experiment, job, count=2, steps=1)
+    wait_for_busy_trials(Path(state["storage_path"]) / experiment, job, count=2, epochs=10)
     raylets = [pid for pid in session_pids(worker["pid"]) if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet"]
     assert len(raylets) == 1
     os.kill(raylets[0], 9)
@@ -493,7 +507,7 @@ def test_killed_worker_node_trials_resume_from_checkpoints(cluster):
     assert job.returncode == 0, output[-5000:]
     runs = ns.runs(state["tracking_uri"], experiment)
     try:
-        children = check_search_runs(runs, trials=4, epochs=8)
+        children = check_search_runs(runs, trials=4, epochs=10)
     except AssertionError as err:  # what the search said, and every run MLflow holds, is what tells why
         table = "\n".join(
             f"{r['run_id']} parent={r['parent']} role={r['role']} trial={r['trial_id']} {r['status']} {r['state']} "
