@@ -264,6 +264,12 @@ def test_failing_trial_is_retried_then_recorded_as_failed(tmp_path, local_ray, c
     _, parents, children = child_runs(uri)
     assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
     assert parents[0].info.status == "FINISHED"
+    # the failed run says why in MLflow: the error as a tag, every attempt's traceback as an artifact
+    failed = next(c for c in children if c.info.status == "FAILED")
+    assert failed.data.tags["pathsearch.error"] == "RuntimeError: toy failure for k=1"
+    assert [f.path for f in MlflowClient(uri).list_artifacts(failed.info.run_id)] == ["error.txt"]
+    error = MlflowClient(uri).download_artifacts(failed.info.run_id, "error.txt", str(tmp_path))
+    assert Path(error).read_text().count("RuntimeError: toy failure for k=1") == 2
 
 
 def test_driver_killed_then_resumed_keeps_one_run_per_trial(tmp_path):

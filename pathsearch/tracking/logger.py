@@ -34,6 +34,7 @@ from pathsearch.tracking.outage import (
     say,
 )
 from pathsearch.tracking.tags import (
+    ERROR_TAG,
     NODE_TAG,
     RETRIES_TAG,
     SEARCH_TAG,
@@ -144,7 +145,13 @@ class MlflowTrialLogger(Callback):
         self._finish(trial, "KILLED" if pruned else "FINISHED", "PRUNED" if pruned else "COMPLETE")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        """The run of a failed trial says why: its last error's final line as a tag, and Tune's error.txt (every
+        attempt's traceback) as an artifact, so the MLflow UI answers what the console's count of failures does not."""
         self._open(trial)
+        error = Path(trial.error_file) if getattr(trial, "error_file", None) else None
+        if error is not None and error.is_file():
+            self._send({"op": "tags", "trial": trial.trial_id, "tags": [[ERROR_TAG, error_line(error.read_text())]]})
+            self._send({"op": "artifacts", "trial": trial.trial_id, "folder": str(error.parent), "names": [error.name]})
         self._finish(trial, "FAILED", "FAIL")
 
     def _open(self, trial: Any) -> None:
@@ -360,6 +367,14 @@ def send_pending(path: str | Path, timeout_s: float | None = None) -> int:
     if logger.flush(flush_timeout_s() if timeout_s is None else timeout_s):  # asked for: wait the full deadline
         path.unlink()
     return len(logger.pending)
+
+
+def error_line(text: str, limit: int = 1000) -> str:
+    """The final non-blank line of Tune's error.txt (the exception of the trial's last failure: Tune appends each
+    attempt as "Failure # N (occurred at ...)" and the error's text, traceback first), cut to `limit` characters."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[-1] if lines else "(Tune's error file is empty)"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def dataset_inputs(text: str) -> list[DatasetInput]:

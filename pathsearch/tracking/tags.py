@@ -19,6 +19,7 @@ SEED_TAG = "pathsearch.seed"  # a confirmation trial's seed
 STATE_TAG = "pathsearch.state"  # COMPLETE | PRUNED | FAIL | LOST | INTERRUPTED: how a trial run ended
 NODE_TAG = "pathsearch.node_id"  # the Ray node a trial last ran on
 RETRIES_TAG = "pathsearch.retries"  # how often Tune retried the trial from its checkpoint
+ERROR_TAG = "pathsearch.error"  # a failed trial's last error, its final line (the whole of Tune's error.txt attached)
 WINNER_TAG = "pathsearch.confirmed_run"  # on the parent: the winning configuration's MLflow run
 VERDICT_TAG = "pathsearch.verdict"  # on the parent: the confirmation's verdict, as a person reads it
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
