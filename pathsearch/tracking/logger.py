@@ -148,7 +148,7 @@ class MlflowTrialLogger(Callback):
         """The run of a failed trial says why: its last error's final line as a tag, and Tune's error.txt (every
         attempt's traceback) as an artifact, so the MLflow UI answers what the console's count of failures does not."""
         self._open(trial)
-        error = Path(trial.error_file) if getattr(trial, "error_file", None) else None
+        error = Path(trial.error_file) if trial.error_file else None  # Tune's error.txt, once it has written one
         if error is not None and error.is_file():
             self._send({"op": "tags", "trial": trial.trial_id, "tags": [[ERROR_TAG, error_line(error.read_text())]]})
             self._send({"op": "artifacts", "trial": trial.trial_id, "folder": str(error.parent), "names": [error.name]})
